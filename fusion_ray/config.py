@@ -1,0 +1,342 @@
+"""One typed configuration for the whole pipeline.
+
+`FusionConfig` is a pydantic v2 model that rejects unknown keys. It is loaded from
+YAML plus dotted `a.b=c` overrides (`load_config`), passed whole to every stage and
+written beside every stage output. Values that follow from others (stage
+directories, world size, gradient accumulation) are methods, not keys.
+
+Model and corpus paths are one of: a local path (must exist), a hub id
+(`org/name`, checked only when loaded), a URI (`s3://...`), or `demo:NAME`, an
+asset of the embedded default that `fusion_ray.demo` builds offline.
+
+This module imports neither torch, ray nor transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
+DEMO_SCHEME = "demo:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; `errors` holds one line per bad field."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(errors))
+
+
+def check_location(value: str, *, kind: str) -> str:
+    """Accept a demo asset, URI or hub id; a local path must exist.
+
+    Raises:
+        ValueError: naming the path, when it is local and missing.
+    """
+    if value.startswith(DEMO_SCHEME):
+        from fusion_ray.demo import assets  # pure-python names, no heavy imports
+
+        name = value[len(DEMO_SCHEME) :]
+        if name not in assets.ASSET_NAMES:
+            raise ValueError(f"unknown demo asset {name!r}; known: {', '.join(assets.ASSET_NAMES)}")
+        return value
+    if _URI.match(value):
+        return value
+    local = Path(value).expanduser()
+    if local.exists():
+        return value
+    looks_local = value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value)
+    if looks_local:
+        raise ValueError(f"{kind} path does not exist: {value}")
+    return value  # a hub id: checked when it is loaded
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSpec(Strict):
+    """A chat model: the pivot or one source."""
+
+    name: Name
+    path: str
+    tokenizer: str | None = None  # defaults to `path`
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    domain: str | None = None  # the domain a source specialises in (for the report)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=16)
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return None if v is None else check_location(v, kind="model")
+
+
+class CorpusSpec(Strict):
+    """One chat corpus file or dataset: JSONL, Parquet, an on-disk HF dataset or a hub id."""
+
+    path: str
+    format: Literal["auto", "sharegpt", "openai"] = "auto"
+    domain: str = "general"
+    split: str = "train"
+    max_rows: int | None = Field(None, ge=1)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        return check_location(v, kind="corpus")
+
+
+class DataConfig(Strict):
+    train: list[CorpusSpec] = Field(min_length=1)
+    heldout: list[CorpusSpec] = []
+    max_length: int = Field(2048, ge=16)  # pivot tokens; longer texts are truncated and counted
+    seed: int = 0
+
+
+class CollectConfig(Strict):
+    engine: Literal["vllm", "hf"] = "vllm"
+    top_k: int = Field(10, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1)
+    concurrency: int = Field(1, ge=1)  # engine actors per model
+    num_gpus_per_actor: float = Field(0, ge=0)
+    num_cpus_per_actor: float = Field(1, gt=0)
+    scored_only: bool = False
+    shard_rows: int = Field(1000, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class AlignConfig(Strict):
+    dtw_fallback: bool = True
+    tie_break: Literal["fusellm", "fusechat2"] = "fusechat2"
+    vocab_map: Literal["exact", "mined", "statistics"] = "statistics"
+    fallback: Literal["pivot", "onehot_next"] = "pivot"
+
+
+class FuseConfig(Strict):
+    strategy: Literal["min_ce", "avg_ce"] = "min_ce"
+    metric: Literal["ce", "bpb"] = "ce"
+    mode: Literal["pairwise", "multi"] = "pairwise"
+
+
+class TrainConfig(Strict):
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    lambda_clm: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    tail: Literal["bucket", "renormalize"] = "bucket"
+    lr: float = Field(5e-6, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    global_batch_size: int = Field(128, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = True
+    seed: int = 42
+    checkpoint_every: int = Field(100, ge=1)
+    max_failures: int = Field(1, ge=0)
+    clm_only_arm: bool = False
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size × num_workers = {per_step}"
+            )
+        return self
+
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+MergeMethod = Literal[
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
+    "model_stock", "sce", "varm",
+]
+ParamValue = float | int | bool | str | list[float]
+
+
+class MergeConfig(Strict):
+    method: MergeMethod = "sce"
+    variant: Literal["fusechat", "mergekit"] = "fusechat"
+    parameters: dict[str, ParamValue] = {}
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    seed: int = 0
+    num_actors: int = Field(1, ge=1)
+    shard_size_mb: int = Field(2000, ge=1)
+
+
+class EvalConfig(Strict):
+    max_rows_per_domain: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    judge_url: str | None = None  # optional OpenAI-compatible judge endpoint
+    judge_model: str | None = None
+
+
+class ServeConfig(Strict):
+    engine: Literal["vllm", "hf"] = "vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = None  # name of the env var holding the bearer token
+    num_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    max_tokens_cap: int = Field(2048, ge=1)
+    accelerator_type: str | None = None
+    deploy_after_merge: bool = False
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray
+    num_cpus: float | None = Field(None, gt=0)  # logical CPUs of a local Ray
+
+
+class FusionConfig(Strict):
+    """The whole pipeline: models, data and every stage's settings."""
+
+    name: Name
+    workdir: str  # local path or pyarrow filesystem URI; every stage writes below it
+    pivot: ModelSpec
+    sources: list[ModelSpec] = Field(min_length=1)
+    data: DataConfig
+    collect: CollectConfig = CollectConfig()
+    align: AlignConfig = AlignConfig()
+    fuse: FuseConfig = FuseConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FusionConfig:
+        names = [self.pivot.name] + [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    def models(self) -> list[ModelSpec]:
+        """The pivot first, then the sources (collect runs over all of them)."""
+        return [self.pivot, *self.sources]
+
+    def stage_dir(self, stage: str, *parts: str) -> str:
+        """Directory (or URI) of a stage's output, e.g. `stage_dir("collect", "pivot")`."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        return "/".join([self.workdir.rstrip("/"), stage, *parts])
+
+    def world_size(self) -> int:
+        return self.train.num_workers
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """(pivot, source) per fused dataset: one per source in pairwise mode, one in total otherwise."""
+        if self.fuse.mode == "pairwise":
+            return [(self.pivot.name, s.name) for s in self.sources]
+        return [(self.pivot.name, "+".join(s.name for s in self.sources))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self, *sections: str) -> str:
+        """Stable hash of the whole config, or of the named top-level sections only."""
+        data = self.to_dict()
+        if sections:
+            data = {k: data[k] for k in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML.
+
+    List items are addressed by index (`sources.0.path=...`).
+    """
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError("overrides", [f"{override!r}: expected key=value"])
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError("overrides", [f"{key}: no list item {part!r}"])
+            if last:
+                node[int(part)] = yaml.safe_load(raw)
+            else:
+                node = node[int(part)]
+        elif last:
+            node[part] = yaml.safe_load(raw)
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError("overrides", [f"{key}: {part!r} is not a section"])
+
+
+def format_errors(err: ValidationError) -> list[str]:
+    """One line per invalid field: dotted path, message, offending value."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        shown = e["type"] != "missing" and not isinstance(e["input"], dict)
+        value = f" (got {e['input']!r})" if shown else ""
+        lines.append(f"{loc}: {msg}{value}"[:400])
+    return lines
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
+    try:
+        return FusionConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, format_errors(err)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> FusionConfig:
+    """Load a YAML config, apply `key=value` overrides and validate.
+
+    Raises:
+        ConfigError: listing every bad field with its dotted path.
+        FileNotFoundError: the config file is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["top level must be a mapping"])
+    for item in overrides:
+        apply_override(data, item)
+    return parse_config(data, str(path))

@@ -1,0 +1,42 @@
+"""Connecting to Ray: the cluster in `cfg.ray.address` / `RAY_ADDRESS`, or a local one.
+
+A local Ray stays on loopback, with token auth off (Ray 2.60 turns it on by
+default) and the logical CPU count from the config: on a 2-core machine a
+pipeline's actors only all fit with more logical CPUs than cores, or with
+fractional CPU requests (ENVIRONMENT.md: silent starvation otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+from fusion_ray.config import RayConfig
+
+LOCAL_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def init_ray(cfg: RayConfig | None = None, **kwargs):
+    """Initialise Ray once per process; returns the `ray` module.
+
+    Args:
+        cfg: the config's `ray` section; None means a local Ray with defaults.
+        kwargs: passed to `ray.init` (e.g. `runtime_env`).
+    """
+    cfg = cfg or RayConfig()
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+    return ray

@@ -1,0 +1,118 @@
+"""Parquet schemas of every stage output, declared once, checked at stage boundaries.
+
+`prepared/`  one row per conversation, rendered once with the pivot's chat template.
+`rejected/`  corpus rows that could not be used, with the reason.
+`logits/<model>/`  per-token top-k next-token log-probs of one model (DESIGN §3).
+`aligned/<source>/`  a source's distributions moved onto pivot positions and ids.
+`fused/<pair>/`  the fused teacher per pivot position, ready for training.
+`train` and `merge` write HF model directories (`MODEL_DIR_FILES`); `eval` writes
+`report.json`.
+
+`check_table`/`check_file` raise `SchemaError` naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+_ids = pa.list_(pa.int32())
+_topk_ids = pa.list_(pa.list_(pa.int32()))
+_topk_lp = pa.list_(pa.list_(pa.float16()))
+
+PREPARED = pa.schema([
+    ("sample_id", pa.string()),
+    ("domain", pa.string()),
+    ("text", pa.string()),  # the conversation rendered with the pivot's template
+    ("span_starts", _ids),  # char offsets of assistant spans (the scored part)
+    ("span_ends", _ids),
+    ("truncated", pa.bool_()),
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
+])
+
+REJECTED = pa.schema([
+    ("source_file", pa.string()),
+    ("source_row", pa.int64()),
+    ("sample_id", pa.string()),
+    ("reason", pa.string()),
+    ("raw", pa.string()),  # the row as JSON, truncated
+])
+
+LOGITS = pa.schema([
+    ("sample_id", pa.string()),
+    ("input_ids", _ids),
+    ("offsets", _ids),  # char end offset of each token
+    ("loss_mask", pa.list_(pa.bool_())),  # token t+1 is scored
+    ("topk_ids", _topk_ids),  # [T-1][k]
+    ("topk_logprobs", _topk_lp),  # [T-1][k], normalised over the full vocab
+    ("gold_logprob", pa.list_(pa.float32())),  # [T-1]
+    ("nll_sum", pa.float64()),
+    ("n_bytes", pa.int64()),
+])
+
+ALIGNED = pa.schema([
+    ("sample_id", pa.string()),
+    ("topk_ids", _topk_ids),  # pivot vocab, one entry per pivot position
+    ("topk_logprobs", _topk_lp),
+    ("transferred", pa.list_(pa.bool_())),  # a source distribution reached this position
+    ("source_score", pa.float64()),  # the source's CE (or bpb) on this sample
+])
+
+FUSED = pa.schema([
+    ("sample_id", pa.string()),
+    ("input_ids", _ids),  # pivot tokens
+    ("loss_mask", pa.list_(pa.bool_())),
+    ("topk_ids", _topk_ids),
+    ("topk_logprobs", _topk_lp),
+    ("transferred", pa.list_(pa.bool_())),
+    ("weights", pa.list_(pa.float32())),  # per candidate (pivot first); MinCE is one-hot
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "prepared": PREPARED,
+    "rejected": REJECTED,
+    "logits": LOGITS,
+    "aligned": ALIGNED,
+    "fused": FUSED,
+}
+
+MODEL_DIR_FILES = ("config.json", "tokenizer_config.json")  # plus *.safetensors
+
+
+class SchemaError(ValueError):
+    """A stage input that does not match its declared schema."""
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema | str, source: str) -> None:
+    """Raise `SchemaError` naming `source` and the first missing or mistyped column.
+
+    Extra columns are allowed; column order is not checked.
+    """
+    expected = SCHEMAS[expected] if isinstance(expected, str) else expected
+    for want in expected:
+        idx = actual.get_field_index(want.name)
+        if idx < 0:
+            raise SchemaError(f"{source}: missing column {want.name!r} (expected {want.type})")
+        got = actual.field(idx).type
+        if not got.equals(want.type):
+            raise SchemaError(f"{source}: column {want.name!r} has type {got}, expected {want.type}")
+
+
+def check_table(table: pa.Table, expected: pa.Schema | str, source: str) -> pa.Table:
+    """Check a table and return it with columns in the declared order."""
+    check_schema(table.schema, expected, source)
+    expected = SCHEMAS[expected] if isinstance(expected, str) else expected
+    return table.select(expected.names)
+
+
+def check_file(path: str, expected: pa.Schema | str) -> None:
+    """Check a Parquet file's schema from its footer, without reading the data."""
+    from fusion_ray.io import resolve
+
+    fs, p = resolve(path)
+    try:
+        schema = pq.read_schema(p, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SchemaError(f"{path}: not a readable Parquet file ({err})") from None
+    check_schema(schema, expected, path)

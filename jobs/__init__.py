@@ -1,0 +1,1 @@
+"""Entrypoints that `ray job submit` runs: `python -m jobs.<stage> --config CONFIG`."""

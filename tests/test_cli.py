@@ -1,0 +1,64 @@
+"""The `fusion-ray` console script, run as users run it (a subprocess)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+EXE = shutil.which("fusion-ray", path=str(Path(sys.executable).parent))
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([EXE, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_is_installed():
+    assert EXE, "the fusion-ray console script is not installed beside this python"
+
+
+def test_validate_good_config():
+    out = run("validate", "jobs/configs/tiny_cpu.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+def test_validate_bad_config_names_every_field_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    workdir = tmp_path / "work"
+    bad.write_text(
+        f"name: bad\nworkdir: {workdir}\n"
+        "pivot: {name: p, path: ./missing_model, colour: red}\n"
+        "sources: [{name: s, path: /nonexistent/source}]\n"
+        "data: {train: [{path: /nonexistent/data.jsonl}], max_length: -3}\n"
+    )
+    out = run("validate", str(bad), cwd=tmp_path)
+    assert out.returncode == 2
+    for needle in ("pivot.path", "./missing_model", "pivot.colour: unknown key", "sources.0.path",
+                   "/nonexistent/source", "data.train.0.path", "data.max_length"):
+        assert needle in out.stderr, out.stderr
+    assert not workdir.exists()
+    assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_validate_applies_overrides():
+    out = run("validate", "jobs/configs/tiny_cpu.yaml", "train.strategy=horovod")
+    assert out.returncode == 2
+    assert "train.strategy" in out.stderr
+
+
+def test_unbuilt_stage_fails_clearly_and_does_not_fake_output(tmp_path, monkeypatch, capsys):
+    from fusion_ray import cli, pipeline
+
+    monkeypatch.setitem(pipeline.STAGE_RUNNERS, "merge", None)
+    code = cli.main(["run", str(REPO / "jobs/configs/tiny_cpu.yaml"), "--stages", "merge",
+                     f"workdir={tmp_path}/w"])
+    assert code == 3
+    assert "stage 'merge' is not built yet" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_stage_in_list_is_an_error():
+    out = run("run", "jobs/configs/tiny_cpu.yaml", "--stages", "colect")
+    assert out.returncode != 0
+    assert "colect" in out.stderr
