@@ -25,6 +25,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
+# Output directory of each stage below `workdir` (DESIGN §2).
+STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
+              "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
 DEMO_SCHEME = "demo:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
@@ -247,10 +250,10 @@ class FusionConfig(Strict):
         return [self.pivot, *self.sources]
 
     def stage_dir(self, stage: str, *parts: str) -> str:
-        """Directory (or URI) of a stage's output, e.g. `stage_dir("collect", "pivot")`."""
+        """Directory (or URI) of a stage's output: `stage_dir("collect", "pivot")` → `…/logits/pivot`."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        return "/".join([self.workdir.rstrip("/"), stage, *parts])
+        return "/".join([self.workdir.rstrip("/"), STAGE_DIRS[stage], *parts])
 
     def world_size(self) -> int:
         return self.train.num_workers

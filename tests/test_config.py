@@ -31,7 +31,8 @@ def test_overrides_apply_dotted_keys_and_list_items(tmp_path):
                       ["train.lambda_clm=0.5", "sources.1.dtype=bfloat16", "workdir=/tmp/w"])
     assert cfg.train.lambda_clm == 0.5
     assert cfg.sources[1].dtype == "bfloat16"
-    assert cfg.stage_dir("train", "computing") == "/tmp/w/train/computing"
+    assert cfg.stage_dir("train", "computing") == "/tmp/w/targets/computing"
+    assert cfg.stage_dir("collect", "pivot") == "/tmp/w/logits/pivot"
 
 
 def test_every_bad_field_is_reported_with_its_dotted_path(tmp_path):

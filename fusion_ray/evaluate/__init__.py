@@ -1,0 +1,1 @@
+"""Evaluation: held-out bits per byte per domain, and the report."""

@@ -1,0 +1,95 @@
+"""Shared test fixtures: one local Ray per session, tiny model factories, gpu/slow markers.
+
+Ray: loopback only, auth off, 4 logical CPUs on a 2-core machine (tests request
+fractional CPUs), no dashboard; shut down at the end of the session. Every test
+that touches Ray carries a timeout (pytest-timeout; the default in pyproject is
+600 s, Ray tests set their own).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FUSION_RAY_CACHE", str(Path.home() / ".cache" / "fusion_ray"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session (loopback, auth off, 4 logical CPUs)."""
+    from fusion_ray.config import RayConfig
+    from fusion_ray.ray_env import init_ray
+
+    shm_before = set(glob.glob("/dev/shm/psm_*"))
+    ray = init_ray(RayConfig(num_cpus=4), include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    for leftover in set(glob.glob("/dev/shm/psm_*")) - shm_before:  # engines' shared memory
+        Path(leftover).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Factory: `tiny_models(arch, family, vocab_size=512, layers=1)` → an HF model dir.
+
+    Builds a randomly initialised tiny causal LM with a real cut-down tokenizer
+    and chat template; results are cached for the session.
+    """
+    from fusion_ray.demo.assets import TinyModel
+    from fusion_ray.demo.build import make_model
+    from fusion_ray.demo.tokenizers import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[tuple, Path] = {}
+
+    def make(
+        arch: str = "qwen2",
+        family: str = "gpt2",
+        vocab_size: int = 512,
+        layers: int = 1,
+        seed: int = 0,
+    ) -> Path:
+        key = (arch, family, vocab_size, layers, seed)
+        if key not in built:
+            import torch
+
+            out = root / "-".join(map(str, key))
+            tokenizer = build_tokenizer(family, vocab_size, out)
+            torch.manual_seed(seed)
+            spec = TinyModel(
+                name=out.name,
+                architecture=arch,
+                tokenizer=family,
+                vocab_size=vocab_size,
+                mix=(),
+                steps=0,
+                layers=layers,
+            )
+            make_model(spec, tokenizer).save_pretrained(out)
+            built[key] = out
+        return built[key]
+
+    yield make
+    shutil.rmtree(root, ignore_errors=True)

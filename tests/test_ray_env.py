@@ -1,0 +1,28 @@
+"""The shared local Ray: real, on loopback, fractional CPUs schedule on 2 cores."""
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_local_ray_runs_fractional_tasks_and_actors(ray_local):
+    ray = ray_local
+    assert ray.cluster_resources()["CPU"] == 4
+
+    @ray.remote(num_cpus=0.5)
+    def square(x):
+        return x * x
+
+    @ray.remote(num_cpus=0.5)
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k):
+            self.n += k
+            return self.n
+
+    counters = [Counter.remote() for _ in range(4)]  # 2 CPUs of actors on a 4-CPU Ray
+    assert ray.get([square.remote(i) for i in range(8)], timeout=60) == [i * i for i in range(8)]
+    assert ray.get([c.add.remote(3) for c in counters], timeout=60) == [3, 3, 3, 3]
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]  # loopback only
