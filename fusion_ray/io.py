@@ -86,10 +86,10 @@ def write_parquet_atomic(path: str, table: pa.Table) -> None:
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
-        pq.write_table(table, p, filesystem=fs)
+        pq.write_table(table, p, filesystem=fs, compression="zstd")
         return
     tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, p)
 
 
@@ -183,8 +183,12 @@ class StageOutput:
         marker = f"{self.dir}/{_FINGERPRINT}"
         if fs.get_file_info(p).type == pafs.FileType.Directory:
             same = exists(marker) and read_text(marker).strip() == self.fingerprint
-            if same:
-                return  # resume: keep the shards already written
+            if same:  # resume: keep finished shards, drop what a killed writer left
+                leftovers = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+                for info in leftovers:
+                    if ".tmp-" in info.base_name and info.type == pafs.FileType.File:
+                        fs.delete_file(info.path)
+                return
             fs.delete_dir(p)
         fs.create_dir(p, recursive=True)
         if not self.atomic_rename and exists(f"{self.dir}/{MANIFEST}"):

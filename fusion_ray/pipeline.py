@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from fusion_ray.config import STAGES, FusionConfig
 
 STAGE_RUNNERS: dict[str, str | None] = {
-    "prepare": None,
-    "collect": None,
+    "prepare": "fusion_ray.collect.prepare:run",
+    "collect": "fusion_ray.collect.pipeline:run",
     "align": None,
     "fuse": None,
     "train": None,

@@ -1,7 +1,7 @@
 """Parquet schemas of every stage output, declared once, checked at stage boundaries.
 
 `prepared/`  one row per conversation, rendered once with the pivot's chat template.
-`rejected/`  corpus rows that could not be used, with the reason.
+`prepared/_rejected/`  corpus rows that could not be used, with the reason.
 `logits/<model>/`  per-token top-k next-token log-probs of one model (DESIGN §3).
 `aligned/<source>/`  a source's distributions moved onto pivot positions and ids.
 `fused/<pair>/`  the fused teacher per pivot position, ready for training.

@@ -39,8 +39,11 @@ def test_partial_stage_resumes_with_same_fingerprint_and_resets_otherwise(tmp_pa
     first = io.StageOutput(final, "fp1")
     first.write_table("a.parquet", _table(1))
     # the run dies here; a rerun with the same fingerprint keeps the finished shard
+    with open(first.path("b.parquet.tmp-1234"), "wb") as fh:  # what a killed writer leaves
+        fh.write(b"PAR1 half")
     again = io.StageOutput(final, "fp1")
     assert again.has("a.parquet") and not again.has("b.parquet")
+    assert not io.exists(again.path("b.parquet.tmp-1234"))
     # a rerun under another config starts clean
     changed = io.StageOutput(final, "fp2")
     assert not changed.has("a.parquet")

@@ -1,0 +1,187 @@
+"""The `collect` stage on Ray Data: prepared rows → each model → `logits/<model>/` shards.
+
+Per model, Ray Data reads the prepared shards not yet collected, and a pool of
+engine actors (`ScoreUDF`, `concurrency` actors of `num_cpus_per_actor` /
+`num_gpus_per_actor`) tokenizes each batch with the model's own tokenizer and
+scores it (vLLM or transformers). The driver gathers rows per input shard,
+de-duplicated by `sample_id` (a retried task after an actor is killed may send a
+row twice), and writes each output shard atomically once all its rows are in:
+every input row lands exactly once, and a rerun redoes only missing shards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusion_ray import io, schema
+from fusion_ray.collect import prepare as prepare_stage
+from fusion_ray.collect.topk import logits_row
+from fusion_ray.config import FusionConfig, ModelSpec
+from fusion_ray.demo.assets import resolve as resolve_demo
+
+
+class ScoreUDF:
+    """Ray Data callable class: one engine per actor, batches of prepared rows in, logits rows out."""
+
+    def __init__(self, model: dict, collect: dict, max_length: int):
+        from transformers import AutoTokenizer
+
+        from fusion_ray.collect import engines
+
+        spec, self.cfg = ModelSpec.model_validate(model), collect
+        path = resolve_demo(spec.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            resolve_demo(spec.tokenizer or spec.path), revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code)
+        dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
+        common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        if collect["engine"] == "vllm":
+            self.engine = engines.VLLMEngine(
+                path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
+                tensor_parallel_size=spec.tensor_parallel_size,
+                pipeline_parallel_size=spec.pipeline_parallel_size,
+                gpu_memory_utilization=spec.gpu_memory_utilization, **common)
+        else:
+            self.engine = engines.HFEngine(path, max_rows=collect["batch_size"], **common)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        enc = self.tokenizer(texts, return_offsets_mapping=True)
+        scored = self.engine.score(enc["input_ids"], self.cfg["top_k"])
+        rows = []
+        for i, text in enumerate(texts):
+            offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+            rows.append(logits_row(
+                batch.column("sample_id")[i].as_py(), text, enc["input_ids"][i], offsets,
+                batch.column("span_starts")[i].as_py(), batch.column("span_ends")[i].as_py(),
+                scored[i], scored_only=self.cfg["scored_only"]))
+        table = rows_to_table(rows)
+        return table.append_column("path", batch.column("path"))
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """`logits/` rows (numpy arrays inside) → a table of the LOGITS schema, without Python lists."""
+
+    def ragged(key: str, typ: pa.DataType) -> pa.Array:
+        arrays = [r[key] for r in rows]
+        offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+        flat = np.concatenate(arrays) if arrays else np.zeros(0)
+        if flat.ndim == 2:  # [positions, k] → list<list<…>>
+            k = flat.shape[1]
+            inner = pa.ListArray.from_arrays(pa.array(np.arange(0, flat.size + 1, k, dtype=np.int32)),
+                                             pa.array(flat.reshape(-1), typ))
+            return pa.ListArray.from_arrays(pa.array(offsets), inner)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, typ))
+
+    columns = {
+        "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
+        "input_ids": ragged("input_ids", pa.int32()),
+        "offsets": ragged("offsets", pa.int32()),
+        "loss_mask": ragged("loss_mask", pa.bool_()),
+        "topk_ids": ragged("topk_ids", pa.int32()),
+        "topk_logprobs": ragged("topk_logprobs", pa.float16()),
+        "gold_logprob": ragged("gold_logprob", pa.float32()),
+        "nll_sum": pa.array([r["nll_sum"] for r in rows], pa.float64()),
+        "n_bytes": pa.array([r["n_bytes"] for r in rows], pa.int64()),
+    }
+    return pa.Table.from_pydict(columns, schema=schema.LOGITS)
+
+
+def preflight(cfg: FusionConfig) -> None:
+    """Fail before any work: every tokenizer loads and `top_k` fits every vocabulary."""
+    for model in cfg.models():
+        tokenizer = prepare_stage.load_tokenizer(model)
+        if cfg.collect.top_k > len(tokenizer):
+            raise ValueError(f"collect.top_k={cfg.collect.top_k} exceeds the vocabulary of model "
+                             f"{model.name!r} ({len(tokenizer)} tokens)")
+
+
+def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
+    return io.fingerprint("collect", model.model_dump(mode="json"), cfg.to_dict()["collect"],
+                          cfg.data.max_length, io.hash_location(resolve_demo(model.path)), prepared_fp)
+
+
+def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepared_fp: str,
+                  force: bool = False, log=print) -> dict:
+    """Collect one model's top-k over every prepared shard; resumes from finished shards."""
+    import ray
+
+    out_dir = cfg.stage_dir("collect", model.name)
+    fp = model_fingerprint(cfg, model, prepared_fp)
+    if not force and io.is_done(out_dir, fp):
+        return {"status": "skipped", "dir": out_dir}
+    started = time.monotonic()
+    out = io.StageOutput(out_dir, fp)
+    todo = [s for s in shards if not out.has(Path(s).name)]
+    expected = {Path(s).name: pq.read_table(io.resolve(s)[1], columns=["sample_id"])
+                .column("sample_id").to_pylist() for s in todo}
+    pending: dict[str, dict[str, dict]] = {name: {} for name in expected}
+    if todo:
+        c = cfg.collect
+        ds = ray.data.read_parquet(todo, include_paths=True).select_columns(
+            [*schema.PREPARED.names, "path"])
+        ds = ds.map_batches(
+            ScoreUDF, fn_constructor_kwargs={"model": model.model_dump(mode="json"),
+                                             "collect": c.model_dump(mode="json"),
+                                             "max_length": cfg.data.max_length},
+            batch_size=c.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=c.concurrency),
+            num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor or None)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            _gather(batch, pending, expected, out)
+    missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
+    if missing:
+        raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
+    return _commit(cfg, model, out, shards, fp, started, log)
+
+
+def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput) -> None:
+    """Add a batch's rows to their shards; write each shard once it is complete."""
+    names = [Path(p).name for p in batch.column("path").to_pylist()]
+    table = batch.drop_columns(["path"])
+    for i, name in enumerate(names):
+        rows = pending[name]
+        if rows is None:
+            continue  # shard already written; a retried task sent this row again
+        rows.setdefault(table.column("sample_id")[i].as_py(), table.slice(i, 1))
+        if len(rows) == len(expected[name]):
+            ordered = [rows[sid] for sid in expected[name]]
+            out.write_table(name, pa.concat_tables(ordered).combine_chunks())
+            pending[name] = None
+
+
+def _commit(cfg, model, out, shards, fp, started, log) -> dict:
+    files = [out.path(Path(s).name) for s in shards]
+    meta = [pq.ParquetFile(io.resolve(f)[1]).metadata for f in files]
+    n_rows = sum(m.num_rows for m in meta)
+    n_bytes = sum(m.serialized_size + sum(m.row_group(g).total_byte_size for g in range(m.num_row_groups))
+                  for m in meta)
+    rows = {"in": n_rows, "out": n_rows}
+    out.commit(io.Manifest(stage="collect", fingerprint=fp, config_hash=cfg.config_hash(), rows=rows,
+                           wall_time_s=time.monotonic() - started,
+                           extra={"model": model.name, "engine": cfg.collect.engine,
+                                  "top_k": cfg.collect.top_k, "scored_only": cfg.collect.scored_only,
+                                  "approx_bytes": n_bytes}), config=cfg.to_dict())
+    log(f"[collect] {model.name}: {n_rows} rows, {len(files)} shard(s)")
+    return {"status": "done", "dir": out.final, "rows": rows}
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+    """Collect top-k log-probs of the pivot and every source over the prepared corpus."""
+    from fusion_ray.ray_env import init_ray
+
+    prepared = cfg.stage_dir("prepare")
+    manifest = io.read_manifest(prepared)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished prepare stage at {prepared}: run `prepare` first")
+    preflight(cfg)
+    init_ray(cfg.ray)
+    shards = io.list_files(prepared)
+    results = {m.name: collect_model(cfg, m, shards, manifest["fingerprint"], force, log)
+               for m in cfg.models()}
+    return {"status": "done", "models": results}

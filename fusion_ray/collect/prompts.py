@@ -1,0 +1,122 @@
+"""Chat rows → one rendered text per conversation, with the char spans that are scored.
+
+Pure: no Ray, no engines. Accepts ShareGPT rows (`conversations` of `from`/`value`)
+and OpenAI rows (`messages` of `role`/`content`). Each conversation is rendered ONCE
+with the pivot's chat template, so every model scores the same characters; the
+spans of assistant turns (the scored part) are found by rendering growing prefixes.
+Rows that cannot be used raise `RowRejected` with the reason; texts longer than
+`max_length` pivot tokens are cut at a token boundary and flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+                  "system": "system"}
+OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+class RowRejected(ValueError):
+    """A corpus row that cannot be used; the message is the reason stored in `rejected/`."""
+
+
+@dataclass
+class Prepared:
+    sample_id: str
+    text: str
+    span_starts: list[int]
+    span_ends: list[int]
+    truncated: bool
+
+
+def sample_id_of(row: dict[str, Any]) -> str:
+    """The row's own `id` (or `sample_id`), else a hash of its content."""
+    for key in ("id", "sample_id"):
+        if isinstance(row.get(key), str | int) and str(row[key]):
+            return str(row[key])
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
+    """Normalise a ShareGPT or OpenAI row to `[{"role", "content"}]`.
+
+    Raises:
+        RowRejected: naming the message index and field that is wrong.
+    """
+    if not isinstance(row, dict):
+        raise RowRejected(f"row is a {type(row).__name__}, not an object")
+    if fmt == "auto":
+        fmt = "openai" if "messages" in row else "sharegpt" if "conversations" in row else ""
+    if fmt not in ("openai", "sharegpt"):
+        raise RowRejected("no 'messages' or 'conversations' field")
+    key, role_key, text_key, roles = (
+        ("messages", "role", "content", OPENAI_ROLES) if fmt == "openai"
+        else ("conversations", "from", "value", SHAREGPT_ROLES))
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowRejected(f"'{key}' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowRejected(f"{key}[{i}] is not an object")
+        role, content = turn.get(role_key), turn.get(text_key)
+        if role not in roles:
+            raise RowRejected(f"{key}[{i}].{role_key}: unknown role {role!r}")
+        if not isinstance(content, str):
+            raise RowRejected(f"{key}[{i}].{text_key}: content is not a string")
+        if not content.strip():
+            raise RowRejected(f"{key}[{i}].{text_key}: empty content")
+        messages.append({"role": roles[role], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowRejected("no assistant turn")
+    return messages
+
+
+def render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int], list[int]]:
+    """Render once with the chat template; return (text, span_starts, span_ends) of replies."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    starts, ends = [], []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(through)):
+            raise RowRejected("chat template does not render conversation prefixes as prefixes")
+        starts.append(len(before))
+        ends.append(len(through))
+    return text, starts, ends
+
+
+def truncate(text: str, starts: list[int], ends: list[int], char_limit: int | None):
+    """Cut text and spans at `char_limit` (a token boundary); drop spans that vanish."""
+    if char_limit is None or char_limit >= len(text):
+        return text, starts, ends, False
+    kept = [(s, min(e, char_limit)) for s, e in zip(starts, ends, strict=True) if s < char_limit]
+    if not kept:
+        raise RowRejected("no assistant text within max_length")
+    return text[:char_limit], [s for s, _ in kept], [e for _, e in kept], True
+
+
+def prepare_row(row: dict[str, Any], tokenizer, *, max_length: int, fmt: str = "auto") -> Prepared:
+    """Validate, render and (if needed) truncate one corpus row.
+
+    Args:
+        tokenizer: the pivot's tokenizer (its chat template renders the text; its
+            tokens measure `max_length`).
+
+    Raises:
+        RowRejected: with the reason.
+    """
+    messages = to_messages(row, fmt)
+    text, starts, ends = render(tokenizer, messages)
+    offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+    limit = offsets[max_length - 1][1] if len(offsets) > max_length else None
+    text, starts, ends, cut = truncate(text, starts, ends, limit)
+    return Prepared(sample_id_of(row), text, starts, ends, cut)

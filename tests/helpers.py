@@ -1,0 +1,44 @@
+"""Builders shared by stage tests: small corpora and configs over tiny model dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fusion_ray.config import FusionConfig, parse_config
+
+TOPICS = ["compiler", "kernel", "socket", "pixel", "thread", "cache", "router", "parser",
+          "river", "meadow", "lantern", "harvest", "violin", "glacier", "orchard", "harbor"]
+
+
+def chat_rows(n: int, domain: str = "computing", start: int = 0) -> list[dict]:
+    """n well-formed OpenAI-style rows with stable ids."""
+    rows = []
+    for i in range(start, start + n):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({"id": f"{domain}-{i}", "messages": [
+            {"role": "user", "content": f"What is a {topic} (case {i})?"},
+            {"role": "assistant", "content": f"A {topic} is a thing number {i}, described briefly."},
+        ]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], train: list[Path], **sections) -> FusionConfig:
+    """A valid config over local tiny models; `sections` override whole config sections."""
+    data = {
+        "name": "test", "workdir": str(workdir),
+        "pivot": {"name": "pivot", "path": str(pivot), "dtype": "float32"},
+        "sources": [{"name": n, "path": str(p), "dtype": "float32"} for n, p in sources.items()],
+        "data": {"train": [{"path": str(p)} for p in train], "max_length": 128},
+        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "shard_rows": 10,
+                    "num_cpus_per_actor": 0.5, "dtype": "float32"},
+        "ray": {"num_cpus": 4},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(data)

