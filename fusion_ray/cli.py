@@ -14,6 +14,10 @@ EXIT_NOT_BUILT = 3
 
 
 def default_demo_config() -> Path:
+    """`jobs/configs/tiny_cpu.yaml` of this checkout (or of the installed `jobs` package)."""
+    here = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
+    if here.is_file():
+        return here
     import jobs
 
     return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
