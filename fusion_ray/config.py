@@ -66,6 +66,14 @@ def check_location(value: str, *, kind: str) -> str:
     return value  # a hub id: checked when it is loaded
 
 
+def local_vocab_size(path: str) -> int | None:
+    """`vocab_size` from a local model dir's config.json; None for hub ids and demo assets."""
+    config = Path(path).expanduser() / "config.json"
+    if path.startswith(DEMO_SCHEME) or not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("vocab_size")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
@@ -130,6 +138,10 @@ class AlignConfig(Strict):
     tie_break: Literal["fusellm", "fusechat2"] = "fusechat2"
     vocab_map: Literal["exact", "mined", "statistics"] = "statistics"
     fallback: Literal["pivot", "onehot_next"] = "pivot"
+    # statistics map, source tokens never co-aligned in the corpus: the `mined` choice
+    # (default), dropped into the tail, or the pivot's unk/eos (the reference)
+    unseen: Literal["mined", "drop", "unk"] = "mined"
+    workers: int = Field(2, ge=1)  # actors that align (and fuse) shards in parallel
 
 
 class FuseConfig(Strict):
@@ -243,6 +255,15 @@ class FusionConfig(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @model_validator(mode="after")
+    def _top_k_fits_vocab(self) -> FusionConfig:
+        for model in self.models():
+            vocab = local_vocab_size(model.path)
+            if vocab is not None and self.collect.top_k > vocab:
+                raise ValueError(f"collect.top_k={self.collect.top_k} exceeds the vocabulary of model "
+                                 f"{model.name!r} ({vocab} tokens)")
         return self
 
     def models(self) -> list[ModelSpec]:

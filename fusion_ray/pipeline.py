@@ -17,8 +17,8 @@ from fusion_ray.config import STAGES, FusionConfig
 STAGE_RUNNERS: dict[str, str | None] = {
     "prepare": "fusion_ray.collect.prepare:run",
     "collect": "fusion_ray.collect.pipeline:run",
-    "align": None,
-    "fuse": None,
+    "align": "fusion_ray.align.pipeline:run",
+    "fuse": "fusion_ray.fuse.pipeline:run",
     "train": None,
     "merge": None,
     "eval": None,

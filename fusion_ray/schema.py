@@ -51,21 +51,26 @@ LOGITS = pa.schema([
     ("n_bytes", pa.int64()),
 ])
 
+# aligned/ and fused/ hold one top-k entry per SCORED pivot position (the True entries
+# of the pivot's loss mask), in the pivot's vocabulary; padding has log-prob -inf.
 ALIGNED = pa.schema([
     ("sample_id", pa.string()),
-    ("topk_ids", _topk_ids),  # pivot vocab, one entry per pivot position
+    ("topk_ids", _topk_ids),
     ("topk_logprobs", _topk_lp),
-    ("transferred", pa.list_(pa.bool_())),  # a source distribution reached this position
-    ("source_score", pa.float64()),  # the source's CE (or bpb) on this sample
+    ("transferred", pa.list_(pa.bool_())),  # the source's distribution reached this position
+    ("source_ce", pa.float64()),  # the source's mean NLL per scored token, own tokenization
+    ("source_bpb", pa.float64()),  # the source's bits per scored UTF-8 byte
+    ("method", pa.string()),  # "offsets", "dtw" or "none"
 ])
 
 FUSED = pa.schema([
     ("sample_id", pa.string()),
+    ("domain", pa.string()),
     ("input_ids", _ids),  # pivot tokens
     ("loss_mask", pa.list_(pa.bool_())),
     ("topk_ids", _topk_ids),
     ("topk_logprobs", _topk_lp),
-    ("transferred", pa.list_(pa.bool_())),
+    ("transferred", pa.list_(pa.bool_())),  # a source with non-zero weight reached it
     ("weights", pa.list_(pa.float32())),  # per candidate (pivot first); MinCE is one-hot
 ])
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
 from fusion_ray.collect import prepare as prepare_stage
+from fusion_ray.arrays import ragged
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.demo.assets import resolve as resolve_demo
@@ -65,27 +66,12 @@ class ScoreUDF:
 
 
 def rows_to_table(rows: list[dict]) -> pa.Table:
-    """`logits/` rows (numpy arrays inside) → a table of the LOGITS schema, without Python lists."""
-
-    def ragged(key: str, typ: pa.DataType) -> pa.Array:
-        arrays = [r[key] for r in rows]
-        offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-        flat = np.concatenate(arrays) if arrays else np.zeros(0)
-        if flat.ndim == 2:  # [positions, k] → list<list<…>>
-            k = flat.shape[1]
-            inner = pa.ListArray.from_arrays(pa.array(np.arange(0, flat.size + 1, k, dtype=np.int32)),
-                                             pa.array(flat.reshape(-1), typ))
-            return pa.ListArray.from_arrays(pa.array(offsets), inner)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, typ))
-
+    """`logits/` rows (numpy arrays inside) → a table of the LOGITS schema."""
     columns = {
         "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
-        "input_ids": ragged("input_ids", pa.int32()),
-        "offsets": ragged("offsets", pa.int32()),
-        "loss_mask": ragged("loss_mask", pa.bool_()),
-        "topk_ids": ragged("topk_ids", pa.int32()),
-        "topk_logprobs": ragged("topk_logprobs", pa.float16()),
-        "gold_logprob": ragged("gold_logprob", pa.float32()),
+        **{key: ragged([r[key] for r in rows], typ) for key, typ in (
+            ("input_ids", pa.int32()), ("offsets", pa.int32()), ("loss_mask", pa.bool_()),
+            ("topk_ids", pa.int32()), ("topk_logprobs", pa.float16()), ("gold_logprob", pa.float32()))},
         "nll_sum": pa.array([r["nll_sum"] for r in rows], pa.float64()),
         "n_bytes": pa.array([r["n_bytes"] for r in rows], pa.int64()),
     }
@@ -93,7 +79,8 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 def preflight(cfg: FusionConfig) -> None:
-    """Fail before any work: every tokenizer loads and `top_k` fits every vocabulary."""
+    """Fail before any work: every tokenizer loads and `top_k` fits every vocabulary (hub models
+    included, whose vocabulary validation cannot see)."""
     for model in cfg.models():
         tokenizer = prepare_stage.load_tokenizer(model)
         if cfg.collect.top_k > len(tokenizer):
@@ -137,7 +124,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
     if missing:
         raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
-    return _commit(cfg, model, out, shards, fp, started, log)
+    return _commit(cfg, model, out, shards, fp, prepared_fp, started, log)
 
 
 def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput) -> None:
@@ -155,7 +142,7 @@ def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput)
             pending[name] = None
 
 
-def _commit(cfg, model, out, shards, fp, started, log) -> dict:
+def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
     files = [out.path(Path(s).name) for s in shards]
     meta = [pq.ParquetFile(io.resolve(f)[1]).metadata for f in files]
     n_rows = sum(m.num_rows for m in meta)
@@ -163,6 +150,7 @@ def _commit(cfg, model, out, shards, fp, started, log) -> dict:
                   for m in meta)
     rows = {"in": n_rows, "out": n_rows}
     out.commit(io.Manifest(stage="collect", fingerprint=fp, config_hash=cfg.config_hash(), rows=rows,
+                           inputs={"prepared": prepared_fp},
                            wall_time_s=time.monotonic() - started,
                            extra={"model": model.name, "engine": cfg.collect.engine,
                                   "top_k": cfg.collect.top_k, "scored_only": cfg.collect.scored_only,

@@ -1,0 +1,131 @@
+"""The `fuse` stage on Ray Data: pivot + aligned sources → `fused/<pair>/`, one teacher per position.
+
+Pairwise mode (FuseChat) builds one fused dataset per source from the pivot and
+that source; multi mode one from the pivot and every source. Per sequence the
+strategy (MinCE / AvgCE) weighs the candidates by their score (`ce` or `bpb`); the
+result keeps the pivot's tokens and loss mask and a top-k teacher at each scored
+position. Shards are joined by `sample_id`, written atomically, resumable; the
+manifest records which candidate won, per domain (the routing statistics).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusion_ray import io, schema
+from fusion_ray.arrays import ragged, rows_of
+from fusion_ray.align.pipeline import ShardMismatch, read_shard
+from fusion_ray.align.project import stored_rows
+from fusion_ray.config import FusionConfig
+from fusion_ray.fuse.strategies import STRATEGIES, mix, score
+
+
+def pair_sources(pair: str) -> list[str]:
+    """The sources of a pair name: "computing" or, in multi mode, "computing+english"."""
+    return pair.split("+")
+
+
+def fuse_shard(cfg: FusionConfig, pair: str, name: str, out_dir: str) -> dict:
+    """Fuse one shard and write it atomically."""
+    sources = pair_sources(pair)
+    prepared = read_shard(f"{cfg.stage_dir('prepare')}/{name}", "prepared").select(["sample_id", "domain"])
+    pivot = rows_of(read_shard(f"{cfg.stage_dir('collect', cfg.pivot.name)}/{name}", "logits"))
+    aligned = {s: rows_of(read_shard(f"{cfg.stage_dir('align', s)}/{name}", "aligned")) for s in sources}
+    domains = prepared.column("domain").to_pylist()
+    strategy, metric, k = STRATEGIES[cfg.fuse.strategy], cfg.fuse.metric, cfg.collect.top_k
+    rows = []
+    for i, p in enumerate(pivot):
+        cands = [aligned[s][i] for s in sources]
+        for s, c in zip(sources, cands, strict=True):
+            if c["sample_id"] != p["sample_id"]:
+                raise ShardMismatch(f"sample {c['sample_id']!r} in {cfg.stage_dir('align', s)}/{name} does "
+                                    f"not match sample {p['sample_id']!r} of the pivot (same row)")
+        mask = np.asarray(p["loss_mask"], dtype=bool)
+        scored = stored_rows(mask, cfg.collect.scored_only)[mask]
+        ids = [np.asarray(p["topk_ids"])[scored]] + [np.asarray(c["topk_ids"]) for c in cands]
+        lps = [np.asarray(p["topk_logprobs"], np.float32)[scored]] + \
+              [np.asarray(c["topk_logprobs"], np.float32) for c in cands]
+        scores = [score(p["nll_sum"], int(mask.sum()), p["n_bytes"], metric)] + \
+                 [c["source_ce"] if metric == "ce" else c["source_bpb"] for c in cands]
+        weights = strategy(np.array(scores, dtype=np.float64))
+        top_ids, top_lp = mix(ids, lps, weights, k)
+        reached = np.zeros(int(mask.sum()), dtype=bool)
+        for w, c in zip(weights[1:], cands, strict=True):
+            reached |= np.asarray(c["transferred"], dtype=bool) & (w > 0)
+        rows.append({"sample_id": p["sample_id"], "domain": domains[i], "input_ids": np.asarray(p["input_ids"]),
+                     "loss_mask": mask, "topk_ids": top_ids, "topk_logprobs": top_lp.astype(np.float16),
+                     "transferred": reached, "weights": weights.astype(np.float32)})
+    io.write_parquet_atomic(f"{out_dir}/{name}", fused_table(rows))
+    return {"shard": name, "rows": len(rows)}
+
+
+def fused_table(rows: list[dict]) -> pa.Table:
+    columns = {
+        "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
+        "domain": pa.array([r["domain"] for r in rows], pa.string()),
+        **{key: ragged([r[key] for r in rows], typ) for key, typ in (
+            ("input_ids", pa.int32()), ("loss_mask", pa.bool_()), ("topk_ids", pa.int32()),
+            ("topk_logprobs", pa.float16()), ("transferred", pa.bool_()), ("weights", pa.float32()))},
+    }
+    return pa.Table.from_pydict(columns, schema=schema.FUSED)
+
+
+def routing(paths: list[str], candidates: list[str]) -> dict:
+    """Winner counts (highest weight) and mean weights per domain, from written shards."""
+    wins: dict[str, Counter] = defaultdict(Counter)
+    sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(candidates)))
+    for path in paths:
+        table = pq.read_table(io.resolve(path)[1], columns=["domain", "weights"])
+        for domain, w in zip(table.column("domain").to_pylist(), table.column("weights").to_pylist(), strict=True):
+            wins[domain][candidates[int(np.argmax(w))]] += 1
+            sums[domain] += w
+    return {d: {"wins": dict(wins[d]), "mean_weight": dict(zip(candidates, np.round(
+        sums[d] / max(sum(wins[d].values()), 1), 4).tolist(), strict=True))} for d in wins}
+
+
+def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> dict:
+    import ray
+
+    sources = pair_sources(pair)
+    manifests = {s: io.read_manifest(cfg.stage_dir("align", s)) for s in sources}
+    manifests[cfg.pivot.name] = io.read_manifest(cfg.stage_dir("collect", cfg.pivot.name))
+    missing = [m for m, v in manifests.items() if v is None]
+    if missing:
+        raise FileNotFoundError(f"fuse {pair}: missing finished inputs for {', '.join(missing)}")
+    inputs = {m: v["fingerprint"] for m, v in manifests.items()}
+    out_dir = cfg.stage_dir("fuse", pair)
+    fp = io.fingerprint("fuse", cfg.to_dict()["fuse"], cfg.collect.top_k, inputs)
+    if not force and io.is_done(out_dir, fp):
+        return {"status": "skipped", "dir": out_dir}
+    started = time.monotonic()
+    out = io.StageOutput(out_dir, fp)
+    names = [Path(s).name for s in io.list_files(cfg.stage_dir("collect", cfg.pivot.name))]
+    todo = [n for n in names if not out.has(n)]
+    if todo:
+        ray.data.from_items([{"shard": n} for n in todo]).map(
+            lambda r: fuse_shard(cfg, pair, r["shard"], out.dir),
+            num_cpus=cfg.collect.num_cpus_per_actor).materialize()
+    paths = [out.path(n) for n in names]
+    stats = routing(paths, ["pivot"] + sources)
+    n_rows = sum(sum(d["wins"].values()) for d in stats.values())
+    out.commit(io.Manifest(stage="fuse", fingerprint=fp, config_hash=cfg.config_hash(), inputs=inputs,
+                           rows={"in": n_rows, "out": n_rows},
+                           extra={"pair": pair, "candidates": ["pivot"] + sources, "strategy": cfg.fuse.strategy,
+                                  "metric": cfg.fuse.metric, "routing": stats},
+                           wall_time_s=time.monotonic() - started), config=cfg.to_dict())
+    log(f"[fuse] {pair}: {n_rows} rows; routing {({d: s['wins'] for d, s in stats.items()})}")
+    return {"status": "done", "dir": out_dir, "routing": stats}
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+    """Fuse the pivot with each source (pairwise) or with all of them (multi)."""
+    from fusion_ray.ray_env import init_ray
+
+    init_ray(cfg.ray)
+    return {"status": "done", "pairs": {pair: fuse_pair(cfg, pair, force, log) for _, pair in cfg.pairs()}}

@@ -1,0 +1,140 @@
+"""Align and fuse stages on a real local Ray: contracts, exactness, routing, bad input."""
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fusion_ray import io, schema
+from fusion_ray.align import pipeline as align
+from fusion_ray.collect import pipeline as collect
+from fusion_ray.collect import prepare
+from fusion_ray.fuse import pipeline as fuse
+from helpers import chat_rows, make_config, write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+QUIET = lambda *_: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def run(tiny_models, tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("alignfuse")
+    corpus_c = write_jsonl(tmp / "c.jsonl", chat_rows(14))
+    corpus_e = write_jsonl(tmp / "e.jsonl", chat_rows(10, "english"))
+    sources = {"gpt": tiny_models("gpt2", "gpt2"), "mis": tiny_models("mistral", "mistral"),
+               "twin": tiny_models("qwen2", "deepseek", seed=1)}  # the pivot's own tokenizer
+    cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), sources, [corpus_c, corpus_e],
+                      align={"vocab_map": "statistics"})
+    cfg.data.train[1].domain = "english"
+    cfg.data.train[0].domain = "computing"
+    prepare.run(cfg, log=QUIET)
+    collect.run(cfg, log=QUIET)
+    align.run(cfg, log=QUIET)
+    fuse.run(cfg, log=QUIET)
+    return {"cfg": cfg, "tmp": tmp}
+
+
+def test_aligned_outputs_follow_the_contract(run):
+    cfg = run["cfg"]
+    pivot = pq.read_table(cfg.stage_dir("collect", "pivot"))
+    n_scored = [int(np.sum(m)) for m in pivot.column("loss_mask").to_pylist()]
+    for source in ("gpt", "mis", "twin"):
+        out = cfg.stage_dir("align", source)
+        for f in io.list_files(out):
+            schema.check_file(f, "aligned")
+        table = pq.read_table(out)
+        assert table.column("sample_id").to_pylist() == pivot.column("sample_id").to_pylist()
+        assert [len(t) for t in table.column("transferred").to_pylist()] == n_scored
+        manifest = io.read_manifest(out)
+        assert manifest["extra"]["alignment"] == {"offsets": 24, "dtw": 0, "none": 0}
+        assert 0.3 < manifest["extra"]["transferred_fraction"] <= 1.0
+        ids = np.concatenate([np.array(r).reshape(-1) for r in table.column("topk_ids").to_pylist()])
+        assert ids.min() >= 0 and ids.max() < 515, "valid pivot ids"
+
+
+def test_same_tokenizer_source_transfers_everything_unchanged(run):
+    cfg = run["cfg"]
+    manifest = io.read_manifest(cfg.stage_dir("align", "twin"))
+    assert manifest["extra"]["transferred_fraction"] == 1.0
+    src = pq.read_table(cfg.stage_dir("collect", "twin")).slice(3, 1).to_pylist()[0]
+    got = pq.read_table(cfg.stage_dir("align", "twin")).slice(3, 1).to_pylist()[0]
+    mask = np.array(src["loss_mask"])
+    want_ids, want_lp = np.array(src["topk_ids"])[mask], np.array(src["topk_logprobs"], np.float32)[mask]
+    for ids, lps, w_ids, w_lps in zip(got["topk_ids"], got["topk_logprobs"], want_ids, want_lp):
+        assert dict(zip(ids, lps)) == dict(zip(w_ids.tolist(), w_lps.tolist()))  # same (id, log-prob) set
+
+
+def test_fused_pairwise_with_min_ce_and_routing(run):
+    cfg = run["cfg"]
+    for source in ("gpt", "mis", "twin"):
+        out = cfg.stage_dir("fuse", source)
+        for f in io.list_files(out):
+            schema.check_file(f, "fused")
+        table = pq.read_table(out)
+        weights = np.array(table.column("weights").to_pylist())
+        assert weights.shape == (24, 2) and np.all(weights.sum(1) == 1) and set(np.unique(weights)) <= {0, 1}
+        routing = io.read_manifest(out)["extra"]["routing"]
+        assert set(routing) == {"computing", "english"}
+        assert sum(sum(d["wins"].values()) for d in routing.values()) == 24
+    # the winner is the candidate with the lower CE, row by row
+    pivot = pq.read_table(cfg.stage_dir("collect", "pivot")).to_pylist()
+    aligned = pq.read_table(cfg.stage_dir("align", "gpt")).to_pylist()
+    fused = pq.read_table(cfg.stage_dir("fuse", "gpt")).to_pylist()
+    for p, a, f in zip(pivot, aligned, fused):
+        pivot_ce = p["nll_sum"] / sum(p["loss_mask"])
+        assert f["weights"] == ([1.0, 0.0] if pivot_ce <= a["source_ce"] else [0.0, 1.0])
+        chosen = p if f["weights"][0] else None
+        if chosen is None:
+            assert f["topk_ids"] == a["topk_ids"]
+
+
+def test_multi_mode_with_avg_ce(run, tmp_path):
+    cfg = run["cfg"]
+    multi = cfg.model_copy(deep=True)
+    multi.fuse.mode, multi.fuse.strategy = "multi", "avg_ce"
+    result = fuse.run(multi, log=QUIET)
+    (pair,) = result["pairs"]
+    assert pair == "gpt+mis+twin"
+    table = pq.read_table(multi.stage_dir("fuse", pair))
+    weights = np.array(table.column("weights").to_pylist())
+    assert weights.shape == (24, 4) and np.allclose(weights.sum(1), 1, atol=1e-6)
+    assert weights.min() > 0.2, "AvgCE weights are nearly uniform"
+    probs = [np.exp(np.array(lp, np.float64)).sum(1) for lp in table.column("topk_logprobs").to_pylist()]
+    assert max(p.max() for p in probs) <= 1 + 2e-3
+
+
+def test_reruns_are_skipped_and_the_map_is_cached(run):
+    cfg = run["cfg"]
+    assert {s: r["status"] for s, r in align.run(cfg, log=QUIET)["sources"].items()} == \
+        {"gpt": "skipped", "mis": "skipped", "twin": "skipped"}
+    from fusion_ray.demo.assets import cache_root
+
+    assert list((cache_root() / "vocab_maps").glob("statistics-*.npy"))
+
+
+def test_mismatched_rows_fail_naming_sample_and_file(run, tmp_path):
+    cfg = run["cfg"]
+    bad = cfg.model_copy(deep=True)
+    bad.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.workdir, bad.workdir)
+    shard = f"{bad.stage_dir('collect', 'gpt')}/part-00000.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.take(list(range(table.num_rows))[::-1]), shard)  # rows out of order
+    with pytest.raises(align.ShardMismatch, match=r"sample 'computing-9' in .*logits/gpt/part-00000.parquet \(row 0\)"):
+        align.align_source(bad, bad.sources[0], force=True, log=QUIET)
+
+
+def test_sources_collected_from_different_texts_are_refused(run, tmp_path):
+    import json
+
+    cfg = run["cfg"]
+    bad = cfg.model_copy(deep=True)
+    bad.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.workdir, bad.workdir)
+    path = f"{bad.stage_dir('collect', 'mis')}/_manifest.json"
+    manifest = json.loads(open(path).read())
+    manifest["inputs"]["prepared"] = "another-corpus"
+    open(path, "w").write(json.dumps(manifest))
+    with pytest.raises(align.ShardMismatch, match="collected from different prepared texts"):
+        align.align_source(bad, bad.sources[1], force=True, log=QUIET)
