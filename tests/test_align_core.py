@@ -145,7 +145,7 @@ def test_dtw_is_used_only_where_offsets_do_not_meet():
         return [[0], [0], [1]]  # pivot tokens 0,1 ← source 0; pivot 2 ← source 1
 
     good, method = project.align_positions(np.array([2, 4, 6]), np.array([4, 6]), 6, dtw)
-    assert method == "offsets" and not calls and good.tolist() == [-1, 1]
+    assert method == "offsets" and not calls and good.tolist() == [-1, 0]
     bad, method = project.align_positions(np.array([2, 4, 6]), np.array([4, 7]), 6, dtw)
     assert method == "dtw" and calls == [1] and bad.tolist() == [-1, 0]
     none, method = project.align_positions(np.array([2, 4, 6]), np.array([4, 7]), 6, None)
