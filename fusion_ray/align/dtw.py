@@ -95,6 +95,16 @@ def dtw_align(
     return (mapping, total) if return_cost else mapping
 
 
+def levenshtein_reference(a: str, b: str) -> int:
+    """Plain-Python edit distance (insert, delete, substitute: cost 1 each)."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def dtw_align_reference(source_tokens, pivot_tokens, *, source_marker="Ġ", pivot_marker="▁",
                         tie_break: TieBreak = "fusechat2"):
     """The plain-Python DTW, straight from DESIGN §4.2 (slow; for tests and benchmarks).
@@ -108,7 +118,7 @@ def dtw_align_reference(source_tokens, pivot_tokens, *, source_marker="Ġ", pivo
     d[0][0] = 0.0
     for i in range(n):
         for j in range(m):
-            d[i + 1][j + 1] = Levenshtein.distance(s[i], p[j]) + min(d[i][j + 1], d[i + 1][j], d[i][j])
+            d[i + 1][j + 1] = levenshtein_reference(s[i], p[j]) + min(d[i][j + 1], d[i + 1][j], d[i][j])
     pairs, i, j = [], n, m
     while True:
         pairs.append((i - 1, j - 1))

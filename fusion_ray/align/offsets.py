@@ -12,6 +12,7 @@ character): only the last of them closes a boundary.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def closing(ends: np.ndarray) -> np.ndarray:
@@ -43,16 +44,35 @@ def groups(pivot_ends: np.ndarray, source_ends: np.ndarray) -> tuple[np.ndarray,
     return np.searchsorted(shared, p, side="left"), np.searchsorted(shared, s, side="left")
 
 
+@njit(cache=True)
+def _walk(p: np.ndarray, s: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    n, m = len(p), len(s)
+    out = np.full(n, -1, np.int64)
+    i = j = start_i = start_j = 0
+    while i < n and j < m:
+        while i + 1 < n and p[i + 1] == p[i]:  # only the last token ending here closes
+            i += 1
+        while j + 1 < m and s[j + 1] == s[j]:
+            j += 1
+        if p[i] == s[j]:  # a shared boundary closes the group
+            if i == start_i and j == start_j:
+                out[i] = j
+            i, j = i + 1, j + 1
+            start_i, start_j = i, j
+        elif p[i] < s[j]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def one_to_one(pivot_ends: np.ndarray, source_ends: np.ndarray) -> np.ndarray:
-    """[n] for each pivot token, the source token covering exactly the same span, or -1."""
-    pg, sg = groups(pivot_ends, source_ends)
-    n_groups = int(max(pg.max(initial=-1), sg.max(initial=-1))) + 1
-    p_count = np.bincount(pg, minlength=n_groups)
-    s_count = np.bincount(sg, minlength=n_groups)
-    s_first = np.full(n_groups, -1)
-    s_first[sg[::-1]] = np.arange(len(sg))[::-1]  # first source token of each group
-    single = (p_count[pg] == 1) & (s_count[pg] == 1)
-    return np.where(single, s_first[pg], -1)
+    """[n] for each pivot token, the source token covering exactly the same span, or -1.
+
+    One compiled linear walk over both sequences (the groups of `groups`, without
+    materialising them).
+    """
+    return _walk(np.asarray(pivot_ends, dtype=np.int64), np.asarray(source_ends, dtype=np.int64))
 
 
 def pivot_to_source(pivot_ends: np.ndarray, source_ends: np.ndarray) -> list[list[int]]:
