@@ -32,7 +32,7 @@ def load_pairs(n: int):
         source = AutoTokenizer.from_pretrained(assets.resolve(f"demo:{source_name}"))
         corpus = "computing_train" if source_name.endswith("computing") else "english_train"
         with open(assets.asset_path(corpus)) as fh:
-            for line, _ in zip(fh, range(n // 2)):
+            for line, _ in zip(fh, range(n // 2), strict=False):
                 text = pivot.apply_chat_template(json.loads(line)["messages"], tokenize=False)
                 enc = [t(text, return_offsets_mapping=True) for t in (pivot, source)]
                 pairs.append({

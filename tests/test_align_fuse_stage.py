@@ -5,13 +5,13 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
 from fusion_ray.align import pipeline as align
 from fusion_ray.collect import pipeline as collect
 from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
-from helpers import chat_rows, make_config, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731

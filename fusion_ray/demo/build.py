@@ -84,8 +84,14 @@ def build_model_once(spec: DemoSpec, model: TinyModel, rows: dict, out_root: Pat
 
 def make_model(model: TinyModel, tokenizer):
     """A freshly initialised transformers causal LM of the model's architecture."""
-    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
-from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.align.pipeline import ShardMismatch, read_shard
 from fusion_ray.align.project import stored_rows
+from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.fuse.strategies import STRATEGIES, mix, score
 
