@@ -138,3 +138,19 @@ def test_sources_collected_from_different_texts_are_refused(run, tmp_path):
     open(path, "w").write(json.dumps(manifest))
     with pytest.raises(align.ShardMismatch, match="collected from different prepared texts"):
         align.align_source(bad, bad.sources[1], force=True, log=QUIET)
+
+
+def test_storing_scored_positions_only_gives_the_same_teacher(run, tmp_path):
+    cfg = run["cfg"]
+    lean = cfg.model_copy(deep=True)
+    lean.workdir = str(tmp_path / "lean")
+    lean.collect.scored_only = True
+    lean.sources = [s for s in lean.sources if s.name == "gpt"]
+    for stage in (prepare, collect, align, fuse):
+        stage.run(lean, log=QUIET)
+    full_rows = pq.read_table(cfg.stage_dir("collect", "gpt")).to_pylist()
+    lean_rows = pq.read_table(lean.stage_dir("collect", "gpt")).to_pylist()
+    assert sum(len(r["topk_ids"]) for r in lean_rows) < sum(len(r["topk_ids"]) for r in full_rows)
+    a, b = pq.read_table(cfg.stage_dir("fuse", "gpt")), pq.read_table(lean.stage_dir("fuse", "gpt"))
+    for col in ("sample_id", "topk_ids", "topk_logprobs", "transferred", "weights"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
