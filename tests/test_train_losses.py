@@ -1,0 +1,76 @@
+"""Sparse fusion loss: equal to the dense computation when k = V, masked, differentiable."""
+
+import pytest
+import torch
+
+from fusion_ray.train.losses import clm_loss, combined_loss, fusion_loss
+
+
+def _dense_ce(logits, teacher_logp, temperature=1.0):
+    q = torch.softmax(teacher_logp / temperature, -1)
+    return -(q * torch.log_softmax(logits / temperature, -1)).sum(-1).mean()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_equals_dense_when_k_is_the_vocab(tail, temperature):
+    torch.manual_seed(0)
+    n, v = 7, 11
+    logits, teacher = torch.randn(n, v), torch.log_softmax(torch.randn(n, v), -1)
+    ids = torch.argsort(teacher, -1, descending=True)  # k = V, shuffled into top-k order
+    got = fusion_loss(logits, ids, teacher.gather(-1, ids), tail=tail, temperature=temperature)
+    assert got.item() == pytest.approx(_dense_ce(logits, teacher, temperature).item(), rel=1e-5)
+
+
+def test_bucket_keeps_the_tail_and_renormalize_drops_it():
+    torch.manual_seed(1)
+    n, v, k = 5, 40, 4
+    logits, teacher = torch.randn(n, v), torch.log_softmax(torch.randn(n, v) * 2, -1)
+    top = torch.topk(teacher, k)
+    bucket = fusion_loss(logits, top.indices, top.values, tail="bucket")
+    # dense reference of the bucket: the k ids plus one merged "rest" class
+    p = torch.softmax(logits, -1)
+    p_top, q_top = p.gather(-1, top.indices), top.values.exp()
+    want = -(q_top * p_top.log()).sum(-1) - (1 - q_top.sum(-1)) * (1 - p_top.sum(-1)).log()
+    assert bucket.item() == pytest.approx(want.mean().item(), rel=1e-5)
+    renorm = fusion_loss(logits, top.indices, top.values, tail="renormalize")
+    q = top.values.softmax(-1)
+    assert renorm.item() == pytest.approx(-(q * torch.log_softmax(logits, -1).gather(-1, top.indices))
+                                          .sum(-1).mean().item(), rel=1e-5)
+
+
+def test_padding_entries_carry_no_weight():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 9)
+    ids = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 6]])
+    lp = torch.tensor([[-0.5, -1.5, -float("inf")], [-0.1, -float("inf"), -float("inf")], [-1.0, -1.2, -2.0]])
+    padded = fusion_loss(logits, ids, lp)
+    changed = fusion_loss(logits, torch.where(torch.isinf(lp), 7, ids), lp)
+    assert torch.isfinite(padded) and padded.item() == pytest.approx(changed.item(), rel=1e-6)
+
+
+def test_zero_mask_gives_zero_loss_and_gradients_flow():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 6, 13, requires_grad=True)
+    ids = torch.randint(0, 13, (2, 6))
+    none = combined_loss(logits, ids, torch.zeros(2, 5, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.long),
+                         torch.zeros(0, 3), lambda_clm=0.9)
+    assert none["loss"].item() == 0.0
+    mask = torch.rand(2, 5) > 0.4
+    n = int(mask.sum())
+    teacher = torch.log_softmax(torch.randn(n, 13), -1).topk(3)
+    out = combined_loss(logits, ids, mask, teacher.indices, teacher.values, lambda_clm=0.9)
+    out["loss"].backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert logits.grad[:, -1].abs().sum() == 0, "the last position predicts nothing"
+
+
+def test_lambda_one_is_plain_clm():
+    torch.manual_seed(4)
+    logits, ids = torch.randn(2, 6, 13), torch.randint(0, 13, (2, 6))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    teacher = torch.log_softmax(torch.randn(10, 13), -1).topk(3)
+    out = combined_loss(logits, ids, mask, teacher.indices, teacher.values, lambda_clm=1.0)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1))
+    assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert clm_loss(logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1)).item() == pytest.approx(want.item())
