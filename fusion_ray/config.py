@@ -171,6 +171,7 @@ class TrainConfig(Strict):
     bf16: bool = True
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
+    report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)
     max_failures: int = Field(1, ge=0)
     clm_only_arm: bool = False
 

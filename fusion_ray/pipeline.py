@@ -19,7 +19,7 @@ STAGE_RUNNERS: dict[str, str | None] = {
     "collect": "fusion_ray.collect.pipeline:run",
     "align": "fusion_ray.align.pipeline:run",
     "fuse": "fusion_ray.fuse.pipeline:run",
-    "train": None,
+    "train": "fusion_ray.train.trainer:run",
     "merge": None,
     "eval": None,
     "serve": None,

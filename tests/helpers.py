@@ -28,13 +28,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], train: list[Path], **sections) -> FusionConfig:
+def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], corpora: list[Path], **sections) -> FusionConfig:
     """A valid config over local tiny models; `sections` override whole config sections."""
     data = {
         "name": "test", "workdir": str(workdir),
         "pivot": {"name": "pivot", "path": str(pivot), "dtype": "float32"},
         "sources": [{"name": n, "path": str(p), "dtype": "float32"} for n, p in sources.items()],
-        "data": {"train": [{"path": str(p)} for p in train], "max_length": 128},
+        "data": {"train": [{"path": str(p)} for p in corpora], "max_length": 128},
         "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "shard_rows": 10,
                     "num_cpus_per_actor": 0.5, "dtype": "float32"},
         "ray": {"num_cpus": 4},

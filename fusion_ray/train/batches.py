@@ -5,7 +5,7 @@ teacher entries of their scored positions in row-major order of the loss mask, w
 is the order `losses.combined_loss` reads them in:
 
     input_ids [B, L] · attention_mask [B, L] · loss_mask [B, L-1]
-    topk_ids [N, k] · topk_logprobs [N, k]        (N = loss_mask.sum())
+    topk_ids [N, k] · topk_logprobs [N, k] · transferred [N]   (N = loss_mask.sum())
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def collate(rows: Sequence[dict], pad_id: int, max_length: int | None = None) ->
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attn = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width - 1), dtype=bool)
-    teacher_ids, teacher_lp = [], []
+    teacher_ids, teacher_lp, reached = [], [], []
     for b, (row, n) in enumerate(zip(rows, lengths, strict=True)):
         ids[b, :n] = row["input_ids"][:n]
         attn[b, :n] = 1
@@ -38,9 +38,11 @@ def collate(rows: Sequence[dict], pad_id: int, max_length: int | None = None) ->
         kept = int(row_mask.sum())  # scored positions inside the cut, in order
         teacher_ids.append(np.asarray(row["topk_ids"])[:kept])
         teacher_lp.append(np.asarray(row["topk_logprobs"], dtype=np.float32)[:kept])
+        reached.append(np.asarray(row.get("transferred", np.zeros(kept, bool)), dtype=bool)[:kept])
     return {
         "input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
         "loss_mask": torch.from_numpy(mask),
         "topk_ids": torch.from_numpy(np.concatenate(teacher_ids).astype(np.int64)),
         "topk_logprobs": torch.from_numpy(np.concatenate(teacher_lp)),
+        "transferred": torch.from_numpy(np.concatenate(reached)),  # [N] a source reached it
     }

@@ -1,0 +1,98 @@
+"""The `train` stage: one Ray Train `TorchTrainer` run per fused dataset (and the CLM-only arm).
+
+Pairwise fusion gives one target per source (FuseChat); `train.clm_only_arm` adds the
+same pivot trained on the same rows, steps and seed with λ = 1, so the report can
+show what fusion adds. Each run streams the fused Parquet through Ray Data shards,
+checkpoints through `ray.train.report` under `<workdir>/_ray_train/` and restarts
+from the latest checkpoint after a worker failure (`train.max_failures`). The final
+checkpoint becomes `targets/<arm>/`: an HF model dir with the pivot's tokenizer and
+chat template, plus `train_log.jsonl`.
+
+Strategies: `ddp` (gloo on CPU, NCCL on GPU). `deepspeed` is not built yet and fails
+before any work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from fusion_ray import io
+from fusion_ray.config import FusionConfig
+from fusion_ray.demo.assets import resolve as resolve_demo
+from fusion_ray.pipeline import StageNotBuilt
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
+    """(target name, arm, fused dataset it reads): one per pair, plus the CLM-only arm."""
+    out = [(pair, "fused", pair) for _, pair in cfg.pairs()]
+    if cfg.train.clm_only_arm:
+        out.append(("clm_only", "clm_only", out[0][2]))
+    return out
+
+
+def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False, log=print) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fusion_ray.train.loop import train_loop_per_worker
+
+    fused_dir = cfg.stage_dir("fuse", dataset)
+    manifest = io.read_manifest(fused_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished fuse stage at {fused_dir}: run `fuse` first")
+    out_dir = cfg.stage_dir("train", name)
+    pivot = resolve_demo(cfg.pivot.path)
+    fp = io.fingerprint("train", arm, cfg.to_dict()["train"], cfg.data.max_length, manifest["fingerprint"],
+                        io.hash_location(pivot))
+    if not force and io.is_done(out_dir, fp):
+        return {"status": "skipped", "dir": out_dir}
+    started = time.monotonic()
+    out = io.StageOutput(out_dir, fp)
+    t = cfg.train
+    Path(out.path("train_log.jsonl")).unlink(missing_ok=True)
+    storage = os.path.abspath(f"{cfg.workdir}/_ray_train") if io.is_local(cfg.workdir) else f"{cfg.workdir}/_ray_train"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "arm": arm, "rows": manifest["rows"]["out"],
+                           "log_path": os.path.abspath(out.path("train_log.jsonl"))},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ray.data.read_parquet(io.list_files(fused_dir))},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        for item in Path(ckpt).iterdir():
+            if item.name != "train_state.pt":
+                shutil.copy2(item, out.path(item.name))
+    for name_ in TOKENIZER_FILES:
+        if (Path(pivot) / name_).exists():
+            shutil.copy2(Path(pivot) / name_, out.path(name_))
+    out.commit(io.Manifest(stage="train", fingerprint=fp, config_hash=cfg.config_hash(),
+                           inputs={"fused": manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
+                           extra={"arm": arm, "dataset": dataset, "metrics": result.metrics,
+                                  "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm},
+                           wall_time_s=time.monotonic() - started), config=cfg.to_dict())
+    log(f"[train] {name}: {result.metrics}")
+    return {"status": "done", "dir": out_dir, "metrics": result.metrics}
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+    """Train one target per fused dataset (and the CLM-only arm when enabled)."""
+    from fusion_ray.ray_env import init_ray
+
+    if cfg.train.strategy == "deepspeed":
+        raise StageNotBuilt("train.strategy=deepspeed is not built yet; use train.strategy=ddp")
+    init_ray(cfg.ray)
+    return {"status": "done",
+            "targets": {name: train_arm(cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}}
