@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
 from fusion_ray.align import pipeline as align
@@ -11,7 +12,6 @@ from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
 from fusion_ray.pipeline import StageNotBuilt
 from fusion_ray.train import trainer
-from helpers import chat_rows, make_config, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 QUIET = lambda *_: None  # noqa: E731
