@@ -75,3 +75,20 @@ def test_deepspeed_strategy_fails_clearly_before_work(trained):
     ds.train.strategy = "deepspeed"
     with pytest.raises(StageNotBuilt, match="deepspeed is not built yet"):
         trainer.run(ds, log=QUIET)
+
+
+def test_fused_data_for_another_vocabulary_fails_naming_both_sizes(trained, tmp_path):
+    import shutil
+
+    cfg, _ = trained
+    bad = cfg.model_copy(deep=True)
+    bad.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.stage_dir("fuse", "gpt"), bad.stage_dir("fuse", "gpt"))
+    path = f"{bad.stage_dir('fuse', 'gpt')}/_manifest.json"
+    manifest = json.loads(open(path).read())
+    assert manifest["extra"]["pivot_vocab"] == 515
+    manifest["extra"]["pivot_vocab"] = 32000
+    open(path, "w").write(json.dumps(manifest))
+    with pytest.raises(ValueError, match="pivot vocabulary of 32000 tokens, but the model .* embedding of 515"):
+        trainer.train_arm(bad, "gpt", "fused", "gpt", log=QUIET)
+    assert not (tmp_path / "w" / "targets").exists()

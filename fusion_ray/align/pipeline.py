@@ -242,6 +242,7 @@ def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=
     totals = shard_stats([out.path(Path(s).name) for s in shards])
     fraction = totals["transferred"] / max(totals["positions"], 1)
     extra = {"source": source.name, "vocab_map": cfg.align.vocab_map, "fallback": cfg.align.fallback,
+             "pivot_vocab": len(load_tokenizer(cfg.pivot)),
              "transferred_fraction": round(fraction, 4), "mapped_source_ids": int((vmap >= 0).sum()),
              "alignment": {k: totals[k] for k in ("offsets", "dtw", "none")}, "resumed_shards": len(shards) - len(todo)}
     out.commit(io.Manifest(stage="align", fingerprint=fp, config_hash=cfg.config_hash(), inputs=inputs,

@@ -117,7 +117,8 @@ def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> d
     out.commit(io.Manifest(stage="fuse", fingerprint=fp, config_hash=cfg.config_hash(), inputs=inputs,
                            rows={"in": n_rows, "out": n_rows},
                            extra={"pair": pair, "candidates": ["pivot"] + sources, "strategy": cfg.fuse.strategy,
-                                  "metric": cfg.fuse.metric, "routing": stats},
+                                  "metric": cfg.fuse.metric, "routing": stats,
+                                  "pivot_vocab": manifests[sources[0]]["extra"].get("pivot_vocab")},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[fuse] {pair}: {n_rows} rows; routing {({d: s['wins'] for d, s in stats.items()})}")
     return {"status": "done", "dir": out_dir, "routing": stats}

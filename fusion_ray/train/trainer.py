@@ -9,7 +9,9 @@ checkpoint becomes `targets/<arm>/`: an HF model dir with the pivot's tokenizer 
 chat template, plus `train_log.jsonl`.
 
 Strategies: `ddp` (gloo on CPU, NCCL on GPU). `deepspeed` is not built yet and fails
-before any work.
+before any work. A fused dataset built for another pivot vocabulary fails before work,
+naming both sizes; each run's checkpoints live under a name carrying its fingerprint,
+so a checkpoint of another config is never resumed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 from fusion_ray import io
-from fusion_ray.config import FusionConfig
+from fusion_ray.config import FusionConfig, local_vocab_size
 from fusion_ray.demo.assets import resolve as resolve_demo
 from fusion_ray.pipeline import StageNotBuilt
 
@@ -36,6 +38,14 @@ def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
     return out
 
 
+def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
+    """The fused teacher's pivot vocabulary must fit the model's embedding."""
+    vocab, embedding = manifest["extra"].get("pivot_vocab"), local_vocab_size(pivot)
+    if vocab is not None and embedding is not None and vocab > embedding:
+        raise ValueError(f"{fused_dir} was built for a pivot vocabulary of {vocab} tokens, but the model at "
+                         f"{pivot} has an embedding of {embedding}: they do not match")
+
+
 def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False, log=print) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -49,6 +59,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
         raise FileNotFoundError(f"no finished fuse stage at {fused_dir}: run `fuse` first")
     out_dir = cfg.stage_dir("train", name)
     pivot = resolve_demo(cfg.pivot.path)
+    check_vocab(fused_dir, manifest, pivot)
     fp = io.fingerprint("train", arm, cfg.to_dict()["train"], cfg.data.max_length, manifest["fingerprint"],
                         io.hash_location(pivot))
     if not force and io.is_done(out_dir, fp):
