@@ -130,7 +130,5 @@ class VLLMEngine:
         return [topk_lib.from_vllm(o.prompt_logprobs, s, k) for o, s in zip(outputs, seqs, strict=True)]
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown:
-            shutdown()
+        """Stop the engine core (its worker, sockets and shared memory)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -138,7 +138,3 @@ def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
             (root / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
     return root
 
-
-def build_summary(spec: DemoSpec = DEFAULT_SPEC) -> dict | None:
-    path = assets_dir(spec) / "build.json"
-    return json.loads(path.read_text()) if path.exists() else None
