@@ -160,6 +160,9 @@ class TrainConfig(Strict):
     lambda_clm: float = Field(0.9, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
+    # positions that get the fusion term: every scored one (FuseChat), or only those a
+    # source's distribution reached (elsewhere the teacher is the pivot's own fallback)
+    fusion_positions: Literal["all", "transferred"] = "all"
     lr: float = Field(5e-6, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -174,6 +177,7 @@ class TrainConfig(Strict):
     report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)
     max_failures: int = Field(1, ge=0)
     clm_only_arm: bool = False
+    resume_from: str | None = None  # a checkpoint dir of an earlier run of this config
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -211,6 +215,7 @@ class MergeConfig(Strict):
 class EvalConfig(Strict):
     max_rows_per_domain: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
+    num_cpus: float = Field(1, gt=0)  # per arm-scoring Ray task
     judge_url: str | None = None  # optional OpenAI-compatible judge endpoint
     judge_model: str | None = None
 

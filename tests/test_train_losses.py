@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusion_ray.train.losses import clm_loss, combined_loss, fusion_loss
+from fusion_ray.train.losses import clm_loss, combined_loss, combined_loss_reference, fusion_loss
 
 
 def _dense_ce(logits, teacher_logp, temperature=1.0):
@@ -74,3 +74,33 @@ def test_lambda_one_is_plain_clm():
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1))
     assert out["loss"].item() == pytest.approx(want.item(), rel=1e-6)
     assert clm_loss(logits[:, :-1].reshape(-1, 13), ids[:, 1:].reshape(-1)).item() == pytest.approx(want.item())
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("temperature, lam", [(1.0, 0.5), (2.0, 0.8), (0.7, 0.0), (1.0, 1.0)])
+@pytest.mark.parametrize("chunk, inplace, masked", [(1024, False, False), (3, False, True), (4, True, False),
+                                                    (5, True, True)])
+def test_chunked_loss_equals_the_reference_in_value_and_gradient(tail, temperature, lam, chunk, inplace, masked):
+    torch.manual_seed(5)
+    b, length, v, k = 3, 9, 17, 4
+    base = torch.randn(b, length, v) * 2
+    ids = torch.randint(0, v, (b, length))
+    mask = torch.rand(b, length - 1) > 0.3
+    n = int(mask.sum())
+    teacher = torch.log_softmax(torch.randn(n, v) * 3, -1).topk(k)
+    lp = teacher.values.clone()
+    lp[::3, -1] = -float("inf")  # padding entries
+    lp[1, :] = torch.log(torch.tensor([0.6, 0.3, 0.0999, 0.0001]))  # a tail of ~0: the bucket's clamp
+    args = (ids, mask, teacher.indices, lp)
+    kw = {"lambda_clm": lam, "tail": tail, "temperature": temperature,
+          "fusion_mask": torch.rand(n) > 0.5 if masked else None}
+    ref_logits = base.clone().requires_grad_(True)
+    want = combined_loss_reference(ref_logits, *args, **kw)
+    want["loss"].backward()
+    leaf = base.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a fresh non-leaf tensor, as a model's output is (in-place needs that)
+    got = combined_loss(logits, *args, chunk=chunk, inplace=inplace, **kw)
+    (got["loss"] * 2.0).backward()  # the upstream gradient is honoured
+    for key in ("loss", "clm", "fusion"):
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(leaf.grad, 2.0 * ref_logits.grad, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,11 @@
-"""The train stage: Ray Train DDP on gloo, one target per source plus the CLM-only arm."""
+"""The train stage: Ray Train with DDP and DeepSpeed ZeRO on gloo, one target per source plus the CLM-only arm."""
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from helpers import chat_rows, make_config, write_jsonl
@@ -10,25 +15,49 @@ from fusion_ray.align import pipeline as align
 from fusion_ray.collect import pipeline as collect
 from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
-from fusion_ray.pipeline import StageNotBuilt
 from fusion_ray.train import trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 QUIET = lambda *_: None  # noqa: E731
 
 
+TRAIN = {"strategy": "ddp", "num_workers": 2, "cpus_per_worker": 0.5, "global_batch_size": 8,
+         "micro_batch_size": 2, "max_steps": 4, "checkpoint_every": 2, "lr": 1e-3,
+         "lambda_clm": 0.5, "clm_only_arm": True, "bf16": False}
+
+
 @pytest.fixture(scope="module")
-def trained(tiny_models, tmp_path_factory, ray_local):
+def fused(tiny_models, tmp_path_factory, ray_local):
+    """One fused dataset (prepare → collect → align → fuse) shared by every training run here."""
     tmp = tmp_path_factory.mktemp("train")
     corpus = write_jsonl(tmp / "c.jsonl", chat_rows(32))
     cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")}, [corpus],
-                      train={"strategy": "ddp", "num_workers": 2, "cpus_per_worker": 0.5, "global_batch_size": 8,
-                             "micro_batch_size": 2, "max_steps": 4, "checkpoint_every": 2, "lr": 1e-3,
-                             "lambda_clm": 0.5, "clm_only_arm": True, "bf16": False})
+                      train=TRAIN)
     for stage in (prepare, collect, align, fuse):
         stage.run(cfg, log=QUIET)
-    result = trainer.run(cfg, log=QUIET)
-    return cfg, result
+    return cfg
+
+
+def variant(cfg, workdir: Path, **train):
+    """The same fused data under another workdir, with train settings changed."""
+    import shutil
+
+    out = cfg.model_copy(deep=True)
+    out.workdir = str(workdir)
+    for key, value in train.items():
+        setattr(out.train, key, value)
+    for name in ("gpt",):
+        shutil.copytree(cfg.stage_dir("fuse", name), out.stage_dir("fuse", name))
+    return out
+
+
+def steps_logged(path) -> list[dict]:
+    return [r for r in map(json.loads, open(path)) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def trained(fused):
+    return fused, trainer.run(fused, log=QUIET)
 
 
 def test_targets_are_hf_chat_models_that_moved_from_the_pivot(trained):
@@ -56,7 +85,7 @@ def test_metrics_log_and_manifest(trained):
     clm = io.read_manifest(cfg.stage_dir("train", "clm_only"))
     assert fused["extra"]["metrics"]["step"] == 4 and fused["extra"]["lambda_clm"] == 0.5
     assert clm["extra"]["lambda_clm"] == 1.0 and clm["extra"]["metrics"]["fusion"] == 0.0
-    log = [json.loads(line) for line in open(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")]
+    log = steps_logged(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["fusion"] > 0 and 0 <= r["transferred"] <= 1 and r["tokens_per_s"] > 0 for r in log)
     lrs = [r["lr"] for r in log]
@@ -69,12 +98,70 @@ def test_finished_targets_are_skipped(trained):
     assert statuses == {"gpt": "skipped", "clm_only": "skipped"}
 
 
-def test_deepspeed_strategy_fails_clearly_before_work(trained):
-    cfg, _ = trained
-    ds = cfg.model_copy(deep=True)
-    ds.train.strategy = "deepspeed"
-    with pytest.raises(StageNotBuilt, match="deepspeed is not built yet"):
-        trainer.run(ds, log=QUIET)
+@pytest.mark.parametrize("zero_stage, bf16, offload", [(2, True, False), (3, False, True)])
+def test_deepspeed_zero_on_gloo_trains_a_loadable_target(fused, tmp_path, zero_stage, bf16, offload):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", zero_stage=zero_stage, bf16=bf16,
+                  offload_optimizer=offload, clm_only_arm=False)
+    result = trainer.run(cfg, log=QUIET)
+    path = cfg.stage_dir("train", "gpt")
+    assert result["targets"]["gpt"]["status"] == "done"
+    manifest = io.read_manifest(path)
+    assert manifest["extra"]["strategy"] == "deepspeed" and manifest["extra"]["metrics"]["step"] == 4
+    log = steps_logged(f"{path}/train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["strategy"] == "deepspeed" for r in log)
+    assert all(r["fusion"] > 0 and torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    # Every rank's ZeRO partition went into the Ray checkpoint (2 workers → 2 optimizer shards).
+    shards = list(Path(manifest["extra"]["checkpoint"]).glob("ds/ds/*optim_states.pt"))
+    assert len(shards) == 2, shards
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    assert next(model.parameters()).dtype == torch.float32, "the target holds the float32 master weights"
+    pivot = AutoModelForCausalLM.from_pretrained(cfg.pivot.path)
+    moved = sum((a - b).abs().sum() for a, b in zip(model.parameters(), pivot.parameters()))
+    assert moved > 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_killed_worker_resumes_from_the_last_checkpoint(fused, tmp_path, strategy):
+    import psutil
+
+    cfg = variant(fused, tmp_path / "w", strategy=strategy, max_steps=6, checkpoint_every=2, max_failures=1,
+                  clm_only_arm=False)
+    storage = Path(cfg.workdir) / "_ray_train"
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if list(storage.glob("*/checkpoint_manager_snapshot.json")):  # Ray Train registered a checkpoint
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed["pid"] = proc.pid
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    result = trainer.run(cfg, log=QUIET)
+    thread.join()
+    assert "pid" in killed, "no worker was killed"
+    assert result["targets"]["gpt"]["metrics"]["step"] == 6
+    lines = [json.loads(line) for line in open(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")]
+    restarts = [r for r in lines if r.get("event") == "restarted"]
+    assert len(restarts) == 1 and restarts[0]["step"] in (2, 4) and restarts[0]["checkpoint"], lines
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6], "each step logged once"
+
+
+def test_checkpoint_of_another_config_is_refused_naming_both_hashes(trained, tmp_path):
+    cfg, result = trained
+    checkpoint = io.read_manifest(cfg.stage_dir("train", "gpt"))["extra"]["checkpoint"]
+    other = variant(cfg, tmp_path / "w", lr=5e-4, resume_from=checkpoint, clm_only_arm=False)
+    with pytest.raises(ValueError, match=r"config hash \w+, but this run's config hash is \w+"):
+        trainer.run(other, log=QUIET)
+    assert not Path(other.stage_dir("train", "gpt")).exists()
 
 
 def test_fused_data_for_another_vocabulary_fails_naming_both_sizes(trained, tmp_path):

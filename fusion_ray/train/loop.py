@@ -1,13 +1,16 @@
 """The per-worker training loop that Ray Train runs (`train_loop_per_worker`).
 
-Each worker loads the pivot, wraps it for data parallelism, reads its shard of the
-fused dataset, and optimises λ·CLM + (1−λ)·fusion (or CLM alone for the `clm_only`
-arm) with AdamW, cosine schedule with warmup, gradient accumulation derived from
-the config and clipping. Every step's metrics go to `train_log.jsonl` (rank 0); every
-`report_every` steps they go to Ray too (a report synchronises the workers, ≈2 s on
-this 2-core machine); every `checkpoint_every` optimizer steps (and at the end) rank 0
-writes a checkpoint (model, optimizer, scheduler, step) through `ray.train.report`,
-from which a restarted run resumes.
+Each worker loads the pivot, wraps it with the configured strategy (`ddp`, or
+`deepspeed` ZeRO-2/3, see `strategies.py`), reads its shard of the fused dataset, and
+optimises λ·CLM + (1−λ)·fusion (or CLM alone for the `clm_only` arm; the chunked loss
+writes its gradient over the logits) with AdamW, cosine schedule with warmup, gradient
+accumulation derived from the config and clipping. Every step's metrics go to
+`train_log.jsonl` (rank 0); every `report_every` steps they go to Ray too (a report
+synchronises the workers, ≈2 s on this 2-core machine); every `checkpoint_every`
+optimizer steps (and at the end) the workers write a checkpoint (HF weights, optimizer,
+schedule, step) through `ray.train.report`. A restarted run resumes from it: same step,
+same schedule, the micro-batches consumed before it skipped, the log cut back to the
+checkpoint's step.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from fusion_ray.config import FusionConfig
 from fusion_ray.demo.assets import resolve as resolve_demo
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import combined_loss
-
-STATE = "train_state.pt"
+from fusion_ray.train.strategies import STRATEGIES
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -45,18 +47,12 @@ def total_steps(cfg: FusionConfig, n_rows: int) -> int:
     return cfg.train.max_steps or per_epoch * cfg.train.epochs
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, metrics: dict) -> None:
+def save_checkpoint(strategy, step: int, metrics: dict) -> None:
     import ray.train
 
-    unwrapped = getattr(model, "module", model)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            unwrapped.save_pretrained(tmp)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": step}, os.path.join(tmp, STATE))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        wrote = strategy.save(tmp, step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -65,6 +61,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = FusionConfig.model_validate(config["cfg"])
     t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     lam = 1.0 if config["arm"] == "clm_only" else t.lambda_clm
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
@@ -72,53 +70,60 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
+    steps = total_steps(cfg, config["rows"])
+    strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)
     start = 0
     checkpoint = ray.train.get_checkpoint()
-    state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
-            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-            state = torch.load(os.path.join(ckpt, STATE), weights_only=False)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    steps = total_steps(cfg, config["rows"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, t.warmup_ratio))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+            start = strategy.load(ckpt)
+    if rank == 0 and os.path.exists(config["log_path"]):  # a restart: cut the log back to the checkpoint
+        with open(config["log_path"]) as fh:
+            kept = [line for line in fh if json.loads(line).get("step", 0) <= start]
+        with open(config["log_path"], "w") as fh:
+            fh.writelines(kept)
+            fh.write(json.dumps({"event": "restarted", "step": start,
+                                 "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
     accum = t.grad_accum_steps()
+    skip = start * accum  # micro-batches this worker consumed before the checkpoint
     shard = ray.train.get_dataset_shard("train")
     step, micro, started, tokens, reached, scored = start, 0, time.monotonic(), 0, 0, 0
-    model.train()
+    last = started
+    device = next(strategy.module.parameters()).device
+    strategy.model.train()
     while step < steps:
         for table in shard.iter_batches(batch_size=t.micro_batch_size, batch_format="pyarrow"):
             if step >= steps:
                 break
+            if skip:
+                skip -= 1
+                continue
             batch = collate(rows_of(table), tokenizer.pad_token_id, cfg.data.max_length)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = strategy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
-                                batch["topk_logprobs"], lambda_clm=lam, tail=t.tail, temperature=t.temperature)
-            (out["loss"] / accum).backward()
+                                batch["topk_logprobs"], lambda_clm=lam, tail=t.tail, temperature=t.temperature,
+                                inplace=True,  # nothing reads the logits after the loss
+                                fusion_mask=batch["transferred"] if t.fusion_positions == "transferred" else None)
+            strategy.backward(out["loss"])
             micro += 1
             tokens += int(batch["attention_mask"].sum())
             reached += int(batch["transferred"].sum())
             scored += len(batch["transferred"])
             if micro % accum:
                 continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            strategy.step()
             step += 1
+            now = time.monotonic()
+            step_s, last = now - last, now
             metrics = {"step": step, "loss": out["loss"].item(), "clm": out["clm"].item(),
-                       "fusion": out["fusion"].item(), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": tokens / max(time.monotonic() - started, 1e-9),
+                       "fusion": out["fusion"].item(), "lr": strategy.lr(),
+                       "tokens_per_s": tokens / max(now - started, 1e-9), "step_s": step_s,
                        "transferred": reached / max(scored, 1)}
+            if rank == 0:
+                with open(config["log_path"], "a") as fh:
+                    fh.write(json.dumps({"arm": config["arm"], "strategy": t.strategy, **metrics}) + "\n")
             if step % t.checkpoint_every == 0 or step == steps:
-                save_checkpoint(model, optimizer, scheduler, step, metrics)
+                save_checkpoint(strategy, step, metrics)
             elif step % t.report_every == 0:
                 ray.train.report(metrics)
-            if ray.train.get_context().get_world_rank() == 0:
-                with open(config["log_path"], "a") as fh:
-                    fh.write(json.dumps({"arm": config["arm"], **metrics}) + "\n")

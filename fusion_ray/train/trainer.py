@@ -8,10 +8,11 @@ from the latest checkpoint after a worker failure (`train.max_failures`). The fi
 checkpoint becomes `targets/<arm>/`: an HF model dir with the pivot's tokenizer and
 chat template, plus `train_log.jsonl`.
 
-Strategies: `ddp` (gloo on CPU, NCCL on GPU). `deepspeed` is not built yet and fails
-before any work. A fused dataset built for another pivot vocabulary fails before work,
+Strategies: `deepspeed` (ZeRO-2/3, bf16, optional CPU offload; NCCL on GPU, gloo on
+CPU) and `ddp`. A fused dataset built for another pivot vocabulary fails before work,
 naming both sizes; each run's checkpoints live under a name carrying its fingerprint,
-so a checkpoint of another config is never resumed.
+and `train.resume_from` (a checkpoint of an earlier run) is refused, naming both
+config hashes, when it was written by another config.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from fusion_ray import io
 from fusion_ray.config import FusionConfig, local_vocab_size
 from fusion_ray.demo.assets import resolve as resolve_demo
-from fusion_ray.pipeline import StageNotBuilt
+from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -36,6 +37,12 @@ def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
     if cfg.train.clm_only_arm:
         out.append(("clm_only", "clm_only", out[0][2]))
     return out
+
+
+def result_fields(cfg: FusionConfig) -> dict:
+    """The train settings that change what is trained (not where it resumes or how often it reports)."""
+    return {k: v for k, v in cfg.to_dict()["train"].items()
+            if k not in ("resume_from", "max_failures", "report_every")}
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
@@ -60,7 +67,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     out_dir = cfg.stage_dir("train", name)
     pivot = resolve_demo(cfg.pivot.path)
     check_vocab(fused_dir, manifest, pivot)
-    fp = io.fingerprint("train", arm, cfg.to_dict()["train"], cfg.data.max_length, manifest["fingerprint"],
+    fp = io.fingerprint("train", arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
                         io.hash_location(pivot))
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
@@ -68,11 +75,17 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     out = io.StageOutput(out_dir, fp)
     t = cfg.train
     Path(out.path("train_log.jsonl")).unlink(missing_ok=True)
+    resume = None
+    if t.resume_from:
+        check_meta(t.resume_from, fp, t.strategy, t.num_workers)
+        from ray.train import Checkpoint
+
+        resume = Checkpoint.from_directory(os.path.abspath(t.resume_from))
     storage = os.path.abspath(f"{cfg.workdir}/_ray_train") if io.is_local(cfg.workdir) else f"{cfg.workdir}/_ray_train"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "arm": arm, "rows": manifest["rows"]["out"],
-                           "log_path": os.path.abspath(out.path("train_log.jsonl"))},
+                           "log_path": os.path.abspath(out.path("train_log.jsonl")), "fingerprint": fp},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
@@ -80,11 +93,12 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": ray.data.read_parquet(io.list_files(fused_dir))},
+        resume_from_checkpoint=resume,
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
         for item in Path(ckpt).iterdir():
-            if item.name != "train_state.pt":
+            if item.is_file() and item.name not in (STATE, META):
                 shutil.copy2(item, out.path(item.name))
     for name_ in TOKENIZER_FILES:
         if (Path(pivot) / name_).exists():
@@ -92,7 +106,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     out.commit(io.Manifest(stage="train", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"fused": manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
                            extra={"arm": arm, "dataset": dataset, "metrics": result.metrics,
-                                  "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm},
+                                  "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm,
+                                  "strategy": t.strategy, "checkpoint": result.checkpoint.path},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[train] {name}: {result.metrics}")
     return {"status": "done", "dir": out_dir, "metrics": result.metrics}
@@ -102,8 +117,6 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     """Train one target per fused dataset (and the CLM-only arm when enabled)."""
     from fusion_ray.ray_env import init_ray
 
-    if cfg.train.strategy == "deepspeed":
-        raise StageNotBuilt("train.strategy=deepspeed is not built yet; use train.strategy=ddp")
     init_ray(cfg.ray)
     return {"status": "done",
             "targets": {name: train_arm(cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}}
