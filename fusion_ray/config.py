@@ -216,8 +216,12 @@ class EvalConfig(Strict):
     max_rows_per_domain: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
     num_cpus: float = Field(1, gt=0)  # per arm-scoring Ray task
-    judge_url: str | None = None  # optional OpenAI-compatible judge endpoint
+    judge_url: str | None = None  # optional OpenAI-compatible judge endpoint (…/v1)
     judge_model: str | None = None
+    judge_prompts: str | None = None  # JSONL: {"question": ...} per line (MT-Bench style)
+    judge_api_key_env: str | None = None  # env var holding the judge's key
+    judge_max_new_tokens: int = Field(128, ge=1)
+    judge_arms: list[str] = ["pivot", "clm_only", "merged"]
 
 
 class ServeConfig(Strict):

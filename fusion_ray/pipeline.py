@@ -21,10 +21,64 @@ STAGE_RUNNERS: dict[str, str | None] = {
     "fuse": "fusion_ray.fuse.pipeline:run",
     "train": "fusion_ray.train.trainer:run",
     "merge": None,
-    "eval": None,
+    "eval": "fusion_ray.evaluate.stage:run",
     "serve": None,
 }
 PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys; the pipeline ends with `eval`
+
+
+class MemorySampler:
+    """Peak resident memory of this process plus this machine's Ray worker processes.
+
+    Sampled every `interval` s while a stage runs (on a cluster it sees the head node only).
+    """
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import os
+
+        import psutil
+
+        total = 0
+        for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if proc.info["pid"] == os.getpid() or cmd.startswith("ray::"):
+                total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self._sample())
+            except Exception:  # a process vanished mid-scan: sample again
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def record_stats(cfg: FusionConfig, stage: str, wall_s: float, peak_bytes: int) -> None:
+    """Merge one stage's wall time and peak memory into `<workdir>/_stage_stats.json`."""
+    import json
+
+    from fusion_ray import io
+
+    path = f"{cfg.workdir}/_stage_stats.json"
+    stats = json.loads(io.read_text(path)) if io.exists(path) else {}
+    stats[stage] = {"last_run_wall_s": round(wall_s, 1), "peak_rss_mb": round(peak_bytes / 2**20, 1)}
+    io.write_json_atomic(path, stats)
 
 
 class StageNotBuilt(RuntimeError):
@@ -73,6 +127,10 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
             results[stage] = {"status": "not built"}
             continue
         started = time.monotonic()
-        results[stage] = runner(stage)(cfg, force=force)
-        log(f"[{stage}] {results[stage].get('status', 'done')} in {time.monotonic() - started:.1f}s")
+        with MemorySampler() as mem:
+            results[stage] = runner(stage)(cfg, force=force, log=log)
+        wall = time.monotonic() - started
+        if results[stage].get("status") != "skipped":
+            record_stats(cfg, stage, wall, mem.peak)
+        log(f"[{stage}] {results[stage].get('status', 'done')} in {wall:.1f}s")
     return results

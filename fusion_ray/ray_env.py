@@ -37,6 +37,6 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, **kwargs)
+    else:  # "local": never attach by accident to another cluster running on this machine
+        ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
     return ray

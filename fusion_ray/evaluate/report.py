@@ -1,0 +1,95 @@
+"""Write the evaluation report: `report.json`, `report.md` and `report.png`."""
+
+from __future__ import annotations
+
+import io as _io
+import json
+
+ARM_ORDER = ("source:", "pivot", "clm_only", "fused:", "merged")
+
+
+def _order(arm: str) -> tuple[int, str]:
+    return next(i for i, p in enumerate(ARM_ORDER) if arm.startswith(p) or arm == p), arm
+
+
+def markdown(report: dict) -> str:
+    bpb = report["bpb"]
+    arms = sorted(bpb, key=_order)
+    domains = sorted({d for v in bpb.values() for d in v})
+    lines = [f"# fusion_ray report: {report.get('config', '')}", "",
+             "Held-out bits per UTF-8 byte of the assistant replies (lower is better).", "",
+             "| arm | " + " | ".join(domains) + " | model |", "|---|" + "---:|" * len(domains) + "---|"]
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(f"{bpb[arm].get(d, float('nan')):.4f}" for d in domains)
+                     + f" | `{report['models'].get(arm, '')}` |")
+    clm = bpb.get("clm_only")
+    if clm:
+        lines += ["", "Δ bpb against the CLM-only arm (negative: fusion helps).", "",
+                  "| arm | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+        for arm in arms:
+            if arm.startswith("fused:") or arm == "merged":
+                lines.append(f"| {arm} | " + " | ".join(f"{bpb[arm][d] - clm[d]:+.4f}" for d in domains) + " |")
+    if report.get("source_domain"):
+        lines += ["", "Source specialisations: " + ", ".join(f"{s} → {d}" for s, d in report["source_domain"].items())]
+    for pair, stats in (report.get("routing") or {}).items():
+        if not stats:
+            continue
+        candidates = list(next(iter(stats.values()))["mean_weight"])
+        lines += ["", f"Fuse routing for `{pair}` (share of samples each candidate won, per domain):", "",
+                  "| domain | " + " | ".join(candidates) + " |", "|---|" + "---:|" * len(candidates)]
+        for domain, s in stats.items():
+            total = max(sum(s["wins"].values()), 1)
+            lines.append(f"| {domain} | " + " | ".join(f"{s['wins'].get(c, 0) / total:.1%}" for c in candidates)
+                         + " |")
+    if report.get("stages"):
+        lines += ["", "| stage | wall time (s) | peak memory (MiB) |", "|---|---:|---:|"]
+        for stage, s in report["stages"].items():
+            mem = s.get("peak_rss_mb")
+            lines.append(f"| {stage} | {s.get('wall_time_s', 0):.1f} | {'' if mem is None else f'{mem:.0f}'} |")
+    if report.get("judge"):
+        lines += ["", "Judge scores (1–10, single-answer grading):", "",
+                  "| arm | mean score | answers |", "|---|---:|---:|"]
+        for arm, j in report["judge"].items():
+            lines.append(f"| {arm} | {j['mean']:.2f} | {j['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(report: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bpb = report["bpb"]
+    arms = sorted(bpb, key=_order)
+    domains = sorted({d for v in bpb.values() for d in v})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(arms) * len(domains) / 2, 4), dpi=110)
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [bpb[arm].get(d, 0) for d in domains], width, label=arm)
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    low = min(v for a in bpb.values() for v in a.values())
+    ax.set_ylim(bottom=max(0, low * 0.9))
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"fusion_ray: {report.get('config', '')}")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(report: dict, out) -> None:
+    """Write the three files into a `StageOutput` (atomically, each)."""
+    from fusion_ray import io
+
+    io.write_json_atomic(out.path("report.json"), report)
+    io.write_bytes_atomic(out.path("report.md"), markdown(report).encode())
+    io.write_bytes_atomic(out.path("report.png"), chart(report))
+
+
+def load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,158 @@
+"""The `eval` stage: held-out bits per byte of every arm, per domain, and the report.
+
+Arms (names fixed, the report and its tests rely on them):
+  `source:<name>`  each source model, with its own tokenizer and chat template;
+  `pivot`          the pivot before training;
+  `clm_only`       the pivot trained with λ = 1 (when `train.clm_only_arm`);
+  `fused:<pair>`   each pairwise fused target;
+  `merged`         the merged model (when the merge stage has run).
+Bits per UTF-8 byte of the assistant replies is fair across tokenizers. Each arm is
+scored by one Ray task (`eval.num_cpus` each), so a cluster scores arms in parallel.
+
+Output `report/`: `report.json` (`bpb`, `source_domain`, `models`, plus the fuse stage's
+routing, each stage's wall time and peak memory, and the optional judge scores),
+`report.md` (tables) and `report.png` (bars per domain and arm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from fusion_ray import io
+from fusion_ray.config import FusionConfig
+from fusion_ray.demo.assets import resolve as resolve_demo
+
+
+def arms(cfg: FusionConfig) -> dict[str, str]:
+    """arm → model dir, for every arm whose model exists."""
+    out = {f"source:{s.name}": resolve_demo(s.path) for s in cfg.sources}
+    out["pivot"] = resolve_demo(cfg.pivot.path)
+    if cfg.train.clm_only_arm and io.read_manifest(cfg.stage_dir("train", "clm_only")):
+        out["clm_only"] = cfg.stage_dir("train", "clm_only")
+    for _, pair in cfg.pairs():
+        if io.read_manifest(cfg.stage_dir("train", pair)):
+            out[f"fused:{pair}"] = cfg.stage_dir("train", pair)
+    if io.read_manifest(cfg.stage_dir("merge")):
+        out["merged"] = cfg.stage_dir("merge")
+    return out
+
+
+def heldout(cfg: FusionConfig) -> dict[str, list[list[dict]]]:
+    """domain → conversations (message lists) of the held-out corpora."""
+    from fusion_ray.collect.prepare import BadLine, iter_rows
+    from fusion_ray.collect.prompts import to_messages
+
+    if not cfg.data.heldout:
+        raise ValueError("eval needs held-out corpora: set data.heldout (each with a domain)")
+    out: dict[str, list] = {}
+    for spec in cfg.data.heldout:
+        domain = spec.domain
+        rows = out.setdefault(domain, [])
+        for path, i, row in iter_rows(spec):
+            if isinstance(row, BadLine):
+                raise ValueError(f"{path} row {i}: {row.reason}")
+            try:
+                rows.append(to_messages(row, spec.format))
+            except ValueError as err:
+                raise ValueError(f"{path} row {i}: {err}") from err
+            if cfg.eval.max_rows_per_domain and len(rows) >= cfg.eval.max_rows_per_domain:
+                break
+    return out
+
+
+def score_model(path: str, conversations: dict[str, list], batch_size: int, max_length: int,
+                trust_remote_code: bool = False) -> dict[str, float]:
+    """Held-out bpb per domain of the model at `path` (its own tokenizer and template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    out = {}
+    for domain, convs in conversations.items():
+        spans = [assistant_span(tokenizer, messages) for messages in convs]
+        nll, n_bytes = score_spans(model, tokenizer, [t for t, _ in spans], [s for _, s in spans],
+                                   batch_size=batch_size, max_length=max_length)
+        out[domain] = bits_per_byte(nll, n_bytes)
+    return out
+
+
+def source_domains(cfg: FusionConfig) -> dict[str, str | None]:
+    """source → the domain it specialises in (`sources[].domain`; None when not given)."""
+    return {s.name: s.domain for s in cfg.sources}
+
+
+def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
+    """Wall time (from each stage's manifests) and peak memory (sampled while it ran)."""
+    stats: dict[str, dict] = {}
+    sampled = read_stats(cfg)
+    for stage in ("prepare", "collect", "align", "fuse", "train", "merge"):
+        wall = 0.0
+        root = cfg.stage_dir(stage)
+        manifests = [io.read_manifest(root)] if io.read_manifest(root) else [
+            io.read_manifest(str(p)) for p in sorted(Path(root).glob("*")) if p.is_dir()] if io.is_local(root) else []
+        manifests = [m for m in manifests if m]
+        if not manifests:
+            continue
+        wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
+        stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
+    return stats
+
+
+def read_stats(cfg: FusionConfig) -> dict:
+    path = f"{cfg.workdir}/_stage_stats.json"
+    return json.loads(io.read_text(path)) if io.exists(path) else {}
+
+
+def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
+    return io.fingerprint("eval", cfg.to_dict()["eval"], [spec.model_dump() for spec in cfg.data.heldout],
+                          {arm: io.hash_location(p) if not io.read_manifest(p) else io.read_manifest(p)["fingerprint"]
+                           for arm, p in models.items()}, cfg.data.max_length)
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+    import ray
+
+    from fusion_ray.evaluate.report import write_report
+    from fusion_ray.ray_env import init_ray
+
+    models = arms(cfg)
+    out_dir = cfg.stage_dir("eval")
+    fp = fingerprint(cfg, models)
+    if not force and io.is_done(out_dir, fp):
+        return {"status": "skipped", "dir": out_dir, "report": f"{out_dir}/report.md"}
+    started = time.monotonic()
+    conversations = heldout(cfg)
+    init_ray(cfg.ray)
+    task = ray.remote(score_model).options(num_cpus=cfg.eval.num_cpus, max_retries=1)
+    refs = {arm: task.remote(path, conversations, cfg.eval.batch_size, cfg.data.max_length,
+                             cfg.pivot.trust_remote_code)
+            for arm, path in models.items()}
+    bpb = {arm: ray.get(ref) for arm, ref in refs.items()}
+    for arm, values in bpb.items():
+        log(f"[eval] {arm:<24} " + "  ".join(f"{d} {v:.4f}" for d, v in values.items()))
+    routing = {pair: (io.read_manifest(cfg.stage_dir("fuse", pair)) or {}).get("extra", {}).get("routing")
+               for _, pair in cfg.pairs()}
+    report = {"bpb": bpb, "source_domain": source_domains(cfg), "models": models, "routing": routing,
+              "stages": stage_stats(cfg), "config": cfg.name}
+    if cfg.eval.judge_url:
+        from fusion_ray.evaluate.judge import judge_arms
+
+        report["judge"] = judge_arms(cfg, models, log=log)
+    out = io.StageOutput(out_dir, fp)
+    write_report(report, out)
+    out.commit(io.Manifest(stage="eval", fingerprint=fp, config_hash=cfg.config_hash(),
+                           rows={d: len(c) for d, c in conversations.items()},
+                           extra={"arms": sorted(models)}, wall_time_s=time.monotonic() - started),
+               config=cfg.to_dict())
+    log(f"[eval] report: {out_dir}/report.md")
+    return {"status": "done", "dir": out_dir, "report": f"{out_dir}/report.md", "bpb": bpb}

@@ -1,0 +1,12 @@
+"""`python -m jobs.merge --config CONFIG [--force] [key=value ...]`: run the `merge` stage alone.
+
+Submit it to a cluster like the whole pipeline:
+    ray job submit --working-dir . -- python -m jobs.merge --config jobs/configs/tiny_cpu.yaml
+"""
+
+import sys
+
+from jobs._stage import run_stage
+
+if __name__ == "__main__":
+    sys.exit(run_stage("merge", __doc__))
