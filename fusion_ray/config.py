@@ -178,6 +178,7 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)
     clm_only_arm: bool = False
     resume_from: str | None = None  # a checkpoint dir of an earlier run of this config
+    shuffle: bool = True  # a seeded random shuffle of the fused rows (they come grouped by corpus)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

@@ -85,6 +85,16 @@ class StageNotBuilt(RuntimeError):
     """The stage exists in the design but has no implementation yet."""
 
 
+def overall_status(result: dict) -> str:
+    """A stage's status; one made of parts (models, sources, pairs, targets) is `skipped`
+    when every part was."""
+    parts = [v for key in ("models", "sources", "pairs", "targets") for v in (result.get(key) or {}).values()
+             if isinstance(v, dict) and "status" in v]
+    if parts and all(p["status"] == "skipped" for p in parts):
+        return "skipped"
+    return result.get("status", "done")
+
+
 def built_stages() -> list[str]:
     return [s for s in STAGES if STAGE_RUNNERS[s]]
 
@@ -130,7 +140,8 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
         with MemorySampler() as mem:
             results[stage] = runner(stage)(cfg, force=force, log=log)
         wall = time.monotonic() - started
-        if results[stage].get("status") != "skipped":
+        status = overall_status(results[stage])
+        if status != "skipped":
             record_stats(cfg, stage, wall, mem.peak)
-        log(f"[{stage}] {results[stage].get('status', 'done')} in {wall:.1f}s")
+        log(f"[{stage}] {status} in {wall:.1f}s")
     return results

@@ -25,6 +25,9 @@ def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
     if pending:
         log(f"[demo] not built yet: {', '.join(pending)}")
     log(f"[demo] workdir: {cfg.workdir}  ({time.monotonic() - started:.1f}s)")
+    report = results.get("eval", {}).get("report")
+    if report:
+        log(f"[demo] report: {report}  (also report.json and report.png beside it)")
     return 0
 
 

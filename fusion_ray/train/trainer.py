@@ -81,6 +81,9 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
         from ray.train import Checkpoint
 
         resume = Checkpoint.from_directory(os.path.abspath(t.resume_from))
+    data = ray.data.read_parquet(io.list_files(fused_dir))
+    if t.shuffle:  # rows come grouped by corpus (domain); unshuffled, the last domain seen wins
+        data = data.random_shuffle(seed=t.seed)
     storage = os.path.abspath(f"{cfg.workdir}/_ray_train") if io.is_local(cfg.workdir) else f"{cfg.workdir}/_ray_train"
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -92,7 +95,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
         run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.read_parquet(io.list_files(fused_dir))},
+        datasets={"train": data},
         resume_from_checkpoint=resume,
     )
     result = trainer.fit()
