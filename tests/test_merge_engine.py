@@ -212,3 +212,10 @@ def test_cli_merges_a_mergekit_yaml_and_refuses_to_overwrite(trio, tmp_path):
     assert "merged" in first.stdout and (tmp_path / "out" / "config.json").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_merge_package_and_spec_load_no_engine():
+    from tests.test_imports import _loaded_after
+
+    loaded = _loaded_after("import fusion_ray.merge, fusion_ray.merge.spec, fusion_ray.merge.actor")
+    assert not any(loaded.values()), loaded
