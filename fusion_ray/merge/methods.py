@@ -45,9 +45,10 @@ def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool 
     first = tensors[0]
     dtype = _work_dtype(first)
     w = torch.tensor([list(weights)], dtype=dtype)  # [1, K], as packed by mergekit
-    out = torch.zeros((1, *first.shape), dtype=dtype)
-    for x, c in zip(tensors, w.unbind(1), strict=True):
-        out.addcmul_(x.unsqueeze(0), c.reshape((1,) + (1,) * first.ndim))
+    coef = [c.reshape((1,) + (1,) * first.ndim) for c in w.unbind(1)]
+    out = first.unsqueeze(0) * coef[0]  # = 0 + x·w exactly: saves mergekit's zero-filled pass
+    for x, c in zip(tensors[1:], coef[1:], strict=True):
+        out.addcmul_(x.unsqueeze(0), c)
     if normalize:
         out.div_(w.sum(dim=1).reshape((1,) + (1,) * first.ndim))
     return out[0].to(first.dtype)
