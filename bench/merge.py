@@ -10,7 +10,7 @@ every output tensor. DARE masks cannot match mergekit's (it draws from one globa
 execution order; ours are seeded per tensor), so dare_ties also gets a statistical check.
 ties and sce are rerun with `selection: sort` (mergekit's torch sort, for bit parity).
 
-Usage: python bench/merge.py [--workdir DIR] [--mergekit-venv DIR] [--no-parity]
+Usage: python bench/merge.py [--workdir DIR] [--mergekit-venv DIR] [--no-parity] [--methods a,b]
 The last line is one JSON object: method → {"speedup", "rss_ratio", "max_abs_diff"}.
 """
 
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/fusion_ray_bench_merge")
     ap.add_argument("--mergekit-venv", default=None)
     ap.add_argument("--no-parity", action="store_true", help="skip the `selection: sort` reruns")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,7 @@ def main() -> None:
     print(f"models: base + 3 fine-tunes, 148M params bf16 ({time.perf_counter() - started:.0f}s to build/check)")
     ours = [sys.executable, "-m", "fusion_ray.cli", "merge"]
     summary, details = {}, {}
-    for method in METHODS:
+    for method in args.methods.split(","):
         cfg = write_yaml(work / f"{method}.yaml", method, dirs)
         t_mk, rss_mk = timed([str(mk), str(cfg), str(work / f"mk_{method}"), "--random-seed", "0", "--quiet"])
         t_us, rss_us = timed(ours + [str(cfg), str(work / f"ours_{method}"), "--force", "--seed", "0"])

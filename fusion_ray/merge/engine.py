@@ -167,7 +167,8 @@ def merge_names(spec: MergeSpec, names: Sequence[str], slots: dict[str, Slot], *
     largest = max((slots[n].nbytes for n in names), default=0)
     big = [n for n in names if threads <= 1 or slots[n].nbytes * 4 > largest]
     written = sum(one(n) for n in big)  # one at a time, on all torch threads: bounds the peak
-    rest = [n for n in names if n not in set(big)]
+    big_set = set(big)
+    rest = [n for n in names if n not in big_set]
     if not rest:
         return written
     before = torch.get_num_threads()
