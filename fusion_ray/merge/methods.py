@@ -138,8 +138,8 @@ def sign_consensus(deltas: Tensor) -> Tensor:
 
     deltas: [K, *shape] → bool [K, *shape]. A zero δ_k is never kept.
     """
-    majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-    return deltas.sign() == majority
+    positive = deltas.sum(dim=0) >= 0
+    return torch.where(positive, deltas > 0, deltas < 0)  # = [sign δ == ±1], in one pass
 
 
 def task_arithmetic_family(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float],
@@ -160,10 +160,13 @@ def task_arithmetic_family(base: Tensor, tensors: Sequence[Tensor], weights: Seq
         return base
     deltas = base.new_empty((len(tensors), *base.shape))
     for i, x in enumerate(tensors):
+        if sparsify is None:
+            torch.sub(x, base, out=deltas[i])
+            continue
         delta = x - base
         if sparsify == "magnitude":
             delta = magnitude_prune(delta, densities[i], rescale, sort)
-        elif sparsify == "random":
+        else:
             delta = random_prune(delta, densities[i], rescale, seeds[i])
         deltas[i] = delta
         del delta
@@ -171,7 +174,7 @@ def task_arithmetic_family(base: Tensor, tensors: Sequence[Tensor], weights: Seq
     deltas.mul_(w)
     if consensus:
         keep = sign_consensus(deltas)
-        mixed = (deltas * keep).sum(dim=0)
+        mixed = deltas.mul_(keep).sum(dim=0)
         divisor = (w * keep).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
