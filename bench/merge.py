@@ -5,12 +5,12 @@ untied head: 148M parameters, bf16, 3 safetensors shards) and 3 fine-tunes (base
 deltas of 0.1 × each tensor's std); installs mergekit==0.1.5 in its OWN throwaway venv
 (--mergekit-venv; not a project dependency); then, for linear, ties, sce and dare_ties, runs
 `mergekit-yaml` and `fusion-ray merge` on the SAME YAML (dtype bfloat16), each in a fresh
-process, alternating, and reports wall time, peak RSS (wait4) and the max abs difference of
-every output tensor. DARE masks cannot match mergekit's (it draws from one global RNG in
+process, alternating, --repeat times, and reports the best wall time, the peak RSS (wait4)
+and the max abs difference of every output tensor. DARE masks cannot match mergekit's (it draws from one global RNG in
 execution order; ours are seeded per tensor), so dare_ties also gets a statistical check.
 ties and sce are rerun with `selection: sort` (mergekit's torch sort, for bit parity).
 
-Usage: python bench/merge.py [--workdir DIR] [--mergekit-venv DIR] [--no-parity] [--methods a,b]
+Usage: python bench/merge.py [--workdir DIR] [--mergekit-venv DIR] [--no-parity] [--methods a,b] [--repeat N]
 The last line is one JSON object: method → {"speedup", "rss_ratio", "max_abs_diff"}.
 """
 
@@ -84,6 +84,11 @@ def write_yaml(path: Path, method: str, dirs: list[Path], extra: dict | None = N
     return path
 
 
+def best_of(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The fastest wall time and the largest peak RSS over repeated runs."""
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
 def timed(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process."""
     started = time.perf_counter()
@@ -137,6 +142,7 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", default=None)
     ap.add_argument("--no-parity", action="store_true", help="skip the `selection: sort` reruns")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per tool and method (best wall time kept)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -148,8 +154,11 @@ def main() -> None:
     summary, details = {}, {}
     for method in args.methods.split(","):
         cfg = write_yaml(work / f"{method}.yaml", method, dirs)
-        t_mk, rss_mk = timed([str(mk), str(cfg), str(work / f"mk_{method}"), "--random-seed", "0", "--quiet"])
-        t_us, rss_us = timed(ours + [str(cfg), str(work / f"ours_{method}"), "--force", "--seed", "0"])
+        mk_runs, our_runs = [], []
+        for _ in range(args.repeat):  # alternate the tools: a shared machine's load hits both alike
+            mk_runs.append(timed([str(mk), str(cfg), str(work / f"mk_{method}"), "--random-seed", "0", "--quiet"]))
+            our_runs.append(timed(ours + [str(cfg), str(work / f"ours_{method}"), "--force", "--seed", "0"]))
+        (t_mk, rss_mk), (t_us, rss_us) = best_of(mk_runs), best_of(our_runs)
         cmp = compare(work / f"mk_{method}", work / f"ours_{method}", dirs[0] if method.startswith("dare") else None)
         details[method] = cmp
         summary[method] = {"speedup": round(t_mk / t_us, 2), "rss_ratio": round(rss_us / rss_mk, 2),

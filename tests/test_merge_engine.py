@@ -76,7 +76,7 @@ def test_gradients_and_filters_resolve_like_mergekit():
     ({"merge_method": "ties", "parameters": {"densty": 0.5}}, "unknown parameter(s) densty"),
     ({"merge_method": "ties", "base_model": None}, "needs base_model"),
     ({"merge_method": "sce", "colour": "red"}, "colour: unknown key"),
-    ({"merge_method": "slices_x", "slices": []}, "slices/modules: not supported"),
+    ({"merge_method": "slerp", "slices": [], "models": None}, "only one slice of whole models"),
 ])
 def test_bad_specs_name_the_field(data, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -219,3 +219,24 @@ def test_merge_package_and_spec_load_no_engine():
 
     loaded = _loaded_after("import fusion_ray.merge, fusion_ray.merge.spec, fusion_ray.merge.actor")
     assert not any(loaded.values()), loaded
+
+
+def test_fusechat_slerp_config_with_one_whole_slice(trio, tmp_path):
+    base, ft1, _ = trio
+    cfg = tmp_path / "slerp.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]},
+                                {"model": str(ft1), "layer_range": [0, 2]}]}],
+        "merge_method": "slerp", "base_model": str(base), "dtype": "float32",
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}}))
+    spec = load_spec(cfg)
+    assert [m.model for m in spec.models] == [str(base), str(ft1)]
+    assert spec.shared_params("model.layers.1.mlp.up_proj.weight", 1.0)["t"] == 0.0
+    engine.run_merge(spec, str(tmp_path / "out"))
+    got, b = weights(tmp_path / "out"), weights(base)
+    name = "model.layers.1.mlp.up_proj.weight"  # last layer: mlp t = 0 → the base
+    assert torch.allclose(got[name], b[name], atol=1e-6)
+    partial = spec.model_copy(update={"models": [m.model_copy(update={"layer_range": (0, 1)}) for m in spec.models]})
+    with pytest.raises(ValueError, match="does not cover"):
+        engine.run_merge(partial, str(tmp_path / "x"))

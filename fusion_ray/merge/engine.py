@@ -80,6 +80,11 @@ def check_inputs(spec: MergeSpec, ckpts: Sequence[Checkpoint]) -> None:
             raise ValueError(f"vocab size mismatch: {paths[pivot]} has {ref.get('vocab_size')}, {path} has "
                              f"{cfg.get('vocab_size')}; set `vocab: common` to merge embeddings over the common "
                              "sub-matrix (FuseChat) and keep the pivot's other rows")
+    for m in spec.models:
+        layers = num_layers(configs[paths.index(m.model)])
+        if m.layer_range is not None and tuple(m.layer_range) != (0, layers):
+            raise ValueError(f"{m.model}: layer_range {list(m.layer_range)} does not cover its {layers} layers; "
+                             "only whole-model slices are supported")
     names = set(ckpts[pivot].tensors)
     for path, ck in zip(paths, ckpts, strict=True):
         missing, extra = sorted(names - set(ck.tensors)), sorted(set(ck.tensors) - names)

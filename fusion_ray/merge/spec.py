@@ -68,6 +68,7 @@ class _Strict(BaseModel):
 class ModelInput(_Strict):
     model: str
     parameters: dict[str, Any] | None = None
+    layer_range: tuple[int, int] | None = None  # from a one-slice config; must cover every layer
 
 
 class MergeSpec(_Strict):
@@ -205,6 +206,18 @@ def _resolve(name: str, default: Any, scopes: list[dict | None], tensor: str, t:
     return default
 
 
+def whole_model_slices(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`slices:` with ONE slice (FuseChat's published SLERP config) → `models:`; the engine
+    checks that each layer_range covers all layers. Other slice layouts are refused."""
+    slices = data.get("slices")
+    if "modules" in data or not isinstance(slices, list) or len(slices) != 1 or "models" in data \
+            or not isinstance(slices[0], dict) or set(slices[0]) - {"sources"}:
+        raise ConfigError(source, ["slices/modules: only one slice of whole models is supported; use `models`"])
+    models = [{k: v for k, v in src.items() if k in ("model", "parameters", "layer_range")}
+              for src in slices[0].get("sources") or [] if isinstance(src, dict)]
+    return {**{k: v for k, v in data.items() if k != "slices"}, "models": models}
+
+
 def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
     """Validate a mergekit-style mapping; relative model paths stay as given.
 
@@ -212,7 +225,7 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
         ConfigError: one line per bad field (unknown keys and methods named).
     """
     if isinstance(data, dict) and ("slices" in data or "modules" in data):
-        raise ConfigError(source, ["slices/modules: not supported; use `models`"])
+        data = whole_model_slices(data, source)
     try:
         return MergeSpec.model_validate(data).check()
     except ValidationError as err:
@@ -233,7 +246,8 @@ def load_spec(path: str | Path) -> MergeSpec:
     def local(p: Any) -> Any:
         return str((path.parent / p).resolve()) if isinstance(p, str) and (path.parent / p).exists() else p
 
-    for m in data.get("models") or []:
+    for m in data.get("models") or [src for sl in data.get("slices") or [] if isinstance(sl, dict)
+                                     for src in sl.get("sources") or []]:
         if isinstance(m, dict):
             m["model"] = local(m.get("model"))
     if "base_model" in data:
