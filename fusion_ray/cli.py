@@ -45,6 +45,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, force=args.force)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`merge MERGE_YAML OUT_DIR`: standalone; `merge CONFIG [key=value ...]`: the pipeline stage."""
+    if args.out_dir is None or "=" in args.out_dir:
+        args.overrides = ([args.out_dir] if args.out_dir else []) + list(args.overrides)
+        args.command = "merge"
+        if args.seed is not None:
+            args.overrides.append(f"merge.seed={args.seed}")
+        return cmd_run(args)
+    if args.overrides:
+        raise ValueError(f"unexpected arguments after OUT_DIR: {' '.join(args.overrides)}")
+    from fusion_ray.merge.actor import merge_standalone
+    from fusion_ray.merge.spec import load_spec
+
+    spec = load_spec(args.config)
+    stats = merge_standalone(spec, args.out_dir, seed=args.seed or 0, threads=args.threads,
+                             num_actors=args.num_actors, force=args.force)
+    print(f"merged {stats['tensors']} tensors ({stats['bytes'] / 2**20:.1f} MiB, {stats['shards']} shard(s)) "
+          f"with {spec.merge_method} into {stats['dir']} in {stats['wall_s']:.1f}s")
+    return 0
+
+
 def cmd_not_built(args: argparse.Namespace) -> int:
     print(f"fusion-ray {args.command}: not built yet", file=sys.stderr)
     return EXIT_NOT_BUILT
@@ -69,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_config(stage, f"run the {stage} stage alone")
         p.add_argument("--force", action="store_true")
         p.set_defaults(fn=cmd_run, stages=None)
-    merge = sub.add_parser("merge", help="merge models (mergekit-style YAML or a pipeline config)")
-    merge.add_argument("config")
-    merge.add_argument("out_dir", nargs="?")
-    merge.add_argument("--seed", type=int, default=0)
-    merge.set_defaults(fn=cmd_not_built)
+    merge = sub.add_parser("merge", help="merge models: `merge MERGE_YAML OUT_DIR` (mergekit-style YAML), "
+                           "or `merge CONFIG` (the pipeline's merge stage)")
+    merge.add_argument("config", help="mergekit-style merge YAML, or a pipeline config")
+    merge.add_argument("out_dir", nargs="?", help="output model dir (standalone merge)")
+    merge.add_argument("overrides", nargs="*", help="key=value overrides (pipeline config)")
+    merge.add_argument("--seed", type=int, default=None, help="seed of DARE masks (default 0)")
+    merge.add_argument("--threads", type=int, default=None, help="tensors merged in parallel (standalone)")
+    merge.add_argument("--num-actors", type=int, default=1, help="Ray actors sharing the tensors (standalone)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output / rerun the stage")
+    merge.set_defaults(fn=cmd_merge)
     serve = sub.add_parser("serve", help="serve a chat model behind an OpenAI-compatible API")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1")
@@ -103,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageNotBuilt as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

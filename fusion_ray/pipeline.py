@@ -20,7 +20,7 @@ STAGE_RUNNERS: dict[str, str | None] = {
     "align": "fusion_ray.align.pipeline:run",
     "fuse": "fusion_ray.fuse.pipeline:run",
     "train": "fusion_ray.train.trainer:run",
-    "merge": None,
+    "merge": "fusion_ray.merge.actor:run",
     "eval": "fusion_ray.evaluate.stage:run",
     "serve": None,
 }

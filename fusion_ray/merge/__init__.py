@@ -1,0 +1,7 @@
+"""Merging fused targets in parameter space (DESIGN §7).
+
+`methods` (pure tensor functions), `spec` (mergekit-style YAML and parameters),
+`streaming` (tensor-at-a-time safetensors I/O), `engine` (check, plan, merge, write a
+model dir), `actor` (the Ray `MergeActor` and the pipeline's merge stage).
+Importing this package loads no torch or ray.
+"""
