@@ -9,6 +9,7 @@ and a 4xx status. Responses and stream chunks are plain dicts in the shapes the 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -94,16 +95,28 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         return ChatRequest.model_validate_json(body)
     except ValidationError as err:
-        first = err.errors()[0]
+        errors = err.errors()
+        first = errors[0]
         if first["type"] == "json_invalid":
             raise APIError(400, f"the request body is not valid JSON: {first['msg']}",
                            code="invalid_json") from None
         if first["type"] == "model_type":
             raise APIError(400, "the request body must be a JSON object", code="invalid_type") from None
-        param = ".".join(str(p) for p in first["loc"]) or None
-        msg = first["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param,
+        param = field_path(first["loc"])
+        # a union field fails once per branch: say all of it
+        msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if field_path(e["loc"]) == param)
+        text = "; ".join(msgs)
+        raise APIError(400, f"{param}: {text}" if param else text, param=param,
                        code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
+
+
+def field_path(loc: tuple) -> str | None:
+    """`("messages", 0, "content", "str")` → "messages.0.content": pydantic's union-branch tags dropped."""
+    parts = [str(p) for p in loc if isinstance(p, int) or _FIELD.match(p)]
+    return ".".join(parts) or None
+
+
+_FIELD = re.compile(r"^(?!(str|int|float|bool)$)[a-z_]+$")
 
 
 def new_id() -> str:
