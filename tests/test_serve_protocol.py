@@ -144,3 +144,10 @@ def test_cli_serve_is_wired():
 
     args = build_parser().parse_args(["serve", "some/dir", "--engine", "hf", "--port", "9001", "--api-key", "k"])
     assert args.fn is cmd_serve and (args.engine, args.port, args.api_key) == ("hf", 9001, "k")
+
+
+def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):
+    from fusion_ray.cli import EXIT_BAD_INPUT, main
+
+    assert main(["serve", str(tmp_path), "--engine", "hf"]) == EXIT_BAD_INPUT
+    assert "not an HF model dir" in capsys.readouterr().err
