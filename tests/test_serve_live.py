@@ -104,6 +104,10 @@ def test_stream_concatenates_to_the_greedy_completion(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    stop = [whole.choices[0].message.content[6:8]]
+    cut = client.chat.completions.create(**kwargs, stop=stop).choices[0].message.content
+    streamed = client.chat.completions.create(**kwargs, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
 
 
 def test_sse_wire_format_ends_with_done(server):

@@ -151,3 +151,27 @@ def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path), "--engine", "hf"]) == EXIT_BAD_INPUT
     assert "not an HF model dir" in capsys.readouterr().err
+
+
+def test_run_ends_with_serve_when_deploy_after_merge(monkeypatch):
+    from fusion_ray import cli, pipeline
+
+    ran, served = [], []
+    monkeypatch.setattr(pipeline, "run_stages", lambda cfg, stages, force=False: ran.extend(stages) or
+                        {s: {"url": "http://x/v1"} for s in stages})
+    monkeypatch.setattr(cli, "serve_until_interrupted", served.append)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")
+    assert cli.main(["run", config, "--stages", "prepare"]) == 0 and ran == ["prepare"] and not served
+    assert cli.main(["run", config, "serve.deploy_after_merge=true"]) == 0
+    assert ran[-1] == "serve" and ran.count("serve") == 1 and served == ["http://x/v1"]
+
+
+def test_pure_serve_modules_load_no_engine():
+    import subprocess
+    import sys
+
+    probe = ("import fusion_ray.serve, fusion_ray.serve.protocol, fusion_ray.serve.text, fusion_ray.serve.stage, sys\n"
+             "print([m for m in ('vllm', 'ray', 'torch', 'transformers', 'fastapi') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
