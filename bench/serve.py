@@ -7,6 +7,7 @@ workers, non-streaming greedy chat completions of `--max-tokens`):
   hf        `fusion-ray serve MODEL --engine hf` (Ray Serve + transformers, one request at a time)
   raw_vllm  vLLM's own server, `python -m vllm.entrypoints.openai.api_server`
   baseline  a plain single-process transformers `generate` server written here (FastAPI)
+  ray_llm   (only when named in --engines) `ray.serve.llm`'s own OpenAI app on the same engine
 Ratios: vllm / raw_vllm (goal ≥ 0.8), vllm / baseline, hf / baseline.
 
 Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32]
@@ -47,6 +48,8 @@ def server_command(kind: str, model: str, port: int) -> list[str]:
         return [*exe, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                 "--host", "127.0.0.1", "--served-model-name", Path(model).name, "--disable-log-stats",
                 "--disable-uvicorn-access-log"]
+    if kind == "ray_llm":
+        return [*exe, __file__, "--ray-llm-server", model, "--port", str(port)]
     return [*exe, __file__, "--baseline-server", model, "--port", str(port)]
 
 
@@ -177,6 +180,24 @@ def baseline_server(model_dir: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
+def ray_llm_server(model_dir: str, port: int) -> None:
+    """`ray.serve.llm`'s OpenAI app (LLMServer + OpenAiIngress deployments) on a local Ray."""
+    from fusion_ray.config import RayConfig
+    from fusion_ray.ray_env import init_ray
+
+    init_ray(RayConfig(num_cpus=4), include_dashboard=False)  # its two deployments starve on 2 CPUs
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    cfg = LLMConfig(model_loading_config={"model_id": Path(model_dir).name, "model_source": model_dir},
+                    placement_group_config={"bundles": [{"CPU": 1}]},
+                    deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                                       "max_ongoing_requests": 64},
+                    log_engine_metrics=False, engine_kwargs={"disable_log_stats": True})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_openai_app({"llm_configs": [cfg]}), blocking=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=192)
@@ -185,10 +206,13 @@ def main() -> None:
     parser.add_argument("--engines", default="vllm,raw_vllm,hf,baseline")
     parser.add_argument("--model", default="demo:pivot")
     parser.add_argument("--baseline-server", metavar="MODEL_DIR")
+    parser.add_argument("--ray-llm-server", metavar="MODEL_DIR")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.port)
+    if args.ray_llm_server:
+        return ray_llm_server(args.ray_llm_server, args.port)
 
     from fusion_ray.demo import assets
 
@@ -206,7 +230,7 @@ def main() -> None:
         return round(results[a]["rps"] / results[b]["rps"], 3) if a in results and b in results else None
 
     summary = {"vllm_vs_raw_vllm_rps": ratio("vllm", "raw_vllm"), "vllm_vs_baseline_rps": ratio("vllm", "baseline"),
-               "hf_vs_baseline_rps": ratio("hf", "baseline"),
+               "hf_vs_baseline_rps": ratio("hf", "baseline"), "vllm_vs_ray_llm_rps": ratio("vllm", "ray_llm"),
                "p50_ms": {k: round(r["p50_ms"], 1) for k, r in results.items()},
                "p95_ms": {k: round(r["p95_ms"], 1) for k, r in results.items()},
                "rps": {k: round(r["rps"], 2) for k, r in results.items()},
