@@ -170,6 +170,13 @@ def test_malformed_json_is_400(server, body):
     assert health(server)["status"] == "ok"
 
 
+def test_unknown_routes_get_json_errors(server):
+    missing = httpx.get(server[0] + "/nothing", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    wrong_method = httpx.get(server[0] + "/chat/completions", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_401_without_the_key(server):
     bad = openai.OpenAI(base_url=server[0], api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:

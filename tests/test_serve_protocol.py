@@ -42,6 +42,8 @@ def test_a_full_request_parses():
     ({**OK, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
     ({**OK, "stream": "yes"}, "stream", "invalid_value"),
     ({**OK, "stream": True, "n": 2}, None, "invalid_value"),
+    ({**OK, "seed": -1}, "seed", "invalid_value"),
+    ({**OK, "seed": 2**64}, "seed", "invalid_value"),
 ])
 def test_bad_requests_are_400_with_an_openai_error_body(body, param, code):
     with pytest.raises(APIError) as err:
@@ -96,6 +98,7 @@ def test_greedy_and_nucleus_sampling():
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
     assert next_token(logits, Sampling(max_tokens=1, temperature=0), None) == 1
+    assert next_token(logits, Sampling(max_tokens=1, temperature=1e-30), None) == 1
     gen = torch.Generator().manual_seed(0)
     draws = {next_token(logits, Sampling(max_tokens=1, top_p=0.5), gen) for _ in range(50)}
     assert draws == {1}  # top_p keeps only the top token (p≈0.51)

@@ -78,6 +78,11 @@ async def _http_error(_: Request, err: HTTPException) -> JSONResponse:  # unknow
     return await _api_error(_, APIError(err.status_code, str(err.detail), code=str(err.status_code)))
 
 
+@app.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:  # a bug or a dead engine: still JSON
+    return await _api_error(_, APIError(500, f"internal error: {type(err).__name__}: {err}", type_="server_error"))
+
+
 @serve.deployment
 @serve.ingress(app)
 class ChatServer:
@@ -143,7 +148,13 @@ class ChatServer:
                            code="invalid_api_key")
 
     def _prompt(self, req: protocol.ChatRequest) -> list[int]:
-        text = self.tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # e.g. a template that insists on alternating roles
+            raise APIError(400, f"the model's chat template rejects these messages: {err}",
+                           param="messages", code="invalid_value") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _sampling(self, req: protocol.ChatRequest, prompt_len: int) -> Sampling:

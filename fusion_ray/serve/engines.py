@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from fusion_ray.collect.engines import _llvmlite_hidden
 from fusion_ray.serve.text import StopText
 
+GREEDY_BELOW = 1e-5  # temperatures this small decode greedily (vLLM's rule too)
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -207,14 +209,14 @@ class HFChatEngine(ChatEngine):
 
 
 def next_token(logits, sampling: Sampling, gen) -> int:
-    """Greedy at temperature 0; else nucleus sampling (top_p) at `temperature`.
+    """Greedy at temperature ~0 (below `GREEDY_BELOW`, as vLLM); else nucleus sampling (top_p) at `temperature`.
 
     Args:
         logits: [V] float tensor of the last position.
     """
     import torch
 
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1:

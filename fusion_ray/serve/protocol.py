@@ -65,7 +65,7 @@ class ChatRequest(Wire):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63 - MAX_N)  # choice i of n uses seed + i
     n: int | None = Field(None, ge=1, le=MAX_N)  # None: 1
     stream: bool = False
     stream_options: StreamOptions | None = None
