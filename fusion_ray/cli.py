@@ -46,11 +46,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
     from fusion_ray.serve.app import API_KEY_ENV, deploy
 
     engine = args.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
-                  "api_key": args.api_key or os.environ.get(API_KEY_ENV)})
+                  "api_key": args.api_key or os.environ.get(API_KEY_ENV),
+                  "num_gpus": 1 if torch.cuda.is_available() else 0})  # one replica, one GPU if any
     serve_until_interrupted(url)
     return 0
 
