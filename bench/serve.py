@@ -40,6 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def engine_leftovers() -> set[str]:
+    """vLLM's shared-memory segments and ZMQ sockets (uuid-named, in /tmp) that killed engines leave."""
+    sockets = {p for p in glob.glob("/tmp/*-*-*-*-*") if Path(p).is_socket()}
+    return set(glob.glob("/dev/shm/psm_*")) | sockets
+
+
 def server_command(kind: str, model: str, port: int) -> list[str]:
     exe = [sys.executable]
     if kind in ("vllm", "hf"):
@@ -219,11 +225,11 @@ def main() -> None:
     model = assets.resolve(args.model)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    shm_before = set(glob.glob("/dev/shm/psm_*"))
+    before = engine_leftovers()
     print(f"model {model}; {args.clients} clients, {args.requests} requests of {args.max_tokens} tokens "
           f"(greedy) per server; server logs in {log_dir}", flush=True)
     results = {kind: bench_one(kind, model, args, log_dir) for kind in args.engines.split(",")}
-    for leftover in set(glob.glob("/dev/shm/psm_*")) - shm_before:
+    for leftover in engine_leftovers() - before:
         Path(leftover).unlink(missing_ok=True)
 
     def ratio(a: str, b: str) -> float | None:
