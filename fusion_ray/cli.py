@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +37,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     stages = [args.command] if args.command in STAGES else parse_stages(args.stages)
-    run_stages(cfg, stages, force=args.force)
+    if args.stages is None and args.command == "run" and cfg.serve.deploy_after_merge:
+        stages.append("serve")
+    results = run_stages(cfg, stages, force=args.force)
+    if "serve" in results and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        serve_until_interrupted(results["serve"]["url"])  # a local Ray ends with this process
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from fusion_ray.serve.app import API_KEY_ENV, deploy
+
+    engine = args.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
+    url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
+                  "api_key": args.api_key or os.environ.get(API_KEY_ENV),
+                  "num_gpus": 1 if torch.cuda.is_available() else 0})  # one replica, one GPU if any
+    serve_until_interrupted(url)
+    return 0
+
+
+def serve_until_interrupted(url: str) -> None:
+    """Print the base URL, then block until Ctrl-C (or SIGTERM) and shut Serve down."""
+    import signal
+    import time
+
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"serving at {url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -104,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--engine", choices=["vllm", "hf"], default=None)
-    serve.add_argument("--api-key", default=None)
-    serve.set_defaults(fn=cmd_not_built)
+    serve.add_argument("--engine", choices=["vllm", "hf"], default=None,
+                       help="default: vllm when it is installed, else hf")
+    serve.add_argument("--api-key", default=None,
+                       help="require this bearer token (default: $FUSION_RAY_API_KEY; none: open)")
+    serve.set_defaults(fn=cmd_serve)
     demo = sub.add_parser("demo", help="build the offline demo assets and run every built stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")
     demo.add_argument("--force", action="store_true")

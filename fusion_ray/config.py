@@ -226,16 +226,32 @@ class EvalConfig(Strict):
 
 
 class ServeConfig(Strict):
+    """The OpenAI-compatible chat endpoint (DESIGN §8); `fusion_ray.serve.app.build_app` takes these keys."""
+
     engine: Literal["vllm", "hf"] = "vllm"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    model_id: str | None = None  # the name clients send as `model`; default: the model dir's name
     api_key_env: str | None = None  # name of the env var holding the bearer token
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1)  # fixed replicas when min_replicas == max_replicas
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
-    max_tokens_cap: int = Field(2048, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; vLLM batches what it holds
+    num_cpus: float = Field(1, gt=0)  # per replica
+    num_gpus: float = Field(0, ge=0)  # per replica
     accelerator_type: str | None = None
-    deploy_after_merge: bool = False
+    max_tokens_cap: int = Field(2048, ge=1)
+    max_model_len: int | None = Field(None, ge=16)  # default: the model's own context length
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (e.g. tensor_parallel_size)
+    deploy_after_merge: bool = False  # `fusion-ray run` ends by serving the merged model
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> ServeConfig:
+        if not self.min_replicas <= self.num_replicas <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= num_replicas <= max_replicas, got "
+                             f"{self.min_replicas}, {self.num_replicas}, {self.max_replicas}")
+        return self
 
 
 class RayConfig(Strict):

