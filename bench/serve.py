@@ -50,7 +50,8 @@ def engine_leftovers() -> set[str]:
 def server_command(kind: str, model: str, port: int) -> list[str]:
     exe = [sys.executable]
     if kind in ("vllm", "hf"):
-        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", kind, "--port", str(port)]
+        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", kind, "--port", str(port),
+                "--no-access-log"]  # as raw_vllm's --disable-uvicorn-access-log
     if kind == "raw_vllm":
         return [*exe, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                 "--host", "127.0.0.1", "--served-model-name", Path(model).name, "--disable-log-stats",
