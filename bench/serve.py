@@ -11,7 +11,7 @@ concurrent workers, non-streaming greedy chat completions of `--max-tokens`):
   ray_llm   (only when named in --engines) `ray.serve.llm`'s own OpenAI app on the same engine
 Ratios: vllm / raw_vllm (goal ≥ 0.8), vllm / baseline, hf / baseline.
 
-Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 4]
+Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 6]
 The last line is one JSON object with the figures.
 """
 
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds per server")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved measurement rounds per server")
     parser.add_argument("--engines", default="vllm,raw_vllm,hf,baseline")
     parser.add_argument("--model", default="demo:pivot")
     parser.add_argument("--baseline-server", metavar="MODEL_DIR")
