@@ -11,7 +11,7 @@ concurrent workers, non-streaming greedy chat completions of `--max-tokens`):
   ray_llm   (only when named in --engines) `ray.serve.llm`'s own OpenAI app on the same engine
 Ratios: vllm / raw_vllm (goal ≥ 0.8), vllm / baseline, hf / baseline.
 
-Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 4]
+Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 6]
 The last line is one JSON object with the figures.
 """
 
@@ -50,7 +50,8 @@ def engine_leftovers() -> set[str]:
 def server_command(kind: str, model: str, port: int) -> list[str]:
     exe = [sys.executable]
     if kind in ("vllm", "hf"):
-        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", kind, "--port", str(port)]
+        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", kind, "--port", str(port),
+                "--no-access-log"]  # as raw_vllm's --disable-uvicorn-access-log
     if kind == "raw_vllm":
         return [*exe, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
                 "--host", "127.0.0.1", "--served-model-name", Path(model).name, "--disable-log-stats",
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved measurement rounds per server")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved measurement rounds per server")
     parser.add_argument("--engines", default="vllm,raw_vllm,hf,baseline")
     parser.add_argument("--model", default="demo:pivot")
     parser.add_argument("--baseline-server", metavar="MODEL_DIR")

@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = args.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
     url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
                   "api_key": args.api_key or os.environ.get(API_KEY_ENV),
-                  "num_gpus": 1 if torch.cuda.is_available() else 0})  # one replica, one GPU if any
+                  "num_gpus": 1 if torch.cuda.is_available() else 0,  # one replica, one GPU if any
+                  "access_log": not args.no_access_log})
     serve_until_interrupted(url)
     return 0
 
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: vllm when it is installed, else hf")
     serve.add_argument("--api-key", default=None,
                        help="require this bearer token (default: $FUSION_RAY_API_KEY; none: open)")
+    serve.add_argument("--no-access-log", action="store_true", help="no log line per request")
     serve.set_defaults(fn=cmd_serve)
     demo = sub.add_parser("demo", help="build the offline demo assets and run every built stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")

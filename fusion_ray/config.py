@@ -244,6 +244,7 @@ class ServeConfig(Strict):
     max_model_len: int | None = Field(None, ge=16)  # default: the model's own context length
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (e.g. tensor_parallel_size)
+    access_log: bool = True  # a log line per request from Serve's proxy and replica
     deploy_after_merge: bool = False  # `fusion-ray run` ends by serving the merged model
 
     @model_validator(mode="after")

@@ -120,6 +120,7 @@ def test_deployment_options_fixed_and_autoscaling():
                                         accelerator_type="A100"))
     assert auto["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in auto
     assert auto["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "A100"}
+    assert auto["logging_config"] == {"enable_access_log": True}
 
 
 def test_serve_yaml_is_a_valid_serve_config_that_builds(tiny_models, monkeypatch):

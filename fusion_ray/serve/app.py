@@ -202,7 +202,7 @@ def deployment_options(args: ServeArgs) -> dict:
     if args.accelerator_type:
         actor["accelerator_type"] = args.accelerator_type
     opts: dict = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_ongoing_requests,
-                  "ray_actor_options": actor}
+                  "ray_actor_options": actor, "logging_config": {"enable_access_log": args.access_log}}
     if args.min_replicas == args.max_replicas:
         opts["num_replicas"] = args.num_replicas
     else:
@@ -224,7 +224,8 @@ def deploy(args: dict, ray_cfg: RayConfig | None = None) -> str:
 
     application = build_app(args)
     init_ray(ray_cfg)
-    host, port = ServeArgs.model_validate(args).host, ServeArgs.model_validate(args).port
-    serve.start(http_options={"host": host, "port": port})
+    parsed = ServeArgs.model_validate(args)
+    serve.start(http_options={"host": parsed.host, "port": parsed.port},
+                logging_config={"enable_access_log": parsed.access_log})
     serve.run(application, name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}/v1"
+    return f"http://{parsed.host}:{parsed.port}/v1"
