@@ -1,0 +1,396 @@
+"""Demo-scale quality: what fusion adds over CLM-only training, over seeds, and how much
+of it survives the tokenizer alignment.
+
+Steps:
+  1. data: the demo's fused datasets (the real pipeline: prepare → collect → align → fuse
+     on local Ray) for (a) the demo's sources, whose tokenizers differ from the pivot's,
+     and (b) a control whose sources are the same architectures trained on the same mixes
+     but with the pivot's tokenizer (so alignment is exact); exported to a `.pt` bundle;
+  2. sweep: the pivot trained in one process per arm (our loss and batches, the demo's
+     steps, batch, lr and schedule) for each seed: CLM-only, and each pairwise fused
+     target under each setting; held-out bits per byte per domain;
+  3. summary: Δbpb = fused − CLM-only on the domain of the fused source, mean ± std over
+     seeds, and transfer efficiency = Δ(different tokenizers) / Δ(shared tokenizer) (mean
+     over domains), per setting; the best setting is the one whose least-gaining domain
+     gains most. The averaged / SCE / VaRM merges of the pairwise targets are scored too.
+
+Step 2 runs on CPU or, given `--device cuda`, on a GPU machine without Ray (it only needs
+the bundle, torch and transformers): `python bench/quality.py --bundle B --out R`.
+
+Usage: python bench/quality.py [--seeds 3] [--lambdas 0.8] [--device cpu]
+The last line is one JSON object with `delta_bpb` (per domain: mean, std) and
+`transfer_efficiency`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans  # noqa: E402
+from fusion_ray.train.batches import collate  # noqa: E402
+from fusion_ray.train.losses import combined_loss  # noqa: E402
+
+COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "transferred")
+
+
+# ------------------------------------------------------------------ 1. data bundle
+def export_bundle(cfg, out: str, heldout_rows: int | None = None) -> None:
+    """fused/<pair> of a finished pipeline + pivot dir + held-out rows → one bundle dir."""
+    import shutil
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fusion_ray import io
+    from fusion_ray.demo.assets import resolve
+    from fusion_ray.evaluate.stage import heldout
+
+    os.makedirs(out, exist_ok=True)
+    arrays = {}
+    for _, pair in cfg.pairs():
+        cols: dict[str, list] = {c: [] for c in COLUMNS}
+        for path in io.list_files(cfg.stage_dir("fuse", pair)):
+            table = pq.read_table(path, columns=list(COLUMNS))
+            for c in COLUMNS:
+                cols[c] += table.column(c).to_pylist()
+        lengths = np.array([len(x) for x in cols["input_ids"]])
+        scored = np.array([len(x) for x in cols["transferred"]])
+        arrays[f"{pair}/input_ids"] = np.concatenate(cols["input_ids"]).astype(np.int32)
+        arrays[f"{pair}/loss_mask"] = np.concatenate(cols["loss_mask"]).astype(bool)
+        arrays[f"{pair}/topk_ids"] = np.concatenate([np.asarray(x, dtype=np.int32) for x in cols["topk_ids"]])
+        arrays[f"{pair}/topk_logprobs"] = np.concatenate([np.asarray(x, dtype=np.float16)
+                                                          for x in cols["topk_logprobs"]])
+        arrays[f"{pair}/transferred"] = np.concatenate(cols["transferred"]).astype(bool)
+        arrays[f"{pair}/lengths"], arrays[f"{pair}/scored"] = lengths, scored
+    np.savez_compressed(f"{out}/fused.npz", **arrays)
+    shutil.copytree(resolve(cfg.pivot.path), f"{out}/pivot", dirs_exist_ok=True)
+    conv = heldout(cfg)
+    if heldout_rows:
+        conv = {d: c[:heldout_rows] for d, c in conv.items()}
+    Path(f"{out}/heldout.json").write_text(json.dumps(conv))
+    Path(f"{out}/meta.json").write_text(json.dumps({
+        "pairs": {pair: s.domain for s, pair in zip(cfg.sources, [p for _, p in cfg.pairs()], strict=True)},
+        "train": {k: getattr(cfg.train, k) for k in ("lr", "warmup_ratio", "weight_decay", "global_batch_size",
+                                                     "grad_clip", "epochs", "max_steps")},
+        "max_length": cfg.data.max_length}))
+
+
+# ------------------------------------------------------------------------ 2. sweep
+def lr_at(step: int, total: int, warmup_ratio: float) -> float:
+    warmup = max(1, int(total * warmup_ratio))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_arm(bundle: str, rows: list[dict], meta: dict, *, lam: float, positions: str, tail: str,
+              temperature: float, seed: int, device: str, steps: int | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = meta["train"]
+    tok = AutoTokenizer.from_pretrained(f"{bundle}/pivot")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(f"{bundle}/pivot", dtype=torch.float32).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    batch_size = t["global_batch_size"]
+    total = steps or t["max_steps"] or t["epochs"] * (len(rows) // batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, t["warmup_ratio"]))
+    g = torch.Generator().manual_seed(seed)
+    order = []
+    while len(order) < total * batch_size:
+        order += torch.randperm(len(rows), generator=g).tolist()
+    model.train()
+    for step in range(total):
+        batch = collate([rows[i] for i in order[step * batch_size:(step + 1) * batch_size]],
+                        tok.pad_token_id, meta["max_length"])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
+                            batch["topk_logprobs"], lambda_clm=lam, tail=tail, temperature=temperature,
+                            inplace=True, fusion_mask=batch["transferred"] if positions == "transferred" else None)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return model, tok
+
+
+def evaluate(model, tok, heldout: dict, max_length: int) -> dict[str, float]:
+    out = {}
+    for domain, convs in heldout.items():
+        spans = [assistant_span(tok, m) for m in convs]
+        nll, n_bytes = score_spans(_OnDevice(model), tok, [s for s, _ in spans], [i for _, i in spans],
+                                   batch_size=32, max_length=max_length)
+        out[domain] = bits_per_byte(nll, n_bytes)
+    return out
+
+
+class _OnDevice(torch.nn.Module):
+    """Moves the tokenizer's CPU tensors to the model's device; returns CPU logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        out.logits = out.logits.float().cpu()
+        return out
+
+
+def settings(lambdas, positions, tails, temperatures):
+    return [dict(lam=a, positions=b, tail=c, temperature=d)
+            for a, b, c, d in itertools.product(lambdas, positions, tails, temperatures)]
+
+
+def load_rows(bundle: str) -> dict[str, list[dict]]:
+    """pair → fused rows (numpy arrays) from a bundle's flat arrays."""
+    import numpy as np
+
+    flat = np.load(f"{bundle}/fused.npz")
+    pairs = sorted({k.split("/")[0] for k in flat.files})
+    out = {}
+    for pair in pairs:
+        a = {c: flat[f"{pair}/{c}"] for c in COLUMNS + ("lengths", "scored")}
+        ends, pends = np.cumsum(a["lengths"]), np.cumsum(a["scored"])
+        rows = []
+        for i, (end, pend) in enumerate(zip(ends, pends, strict=True)):
+            start, pstart = end - a["lengths"][i], pend - a["scored"][i]
+            rows.append({"input_ids": a["input_ids"][start:end], "loss_mask": a["loss_mask"][start - i:end - i - 1],
+                         "topk_ids": a["topk_ids"][pstart:pend], "topk_logprobs": a["topk_logprobs"][pstart:pend],
+                         "transferred": a["transferred"][pstart:pend]})
+        out[pair] = rows
+    return out
+
+
+_CACHE: dict = {}
+
+
+def setting_key(s: dict) -> str:
+    return f"λ={s['lam']} {s['positions']} {s['tail']} T={s['temperature']}"
+
+
+def merge_one(bundle: str, pairs: list[str], setting: dict, seed: int, device: str, states: str) -> list[dict]:
+    """The pairwise targets merged (plain average, FuseChat-2 SCE, VaRM, all from the pivot), scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion_ray.merge import methods
+
+    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
+    meta = json.loads(Path(f"{bundle}/meta.json").read_text())
+    heldout = json.loads(Path(f"{bundle}/heldout.json").read_text())
+    sds = [torch.load(f"{states}/{Path(bundle).name}-{seed}-{p}-{setting_key(setting)}.pt") for p in pairs]
+    model = AutoModelForCausalLM.from_pretrained(f"{bundle}/pivot", dtype=torch.float32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tok = AutoTokenizer.from_pretrained(f"{bundle}/pivot")
+    merges = {"avg": lambda k: sum(sd[k] for sd in sds) / len(sds),
+              "sce": lambda k: methods.sce(base[k], [sd[k] for sd in sds], select_topk=1.0, variant="fusechat"),
+              "varm": lambda k: methods.varm(base[k], [sd[k] for sd in sds])}
+    out = []
+    for name, fn in merges.items():
+        model.load_state_dict({k: fn(k) for k in sds[0]})
+        bpb = evaluate(model.to(device), tok, heldout, meta["max_length"])
+        model.to("cpu")
+        out.append({"bundle": Path(bundle).name, "arm": f"merged_{name}", "pair": "+".join(pairs), "seed": seed,
+                    **setting, "bpb": bpb, "domain": None, "seconds": 0.0})
+    return out
+
+
+def run_one(bundle: str, arm: str, pair: str, setting: dict, seed: int, device: str, steps: int | None,
+            states: str | None = None) -> dict:
+    """Train one arm for one seed and score it (one process of the pool)."""
+    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
+    if bundle not in _CACHE:
+        _CACHE[bundle] = (load_rows(bundle), json.loads(Path(f"{bundle}/meta.json").read_text()),
+                          json.loads(Path(f"{bundle}/heldout.json").read_text()))
+    data, meta, heldout = _CACHE[bundle]
+    t0 = time.time()
+    model, tok = train_arm(bundle, data[pair], meta, seed=seed, device=device, steps=steps, **setting)
+    bpb = evaluate(model, tok, heldout, meta["max_length"])
+    if states:
+        os.makedirs(states, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()},
+                   f"{states}/{Path(bundle).name}-{seed}-{pair}-{setting_key(setting)}.pt")
+    return {"bundle": Path(bundle).name, "arm": arm, "pair": pair, "seed": seed, **setting, "bpb": bpb,
+            "domain": meta["pairs"].get(pair), "seconds": round(time.time() - t0, 1)}
+
+
+def sweep(bundle: str, out: str, seeds: list[int], grid: list[dict], device: str, steps: int | None = None,
+          workers: int = 1, log=print) -> list[dict]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    pairs = sorted(json.loads(Path(f"{bundle}/meta.json").read_text())["pairs"])
+    jobs = [("clm_only", pairs[0], dict(lam=1.0, positions="all", tail="bucket", temperature=1.0))]
+    jobs += [(f"fused:{pair}", pair, s) for s in grid for pair in pairs]
+    results_path = Path(out) / "results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    states = f"{out}/states"
+
+    def collect(futures):
+        for fut in as_completed(futures):
+            recs = fut.result()
+            for rec in recs if isinstance(recs, list) else [recs]:
+                results.append(rec)
+                with open(results_path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+                    log(f"{rec['bundle']} seed {rec['seed']} {rec['arm']:<18} {setting_key(rec)}  "
+                    + "  ".join(f"{d} {v:.4f}" for d, v in rec["bpb"].items()) + f"  ({rec['seconds']}s)",
+                    flush=True)
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        collect([pool.submit(run_one, bundle, arm, pair, s, seed, device, steps, states)
+                 for seed in seeds for arm, pair, s in jobs])
+        if len(pairs) > 1:  # then the plain average of the pairwise targets
+            collect([pool.submit(merge_one, bundle, pairs, s, seed, device, states) for seed in seeds for s in grid])
+    return results
+
+
+# ---------------------------------------------------------------------- 3. summary
+def deltas(results: list[dict], bundle: str) -> dict:
+    """setting → domain → [Δ per seed] (fused target on its source's domain − CLM-only)."""
+    clm = {r["seed"]: r["bpb"] for r in results if r["bundle"] == bundle and r["arm"] == "clm_only"}
+    out: dict = {}
+    for r in results:
+        if r["bundle"] != bundle or not r["arm"].startswith("fused:") or r["seed"] not in clm:
+            continue
+        key = f"λ={r['lam']} {r['positions']} {r['tail']} T={r['temperature']}"
+        d = r["domain"]
+        out.setdefault(key, {}).setdefault(d, []).append(r["bpb"][d] - clm[r["seed"]][d])
+    return out
+
+
+def merged_deltas(results: list[dict], bundle: str) -> dict:
+    """setting → domain → [Δ per seed] of the averaged targets against CLM-only, on every domain."""
+    clm = {r["seed"]: r["bpb"] for r in results if r["bundle"] == bundle and r["arm"] == "clm_only"}
+    out: dict = {}
+    for r in results:
+        if r["bundle"] == bundle and r["arm"].startswith("merged_") and r["seed"] in clm:
+            for d, v in r["bpb"].items():
+                out.setdefault(setting_key(r), {}).setdefault(r["arm"], {}).setdefault(d, []).append(
+                    v - clm[r["seed"]][d])
+    return out
+
+
+def mean_std(xs: list[float]) -> dict:
+    return {"mean": round(statistics.fmean(xs), 5), "std": round(statistics.stdev(xs), 5) if len(xs) > 1 else 0.0}
+
+
+def summarize(results: list[dict], main: str, control: str | None, log=print) -> dict:
+    d_main = deltas(results, main)
+    d_ctrl = deltas(results, control) if control else {}
+    d_merged = merged_deltas(results, main)
+    best, best_eff, table = None, None, {}
+    for key, per_domain in d_main.items():
+        row = {d: mean_std(v) for d, v in per_domain.items()}
+        eff = None
+        if key in d_ctrl:
+            ratios = [statistics.fmean(per_domain[d]) / statistics.fmean(d_ctrl[key][d])
+                      for d in per_domain if d in d_ctrl[key] and statistics.fmean(d_ctrl[key][d]) < 0]
+            eff = statistics.fmean(ratios) if ratios else None
+        table[key] = {"delta_bpb": row, "transfer_efficiency": eff,
+                      "control": {d: mean_std(v) for d, v in d_ctrl.get(key, {}).items()},
+                      "merged": {arm: {d: mean_std(v) for d, v in per.items()}
+                                 for arm, per in d_merged.get(key, {}).items()}}
+        log(f"{key:<36} Δbpb " + "  ".join(f"{d} {s['mean']:+.4f}±{s['std']:.4f}" for d, s in row.items())
+            + ("" if key not in d_ctrl else "  | shared tokenizer " + "  ".join(
+                f"{d} {s['mean']:+.4f}" for d, s in table[key]["control"].items()))
+            + ("" if eff is None else f"  | efficiency {eff:.2f}")
+            + "".join(f"  | {arm} " + " ".join(f"{d} {s['mean']:+.4f}" for d, s in per.items())
+                      for arm, per in table[key]["merged"].items()))
+        score = max(s["mean"] for s in row.values())  # the domain that gains least
+        if best is None or score < best[0]:
+            best, best_eff = (score, key), eff
+    return {"best": best[1] if best else None, "table": table, "transfer_efficiency": best_eff}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", action="append", help="existing bundle dir(s): skip step 1")
+    p.add_argument("--control", help="name of the shared-tokenizer bundle among --bundle")
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lambdas", default="0.8")
+    p.add_argument("--positions", default="all")
+    p.add_argument("--tails", default="bucket")
+    p.add_argument("--temperatures", default="1.0")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bundles-only", action="store_true", help="stop after step 1")
+    p.add_argument("--workers", type=int, default=1, help="arms trained in parallel processes")
+    p.add_argument("--from-results", help="only summarise an earlier run's results.jsonl")
+    p.add_argument("--main", default="bundle_main", help="with --from-results: the main bundle's name")
+    args = p.parse_args()
+    if args.from_results:
+        results = [json.loads(line) for line in open(args.from_results)]
+        return report(summarize(results, args.main, args.control), len({r["seed"] for r in results}))
+    grid = settings([float(x) for x in args.lambdas.split(",")], args.positions.split(","),
+                    args.tails.split(","), [float(x) for x in args.temperatures.split(",")])
+    bundles = args.bundle or build_bundles(args.out)
+    if args.bundles_only:
+        return print(json.dumps({"bundles": bundles}))
+    control = args.control or (Path(bundles[1]).name if len(bundles) > 1 else None)
+    results = []
+    for bundle in bundles:
+        results += sweep(bundle, args.out, list(range(args.seeds)), grid, args.device, args.steps, args.workers)
+    report(summarize(results, Path(bundles[0]).name, control), args.seeds)
+
+
+def report(summary: dict, seeds: int) -> None:
+    """The best setting is the one whose fused targets gain most on the domain that gains least."""
+    best = summary["table"][summary["best"]]
+    print(f"best setting: {summary['best']}")
+    print(json.dumps({"delta_bpb": best["delta_bpb"], "transfer_efficiency": summary["transfer_efficiency"],
+                      "setting": summary["best"], "seeds": seeds,
+                      "transfer_efficiency_by_setting": {k: None if v["transfer_efficiency"] is None
+                                                         else round(v["transfer_efficiency"], 3)
+                                                         for k, v in summary["table"].items()},
+                      "merged_delta_bpb": best["merged"]}))
+
+
+def build_bundles(out: str, log=print) -> list[str]:
+    """Step 1: run the pipeline up to `fuse` for the demo and for the shared-tokenizer control."""
+    import dataclasses
+
+    from fusion_ray.cli import default_demo_config
+    from fusion_ray.config import load_config
+    from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, ensure_assets
+    from fusion_ray.demo.build import _read_jsonl, build_model_once
+    from fusion_ray.pipeline import run_stages
+
+    root = ensure_assets(log=log)
+    rows = {name: _read_jsonl(root / "corpus" / f"{name}.jsonl") for name in CORPUS_FILES}
+    pivot = next(m for m in DEFAULT_SPEC.models if m.name == "pivot")
+    controls = []
+    for src in (m for m in DEFAULT_SPEC.models if m.name != "pivot"):  # same arch, mix, steps; pivot's tokenizer
+        control = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)
+        build_model_once(DEFAULT_SPEC, control, rows, root / "models", log)
+        controls.append(root / "models" / control.name)
+    main_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_main"])
+    ctrl_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
+                           + [f"sources.{i}.path={p}" for i, p in enumerate(controls)])
+    bundles = []
+    for name, cfg in (("main", main_cfg), ("control", ctrl_cfg)):
+        run_stages(cfg, ["prepare", "collect", "align", "fuse"], log=log)
+        export_bundle(cfg, f"{out}/bundle_{name}")
+        bundles.append(f"{out}/bundle_{name}")
+    return bundles
+
+
+if __name__ == "__main__":
+    main()
