@@ -212,6 +212,18 @@ class MergeConfig(Strict):
     num_actors: int = Field(1, ge=1)
     shard_size_mb: int = Field(2000, ge=1)
 
+    @model_validator(mode="after")
+    def _known_parameters(self) -> MergeConfig:
+        from fusion_ray.merge.spec import METHODS  # pure Python, no torch
+
+        method = METHODS[self.method]
+        known = set(method.shared) | set(method.per_input)
+        unknown = sorted(set(self.parameters) - known)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for merge method {self.method}; "
+                             f"known: {', '.join(sorted(known)) or 'none'}")
+        return self
+
 
 class EvalConfig(Strict):
     max_rows_per_domain: int | None = Field(None, ge=1)

@@ -66,3 +66,12 @@ def test_merge_stage_merges_pivot_and_trained_targets(ray_local, tiny_models, tm
     assert json.loads((merged / "_manifest.json").read_text())["extra"]["method"] == "sce"
     assert "pivot" in (merged / "README.md").read_text() or str(pivot) in (merged / "README.md").read_text()
     assert actor.run(cfg)["status"] == "skipped"
+
+
+def test_config_names_an_unknown_merge_parameter(tiny_models, tmp_path):
+    from fusion_ray.config import ConfigError
+
+    pivot = tiny_models("qwen2", "gpt2", vocab_size=512, layers=2)
+    corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(2))
+    with pytest.raises(ConfigError, match=r"merge: unknown parameter\(s\) densty for merge method ties"):
+        make_config(tmp_path, pivot, {"s": pivot}, [corpus], merge={"method": "ties", "parameters": {"densty": 1}})

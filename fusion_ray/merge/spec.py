@@ -24,8 +24,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from fusion_ray.config import ConfigError, format_errors
-
 REQUIRED = object()
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 
@@ -209,6 +207,8 @@ def _resolve(name: str, default: Any, scopes: list[dict | None], tensor: str, t:
 def whole_model_slices(data: dict[str, Any], source: str) -> dict[str, Any]:
     """`slices:` with ONE slice (FuseChat's published SLERP config) → `models:`; the engine
     checks that each layer_range covers all layers. Other slice layouts are refused."""
+    from fusion_ray.config import ConfigError
+
     slices = data.get("slices")
     if "modules" in data or not isinstance(slices, list) or len(slices) != 1 or "models" in data \
             or not isinstance(slices[0], dict) or set(slices[0]) - {"sources"}:
@@ -224,6 +224,8 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
     Raises:
         ConfigError: one line per bad field (unknown keys and methods named).
     """
+    from fusion_ray.config import ConfigError, format_errors  # late: config checks names against METHODS
+
     if isinstance(data, dict) and ("slices" in data or "modules" in data):
         data = whole_model_slices(data, source)
     try:
@@ -236,6 +238,8 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
 
 def load_spec(path: str | Path) -> MergeSpec:
     """Read a mergekit-style YAML file; model paths relative to the file's directory resolve there."""
+    from fusion_ray.config import ConfigError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"merge config not found: {path}")
