@@ -26,7 +26,10 @@ def default_demo_config() -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages
+
     cfg = load_config(args.config, args.overrides)
+    check_stages(cfg, PIPELINE_STAGES)
     print(f"{args.config}: OK ({cfg.name}: pivot {cfg.pivot.name}, "
           f"{len(cfg.sources)} source(s), {len(cfg.data.train)} training corpus file(s))")
     return 0

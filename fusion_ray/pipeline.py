@@ -120,6 +120,29 @@ def parse_stages(text: str | None) -> list[str]:
     return [s for s in STAGES if s in wanted]
 
 
+def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
+    """Disagreements between the config's stages, found before any work.
+
+    Raises:
+        ValueError: naming the config fields that disagree.
+    """
+    problems = []
+    if "eval" in stages and not cfg.data.heldout:
+        problems.append("data.heldout: the eval stage needs held-out corpora (each with a domain)")
+    if "merge" in stages:
+        from fusion_ray.merge.spec import METHODS
+
+        spec = METHODS[cfg.merge.method]
+        n = len(cfg.pairs()) + 1  # the trained targets and the pivot as base
+        if n < spec.min_inputs or (spec.max_inputs and n > spec.max_inputs):
+            want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
+            problems.append(f"merge.method: {cfg.merge.method} takes {want} models (pivot included), but "
+                            f"fuse.mode={cfg.fuse.mode} with {len(cfg.sources)} source(s) trains "
+                            f"{len(cfg.pairs())} target(s)")
+    if problems:
+        raise ValueError("config stages disagree:\n  " + "\n  ".join(problems))
+
+
 def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
                skip_unbuilt: bool = False, log=print) -> dict[str, dict]:
     """Run `stages` in order; each skips itself when its manifest matches.
@@ -130,6 +153,7 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
     Returns:
         stage → its result (`{"status": "not built"}` for skipped unbuilt stages).
     """
+    check_stages(cfg, [s for s in stages if STAGE_RUNNERS.get(s)])
     results: dict[str, dict] = {}
     for stage in stages:
         if STAGE_RUNNERS[stage] is None and skip_unbuilt:

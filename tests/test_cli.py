@@ -62,3 +62,16 @@ def test_unknown_stage_in_list_is_an_error():
     out = run("run", "jobs/configs/tiny_cpu.yaml", "--stages", "colect")
     assert out.returncode != 0
     assert "colect" in out.stderr
+
+
+def test_stages_that_disagree_fail_at_validation_before_any_work(tmp_path):
+    out = run("validate", "jobs/configs/tiny_cpu.yaml", "merge.method=slerp", "merge.parameters={t: 0.5}",
+              "data.heldout=[]",
+              f"workdir={tmp_path}/w")
+    assert out.returncode == 2, out.stderr
+    assert "merge.method: slerp takes 2 models (pivot included)" in out.stderr
+    assert "trains 2 target(s)" in out.stderr and "data.heldout: the eval stage needs" in out.stderr
+    run_out = run("run", "jobs/configs/tiny_cpu.yaml", "merge.method=slerp", "merge.parameters={t: 0.5}",
+                  f"workdir={tmp_path}/w")
+    assert run_out.returncode == 2 and "merge.method" in run_out.stderr
+    assert not (tmp_path / "w").exists(), "nothing ran"
