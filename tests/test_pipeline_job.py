@@ -1,0 +1,143 @@
+"""The whole embedded default as a real Ray job, and what its report must show.
+
+A local head is started with `ray start --head` (loopback, auth off, its own temp dir);
+`ray job submit` sends `python -m jobs.pipeline --config jobs/configs/tiny_cpu.yaml`
+with the repo as working dir; the test waits for SUCCEEDED and checks the outputs and
+the report: every pairwise fused target beats the CLM-only arm on its source's domain,
+and the merged model is no worse than the CLM-only arm on any domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusion_ray import io
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
+REPO = Path(__file__).resolve().parents[1]
+EXCLUDES = [".venv", "runs", ".git", "*.partial", "__pycache__", ".pytest_cache", ".ruff_cache"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(temp: Path) -> None:
+    """Stop only the cluster rooted at `temp` (`ray stop` would stop every Ray here)."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    procs = set(roots)
+    for p in roots:
+        try:
+            procs.update(p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs), timeout=15)
+    for p in alive:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    temp = Path(f"/tmp/frh{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    subprocess.run(["ray", "start", "--head", "--port", str(free_port()), "--node-ip-address", "127.0.0.1",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+                    "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        stop_head(temp)
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+@pytest.fixture(scope="module")
+def job(head, tmp_path_factory):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, env = head
+    workdir = tmp_path_factory.mktemp("job") / "tiny_cpu"
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+         "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
+         "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml", f"workdir={workdir}"],
+        env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # the output carries colour codes
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 2700
+    while client.get_job_status(job_id) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish in time"
+        time.sleep(5)
+    logs = client.get_job_logs(job_id)
+    status = client.get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    return workdir, logs
+
+
+def test_job_ran_every_stage_and_wrote_the_report(job):
+    workdir, logs = job
+    for stage_dir in ("prepared", "logits", "aligned", "fused", "targets", "merged", "report"):
+        assert (workdir / stage_dir).is_dir(), stage_dir
+    for stage in ("prepare", "collect", "align", "fuse", "train", "merge", "eval"):
+        assert f"[{stage}] done" in logs, stage
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    arms = set(report["bpb"])
+    assert {"pivot", "clm_only", "merged", "fused:computing", "fused:english", "source:computing",
+            "source:english"} <= arms
+    assert report["source_domain"] == {"computing": "computing", "english": "english"}
+    assert set(report["models"]) == arms and all(Path(p).is_dir() for p in report["models"].values())
+    png = (workdir / "report" / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    md = (workdir / "report" / "report.md").read_text()
+    assert "| merged |" in md and "Fuse routing" in md
+    assert io.read_manifest(str(workdir / "report"))["stage"] == "eval"
+    for stage in ("collect", "train"):
+        assert report["stages"][stage]["wall_time_s"] > 0 and report["stages"][stage]["peak_rss_mb"] > 100
+    stats = json.loads((workdir / "_stage_stats.json").read_text())  # eval's own, recorded after its report
+    assert set(stats) == {"prepare", "collect", "align", "fuse", "train", "merge", "eval"}
+
+
+def test_fusion_beats_clm_only_on_each_sources_domain(job):
+    workdir, _ = job
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    bpb = report["bpb"]
+    for source, domain in report["source_domain"].items():
+        assert bpb[f"fused:{source}"][domain] < bpb["clm_only"][domain], (source, bpb)
+
+
+def test_merged_is_no_worse_than_clm_only_anywhere(job):
+    workdir, _ = job
+    bpb = json.loads((workdir / "report" / "report.json").read_text())["bpb"]
+    for domain, value in bpb["clm_only"].items():
+        assert bpb["merged"][domain] <= value, (domain, bpb["merged"], bpb["clm_only"])
+
+
+def test_rerun_skips_every_stage_and_the_demo_prints_the_report(job):
+    workdir, _ = job
+    out = subprocess.run([sys.executable, "-m", "fusion_ray.cli", "demo", "--workdir", str(workdir)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("prepare", "collect", "align", "fuse", "train", "merge", "eval"):
+        assert f"[{stage}] skipped" in out.stdout, (stage, out.stdout[-3000:])
+    assert f"{workdir}/report/report.md" in out.stdout
