@@ -28,9 +28,11 @@ PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.dep
 
 
 class MemorySampler:
-    """Peak resident memory of this process plus this machine's Ray worker processes.
+    """Peak memory of this process plus this machine's Ray worker processes.
 
-    Sampled every `interval` s while a stage runs (on a cluster it sees the head node only).
+    Sums each process's proportional set size (PSS: shared pages such as the object store
+    split between the processes mapping them, so they count once), RSS where PSS cannot be
+    read. Sampled every `interval` s while a stage runs (on a cluster: the head node only).
     """
 
     def __init__(self, interval: float = 0.5):
@@ -46,10 +48,15 @@ class MemorySampler:
         import psutil
 
         total = 0
-        for proc in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        for proc in psutil.process_iter(["pid", "cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
             if proc.info["pid"] == os.getpid() or cmd.startswith("ray::"):
-                total += proc.info["memory_info"].rss if proc.info["memory_info"] else 0
+                try:
+                    total += proc.memory_full_info().pss
+                except (psutil.AccessDenied, AttributeError):
+                    total += proc.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
         return total
 
     def _run(self) -> None:

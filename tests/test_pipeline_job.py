@@ -55,6 +55,22 @@ def stop_head(temp: Path) -> None:
         p.kill()
 
 
+def wait_for_dashboard(address: str, timeout: float = 180) -> None:
+    """`ray start` returns before the dashboard (the job server) answers; on a loaded machine, long before."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"the dashboard at {address} did not come up"
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     temp = Path(f"/tmp/frh{os.getpid()}")  # short: Ray's socket paths must stay < 108 chars
@@ -62,11 +78,19 @@ def head(tmp_path_factory):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     dashboard = free_port()
-    subprocess.run(["ray", "start", "--head", "--port", str(free_port()), "--node-ip-address", "127.0.0.1",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-                    "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    # Every fixed default port gets a free one: the session's own local Ray (other tests)
+    # already holds the defaults, e.g. the dashboard agent's 52365 that job submission needs.
+    ports = {flag: str(free_port()) for flag in ("--port", "--dashboard-agent-listen-port",
+                                                 "--dashboard-agent-grpc-port", "--metrics-export-port",
+                                                 "--runtime-env-agent-port", "--ray-client-server-port")}
+    subprocess.run(["ray", "start", "--head", *[x for kv in ports.items() for x in kv], "--node-ip-address",
+                    "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                    "--num-cpus", "4", "--temp-dir", str(temp), "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}", env
+        wait_for_dashboard(address)
+        yield address, env
     finally:
         stop_head(temp)
         subprocess.run(["rm", "-rf", str(temp)], check=False)
@@ -78,11 +102,16 @@ def job(head, tmp_path_factory):
 
     address, env = head
     workdir = tmp_path_factory.mktemp("job") / "tiny_cpu"
-    submit = subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-         "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
-         "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml", f"workdir={workdir}"],
-        env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    for _ in range(30):  # the job server answers before its agent is ready: "try again later"
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+             "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
+             "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml", f"workdir={workdir}"],
+            env=env, capture_output=True, text=True, cwd=REPO)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr:
+            break
+        time.sleep(5)
+    assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout[-3000:]}\n{submit.stderr[-3000:]}"
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout).group(0)  # the output carries colour codes
     client = JobSubmissionClient(address)
     deadline = time.monotonic() + 2700

@@ -91,20 +91,23 @@ def source_domains(cfg: FusionConfig) -> dict[str, str | None]:
     return {s.name: s.domain for s in cfg.sources}
 
 
+def stage_manifests(root: str) -> list[dict]:
+    """A stage's manifest, or those of its parts (`logits/<model>`, `targets/<arm>`, …)."""
+    own = io.read_manifest(root)
+    if own or not io.is_local(root) or not Path(root).is_dir():
+        return [own] if own else []
+    return [m for p in sorted(Path(root).iterdir()) if p.is_dir() and (m := io.read_manifest(str(p)))]
+
+
 def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
-    """Wall time (from each stage's manifests) and peak memory (sampled while it ran)."""
-    stats: dict[str, dict] = {}
+    """Wall time (summed over each stage's manifests) and peak memory (sampled while it ran)."""
     sampled = read_stats(cfg)
+    stats: dict[str, dict] = {}
     for stage in ("prepare", "collect", "align", "fuse", "train", "merge"):
-        wall = 0.0
-        root = cfg.stage_dir(stage)
-        manifests = [io.read_manifest(root)] if io.read_manifest(root) else [
-            io.read_manifest(str(p)) for p in sorted(Path(root).glob("*")) if p.is_dir()] if io.is_local(root) else []
-        manifests = [m for m in manifests if m]
-        if not manifests:
-            continue
-        wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
-        stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
+        manifests = stage_manifests(cfg.stage_dir(stage))
+        if manifests:
+            wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
+            stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
     return stats
 
 
@@ -114,9 +117,13 @@ def read_stats(cfg: FusionConfig) -> dict:
 
 
 def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
+    """Eval settings, held-out data and each arm's identity (its stage fingerprint, else its files)."""
+    def identity(path: str) -> str:
+        manifest = io.read_manifest(path)
+        return manifest["fingerprint"] if manifest else io.hash_location(path)
+
     return io.fingerprint("eval", cfg.to_dict()["eval"], [spec.model_dump() for spec in cfg.data.heldout],
-                          {arm: io.hash_location(p) if not io.read_manifest(p) else io.read_manifest(p)["fingerprint"]
-                           for arm, p in models.items()}, cfg.data.max_length)
+                          {arm: identity(p) for arm, p in models.items()}, cfg.data.max_length)
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
