@@ -146,7 +146,6 @@ class DeepSpeed:
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(t),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
-        self.config = model.config
 
     @property
     def module(self):
