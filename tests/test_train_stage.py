@@ -46,8 +46,7 @@ def variant(cfg, workdir: Path, **train):
     out.workdir = str(workdir)
     for key, value in train.items():
         setattr(out.train, key, value)
-    for name in ("gpt",):
-        shutil.copytree(cfg.stage_dir("fuse", name), out.stage_dir("fuse", name))
+    shutil.copytree(cfg.stage_dir("fuse", "gpt"), out.stage_dir("fuse", "gpt"))
     return out
 
 

@@ -70,8 +70,8 @@ def judge_arms(cfg, models: dict[str, str], log=print) -> dict[str, dict]:
     client = OpenAI(base_url=e.judge_url, api_key=key or "none", max_retries=2, timeout=120)
     questions = read_questions(e.judge_prompts)
     out = {}
-    for arm in [a for a in models if a in e.judge_arms or a.startswith(tuple(x for x in e.judge_arms
-                                                                               if x.endswith(":")))]:
+    prefixes = tuple(x for x in e.judge_arms if x.endswith(":"))  # e.g. "fused:" picks every fused target
+    for arm in [a for a in models if a in e.judge_arms or a.startswith(prefixes)]:
         replies = answer(models[arm], questions, e.judge_max_new_tokens)
         scores = [grade(client, e.judge_model, q, r) for q, r in zip(questions, replies, strict=True)]
         rated = [s for s in scores if s is not None]
