@@ -136,7 +136,12 @@ class CollectConfig(Strict):
 class AlignConfig(Strict):
     dtw_fallback: bool = True
     tie_break: Literal["fusellm", "fusechat2"] = "fusechat2"
-    vocab_map: Literal["exact", "mined", "statistics"] = "statistics"
+    # where a source distribution is transferred: only at 1-1 tokens (FuseLLM/FuseChat), or
+    # at every pivot position a source token starts at or covers (`spans`, align/spans.py)
+    positions: Literal["one_to_one", "spans"] = "spans"
+    # source id → pivot id: `first_piece` is the first token of the pivot's own tokenization
+    # of the source token's text (what `spans` marginalises with)
+    vocab_map: Literal["exact", "mined", "statistics", "first_piece"] = "statistics"
     fallback: Literal["pivot", "onehot_next"] = "pivot"
     # statistics map, source tokens never co-aligned in the corpus: the `mined` choice
     # (default), dropped into the tail, or the pivot's unk/eos (the reference)

@@ -60,7 +60,7 @@ ALIGNED = pa.schema([
     ("transferred", pa.list_(pa.bool_())),  # the source's distribution reached this position
     ("source_ce", pa.float64()),  # the source's mean NLL per scored token, own tokenization
     ("source_bpb", pa.float64()),  # the source's bits per scored UTF-8 byte
-    ("method", pa.string()),  # "offsets", "dtw" or "none"
+    ("method", pa.string()),  # "offsets", "spans", "dtw" or "none"
 ])
 
 FUSED = pa.schema([

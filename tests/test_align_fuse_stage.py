@@ -47,7 +47,7 @@ def test_aligned_outputs_follow_the_contract(run):
         assert table.column("sample_id").to_pylist() == pivot.column("sample_id").to_pylist()
         assert [len(t) for t in table.column("transferred").to_pylist()] == n_scored
         manifest = io.read_manifest(out)
-        assert manifest["extra"]["alignment"] == {"offsets": 24, "dtw": 0, "none": 0}
+        assert manifest["extra"]["alignment"] == {"offsets": 0, "spans": 24, "dtw": 0, "none": 0}
         assert 0.3 < manifest["extra"]["transferred_fraction"] <= 1.0
         ids = np.concatenate([np.array(r).reshape(-1) for r in table.column("topk_ids").to_pylist()])
         assert ids.min() >= 0 and ids.max() < 515, "valid pivot ids"
@@ -154,3 +154,25 @@ def test_storing_scored_positions_only_gives_the_same_teacher(run, tmp_path):
     a, b = pq.read_table(cfg.stage_dir("fuse", "gpt")), pq.read_table(lean.stage_dir("fuse", "gpt"))
     for col in ("sample_id", "topk_ids", "topk_logprobs", "transferred", "weights"):
         assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+
+
+def test_span_transfer_reaches_more_positions_and_keeps_the_one_to_one_ones(run, tmp_path):
+    cfg = run["cfg"]
+    strict = cfg.model_copy(deep=True)
+    strict.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.workdir, strict.workdir)
+    strict.align.positions = "one_to_one"
+    for source in ("gpt", "mis"):
+        spec = next(s for s in strict.sources if s.name == source)
+        align.align_source(strict, spec, force=True, log=QUIET)
+        one = io.read_manifest(strict.stage_dir("align", source))
+        span = io.read_manifest(cfg.stage_dir("align", source))
+        assert one["extra"]["alignment"] == {"offsets": 24, "spans": 0, "dtw": 0, "none": 0}
+        assert one["extra"]["transferred_fraction"] < span["extra"]["transferred_fraction"], source
+        a, b = pq.read_table(strict.stage_dir("align", source)), pq.read_table(cfg.stage_dir("align", source))
+        for ra, rb in zip(a.to_pylist(), b.to_pylist(), strict=True):
+            for t, ids, lps, span_ids, span_lps in zip(ra["transferred"], ra["topk_ids"], ra["topk_logprobs"],
+                                                        rb["topk_ids"], rb["topk_logprobs"], strict=True):
+                if t:  # a 1-1 position: the same distribution either way (same vocabulary map)
+                    assert dict(zip(ids, lps)) == dict(zip(span_ids, span_lps))
+            assert all(rb["transferred"][i] for i, t in enumerate(ra["transferred"]) if t)

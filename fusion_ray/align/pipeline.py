@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
 from fusion_ray.align import offsets as offsets_lib
-from fusion_ray.align import project, vocab
+from fusion_ray.align import project, spans, vocab
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.collect.prepare import load_tokenizer
 from fusion_ray.config import FusionConfig, ModelSpec
@@ -84,6 +84,20 @@ class Aligner:
         self.cfg, self.source = cfg, source
         self.p_tok, self.s_tok = load_tokenizer(cfg.pivot), load_tokenizer(source)
         self.p_marker, self.s_marker = vocab.space_marker(self.p_tok), vocab.space_marker(self.s_tok)
+        self._first = None
+
+    @property
+    def first(self) -> tuple[spans.FirstPiece, list[str]]:
+        """The pivot's first-piece lookup and the source surfaces (built on first use)."""
+        if self._first is None:
+            self._first = (spans.FirstPiece(self.p_tok, vocab.surfaces(self.p_tok)), vocab.surfaces(self.s_tok))
+        return self._first
+
+    def specials(self) -> dict[int, int]:
+        """Source id → pivot id always: bos → bos, eos → eos."""
+        s, p = self.s_tok, self.p_tok
+        return {i: j for i, j in ((s.bos_token_id, p.bos_token_id), (s.eos_token_id, p.eos_token_id))
+                if i is not None and j is not None}
 
     def dtw(self, p: dict, s: dict) -> list[list[int]]:
         from fusion_ray.align.dtw import dtw_align
@@ -117,10 +131,15 @@ class Aligner:
     def align(self, name: str, vmap: np.ndarray, out_dir: str) -> int:
         """Align one shard and write it atomically; returns its row count."""
         c, rows = self.cfg.collect, []
+        kw = {"k": c.top_k, "fallback": self.cfg.align.fallback, "pivot_scored_only": c.scored_only,
+              "source_scored_only": c.scored_only}
         for prep, p, s in joined_rows(self.cfg, self.source.name, name):
-            pos_map, method = self.positions(prep, p, s)
-            out = project.transfer(p, s, pos_map, vmap, k=c.top_k, fallback=self.cfg.align.fallback,
-                                   pivot_scored_only=c.scored_only, source_scored_only=c.scored_only)
+            if self.cfg.align.positions == "spans" and offsets_lib.meet(p["offsets"], s["offsets"],
+                                                                       len(prep["text"])):
+                out, method = spans.transfer_spans(p, s, prep["text"], vmap, *self.first, **kw), "spans"
+            else:
+                pos_map, method = self.positions(prep, p, s)
+                out = project.transfer(p, s, pos_map, vmap, **kw)
             n_scored = int(np.sum(s["loss_mask"]))
             rows.append({"sample_id": p["sample_id"], **out, "method": method,
                          "source_ce": score(s["nll_sum"], n_scored, s["n_bytes"], "ce"),
@@ -159,7 +178,7 @@ def over_shards(cfg: FusionConfig, source: ModelSpec, names: list[str], task: st
 
 def shard_stats(paths: list[str]) -> dict:
     """Rows, scored positions, transferred positions and alignment methods of written shards."""
-    totals = {"rows": 0, "positions": 0, "transferred": 0, "offsets": 0, "dtw": 0, "none": 0}
+    totals = {"rows": 0, "positions": 0, "transferred": 0, "offsets": 0, "spans": 0, "dtw": 0, "none": 0}
     for path in paths:
         table = pq.read_table(io.resolve(path)[1], columns=["transferred", "method"])
         flags = table.column("transferred").combine_chunks().flatten()
@@ -197,20 +216,21 @@ def vocab_map(cfg: FusionConfig, source: ModelSpec, shards: list[str], inputs_fp
         return vocab.cached(path, lambda: vocab.exact_map(s_surf, p_surf))
     if kind == "mined":
         return vocab.cached(path, lambda: vocab.mined_map(s_surf, p_surf))
+    if kind == "first_piece":
+        return vocab.cached(path, lambda: spans.FirstPiece(aligner.p_tok, p_surf).vocab_map(
+            s_surf, aligner.specials()))
 
     def build() -> np.ndarray:
         done = over_shards(cfg, source, [Path(s).name for s in shards], "count")
         counts = vocab.merge_counts([np.asarray(r["counts"]).reshape(-1, 2) for r in done])
         log(f"[align] {source.name}: {len(counts)} distinct aligned (pivot, source) token pairs")
         s, p = aligner.s_tok, aligner.p_tok
-        specials = {i: j for i, j in ((s.bos_token_id, p.bos_token_id), (s.eos_token_id, p.eos_token_id))
-                    if i is not None and j is not None}
         unseen = {"drop": -1, "unk": p.unk_token_id if p.unk_token_id is not None else p.eos_token_id}
         fallback = unseen.get(cfg.align.unseen)
         if fallback is None:  # "mined"
             fallback = vocab.cached(path.with_name(f"mined-{io.fingerprint('mined', *key[1:3])}.npy"),
                                     lambda: vocab.mined_map(s_surf, p_surf))
-        return vocab.statistics_map(counts, s_surf, p_surf, source_vocab=len(s), specials=specials,
+        return vocab.statistics_map(counts, s_surf, p_surf, source_vocab=len(s), specials=aligner.specials(),
                                     unseen_to=fallback)
 
     return vocab.cached(path, build)
@@ -244,7 +264,8 @@ def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=
     extra = {"source": source.name, "vocab_map": cfg.align.vocab_map, "fallback": cfg.align.fallback,
              "pivot_vocab": len(load_tokenizer(cfg.pivot)),
              "transferred_fraction": round(fraction, 4), "mapped_source_ids": int((vmap >= 0).sum()),
-             "alignment": {k: totals[k] for k in ("offsets", "dtw", "none")}, "resumed_shards": len(shards) - len(todo)}
+             "alignment": {k: totals[k] for k in ("offsets", "spans", "dtw", "none")},
+             "resumed_shards": len(shards) - len(todo)}
     out.commit(io.Manifest(stage="align", fingerprint=fp, config_hash=cfg.config_hash(), inputs=inputs,
                            rows={"in": totals["rows"], "out": totals["rows"]}, extra=extra,
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())

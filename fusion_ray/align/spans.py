@@ -1,0 +1,195 @@
+"""Transfer at every pivot position a source can continue, not only at 1-1 tokens.
+
+The 1-1 rule (project.py) transfers a source distribution only where the next pivot
+token and the next source token cover the same text. Where tokenizers split words
+differently, about a fifth of the pivot's positions then get nothing. But a source
+position sees the same context whenever its next token STARTS at or before the pivot's
+next token and covers its first char; its distribution over how the text goes on
+then determines the pivot's next token, by marginalising over tokenizations:
+
+- the pivot's next token starts at char c; the source token covering c starts at b ≤ c
+  and the text `u` = text[b:c] is already written;
+- every source candidate s in the top-k whose bytes start with `u` (and go past it)
+  continues the text with r = s[len(u):]; the pivot would start r with the first
+  token of its own tokenization of r (`FirstPiece`), which gets s's probability;
+- with u non-empty the candidates are conditioned on `u` (renormalised over those kept);
+- where the gold source token ends before the pivot token does (the pivot token is
+  longer), the gold candidate is expanded through the next source position:
+  p(g) · p(x | g) for its candidates x, each mapped by the first pivot token of g+x.
+
+Candidates with the same pivot id merge (logsumexp); the top k are kept. The common
+case (u empty and the source token as long as the pivot's: 1-1 and most n-1 groups)
+is one vectorised lookup through the first-piece vocabulary map; only the rest runs
+per position.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusion_ray.align.project import merge_duplicates, stored_rows
+
+MAX_EXPAND = 3  # source tokens chained to cover one longer pivot token
+
+
+class FirstPiece:
+    """Byte string (latin-1 str) → id of the first token of the pivot's tokenization of it."""
+
+    def __init__(self, tokenizer, surfaces: list[str]):
+        self.tok, self.surfaces = tokenizer, surfaces
+        specials = set(tokenizer.all_special_ids)
+        self.index: dict[str, int] = {}
+        for i, s in enumerate(surfaces):
+            if s and i not in specials:
+                self.index.setdefault(s, i)
+        self.max_len = max((len(s) for s in self.index), default=0)
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, r: str) -> int:
+        hit = self.cache.get(r)
+        if hit is None:
+            hit = self.cache[r] = self._first(r, self._encode([r])[0])
+        return hit
+
+    def _encode(self, strings: list[str]) -> list[list[int] | None]:
+        texts, where = [], []
+        for n, r in enumerate(strings):
+            try:
+                text = r.encode("latin-1").decode("utf-8")
+            except (UnicodeDecodeError, UnicodeEncodeError):
+                continue
+            if text:
+                texts.append(text)
+                where.append(n)
+        out: list[list[int] | None] = [None] * len(strings)
+        if texts:
+            for n, ids in zip(where, self.tok(texts, add_special_tokens=False)["input_ids"], strict=True):
+                out[n] = ids
+        return out
+
+    def _first(self, r: str, ids: list[int] | None) -> int:
+        """The tokenizer's first token when its bytes start `r`, else the longest vocab prefix."""
+        if ids and self.surfaces[ids[0]] and r.startswith(self.surfaces[ids[0]]):
+            return ids[0]
+        for n in range(min(len(r), self.max_len), 0, -1):
+            i = self.index.get(r[:n])
+            if i is not None:
+                return i
+        return -1
+
+    def vocab_map(self, source_surfaces: list[str], specials: dict[int, int]) -> np.ndarray:
+        """[V_source] first pivot piece of every source token (-1: none); specials forced."""
+        out = np.array([self._first(s, ids) for s, ids in zip(source_surfaces, self._encode(source_surfaces),
+                                                               strict=True)], dtype=np.int32)
+        for s, p in specials.items():
+            out[s] = p
+        return out
+
+
+def _bytes(text: str, a: int, b: int) -> str:
+    return text[a:b].encode("utf-8").decode("latin-1")
+
+
+def _candidates(ids: np.ndarray, lp: np.ndarray, s_surf: list[str], u: str) -> list[tuple[str, float, int]]:
+    """(remainder after u, log-prob, source id) of the top-k entries that continue u."""
+    out = []
+    for i, v in zip(ids.tolist(), lp.tolist(), strict=True):
+        s = s_surf[i]
+        if v > -np.inf and len(s) > len(u) and s.startswith(u):
+            out.append((s[len(u):], v, i))
+    return out
+
+
+def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, first: FirstPiece,
+                   s_surf: list[str], *, k: int, fallback: str = "pivot", pivot_scored_only: bool = False,
+                   source_scored_only: bool = False) -> dict:
+    """Aligned distribution of one source over the pivot's scored positions (offsets must meet).
+
+    Args:
+        pivot, source: `logits/` rows of the same sample (numpy arrays).
+        text: the prepared text both tokenized.
+        first_map: [V_source] `FirstPiece.vocab_map` of the source vocabulary.
+        s_surf: source token surfaces (vocab.surfaces).
+
+    Returns:
+        {"topk_ids" [P, k], "topk_logprobs" [P, k], "transferred" [P], "kinds" [P]} with
+        kinds 0 none, 1 vectorised (the source token starts with the pivot's and covers it),
+        2 conditioned on a written prefix or expanded.
+    """
+    pe = np.asarray(pivot["offsets"], dtype=np.int64)
+    se = np.asarray(source["offsets"], dtype=np.int64)
+    mask = np.asarray(pivot["loss_mask"], dtype=bool)
+    scored = np.flatnonzero(mask)
+    s_rows = stored_rows(np.asarray(source["loss_mask"], bool), source_scored_only)
+    s_ids_all, s_lp_all = np.asarray(source["topk_ids"]), np.asarray(source["topk_logprobs"], dtype=np.float32)
+    s_tokens = np.asarray(source["input_ids"])
+    c, e = pe[scored], pe[scored + 1]  # the next pivot token spans [c, e)
+    # m: the source token covering char c (first ending after c); it starts at se[m-1]
+    m = np.searchsorted(se, c, side="right")
+    ok = (m >= 1) & (m < len(se)) & (e > c)
+    m_c = np.clip(m, 1, len(se) - 1)
+    b = se[m_c - 1]
+    row = np.where(ok, s_rows[np.maximum(m_c - 1, 0)], -1)
+    ok &= row >= 0
+    # pivot tokens whose last byte is shared with the next token (a split char) are left out
+    ok &= (scored + 2 >= len(pe)) | (pe[np.minimum(scored + 2, len(pe) - 1)] > e)
+    simple = ok & (b == c) & (se[m_c] >= e)
+    kinds = np.where(simple, 1, 0)
+
+    P = len(scored)
+    ids = np.zeros((P, k), dtype=np.int64)
+    lp = np.full((P, k), -np.inf, dtype=np.float32)
+    if simple.any():
+        ids[simple], lp[simple] = merge_duplicates(first_map[s_ids_all[row[simple]]], s_lp_all[row[simple]], k)
+    for n in np.flatnonzero(ok & ~simple):
+        mi, ri = int(m_c[n]), int(row[n])
+        u = _bytes(text, int(b[n]), int(c[n]))
+        if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
+            continue  # the source token is not the text it covers (a special token, normalisation)
+        cands = _candidates(s_ids_all[ri], s_lp_all[ri], s_surf, u)
+        if not cands:
+            continue
+        gold_end = int(se[mi])
+        out_ids, out_lp = [], []
+        # expand the gold candidate while it ends before the pivot token does
+        frontier = [(r, v) for r, v, i in cands if i == s_tokens[mi] and gold_end < e[n]]
+        rest = [(r, v) for r, v, i in cands if not (i == s_tokens[mi] and gold_end < e[n])]
+        depth, nxt = 0, mi
+        while frontier and depth < MAX_EXPAND and nxt + 1 < len(se):
+            (gr, gv), = frontier
+            nrow = s_rows[nxt]
+            gold_next = s_tokens[nxt + 1]
+            if nrow < 0 or s_surf[gold_next] != _bytes(text, int(se[nxt]), int(se[nxt + 1])):
+                break
+            frontier = []
+            for x, xv in zip(s_ids_all[nrow].tolist(), s_lp_all[nrow].tolist(), strict=True):
+                if xv == -np.inf or not s_surf[x]:
+                    continue
+                if x == gold_next and se[nxt + 1] < e[n]:
+                    frontier = [(gr + s_surf[x], gv + xv)]
+                else:
+                    rest.append((gr + s_surf[x], gv + xv))
+            depth, nxt = depth + 1, nxt + 1
+        rest += frontier  # not expanded further: its first piece stands for it
+        for r, v in rest:
+            pid = first(r)
+            if pid >= 0:
+                out_ids.append(pid)
+                out_lp.append(v)
+        if not out_ids:
+            continue
+        vals = np.asarray(out_lp, dtype=np.float64)
+        if u:  # condition on the written prefix
+            vals -= np.logaddexp.reduce(vals)
+        ids[n], lp[n] = merge_duplicates(np.asarray([out_ids]), vals[None].astype(np.float32), k)
+        kinds[n] = 2
+    done = kinds > 0
+    if (~done).any():
+        if fallback == "pivot":
+            prow = stored_rows(mask, pivot_scored_only)[scored[~done]]
+            ids[~done] = np.asarray(pivot["topk_ids"])[prow]
+            lp[~done] = np.asarray(pivot["topk_logprobs"], dtype=np.float32)[prow]
+        else:
+            ids[~done, 0] = np.asarray(pivot["input_ids"])[scored[~done] + 1]
+            lp[~done, 0] = 0.0
+    return {"topk_ids": ids.astype(np.int32), "topk_logprobs": lp, "transferred": done, "kinds": kinds}

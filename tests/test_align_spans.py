@@ -1,0 +1,160 @@
+"""Span transfer (align/spans.py): the pivot positions the 1-1 rule leaves out."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_ray.align import offsets, project, spans
+
+CHARS = "abceghimnoprtu "
+WORD = [("i", "n"), ("in", "g"), (" ", "c"), (" c", "o"), (" co", "m"), (" com", "p"), (" comp", "u"),
+        (" compu", "t"), ("e", "r"), (" ", "t"), (" t", "h"), (" th", "e"), (" ", "b")]
+# source vocabulary: surfaces by id
+S = ["a", " computing", " computer", " the", " b", " comput", "ing", "er", " co"]
+
+
+def bpe(merges):
+    """A real fast tokenizer: character BPE with these merges (no pre-tokenizer, no specials)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(CHARS)}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=merges)))
+    surf = [""] * len(vocab)
+    for s, i in vocab.items():
+        surf[i] = s
+    return tok, surf
+
+
+def row(ids, ends, topk_ids, topk_lp):
+    return {"input_ids": np.array(ids), "offsets": np.array(ends), "loss_mask": np.ones(len(ids) - 1, bool),
+            "topk_ids": np.array(topk_ids), "topk_logprobs": np.array(topk_lp, dtype=np.float32)}
+
+
+def ends(surfaces, ids):
+    return np.cumsum([len(surfaces[i]) for i in ids])
+
+
+def pivot_row(tok, text):
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(enc["input_ids"]) - 1
+    return row(enc["input_ids"], [e for _, e in enc["offset_mapping"]], [[0, 1, 2, 3]] * n,
+               [[-1.0, -2.0, -3.0, -4.0]] * n)
+
+
+def dist(out, n):
+    """{pivot id: prob} of scored position n."""
+    return {int(i): float(np.exp(v)) for i, v in zip(out["topk_ids"][n], out["topk_logprobs"][n], strict=True)
+            if v > -np.inf}
+
+
+def test_first_piece_is_the_pivots_own_first_token():
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    assert first(" computer") == surf.index(" comput")  # " comput" + "er"
+    assert first("ing") == surf.index("ing")
+    assert first(" thx") == surf.index(" th")
+    assert first("\xe2\x80") == -1  # not UTF-8 text and no vocab prefix
+    vmap = first.vocab_map(S, {0: 5})
+    assert [surf[i] for i in vmap[1:]] == [" comput", " comput", " the", " b", " comput", "ing", "er", " co"]
+    assert vmap[0] == 5, "specials are forced"
+
+
+def test_split_word_positions_get_the_conditioned_source_distribution():
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    assert [surf[i] for i in pivot["input_ids"]] == ["a", " comput", "ing", " b"]
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[1, 2, 3], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    vmap = first.vocab_map(S, {})
+    out = spans.transfer_spans(pivot, source, text, vmap, first, S, k=4)
+    assert out["transferred"].tolist() == [True, True, True]
+    assert out["kinds"].tolist() == [1, 2, 1]
+    comput, ing, er, the = (surf.index(s) for s in (" comput", "ing", "er", " the"))
+    # " comput…": the source's " computing" and " computer" both start with the pivot's " comput"
+    assert dist(out, 0) == pytest.approx({comput: np.exp(-0.5) + np.exp(-1.5), the: np.exp(-2.0)}, rel=1e-5)
+    # after " comput" is written: the candidates that continue it, conditioned on it
+    z = np.exp(-0.5) + np.exp(-1.5)
+    assert dist(out, 1) == pytest.approx({ing: np.exp(-0.5) / z, er: np.exp(-1.5) / z}, rel=1e-5)
+    # the 1-1 position gives what the 1-1 rule gives
+    one = project.transfer(pivot, source, project.position_map(offsets.one_to_one(pivot["offsets"],
+                                                                                    source["offsets"])), vmap, k=4)
+    assert one["transferred"].tolist() == [False, False, True]
+    assert dist(out, 2) == pytest.approx(dist(one, 2))
+
+
+def test_a_longer_pivot_token_expands_the_gold_source_token():
+    tok, surf = bpe(WORD + [(" comput", "ing")])
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    assert [surf[i] for i in pivot["input_ids"]] == ["a", " computing", " b"]
+    source = row([0, 5, 6, 4], ends(S, [0, 5, 6, 4]), [[5, 3, 8], [6, 7, 3], [4, 0, 3]],
+                 [[-0.4, -1.2, -2.5], [-0.1, -2.6, -4.0], [-0.2, -2.0, -3.0]])
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=5)
+    assert out["kinds"].tolist() == [2, 1]
+    computing, comput, the, co = (surf.index(s) for s in (" computing", " comput", " the", " co"))
+    # p(" comput") · p(next | " comput"): "ing" completes the pivot token; " computer" and
+    # " comput the" start with the pivot's " comput"; the other candidates map as they are
+    assert dist(out, 0) == pytest.approx({computing: np.exp(-0.5), comput: np.exp(-3.0) + np.exp(-4.4),
+                                          the: np.exp(-1.2), co: np.exp(-2.5)}, rel=1e-5)
+
+
+def test_no_candidate_continuing_the_prefix_falls_back():
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[3, 4, 0], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4)
+    assert out["transferred"].tolist() == [True, False, True]
+    assert out["topk_ids"][1].tolist() == [0, 1, 2, 3], "the pivot's own distribution"
+    hot = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4, fallback="onehot_next")
+    assert dist(hot, 1) == {surf.index("ing"): 1.0}
+
+
+WORDS = ["a", " computing", " computer", " the", " b", " comput", " be", " bit", " rim"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(st.sampled_from(WORDS), min_size=2, max_size=8),
+       cuts=st.lists(st.integers(1, 5), min_size=40, max_size=40), seed=st.integers(0, 10_000))
+def test_spans_keep_the_one_to_one_positions_and_valid_distributions(words, cuts, seed):
+    """Any source segmentation: 1-1 positions unchanged, more positions reached, mass ≤ 1."""
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "".join(words)
+    pivot = pivot_row(tok, text)
+    pieces, at = [], 0  # the source cuts the text into pieces of 1..5 chars
+    for c in cuts:
+        if at >= len(text):
+            break
+        pieces.append(text[at:at + c])
+        at += c
+    if at < len(text):
+        pieces.append(text[at:])
+    vocab = sorted(set(pieces) | set(S))
+    ids = [vocab.index(p) for p in pieces]
+    rng = np.random.default_rng(seed)
+    n, k = len(ids) - 1, 4
+    if n < 1 or len(pivot["input_ids"]) < 2:
+        return
+    topk = []
+    for gold in ids[1:]:  # distinct ids per row, mostly with the gold first
+        others = [int(i) for i in rng.permutation(len(vocab)) if i != gold]
+        topk.append(([gold] + others[:k - 1]) if rng.random() < 0.7 else others[:k])
+    probs = rng.dirichlet(np.ones(k + 1), n)[:, :k]
+    source = row(ids, np.cumsum([len(p) for p in pieces]), topk, np.log(probs))
+    vmap = first.vocab_map(vocab, {})
+    out = spans.transfer_spans(pivot, source, text, vmap, first, vocab, k=k)
+    one = project.transfer(pivot, source, project.position_map(offsets.one_to_one(pivot["offsets"],
+                                                                                    source["offsets"])), vmap, k=k)
+    assert np.all(out["transferred"][one["transferred"]])
+    for pos in np.flatnonzero(one["transferred"]):
+        assert dist(out, pos) == pytest.approx(dist(one, pos), rel=1e-5)
+    mass = np.exp(out["topk_logprobs"].astype(np.float64)).sum(1)
+    assert np.all(mass <= 1 + 1e-5)
