@@ -17,7 +17,7 @@ Steps:
 Step 2 runs on CPU or, given `--device cuda`, on a GPU machine without Ray (it only needs
 the bundle, torch and transformers): `python bench/quality.py --bundle B --out R`.
 
-Usage: python bench/quality.py [--seeds 3] [--lambdas 0.8] [--device cpu]
+Usage: python bench/quality.py [--seeds 3] [--lambdas 0.7,0.9] [--positions transferred] [--workers 2]
 The last line is one JSON object with `delta_bpb` (per domain: mean, std) and
 `transfer_efficiency`.
 """
@@ -325,8 +325,8 @@ def main() -> None:
     p.add_argument("--control", help="name of the shared-tokenizer bundle among --bundle")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lambdas", default="0.8")
-    p.add_argument("--positions", default="all")
+    p.add_argument("--lambdas", default="0.7,0.9")
+    p.add_argument("--positions", default="transferred")
     p.add_argument("--tails", default="bucket")
     p.add_argument("--temperatures", default="1.0")
     p.add_argument("--steps", type=int)

@@ -139,6 +139,10 @@ class AlignConfig(Strict):
     # where a source distribution is transferred: only at 1-1 tokens (FuseLLM/FuseChat), or
     # at every pivot position a source token starts at or covers (`spans`, align/spans.py)
     positions: Literal["one_to_one", "spans"] = "spans"
+    # `spans`, a pivot token starting inside a source token: the source's candidates that
+    # continue the written prefix, divided by their own sum (`renormalize`), or by it plus
+    # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`)
+    prefix: Literal["renormalize", "tail", "skip"] = "renormalize"
     # source id → pivot id: `first_piece` is the first token of the pivot's own tokenization
     # of the source token's text (what `spans` marginalises with)
     vocab_map: Literal["exact", "mined", "statistics", "first_piece"] = "statistics"

@@ -78,13 +78,36 @@ def test_split_word_positions_get_the_conditioned_source_distribution():
     # " comput…": the source's " computing" and " computer" both start with the pivot's " comput"
     assert dist(out, 0) == pytest.approx({comput: np.exp(-0.5) + np.exp(-1.5), the: np.exp(-2.0)}, rel=1e-5)
     # after " comput" is written: the candidates that continue it, conditioned on it
-    z = np.exp(-0.5) + np.exp(-1.5)
-    assert dist(out, 1) == pytest.approx({ing: np.exp(-0.5) / z, er: np.exp(-1.5) / z}, rel=1e-5)
+    kept = np.exp(-0.5) + np.exp(-1.5)
+    assert dist(out, 1) == pytest.approx({ing: np.exp(-0.5) / kept, er: np.exp(-1.5) / kept}, rel=1e-5)
+    # or with p(" comput") bounded by their mass plus the row's tail (the rest stays in the tail)
+    z = kept + 1 - (kept + np.exp(-2.0))
+    tail = spans.transfer_spans(pivot, source, text, vmap, first, S, k=4, prefix="tail")
+    assert dist(tail, 1) == pytest.approx({ing: np.exp(-0.5) / z, er: np.exp(-1.5) / z}, rel=1e-5)
+    skip = spans.transfer_spans(pivot, source, text, vmap, first, S, k=4, prefix="skip")
+    assert skip["transferred"].tolist() == [True, False, True]
     # the 1-1 position gives what the 1-1 rule gives
     one = project.transfer(pivot, source, project.position_map(offsets.one_to_one(pivot["offsets"],
                                                                                     source["offsets"])), vmap, k=4)
     assert one["transferred"].tolist() == [False, False, True]
     assert dist(out, 2) == pytest.approx(dist(one, 2))
+
+
+def test_candidates_the_pivot_would_not_split_there_are_dropped():
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    src = S + [" cub"]
+    text = "a cub"
+    pivot = pivot_row(tok, text)
+    assert [surf[i] for i in pivot["input_ids"]] == ["a", " c", "u", "b"]
+    assert first.after(" cub", 2) == surf.index("u")
+    assert first.after(" computing", 2) == -1, "the pivot writes ' comput', never ' c' + 'o…'"
+    assert first.after(" co", 0) == surf.index(" co")
+    source = row([0, 9], ends(src, [0, 9]), [[1, 9, 8]], [[-0.9, -1.2, -2.5]])
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(src, {}), first, src, k=4, prefix="tail")
+    tail = 1 - (np.exp(-0.9) + np.exp(-1.2) + np.exp(-2.5))
+    # after " c": only " cub" goes on as the pivot would; " computing" and " co" do not
+    assert dist(out, 1) == pytest.approx({surf.index("u"): np.exp(-1.2) / (np.exp(-1.2) + tail)}, rel=1e-5)
 
 
 def test_a_longer_pivot_token_expands_the_gold_source_token():

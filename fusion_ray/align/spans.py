@@ -9,13 +9,19 @@ then determines the pivot's next token, by marginalising over tokenizations:
 
 - the pivot's next token starts at char c; the source token covering c starts at b ≤ c
   and the text `u` = text[b:c] is already written;
-- every source candidate s in the top-k whose bytes start with `u` (and go past it)
-  continues the text with r = s[len(u):]; the pivot would start r with the first
-  token of its own tokenization of r (`FirstPiece`), which gets s's probability;
-- with u non-empty the candidates are conditioned on `u` (renormalised over those kept);
+- every source candidate s in the top-k whose bytes start with `u` (and go past it) is a
+  way the text goes on; the pivot's own tokenization of s says which pivot token would
+  start at byte len(u) (`FirstPiece.after`), which gets s's probability. Candidates whose
+  pivot tokenization has no boundary there are dropped: a pivot that has just closed a
+  bare " " goes on with "1", never with "The" (it writes " The" as one token);
+- with u non-empty this is conditioned on u: p(s | u) = p(s) / p(u), where p(u) is at
+  least the kept candidates' mass and at most that plus the row's tail mass (`prefix:
+  renormalize`, the default, divides by the lower bound; `tail` by the upper one, leaving
+  the rest in the tail, which measured worse: it dilutes confident word endings; `skip`
+  transfers nothing there);
 - where the gold source token ends before the pivot token does (the pivot token is
   longer), the gold candidate is expanded through the next source position:
-  p(g) · p(x | g) for its candidates x, each mapped by the first pivot token of g+x.
+  p(g) · p(x | g) for its candidates x, each mapped by the pivot token that g+x starts with.
 
 Candidates with the same pivot id merge (logsumexp); the top k are kept. The common
 case (u empty and the source token as long as the pivot's: 1-1 and most n-1 groups)
@@ -44,12 +50,40 @@ class FirstPiece:
                 self.index.setdefault(s, i)
         self.max_len = max((len(s) for s in self.index), default=0)
         self.cache: dict[str, int] = {}
+        self.cache_after: dict[tuple[str, int], int] = {}
 
     def __call__(self, r: str) -> int:
         hit = self.cache.get(r)
         if hit is None:
             hit = self.cache[r] = self._first(r, self._encode([r])[0])
         return hit
+
+    def after(self, s: str, n: int) -> int:
+        """The pivot token starting at byte n of the pivot's tokenization of `s`.
+
+        -1 when that tokenization has no boundary at n: a pivot that has already closed a
+        token at n would not go on with `s` (e.g. after a bare " " it writes "1", never
+        "The": " The" is one token). Where the tokenization does not spell `s` back (a
+        normaliser), the first piece of `s[n:]` stands for it.
+        """
+        key = (s, n)
+        hit = self.cache_after.get(key)
+        if hit is None:
+            hit = self.cache_after[key] = self._after(s, n)
+        return hit
+
+    def _after(self, s: str, n: int) -> int:
+        ids = self._encode([s])[0]
+        if not ids or "".join(self.surfaces[i] for i in ids) != s:
+            return self(s[n:])
+        at = 0
+        for i in ids:
+            if at == n:
+                return i
+            at += len(self.surfaces[i])
+            if at > n:
+                break
+        return -1
 
     def _encode(self, strings: list[str]) -> list[list[int] | None]:
         texts, where = [], []
@@ -91,18 +125,18 @@ def _bytes(text: str, a: int, b: int) -> str:
 
 
 def _candidates(ids: np.ndarray, lp: np.ndarray, s_surf: list[str], u: str) -> list[tuple[str, float, int]]:
-    """(remainder after u, log-prob, source id) of the top-k entries that continue u."""
+    """(surface, log-prob, source id) of the top-k entries that continue the written prefix u."""
     out = []
     for i, v in zip(ids.tolist(), lp.tolist(), strict=True):
         s = s_surf[i]
         if v > -np.inf and len(s) > len(u) and s.startswith(u):
-            out.append((s[len(u):], v, i))
+            out.append((s, v, i))
     return out
 
 
 def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, first: FirstPiece,
                    s_surf: list[str], *, k: int, fallback: str = "pivot", pivot_scored_only: bool = False,
-                   source_scored_only: bool = False) -> dict:
+                   source_scored_only: bool = False, prefix: str = "renormalize") -> dict:
     """Aligned distribution of one source over the pivot's scored positions (offsets must meet).
 
     Args:
@@ -149,14 +183,14 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
         cands = _candidates(s_ids_all[ri], s_lp_all[ri], s_surf, u)
         if not cands:
             continue
-        gold_end = int(se[mi])
-        out_ids, out_lp = [], []
-        # expand the gold candidate while it ends before the pivot token does
-        frontier = [(r, v) for r, v, i in cands if i == s_tokens[mi] and gold_end < e[n]]
-        rest = [(r, v) for r, v, i in cands if not (i == s_tokens[mi] and gold_end < e[n])]
+        gold, expand = int(s_tokens[mi]), int(se[mi]) < e[n]
+        # the gold candidate is expanded while it ends before the pivot token does
+        frontier = [(t, v) for t, v, i in cands if i == gold and expand]
+        items = [(t, v) for t, v, i in cands if not (i == gold and expand)]
+        level0 = [v for t, v in items if first.after(t, len(u)) >= 0] + [v for _, v in frontier]
         depth, nxt = 0, mi
         while frontier and depth < MAX_EXPAND and nxt + 1 < len(se):
-            (gr, gv), = frontier
+            (gt, gv), = frontier
             nrow = s_rows[nxt]
             gold_next = s_tokens[nxt + 1]
             if nrow < 0 or s_surf[gold_next] != _bytes(text, int(se[nxt]), int(se[nxt + 1])):
@@ -166,21 +200,28 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
                 if xv == -np.inf or not s_surf[x]:
                     continue
                 if x == gold_next and se[nxt + 1] < e[n]:
-                    frontier = [(gr + s_surf[x], gv + xv)]
+                    frontier = [(gt + s_surf[x], gv + xv)]
                 else:
-                    rest.append((gr + s_surf[x], gv + xv))
+                    items.append((gt + s_surf[x], gv + xv))
             depth, nxt = depth + 1, nxt + 1
-        rest += frontier  # not expanded further: its first piece stands for it
-        for r, v in rest:
-            pid = first(r)
+        items += frontier  # not expanded further: the pivot piece it starts with stands for it
+        out_ids, out_lp = [], []
+        for t, v in items:
+            pid = first.after(t, len(u))
             if pid >= 0:
                 out_ids.append(pid)
                 out_lp.append(v)
         if not out_ids:
             continue
         vals = np.asarray(out_lp, dtype=np.float64)
-        if u:  # condition on the written prefix
-            vals -= np.logaddexp.reduce(vals)
+        if u:  # condition on the written prefix: p(s | u) = p(s) / p(u)
+            if prefix == "skip":
+                continue
+            kept = np.logaddexp.reduce(np.asarray(level0, dtype=np.float64))
+            if prefix == "tail":  # p(u) ≤ kept + the row's tail mass: the rest stays in the tail
+                tail = 1.0 - np.exp(np.logaddexp.reduce(s_lp_all[ri].astype(np.float64)))
+                kept = np.logaddexp(kept, np.log(tail) if tail > 0 else -np.inf)
+            vals -= kept
         ids[n], lp[n] = merge_duplicates(np.asarray([out_ids]), vals[None].astype(np.float32), k)
         kinds[n] = 2
     done = kinds > 0
