@@ -99,15 +99,25 @@ def transfer(pivot: dict, source: dict, pos_map: np.ndarray, vmap: np.ndarray, *
         s_ids = np.asarray(source["topk_ids"])[src_rows[ok]]
         s_lp = np.asarray(source["topk_logprobs"], dtype=np.float32)[src_rows[ok]]
         ids[ok], lp[ok] = merge_duplicates(vmap[s_ids], s_lp, k)
-    if (~ok).any():
-        if fallback == "pivot":
-            rows = stored_rows(mask, pivot_scored_only)[scored[~ok]]
-            ids[~ok] = np.asarray(pivot["topk_ids"])[rows]
-            lp[~ok] = np.asarray(pivot["topk_logprobs"], dtype=np.float32)[rows]
-        else:  # onehot_next: all mass on the next gold pivot token
-            ids[~ok, 0] = np.asarray(pivot["input_ids"])[scored[~ok] + 1]
-            lp[~ok, 0] = 0.0
+    fill_fallback(ids, lp, ~ok, pivot, fallback, pivot_scored_only)
     return {"topk_ids": ids.astype(np.int32), "topk_logprobs": lp, "transferred": ok}
+
+
+def fill_fallback(ids: np.ndarray, lp: np.ndarray, todo: np.ndarray, pivot: dict, fallback: str,
+                  pivot_scored_only: bool) -> None:
+    """In place: the scored pivot positions in `todo` get the pivot's own distribution
+    (`pivot`) or all mass on the next gold pivot token (`onehot_next`)."""
+    if not todo.any():
+        return
+    mask = np.asarray(pivot["loss_mask"], dtype=bool)
+    scored = np.flatnonzero(mask)
+    if fallback == "pivot":
+        rows = stored_rows(mask, pivot_scored_only)[scored[todo]]
+        ids[todo] = np.asarray(pivot["topk_ids"])[rows]
+        lp[todo] = np.asarray(pivot["topk_logprobs"], dtype=np.float32)[rows]
+    else:
+        ids[todo, 0] = np.asarray(pivot["input_ids"])[scored[todo] + 1]
+        lp[todo, 0] = 0.0
 
 
 def align_positions(pivot_ends: np.ndarray, source_ends: np.ndarray, text_len: int,

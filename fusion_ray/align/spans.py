@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusion_ray.align.project import merge_duplicates, stored_rows
+from fusion_ray.align.project import fill_fallback, merge_duplicates, stored_rows
 
 MAX_EXPAND = 3  # source tokens chained to cover one longer pivot token
 
@@ -225,12 +225,5 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
         ids[n], lp[n] = merge_duplicates(np.asarray([out_ids]), vals[None].astype(np.float32), k)
         kinds[n] = 2
     done = kinds > 0
-    if (~done).any():
-        if fallback == "pivot":
-            prow = stored_rows(mask, pivot_scored_only)[scored[~done]]
-            ids[~done] = np.asarray(pivot["topk_ids"])[prow]
-            lp[~done] = np.asarray(pivot["topk_logprobs"], dtype=np.float32)[prow]
-        else:
-            ids[~done, 0] = np.asarray(pivot["input_ids"])[scored[~done] + 1]
-            lp[~done, 0] = 0.0
+    fill_fallback(ids, lp, ~done, pivot, fallback, pivot_scored_only)
     return {"topk_ids": ids.astype(np.int32), "topk_logprobs": lp, "transferred": done, "kinds": kinds}
