@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans  # noqa: E402
 from fusion_ray.train.batches import collate  # noqa: E402
-from fusion_ray.train.losses import combined_loss, teacher_for  # noqa: E402
+from fusion_ray.train.losses import combined_loss  # noqa: E402
 
 COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "transferred")
 
@@ -117,8 +117,9 @@ def train_arm(bundle: str, rows: list[dict], meta: dict, *, lam: float, position
                         tok.pad_token_id, meta["max_length"])
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], lambda_clm=lam, tail=tail,
-                            temperature=temperature, inplace=True, **teacher_for(batch, positions))
+        out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
+                            batch["topk_logprobs"], lambda_clm=lam, tail=tail, temperature=temperature,
+                            inplace=True, fusion_mask=batch["transferred"] if positions == "transferred" else None)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
         opt.step()

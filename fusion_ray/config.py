@@ -171,9 +171,7 @@ class TrainConfig(Strict):
     tail: Literal["bucket", "renormalize"] = "bucket"
     # positions that get the fusion term: every scored one (FuseChat), or only those a
     # source's distribution reached (elsewhere the teacher is the pivot's own fallback)
-    # (`gold_elsewhere`: as `transferred`, and elsewhere the gold token is the teacher, so
-    # every position weighs the same)
-    fusion_positions: Literal["all", "transferred", "gold_elsewhere"] = "all"
+    fusion_positions: Literal["all", "transferred"] = "all"
     lr: float = Field(5e-6, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -104,28 +104,3 @@ def test_chunked_loss_equals_the_reference_in_value_and_gradient(tail, temperatu
     for key in ("loss", "clm", "fusion"):
         assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(leaf.grad, 2.0 * ref_logits.grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_gold_elsewhere_weighs_every_position_the_same(tail):
-    """Untransferred positions: the fusion term is their CLM term, so they keep weight 1."""
-    from fusion_ray.train.losses import teacher_for
-
-    torch.manual_seed(7)
-    b, length, v, k, lam = 2, 8, 11, 3, 0.7
-    logits = torch.randn(b, length, v)
-    ids = torch.randint(0, v, (b, length))
-    mask = torch.rand(b, length - 1) > 0.2
-    n = int(mask.sum())
-    teacher = torch.log_softmax(torch.randn(n, v) * 2, -1).topk(k)
-    reached = torch.arange(n) % 3 != 0
-    batch = {"input_ids": ids, "loss_mask": mask, "topk_ids": teacher.indices, "topk_logprobs": teacher.values,
-             "transferred": reached}
-    got = combined_loss(logits, ids, mask, lambda_clm=lam, tail=tail, **teacher_for(batch, "gold_elsewhere"))
-    pos, gold = logits[:, :-1][mask], ids[:, 1:][mask]
-    per = [clm_loss(pos[i:i + 1], gold[i:i + 1]) * lam + (1 - lam) * (
-        fusion_loss(pos[i:i + 1], teacher.indices[i:i + 1], teacher.values[i:i + 1], tail=tail) if reached[i]
-        else clm_loss(pos[i:i + 1], gold[i:i + 1])) for i in range(n)]
-    assert got["loss"].item() == pytest.approx(torch.stack(per).mean().item(), rel=1e-5)
-    masked = combined_loss(logits, ids, mask, lambda_clm=lam, tail=tail, **teacher_for(batch, "transferred"))
-    assert masked["loss"].item() != pytest.approx(got["loss"].item(), rel=1e-3), "the two options differ"

@@ -27,7 +27,7 @@ from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.demo.assets import resolve as resolve_demo
 from fusion_ray.train.batches import collate
-from fusion_ray.train.losses import combined_loss, teacher_for
+from fusion_ray.train.losses import combined_loss
 from fusion_ray.train.strategies import STRATEGIES
 
 
@@ -101,9 +101,10 @@ def train_loop_per_worker(config: dict) -> None:
             batch = collate(rows_of(table), tokenizer.pad_token_id, cfg.data.max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = strategy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], lambda_clm=lam, tail=t.tail,
-                                temperature=t.temperature, inplace=True,  # nothing reads the logits after the loss
-                                **teacher_for(batch, t.fusion_positions))
+            out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
+                                batch["topk_logprobs"], lambda_clm=lam, tail=t.tail, temperature=t.temperature,
+                                inplace=True,  # nothing reads the logits after the loss
+                                fusion_mask=batch["transferred"] if t.fusion_positions == "transferred" else None)
             strategy.backward(out["loss"])
             micro += 1
             tokens += int(batch["attention_mask"].sum())

@@ -199,31 +199,3 @@ def combined_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     loss, clm, fuse = _ChunkedLoss.apply(logits, rows, targets, topk_ids, topk_logprobs.float(), float(lambda_clm),
                                          fusion_mask, tail, float(temperature), chunk, inplace)
     return {"loss": loss, "clm": clm, "fusion": fuse}
-
-
-def gold_elsewhere(input_ids: torch.Tensor, loss_mask: torch.Tensor, topk_ids: torch.Tensor,
-                   topk_logprobs: torch.Tensor, transferred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher with all its mass on the gold next token where no source reached.
-
-    With it every scored position weighs the same in λ·CLM + (1−λ)·fusion (the fusion
-    term there is the CLM term), where `fusion_mask` would leave those positions with λ
-    only. Returns (topk_ids, topk_logprobs) for `combined_loss` without a fusion mask.
-    """
-    targets = input_ids[:, 1:][loss_mask].to(topk_ids.dtype)
-    miss = ~transferred.bool()
-    ids, lp = topk_ids.clone(), topk_logprobs.clone()
-    ids[miss] = 0
-    ids[miss, 0] = targets[miss]
-    lp[miss] = float("-inf")
-    lp[miss, 0] = 0.0
-    return ids, lp
-
-
-def teacher_for(batch: dict, positions: str) -> dict:
-    """`combined_loss` teacher keywords for `train.fusion_positions` (all | transferred | gold_elsewhere)."""
-    if positions == "gold_elsewhere":
-        ids, lp = gold_elsewhere(batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"],
-                                 batch["transferred"])
-        return {"topk_ids": ids, "topk_logprobs": lp, "fusion_mask": None}
-    return {"topk_ids": batch["topk_ids"], "topk_logprobs": batch["topk_logprobs"],
-            "fusion_mask": batch["transferred"] if positions == "transferred" else None}
