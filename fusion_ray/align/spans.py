@@ -178,6 +178,8 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
     for n in np.flatnonzero(ok & ~simple):
         mi, ri = int(m_c[n]), int(row[n])
         u = _bytes(text, int(b[n]), int(c[n]))
+        if u and prefix == "skip":
+            continue
         if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
             continue  # the source token is not the text it covers (a special token, normalisation)
         cands = _candidates(s_ids_all[ri], s_lp_all[ri], s_surf, u)
@@ -215,8 +217,6 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             continue
         vals = np.asarray(out_lp, dtype=np.float64)
         if u:  # condition on the written prefix: p(s | u) = p(s) / p(u)
-            if prefix == "skip":
-                continue
             kept = np.logaddexp.reduce(np.asarray(level0, dtype=np.float64))
             if prefix == "tail":  # p(u) ≤ kept + the row's tail mass: the rest stays in the tail
                 tail = 1.0 - np.exp(np.logaddexp.reduce(s_lp_all[ri].astype(np.float64)))
