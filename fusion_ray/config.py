@@ -143,6 +143,9 @@ class AlignConfig(Strict):
     # continue the written prefix, divided by their own sum (`renormalize`), or by it plus
     # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`)
     prefix: Literal["renormalize", "tail", "skip"] = "renormalize"
+    # `spans`, conditioned or expanded positions: add the source's gold token with its exact
+    # log-prob (collected as `gold_logprob`) where the top-k lacks it
+    gold: bool = True
     # source id → pivot id: `first_piece` is the first token of the pivot's own tokenization
     # of the source token's text (what `spans` marginalises with)
     vocab_map: Literal["exact", "mined", "statistics", "first_piece"] = "statistics"

@@ -140,6 +140,41 @@ def test_no_candidate_continuing_the_prefix_falls_back():
     assert dist(hot, 1) == {surf.index("ing"): 1.0}
 
 
+def test_the_gold_source_token_joins_the_conditioned_candidates():
+    """Conditioning on a written prefix with the gold token outside the top-k would teach a
+    continuation that was not written with certainty; its exact log-prob (`gold_logprob`) joins."""
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    ing, er = surf.index("ing"), surf.index("er")
+    # the top-k at "a" holds " computer" but not the gold " computing"
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[2, 3, 0], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    without = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4)
+    assert dist(without, 1) == pytest.approx({er: 1.0}), "without the gold: 'er' for certain, and wrong"
+    source["gold_logprob"] = np.array([-2.5, -0.3], dtype=np.float32)
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4)
+    z = np.exp(-0.5) + np.exp(-2.5)
+    assert dist(out, 1) == pytest.approx({er: np.exp(-0.5) / z, ing: np.exp(-2.5) / z}, rel=1e-5)
+    assert dist(out, 2) == dist(without, 2), "positions without a prefix are left as they are"
+    off = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4, gold=False)
+    assert dist(off, 1) == pytest.approx({er: 1.0})
+    # no candidate continues the prefix: the gold alone does (a one-hot on the written piece)
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[3, 4, 0], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    source["gold_logprob"] = np.array([-4.0, -0.3], dtype=np.float32)
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4)
+    assert out["transferred"].tolist() == [True, True, True] and dist(out, 1) == pytest.approx({ing: 1.0})
+    # and the expansion of a shorter gold token through the next position gets it too
+    tok2, surf2 = bpe(WORD + [(" comput", "ing")])
+    first2 = spans.FirstPiece(tok2, surf2)
+    pivot2 = pivot_row(tok2, text)
+    source2 = row([0, 5, 6, 4], ends(S, [0, 5, 6, 4]), [[5, 3, 8], [7, 3, 0], [4, 0, 3]],
+                  [[-0.4, -1.2, -2.5], [-0.2, -2.6, -4.0], [-0.2, -2.0, -3.0]])
+    source2["gold_logprob"] = np.array([-0.4, -3.0, -0.2], dtype=np.float32)
+    out2 = spans.transfer_spans(pivot2, source2, text, first2.vocab_map(S, {}), first2, S, k=5)
+    assert dist(out2, 0)[surf2.index(" computing")] == pytest.approx(np.exp(-3.4), rel=1e-5)
+
+
 WORDS = ["a", " computing", " computer", " the", " b", " comput", " be", " bit", " rim"]
 
 

@@ -136,7 +136,8 @@ class Aligner:
         for prep, p, s in joined_rows(self.cfg, self.source.name, name):
             if self.cfg.align.positions == "spans" and offsets_lib.meet(p["offsets"], s["offsets"],
                                                                        len(prep["text"])):
-                out = spans.transfer_spans(p, s, prep["text"], vmap, *self.first, prefix=self.cfg.align.prefix, **kw)
+                out = spans.transfer_spans(p, s, prep["text"], vmap, *self.first, prefix=self.cfg.align.prefix,
+                                           gold=self.cfg.align.gold, **kw)
                 method = "spans"
             else:
                 pos_map, method = self.positions(prep, p, s)

@@ -22,6 +22,12 @@ then determines the pivot's next token, by marginalising over tokenizations:
 - where the gold source token ends before the pivot token does (the pivot token is
   longer), the gold candidate is expanded through the next source position:
   p(g) · p(x | g) for its candidates x, each mapped by the pivot token that g+x starts with.
+- the top-k can miss what was written: conditioned on u, the candidates left may then all
+  be wrong, and the teacher sure of them. The source's gold token (which does continue u)
+  joins the candidates with its exact log-prob (`gold_logprob`, collected with the top-k;
+  `gold=True`, `align.gold`), at the conditioned and expanded positions only (elsewhere a
+  missing gold only sits in the tail). At the same tokenization (the shared-tokenizer
+  control) no position is conditioned, so this changes nothing there.
 
 Candidates with the same pivot id merge (logsumexp); the top k are kept. The common
 case (u empty and the source token as long as the pivot's: 1-1 and most n-1 groups)
@@ -134,9 +140,17 @@ def _candidates(ids: np.ndarray, lp: np.ndarray, s_surf: list[str], u: str) -> l
     return out
 
 
+def _with_gold(ids: np.ndarray, lp: np.ndarray, g: int, gold_lp: np.ndarray | None,
+               row: int) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k row plus the gold token g with its exact log-prob where the row lacks it."""
+    if gold_lp is None or row >= len(gold_lp) or np.any(ids[np.isfinite(lp)] == g):
+        return ids, lp
+    return np.append(ids, g), np.append(lp, np.float32(gold_lp[row]))
+
+
 def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, first: FirstPiece,
                    s_surf: list[str], *, k: int, fallback: str = "pivot", pivot_scored_only: bool = False,
-                   source_scored_only: bool = False, prefix: str = "renormalize") -> dict:
+                   source_scored_only: bool = False, prefix: str = "renormalize", gold: bool = True) -> dict:
     """Aligned distribution of one source over the pivot's scored positions (offsets must meet).
 
     Args:
@@ -144,6 +158,9 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
         text: the prepared text both tokenized.
         first_map: [V_source] `FirstPiece.vocab_map` of the source vocabulary.
         s_surf: source token surfaces (vocab.surfaces).
+        gold: at conditioned and expanded positions, add the source's gold token with its
+            exact log-prob (`gold_logprob`) when the top-k lacks it, so that the conditioned
+            distribution always holds what was written.
 
     Returns:
         {"topk_ids" [P, k], "topk_logprobs" [P, k], "transferred" [P], "kinds" [P]} with
@@ -157,6 +174,7 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
     s_rows = stored_rows(np.asarray(source["loss_mask"], bool), source_scored_only)
     s_ids_all, s_lp_all = np.asarray(source["topk_ids"]), np.asarray(source["topk_logprobs"], dtype=np.float32)
     s_tokens = np.asarray(source["input_ids"])
+    s_gold = np.asarray(source["gold_logprob"], dtype=np.float32) if gold and "gold_logprob" in source else None
     c, e = pe[scored], pe[scored + 1]  # the next pivot token spans [c, e)
     # m: the source token covering char c (first ending after c); it starts at se[m-1]
     m = np.searchsorted(se, c, side="right")
@@ -182,13 +200,14 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             continue
         if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
             continue  # the source token is not the text it covers (a special token, normalisation)
-        cands = _candidates(s_ids_all[ri], s_lp_all[ri], s_surf, u)
+        g = int(s_tokens[mi])
+        cands = _candidates(*_with_gold(s_ids_all[ri], s_lp_all[ri], g, s_gold, ri), s_surf, u)
         if not cands:
             continue
-        gold, expand = int(s_tokens[mi]), int(se[mi]) < e[n]
+        gold_id, expand = g, int(se[mi]) < e[n]
         # the gold candidate is expanded while it ends before the pivot token does
-        frontier = [(t, v) for t, v, i in cands if i == gold and expand]
-        items = [(t, v) for t, v, i in cands if not (i == gold and expand)]
+        frontier = [(t, v) for t, v, i in cands if i == gold_id and expand]
+        items = [(t, v) for t, v, i in cands if not (i == gold_id and expand)]
         level0 = [v for t, v in items if first.after(t, len(u)) >= 0] + [v for _, v in frontier]
         depth, nxt = 0, mi
         while frontier and depth < MAX_EXPAND and nxt + 1 < len(se):
@@ -198,7 +217,8 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             if nrow < 0 or s_surf[gold_next] != _bytes(text, int(se[nxt]), int(se[nxt + 1])):
                 break
             frontier = []
-            for x, xv in zip(s_ids_all[nrow].tolist(), s_lp_all[nrow].tolist(), strict=True):
+            for x, xv in zip(*(a.tolist() for a in _with_gold(s_ids_all[nrow], s_lp_all[nrow], int(gold_next),
+                                                                s_gold, nrow)), strict=True):
                 if xv == -np.inf or not s_surf[x]:
                     continue
                 if x == gold_next and se[nxt + 1] < e[n]:
