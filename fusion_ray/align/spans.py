@@ -200,11 +200,11 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             continue
         if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
             continue  # the source token is not the text it covers (a special token, normalisation)
-        g = int(s_tokens[mi])
-        cands = _candidates(*_with_gold(s_ids_all[ri], s_lp_all[ri], g, s_gold, ri), s_surf, u)
+        gold_id = int(s_tokens[mi])
+        cands = _candidates(*_with_gold(s_ids_all[ri], s_lp_all[ri], gold_id, s_gold, ri), s_surf, u)
         if not cands:
             continue
-        gold_id, expand = g, int(se[mi]) < e[n]
+        expand = int(se[mi]) < e[n]
         # the gold candidate is expanded while it ends before the pivot token does
         frontier = [(t, v) for t, v, i in cands if i == gold_id and expand]
         items = [(t, v) for t, v, i in cands if not (i == gold_id and expand)]
