@@ -6,8 +6,9 @@ written beside every stage output. Values that follow from others (stage
 directories, world size, gradient accumulation) are methods, not keys.
 
 Model and corpus paths are one of: a local path (must exist), a hub id
-(`org/name`, checked only when loaded), a URI (`s3://...`), or `demo:NAME`, an
-asset of the embedded default that `fusion_ray.demo` builds offline.
+(`org/name`, checked only when loaded or by `fusion-ray validate`), an object-store
+URI (`s3://...`), or `demo:NAME`, an asset of the embedded default; `fusion_ray.locations`
+says which and turns each into a local dir where a library needs one.
 
 This module imports neither torch, ray nor transformers.
 """
@@ -17,20 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fusion_ray import locations
+
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Output directory of each stage below `workdir` (DESIGN §2).
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
-DEMO_SCHEME = "demo:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -43,33 +42,18 @@ class ConfigError(ValueError):
 
 
 def check_location(value: str, *, kind: str) -> str:
-    """Accept a demo asset, URI or hub id; a local path must exist.
+    """Accept a demo asset, URI or hub id; a local path must exist (`locations.check`).
 
     Raises:
         ValueError: naming the path, when it is local and missing.
     """
-    if value.startswith(DEMO_SCHEME):
-        from fusion_ray.demo import assets  # pure-python names, no heavy imports
-
-        name = value[len(DEMO_SCHEME) :]
-        if name not in assets.ASSET_NAMES:
-            raise ValueError(f"unknown demo asset {name!r}; known: {', '.join(assets.ASSET_NAMES)}")
-        return value
-    if _URI.match(value):
-        return value
-    local = Path(value).expanduser()
-    if local.exists():
-        return value
-    looks_local = value.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(value)
-    if looks_local:
-        raise ValueError(f"{kind} path does not exist: {value}")
-    return value  # a hub id: checked when it is loaded
+    return locations.check(value, what=kind)
 
 
 def local_vocab_size(path: str) -> int | None:
     """`vocab_size` from a local model dir's config.json; None for hub ids and demo assets."""
     config = Path(path).expanduser() / "config.json"
-    if path.startswith(DEMO_SCHEME) or not config.is_file():
+    if locations.kind(path) != "local" or not config.is_file():
         return None
     return json.loads(config.read_text()).get("vocab_size")
 
@@ -131,6 +115,7 @@ class CollectConfig(Strict):
     scored_only: bool = False
     shard_rows: int = Field(1000, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    accelerator_type: str | None = None  # e.g. "A100": engine actors only on nodes of that type
 
 
 class AlignConfig(Strict):
@@ -169,6 +154,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    accelerator_type: str | None = None  # e.g. "A100": training workers only on nodes of that type
     lambda_clm: float = Field(0.9, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"

@@ -34,6 +34,15 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
 
     if ray.is_initialized():
         return ray
+    from fusion_ray.locations import worker_env
+
+    # Object-store endpoint and keys, hub settings: every worker needs them. A job submitted with
+    # `ray job submit` already hands its runtime env (env_vars included) to its workers.
+    env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else worker_env()
+    if env:
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+        kwargs["runtime_env"] = runtime_env
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)

@@ -19,6 +19,21 @@ os.environ.setdefault("FUSION_RAY_CACHE", str(Path.home() / ".cache" / "fusion_r
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3-compatible test server's address is fixed before anything starts Ray, so every Ray
+# worker inherits it; the server itself (`s3_server`) starts only for tests that ask for it.
+S3_PORT = _free_port()
+os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -93,3 +108,38 @@ def tiny_models(tmp_path_factory):
 
     yield make
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback for the session.
+
+    Yields a factory `bucket(name) -> "s3://name"` that creates a fresh bucket.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), 0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.1)
+
+    def bucket(name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    yield bucket
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -18,12 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion_ray import io, schema
+from fusion_ray import io, locations, schema
 from fusion_ray.arrays import ragged
 from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.demo.assets import resolve as resolve_demo
 
 
 class ScoreUDF:
@@ -35,12 +34,12 @@ class ScoreUDF:
         from fusion_ray.collect import engines
 
         spec, self.cfg = ModelSpec.model_validate(model), collect
-        path = resolve_demo(spec.path)
+        path = locations.local_dir(spec.path, revision=spec.revision)  # once per node, then cached
         self.tokenizer = AutoTokenizer.from_pretrained(
-            resolve_demo(spec.tokenizer or spec.path), revision=spec.revision,
+            locations.local_dir(spec.tokenizer, revision=spec.revision) if spec.tokenizer else path,
             trust_remote_code=spec.trust_remote_code)
         dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
-        common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+        common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
         if collect["engine"] == "vllm":
             self.engine = engines.VLLMEngine(
                 path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
@@ -90,7 +89,7 @@ def preflight(cfg: FusionConfig) -> None:
 
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
     return io.fingerprint("collect", model.model_dump(mode="json"), cfg.to_dict()["collect"],
-                          cfg.data.max_length, io.hash_location(resolve_demo(model.path)), prepared_fp)
+                          cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
 
 
 def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepared_fp: str,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from fusion_ray import io, schema
 from fusion_ray.collect.prompts import RowRejected, prepare_row
 from fusion_ray.config import CorpusSpec, FusionConfig
-from fusion_ray.demo.assets import resolve as resolve_demo
+from fusion_ray import locations
 
 RAW_CHARS = 2000  # how much of a rejected row is kept
 REJECTED_DIR = "_rejected"  # prepared/_rejected/: underscore, so readers of prepared/ skip it
@@ -38,7 +38,7 @@ class BadLine:
 
 def iter_rows(spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
     """Yield (file, row index, row) for one corpus; unparseable lines come as `BadLine`."""
-    path = resolve_demo(spec.path)
+    path = locations.corpus_path(spec.path)
     local = Path(path)
     count = 0
     for item in _iter_source(path, local, spec):
@@ -110,18 +110,20 @@ def load_tokenizer(model) -> Any:
     """
     from transformers import AutoTokenizer
 
-    path = resolve_demo(model.tokenizer or model.path)
+    ref = model.tokenizer or model.path
     try:
-        return AutoTokenizer.from_pretrained(path, revision=model.revision,
-                                             trust_remote_code=model.trust_remote_code)
+        path = locations.local_dir(ref, revision=model.revision)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except locations.LocationError as err:
+        raise ValueError(f"model {model.name!r}: {err}") from err
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"model {model.name!r}: cannot load its tokenizer from {path}: {err}") from err
 
 
 def fingerprint(cfg: FusionConfig) -> str:
-    inputs = [io.hash_location(resolve_demo(c.path)) for c in cfg.data.train]
+    inputs = [locations.fingerprint(c.path) for c in cfg.data.train]
     pivot = cfg.pivot.tokenizer or cfg.pivot.path
-    return io.fingerprint("prepare", cfg.to_dict()["data"], io.hash_location(resolve_demo(pivot)),
+    return io.fingerprint("prepare", cfg.to_dict()["data"], locations.fingerprint(pivot, revision=cfg.pivot.revision),
                           cfg.collect.shard_rows, inputs)
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_ray.io import fingerprint
+from fusion_ray.locations import cache_root
 
 CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")
 MODEL_NAMES = ("pivot", "source_computing", "source_english")
@@ -80,10 +81,6 @@ DEFAULT_MODELS = (
               steps=300, layers=3),
 )
 DEFAULT_SPEC = DemoSpec()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSION_RAY_CACHE", Path.home() / ".cache" / "fusion_ray"))
 
 
 def assets_dir(spec: DemoSpec = DEFAULT_SPEC) -> Path:

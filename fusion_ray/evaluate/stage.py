@@ -21,15 +21,14 @@ import os
 import time
 from pathlib import Path
 
-from fusion_ray import io
+from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
-from fusion_ray.demo.assets import resolve as resolve_demo
 
 
 def arms(cfg: FusionConfig) -> dict[str, str]:
     """arm → model dir, for every arm whose model exists."""
-    out = {f"source:{s.name}": resolve_demo(s.path) for s in cfg.sources}
-    out["pivot"] = resolve_demo(cfg.pivot.path)
+    out = {f"source:{s.name}": s.path for s in cfg.sources}
+    out["pivot"] = cfg.pivot.path
     if cfg.train.clm_only_arm and io.read_manifest(cfg.stage_dir("train", "clm_only")):
         out["clm_only"] = cfg.stage_dir("train", "clm_only")
     for _, pair in cfg.pairs():
@@ -72,6 +71,7 @@ def score_model(path: str, conversations: dict[str, list], batch_size: int, max_
     from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    path = locations.local_dir(path)  # on this task's node: a store or hub copy made once
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -120,7 +120,7 @@ def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
     """Eval settings, held-out data and each arm's identity (its stage fingerprint, else its files)."""
     def identity(path: str) -> str:
         manifest = io.read_manifest(path)
-        return manifest["fingerprint"] if manifest else io.hash_location(path)
+        return manifest["fingerprint"] if manifest else locations.fingerprint(path)
 
     return io.fingerprint("eval", cfg.to_dict()["eval"], [spec.model_dump() for spec in cfg.data.heldout],
                           {arm: identity(p) for arm, p in models.items()}, cfg.data.max_length)

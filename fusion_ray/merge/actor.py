@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from fusion_ray import io
+from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, MergeConfig
 from fusion_ray.merge.spec import MergeSpec, ModelInput, parse_spec
 
@@ -77,11 +77,10 @@ def spec_from_config(merge: MergeConfig, pivot: str, targets: list[str]) -> Merg
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     """The `merge` stage: pivot + fused targets → `merged/` (skipped when its manifest matches)."""
-    from fusion_ray.demo.assets import resolve as resolve_demo
     from fusion_ray.merge.engine import fill_dir
     from fusion_ray.ray_env import init_ray
 
-    pivot = resolve_demo(cfg.pivot.path)
+    pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     targets, fingerprints = [], {}
     for _, pair in cfg.pairs():
         path = cfg.stage_dir("train", pair)
@@ -92,7 +91,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
         fingerprints[pair] = manifest["fingerprint"]
     spec = spec_from_config(cfg.merge, pivot, targets)
     out_dir = cfg.stage_dir("merge")
-    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, io.hash_location(pivot))
+    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
     if not io.is_local(out_dir):
@@ -105,7 +104,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     stats = fill_dir(spec, Path(out.dir), seed=cfg.merge.seed, run_parts=ray_parts(spec, cfg.merge.seed, 0.5),
                      parts=cfg.merge.num_actors)
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
-                           inputs={"pivot": io.hash_location(pivot), **fingerprints},
+                           inputs={"pivot": locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision), **fingerprints},
                            rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
                config=cfg.to_dict())

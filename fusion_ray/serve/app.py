@@ -41,19 +41,30 @@ class ServeArgs(ServeConfig):
     api_key: str | None = None
 
     def resolved(self) -> ServeArgs:
-        """Demo assets mapped to paths, the model dir checked, `api_key_env` read here."""
-        from fusion_ray.demo.assets import resolve
+        """The model checked (a local dir, object-store URI, hub id or demo asset, `config.json`
+        readable without fetching weights), `api_key_env` read here. Each replica makes its
+        node-local copy itself (`local_model_dir`)."""
+        from fusion_ray import locations
 
-        model_dir = str(Path(resolve(self.model_dir)).expanduser().resolve())
-        if not (Path(model_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"not an HF model dir (no config.json): {model_dir}")
+        model_dir = self.model_dir
+        if locations.kind(model_dir) in ("local", "demo"):  # demo assets are built here, once
+            model_dir = str(Path(locations.local_dir(model_dir)).resolve())
+        if locations.model_config(model_dir) is None:
+            why = locations.reachable(model_dir) or "no readable config.json"
+            raise FileNotFoundError(f"not an HF model dir ({why}): {model_dir}")
         key = self.api_key
         if key is None and self.api_key_env:
             if self.api_key_env not in os.environ:
                 raise ValueError(f"serve.api_key_env names {self.api_key_env}, which is not set")
             key = os.environ[self.api_key_env]
         return self.model_copy(update={"model_dir": model_dir, "api_key": key,
-                                       "model_id": self.model_id or Path(model_dir).name})
+                                       "model_id": self.model_id or model_dir.rstrip("/").rsplit("/", 1)[-1]})
+
+    def local_model_dir(self) -> ServeArgs:
+        """The same args with `model_dir` on this node's disk (copied once from a store or the hub)."""
+        from fusion_ray import locations
+
+        return self.model_copy(update={"model_dir": locations.local_dir(self.model_dir)})
 
 
 def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
@@ -91,7 +102,7 @@ class ChatServer:
     def __init__(self, args: dict):
         from transformers import AutoTokenizer
 
-        self.args = ServeArgs.model_validate(args)
+        self.args = ServeArgs.model_validate(args).local_model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.model_dir)
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.args.model_dir} has no chat template")

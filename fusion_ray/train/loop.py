@@ -25,7 +25,7 @@ import torch
 
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
-from fusion_ray.demo.assets import resolve as resolve_demo
+from fusion_ray import locations
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import combined_loss
 from fusion_ray.train.strategies import STRATEGIES
@@ -66,7 +66,7 @@ def train_loop_per_worker(config: dict) -> None:
     lam = 1.0 if config["arm"] == "clm_only" else t.lambda_clm
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    path = resolve_demo(cfg.pivot.path)
+    path = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)

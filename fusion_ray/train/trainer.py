@@ -22,9 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from fusion_ray import io
+from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
-from fusion_ray.demo.assets import resolve as resolve_demo
 from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -65,10 +64,10 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     if manifest is None:
         raise FileNotFoundError(f"no finished fuse stage at {fused_dir}: run `fuse` first")
     out_dir = cfg.stage_dir("train", name)
-    pivot = resolve_demo(cfg.pivot.path)
+    pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     check_vocab(fused_dir, manifest, pivot)
     fp = io.fingerprint("train", arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
-                        io.hash_location(pivot))
+                        locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
     started = time.monotonic()
