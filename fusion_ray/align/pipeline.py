@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
 from fusion_ray.align import offsets as offsets_lib
@@ -25,8 +24,8 @@ from fusion_ray.align import project, spans, vocab
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.collect.prepare import load_tokenizer
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.locations import cache_root
 from fusion_ray.fuse.strategies import score
+from fusion_ray.locations import cache_root
 
 
 class ShardMismatch(ValueError):
@@ -35,7 +34,7 @@ class ShardMismatch(ValueError):
 
 def read_shard(path: str, kind: str) -> pa.Table:
     schema.check_file(path, kind)
-    return pq.read_table(io.resolve(path)[1])
+    return io.read_table(path)
 
 
 def joined_rows(cfg: FusionConfig, source: str, name: str):
@@ -62,7 +61,7 @@ def check_join(cfg: FusionConfig, sources: list[str], names: list[str]) -> None:
     """Before any work: every shard of each source holds the pivot's samples, in order."""
     def ids(path: str) -> list[str]:
         schema.check_file(path, "logits")
-        return pq.read_table(io.resolve(path)[1], columns=["sample_id"]).column("sample_id").to_pylist()
+        return io.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
 
     for name in names:
         want = ids(f"{cfg.stage_dir('collect', cfg.pivot.name)}/{name}")
@@ -182,7 +181,7 @@ def shard_stats(paths: list[str]) -> dict:
     """Rows, scored positions, transferred positions and alignment methods of written shards."""
     totals = {"rows": 0, "positions": 0, "transferred": 0, "offsets": 0, "spans": 0, "dtw": 0, "none": 0}
     for path in paths:
-        table = pq.read_table(io.resolve(path)[1], columns=["transferred", "method"])
+        table = io.read_table(path, columns=["transferred", "method"])
         flags = table.column("transferred").combine_chunks().flatten()
         totals["rows"] += table.num_rows
         totals["positions"] += len(flags)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusion_ray import io, locations, schema
 from fusion_ray.arrays import ragged
@@ -104,7 +103,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     started = time.monotonic()
     out = io.StageOutput(out_dir, fp)
     todo = [s for s in shards if not out.has(Path(s).name)]
-    expected = {Path(s).name: pq.read_table(io.resolve(s)[1], columns=["sample_id"])
+    expected = {Path(s).name: io.read_table(s, columns=["sample_id"])
                 .column("sample_id").to_pylist() for s in todo}
     pending: dict[str, dict[str, dict]] = {name: {} for name in expected}
     if todo:
@@ -143,7 +142,7 @@ def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput)
 
 def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
     files = [out.path(Path(s).name) for s in shards]
-    meta = [pq.ParquetFile(io.resolve(f)[1]).metadata for f in files]
+    meta = [io.parquet_metadata(f) for f in files]
     n_rows = sum(m.num_rows for m in meta)
     n_bytes = sum(m.serialized_size + sum(m.row_group(g).total_byte_size for g in range(m.num_row_groups))
                   for m in meta)

@@ -23,8 +23,10 @@ RATING = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
 
 
 def read_questions(path: str) -> list[str]:
+    from fusion_ray import locations
+
     out = []
-    with open(path) as fh:
+    with open(locations.corpus_path(path)) as fh:  # a local file, or one copied here from a store
         for i, line in enumerate(fh):
             if not line.strip():
                 continue
@@ -40,6 +42,9 @@ def answer(model_dir: str, questions: list[str], max_new_tokens: int) -> list[st
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fusion_ray import locations
+
+    model_dir = locations.local_dir(model_dir)  # a stage dir on a store, a hub id or a demo asset
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
     out = []

@@ -91,5 +91,7 @@ def write_report(report: dict, out) -> None:
 
 
 def load(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
+    """A report.json, local or on an object store."""
+    from fusion_ray import io
+
+    return json.loads(io.read_text(path))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
@@ -94,9 +93,9 @@ def source_domains(cfg: FusionConfig) -> dict[str, str | None]:
 def stage_manifests(root: str) -> list[dict]:
     """A stage's manifest, or those of its parts (`logits/<model>`, `targets/<arm>`, …)."""
     own = io.read_manifest(root)
-    if own or not io.is_local(root) or not Path(root).is_dir():
-        return [own] if own else []
-    return [m for p in sorted(Path(root).iterdir()) if p.is_dir() and (m := io.read_manifest(str(p)))]
+    if own:
+        return [own]
+    return [m for sub in io.list_dirs(root) if (m := io.read_manifest(sub))]
 
 
 def stage_stats(cfg: FusionConfig) -> dict[str, dict]:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusion_ray import io, schema
 from fusion_ray.align.pipeline import ShardMismatch, read_shard
@@ -81,7 +80,7 @@ def routing(paths: list[str], candidates: list[str]) -> dict:
     wins: dict[str, Counter] = defaultdict(Counter)
     sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(candidates)))
     for path in paths:
-        table = pq.read_table(io.resolve(path)[1], columns=["domain", "weights"])
+        table = io.read_table(path, columns=["domain", "weights"])
         for domain, w in zip(table.column("domain").to_pylist(), table.column("weights").to_pylist(), strict=True):
             wins[domain][candidates[int(np.argmax(w))]] += 1
             sums[domain] += w

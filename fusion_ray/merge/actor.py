@@ -3,8 +3,8 @@
 The driver checks the inputs and lays out the output shards (headers written, files
 sized); each `MergeActor` then merges a contiguous, byte-balanced share of the tensors
 and writes them straight into their slots, so N actors produce the same bytes as one
-(DARE masks are seeded per tensor name). The output dir must be visible to every actor
-(local disk on one node, a shared filesystem on a cluster).
+(DARE masks are seeded per tensor name). The actors share one node, whose local disk
+holds the output (or its staging copy, uploaded when the output is on an object store).
 
 The stage merges the pivot (base) with the fused targets of `train` (`targets/<pair>/`,
 the CLM-only arm excluded) into `merged/`, with `cfg.merge` as the method and parameters.
@@ -13,6 +13,7 @@ the CLM-only arm excluded) into `merged/`, with `cfg.merge` as the method and pa
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,13 +36,22 @@ class MergeActor:
         return {"tensors": len(names), "bytes": written, "wall_s": round(time.monotonic() - started, 3)}
 
 
-def ray_parts(spec: MergeSpec, seed: int, num_cpus: float = 1.0):
-    """A `run_parts` callback for `engine.fill_dir` that gives each group to one MergeActor."""
+def ray_parts(spec: MergeSpec, seed: int, num_cpus: float = 1.0, node_id: str | None = None):
+    """A `run_parts` callback for `engine.fill_dir` that gives each group to one MergeActor.
+
+    Args:
+        node_id: pin the actors to this node (they write into a dir on its local disk).
+    """
 
     def run(groups: list[list[str]], slots: dict) -> None:
         import ray
 
-        remote = ray.remote(num_cpus=num_cpus)(MergeActor)
+        options: dict = {"num_cpus": num_cpus}
+        if node_id is not None:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        remote = ray.remote(MergeActor).options(**options)
         actors = [remote.remote(spec, seed) for _ in groups]
         try:
             ray.get([a.merge.remote(g, {n: slots[n] for n in g}) for a, g in zip(actors, groups, strict=True)])
@@ -52,12 +62,29 @@ def ray_parts(spec: MergeSpec, seed: int, num_cpus: float = 1.0):
     return run
 
 
+def local_inputs(spec: MergeSpec) -> MergeSpec:
+    """The spec with every model reference (hub id, object-store URI, demo asset) as a local dir."""
+    models = [m.model_copy(update={"model": locations.local_dir(m.model)}) for m in spec.models]
+    base = locations.local_dir(spec.base_model) if spec.base_model else None
+    return spec.model_copy(update={"models": models, "base_model": base})
+
+
 def merge_standalone(spec: MergeSpec, out_dir: str, *, seed: int = 0, threads: int | None = None,
                      num_actors: int = 1, force: bool = False) -> dict:
     """`fusion-ray merge`: in this process on `threads` (default: the cores, at most 2), or on
-    `num_actors` Ray actors (local Ray, or the cluster in RAY_ADDRESS)."""
+    `num_actors` Ray actors (local Ray, or the cluster in RAY_ADDRESS). Inputs may be hub ids or
+    object-store URIs (copied to this node once); an object-store OUT_DIR gets the merged files
+    uploaded, the index last."""
     from fusion_ray.merge.engine import run_merge
 
+    spec = local_inputs(spec)
+    if locations.is_remote(out_dir):
+        if not force and locations.listing(out_dir):
+            raise FileExistsError(f"output {out_dir} exists and is not empty (use --force to replace it)")
+        with tempfile.TemporaryDirectory(prefix="fusion-ray-merge-") as tmp:
+            stats = merge_standalone(spec, f"{tmp}/out", seed=seed, threads=threads, num_actors=num_actors)
+            upload_model_dir(Path(stats["dir"]), out_dir)
+        return {**stats, "dir": out_dir}
     if num_actors > 1:
         from fusion_ray.ray_env import init_ray
 
@@ -65,6 +92,14 @@ def merge_standalone(spec: MergeSpec, out_dir: str, *, seed: int = 0, threads: i
         return run_merge(spec, out_dir, seed=seed, force=force, run_parts=ray_parts(spec, seed), parts=num_actors)
     threads = threads or min(2, os.cpu_count() or 1)
     return run_merge(spec, out_dir, seed=seed, threads=threads, force=force)
+
+
+def upload_model_dir(local: Path, dest: str) -> None:
+    """Every file of a merged dir to `dest`; the index (what loaders open first) goes last."""
+    index = "model.safetensors.index.json"
+    locations.upload(local, dest, skip=(index,))
+    if (local / index).is_file():
+        locations.upload(local / index, f"{dest.rstrip('/')}/{index}")
 
 
 def spec_from_config(merge: MergeConfig, pivot: str, targets: list[str]) -> MergeSpec:
@@ -75,12 +110,42 @@ def spec_from_config(merge: MergeConfig, pivot: str, targets: list[str]) -> Merg
     return parse_spec(data, "merge")
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """The `merge` stage: pivot + fused targets → `merged/` (skipped when its manifest matches)."""
+def merge_into(merge: MergeConfig, pivot_ref: str, target_refs: list[str], out_dir: str,
+               num_cpus: float = 0.5) -> dict:
+    """Merge on this node: inputs copied here where they are not local, the result written into
+    `out_dir` (a local dir) or, for an object-store `out_dir`, into a local staging dir and
+    uploaded (the stage's manifest, written by the caller, comes last)."""
+    import ray
+
+    spec = spec_from_config(merge, locations.local_dir(pivot_ref), [locations.local_dir(t) for t in target_refs])
+    node = ray.get_runtime_context().get_node_id()
+    if not locations.is_remote(out_dir):
+        for stale in Path(out_dir).iterdir():  # an interrupted merge restarts from scratch
+            if stale.name != "_fingerprint":
+                stale.unlink()
+        return fill_dir_on(spec, Path(out_dir), merge, num_cpus, node)
+    with tempfile.TemporaryDirectory(prefix="fusion-ray-merge-") as tmp:
+        stats = fill_dir_on(spec, Path(tmp), merge, num_cpus, node)
+        upload_model_dir(Path(tmp), out_dir)
+    return stats
+
+
+def fill_dir_on(spec: MergeSpec, out: Path, merge: MergeConfig, num_cpus: float, node: str) -> dict:
     from fusion_ray.merge.engine import fill_dir
+
+    return fill_dir(spec, out, seed=merge.seed, run_parts=ray_parts(spec, merge.seed, num_cpus, node),
+                    parts=merge.num_actors)
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+    """The `merge` stage: pivot + fused targets → `merged/` (skipped when its manifest matches).
+
+    The merge runs in one Ray task whose actors share that task's node: it copies inputs that
+    live on a store or the hub to that node, merges onto its local disk and, when the workdir is
+    an object store, uploads the result. Its stage dir is committed (manifest last) afterwards.
+    """
     from fusion_ray.ray_env import init_ray
 
-    pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     targets, fingerprints = [], {}
     for _, pair in cfg.pairs():
         path = cfg.stage_dir("train", pair)
@@ -89,23 +154,17 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
             raise FileNotFoundError(f"no finished train stage at {path}: run `train` first")
         targets.append(path)
         fingerprints[pair] = manifest["fingerprint"]
-    spec = spec_from_config(cfg.merge, pivot, targets)
     out_dir = cfg.stage_dir("merge")
-    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
+    pivot_fp = locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision)
+    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, pivot_fp)
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
-    if not io.is_local(out_dir):
-        raise ValueError(f"merge writes a local (or shared-filesystem) model dir; workdir is {cfg.workdir}")
-    init_ray(cfg.ray)
+    ray = init_ray(cfg.ray)
     out = io.StageOutput(out_dir, fp)
-    for stale in Path(out.dir).iterdir():  # an interrupted merge restarts from scratch
-        if stale.name != "_fingerprint":
-            stale.unlink()
-    stats = fill_dir(spec, Path(out.dir), seed=cfg.merge.seed, run_parts=ray_parts(spec, cfg.merge.seed, 0.5),
-                     parts=cfg.merge.num_actors)
+    task = ray.remote(merge_into).options(num_cpus=0.5, max_retries=1)
+    stats = ray.get(task.remote(cfg.merge, cfg.pivot.path, targets, out.dir))
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
-                           inputs={"pivot": locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision), **fingerprints},
-                           rows={"tensors": stats["tensors"]},
+                           inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
                config=cfg.to_dict())
     log(f"[merge] {cfg.merge.method} of {len(targets)} target(s) → {out_dir}")

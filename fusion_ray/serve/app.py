@@ -50,7 +50,7 @@ class ServeArgs(ServeConfig):
         if locations.kind(model_dir) in ("local", "demo"):  # demo assets are built here, once
             model_dir = str(Path(locations.local_dir(model_dir)).resolve())
         if locations.model_config(model_dir) is None:
-            why = locations.reachable(model_dir) or "no readable config.json"
+            why = locations.reachable(model_dir) or "no config.json there"
             raise FileNotFoundError(f"not an HF model dir ({why}): {model_dir}")
         key = self.api_key
         if key is None and self.api_key_env:

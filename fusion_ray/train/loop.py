@@ -8,24 +8,29 @@ accumulation derived from the config and clipping. Every step's metrics go to
 `train_log.jsonl` (rank 0); every `report_every` steps they go to Ray too (a report
 synchronises the workers, ≈2 s on this 2-core machine); every `checkpoint_every`
 optimizer steps (and at the end) the workers write a checkpoint (HF weights, optimizer,
-schedule, step) through `ray.train.report`. A restarted run resumes from it: same step,
-same schedule, the micro-batches consumed before it skipped, the log cut back to the
-checkpoint's step.
+schedule, step, and rank 0's log so far) through `ray.train.report`. A restarted run
+resumes from it: same step, same schedule, the micro-batches consumed before it skipped,
+the log taken from the checkpoint (so it ends at the checkpoint's step).
+
+The log never lives on a worker's local disk only: rank 0 keeps it in memory, puts it in
+every checkpoint (Ray Train stores checkpoints under the run's `storage_path`: the workdir,
+local or an object store) and republishes it to `log_path` (in the stage's output dir, local
+or an object store) at every report, so it can be followed while the run goes on.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
-from fusion_ray import locations
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import combined_loss
 from fusion_ray.train.strategies import STRATEGIES
@@ -47,12 +52,46 @@ def total_steps(cfg: FusionConfig, n_rows: int) -> int:
     return cfg.train.max_steps or per_epoch * cfg.train.epochs
 
 
-def save_checkpoint(strategy, step: int, metrics: dict) -> None:
+LOG_NAME = "train_log.jsonl"
+
+
+class TrainLog:
+    """Rank 0's per-step log: in memory, in every checkpoint, republished to `path` (local or URI)."""
+
+    def __init__(self, path: str, lines: list[str] | None = None):
+        self.path, self.lines = path, list(lines or [])
+
+    @classmethod
+    def from_checkpoint(cls, path: str, ckpt_dir: str | None, step: int, checkpoint_path: str | None) -> TrainLog:
+        """A fresh log, or the one a checkpoint carries plus a `restarted` event."""
+        if ckpt_dir is None:
+            return cls(path)
+        saved = Path(ckpt_dir) / LOG_NAME
+        lines = saved.read_text().splitlines(keepends=True) if saved.is_file() else []
+        lines = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        lines.append(json.dumps({"event": "restarted", "step": step, "checkpoint": checkpoint_path}) + "\n")
+        return cls(path, lines)
+
+    def add(self, record: dict) -> None:
+        self.lines.append(json.dumps(record) + "\n")
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def publish(self) -> None:
+        io.write_bytes_atomic(self.path, self.text().encode())
+
+
+def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         wrote = strategy.save(tmp, step)
+        if log is not None and wrote:
+            Path(tmp, LOG_NAME).write_text(log.text())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
+    if log is not None:
+        log.publish()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -72,18 +111,15 @@ def train_loop_per_worker(config: dict) -> None:
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
     steps = total_steps(cfg, config["rows"])
     strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)
-    start = 0
+    start, log = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt:
             start = strategy.load(ckpt)
-    if rank == 0 and os.path.exists(config["log_path"]):  # a restart: cut the log back to the checkpoint
-        with open(config["log_path"]) as fh:
-            kept = [line for line in fh if json.loads(line).get("step", 0) <= start]
-        with open(config["log_path"], "w") as fh:
-            fh.writelines(kept)
-            fh.write(json.dumps({"event": "restarted", "step": start,
-                                 "checkpoint": checkpoint.path if checkpoint else None}) + "\n")
+            if rank == 0:
+                log = TrainLog.from_checkpoint(config["log_path"], ckpt, start, checkpoint.path)
+    if rank == 0 and log is None:
+        log = TrainLog(config["log_path"])
     accum = t.grad_accum_steps()
     skip = start * accum  # micro-batches this worker consumed before the checkpoint
     shard = ray.train.get_dataset_shard("train")
@@ -120,10 +156,13 @@ def train_loop_per_worker(config: dict) -> None:
                        "fusion": out["fusion"].item(), "lr": strategy.lr(),
                        "tokens_per_s": tokens / max(now - started, 1e-9), "step_s": step_s,
                        "transferred": reached / max(scored, 1)}
-            if rank == 0:
-                with open(config["log_path"], "a") as fh:
-                    fh.write(json.dumps({"arm": config["arm"], "strategy": t.strategy, **metrics}) + "\n")
+            if log is not None:
+                log.add({"arm": config["arm"], "strategy": t.strategy, **metrics})
             if step % t.checkpoint_every == 0 or step == steps:
-                save_checkpoint(strategy, step, metrics)
+                save_checkpoint(strategy, step, metrics, log)
             elif step % t.report_every == 0:
                 ray.train.report(metrics)
+                if log is not None:
+                    log.publish()
+                    print(f"[train] {config['arm']} step {step}/{steps} loss {metrics['loss']:.4f} "
+                          f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)

@@ -3,10 +3,12 @@
 Pairwise fusion gives one target per source (FuseChat); `train.clm_only_arm` adds the
 same pivot trained on the same rows, steps and seed with λ = 1, so the report can
 show what fusion adds. Each run streams the fused Parquet through Ray Data shards,
-checkpoints through `ray.train.report` under `<workdir>/_ray_train/` and restarts
-from the latest checkpoint after a worker failure (`train.max_failures`). The final
-checkpoint becomes `targets/<arm>/`: an HF model dir with the pivot's tokenizer and
-chat template, plus `train_log.jsonl`.
+checkpoints through `ray.train.report` under `<workdir>/_ray_train/` (Ray Train's
+`storage_path`: local, or the object store the workdir is on) and restarts from the
+latest checkpoint after a worker failure (`train.max_failures`). The final checkpoint
+becomes `targets/<arm>/` (uploaded when the workdir is an object store): an HF model
+dir with the pivot's tokenizer and chat template, plus `train_log.jsonl`, which rank 0
+also republishes there while training runs.
 
 Strategies: `deepspeed` (ZeRO-2/3, bf16, optional CPU offload; NCCL on GPU, gloo on
 CPU) and `ddp`. A fused dataset built for another pivot vocabulary fails before work,
@@ -17,8 +19,6 @@ config hashes, when it was written by another config.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -73,46 +73,65 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     started = time.monotonic()
     out = io.StageOutput(out_dir, fp)
     t = cfg.train
-    Path(out.path("train_log.jsonl")).unlink(missing_ok=True)
     resume = None
     if t.resume_from:
-        check_meta(t.resume_from, fp, t.strategy, t.num_workers)
         from ray.train import Checkpoint
 
-        resume = Checkpoint.from_directory(os.path.abspath(t.resume_from))
+        local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
+        check_meta(local, fp, t.strategy, t.num_workers)
+        resume = Checkpoint.from_directory(local)
     data = ray.data.read_parquet(io.list_files(fused_dir))
     if t.shuffle:  # rows come grouped by corpus (domain); unshuffled, the last domain seen wins
         data = data.random_shuffle(seed=t.seed)
-    storage = os.path.abspath(f"{cfg.workdir}/_ray_train") if io.is_local(cfg.workdir) else f"{cfg.workdir}/_ray_train"
+    storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "arm": arm, "rows": manifest["rows"]["out"],
-                           "log_path": os.path.abspath(out.path("train_log.jsonl")), "fingerprint": fp},
+                           "log_path": log_path(out), "fingerprint": fp},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage,
+        run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": data},
         resume_from_checkpoint=resume,
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        for item in Path(ckpt).iterdir():
-            if item.is_file() and item.name not in (STATE, META):
-                shutil.copy2(item, out.path(item.name))
-    for name_ in TOKENIZER_FILES:
-        if (Path(pivot) / name_).exists():
-            shutil.copy2(Path(pivot) / name_, out.path(name_))
+    copy_target(result.checkpoint, pivot, out)
     out.commit(io.Manifest(stage="train", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"fused": manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
                            extra={"arm": arm, "dataset": dataset, "metrics": result.metrics,
                                   "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm,
-                                  "strategy": t.strategy, "checkpoint": result.checkpoint.path},
+                                  "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[train] {name}: {result.metrics}")
     return {"status": "done", "dir": out_dir, "metrics": result.metrics}
+
+
+def log_path(out: io.StageOutput) -> str:
+    """Where rank 0 republishes the log: the output dir (a URI on stores, an absolute local path)."""
+    path = out.path("train_log.jsonl")
+    return path if locations.is_remote(path) else str(Path(path).expanduser().absolute())
+
+
+def copy_target(checkpoint, pivot: str, out: io.StageOutput) -> None:
+    """The final checkpoint's weights, config and log, and the pivot's tokenizer files, into the
+    output dir (uploaded on object stores); optimizer state and partitions stay behind."""
+    with checkpoint.as_directory() as ckpt:  # a local copy when the checkpoint is on a store
+        for item in sorted(Path(ckpt).iterdir()):
+            if item.is_file() and item.name not in (STATE, META):
+                locations.upload(item, out.path(item.name))
+    for name_ in TOKENIZER_FILES:
+        if (Path(pivot) / name_).exists():
+            locations.upload(Path(pivot) / name_, out.path(name_))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """The checkpoint's location as a URI when it lives on an object store."""
+    fs = checkpoint.filesystem
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(getattr(fs, "type_name", ""), "")
+    return f"{scheme}{checkpoint.path}"
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
