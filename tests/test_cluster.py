@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from cluster_helpers import LocalCluster
+from cluster_helpers import REPO, LocalCluster, demo_hf_cache
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
@@ -91,6 +92,8 @@ def test_collect_survives_losing_a_node_and_keeps_every_row_once(cluster, tiny_m
     finally:
         if driver.poll() is None:
             driver.kill()
+        if node in cluster.nodes:
+            cluster.remove_node(node)
     assert 0 < done_at_kill < 30, f"the node went {done_at_kill} shard(s) into 30: not mid-run"
     prepared = pq.read_table(cfg.stage_dir("prepare"), columns=["sample_id"]).column("sample_id").to_pylist()
     collected = pq.read_table(cfg.stage_dir("collect", "pivot"), columns=["sample_id"]).column("sample_id").to_pylist()
@@ -99,3 +102,95 @@ def test_collect_survives_losing_a_node_and_keeps_every_row_once(cluster, tiny_m
     assert [f.rsplit("/", 1)[1] for f in io.list_files(cfg.stage_dir("collect", "pivot"))] == \
         [f.rsplit("/", 1)[1] for f in io.list_files(cfg.stage_dir("prepare"))]
     assert io.read_manifest(cfg.stage_dir("collect", "pivot"))["rows"] == {"in": 600, "out": 600}
+
+
+# --- (b) the embedded default as a job, workdir on S3, models from an offline HF cache ---------
+
+# A reduced tiny_cpu: fewer rows, steps and held-out rows; the `hf` engine (vLLM's start-up on
+# CPU would dominate). Same seeds in both runs.
+REDUCED = ["collect.engine=hf", "data.train.0.max_rows=48", "data.train.1.max_rows=48", "train.max_steps=4",
+           "eval.max_rows_per_domain=24"]
+
+
+def job_overrides(workdir: str, hub_ids: dict[str, str]) -> list[str]:
+    """Models as hub ids; the demo corpora by absolute path (built on this machine, which every
+    node shares; `demo:` names would make a node with an empty cache build the assets)."""
+    from fusion_ray.demo.assets import asset_path
+
+    corpora = [f"data.{split}.{i}.path={asset_path(f'{domain}_{kind}')}"
+               for split, kind in (("train", "train"), ("heldout", "heldout"))
+               for i, domain in enumerate(("computing", "english"))]
+    return [f"workdir={workdir}", f"pivot.path={hub_ids['pivot']}", f"sources.0.path={hub_ids['source_computing']}",
+            f"sources.1.path={hub_ids['source_english']}", *corpora, *REDUCED]
+
+
+def stage_outputs_on_disk(*roots: Path, skip: tuple[Path, ...] = ()) -> set[str]:
+    """Stage dirs (by name), manifests, model weights and `s3:` path components below `roots`."""
+    found = set()
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if here / d not in skip and d not in (".git", ".venv")]
+            for name in dirnames:
+                if name in STAGE_OUTPUTS or name.startswith("s3:") or name.endswith(".partial"):
+                    found.add(str(here / name))
+            for name in filenames:
+                if name in ("_manifest.json", "model.safetensors", "train_log.jsonl", "report.json"):
+                    found.add(str(here / name))
+    return found
+
+
+def bucket_keys(bucket: str) -> list[str]:
+    import boto3
+
+    pages = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).get_paginator("list_objects_v2")
+    return [o["Key"] for page in pages.paginate(Bucket=bucket) for o in page.get("Contents", [])]
+
+
+@pytest.mark.timeout(2400)
+def test_tiny_cpu_job_on_s3_with_hub_models_matches_a_local_run(cluster, s3_server, tmp_path):
+    hf_home = tmp_path / "hf"
+    hub_ids = demo_hf_cache(hf_home)
+    cluster.add_node("n3", num_cpus=2, env={"FUSION_RAY_CACHE": str(tmp_path / "cache-n3")})
+    bucket = s3_server("fusion-cluster").removeprefix("s3://")
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES,
+                   "env_vars": {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}}
+    job = ["python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml"]
+    skip = (hf_home, tmp_path / "cache-n3", Path(os.environ["FUSION_RAY_CACHE"]))
+    before = stage_outputs_on_disk(cluster.root, tmp_path, REPO, skip=skip)
+
+    started = time.monotonic()
+    job_id = cluster.submit([*job, *job_overrides(f"s3://{bucket}/run", hub_ids)], runtime_env)
+    status, logs = cluster.wait_job(job_id, timeout=1500)
+    s3_wall = time.monotonic() - started
+    assert status == "SUCCEEDED", logs[-5000:]
+    for stage in ("prepare", "collect", "align", "fuse", "train", "merge", "eval"):
+        assert f"[{stage}] done" in logs, stage
+
+    keys = bucket_keys(bucket)
+    manifests = {k.removeprefix("run/").removesuffix("/_manifest.json") for k in keys if k.endswith("_manifest.json")}
+    assert {"prepared", "logits/pivot", "logits/computing", "logits/english", "aligned/computing",
+            "aligned/english", "fused/computing", "fused/english", "targets/computing", "targets/english",
+            "targets/clm_only", "merged", "report"} <= manifests, sorted(manifests)
+    assert not [k for k in keys if ".partial" in k or ".tmp-" in k], "work in progress left on the store"
+    assert {"run/report/report.json", "run/report/report.md", "run/merged/config.json"} <= set(keys)
+    assert [k for k in keys if k.startswith("run/merged/") and k.endswith(".safetensors")]
+    new_on_disk = stage_outputs_on_disk(cluster.root, tmp_path, REPO, skip=skip) - before
+    assert not new_on_disk, f"stage output on local disk: {sorted(new_on_disk)[:20]}"
+    s3_report = json.loads(io.read_text(f"s3://{bucket}/run/report/report.json"))
+
+    local = tmp_path / "local"
+    started = time.monotonic()
+    job_id = cluster.submit([*job, *job_overrides(str(local), hub_ids)], runtime_env)
+    status, logs = cluster.wait_job(job_id, timeout=1500)
+    local_wall = time.monotonic() - started
+    assert status == "SUCCEEDED", logs[-5000:]
+    local_report = json.loads((local / "report" / "report.json").read_text())
+    print(f"job wall: s3 {s3_wall:.0f}s, local {local_wall:.0f}s")
+    assert set(s3_report["bpb"]) == set(local_report["bpb"]) >= {"pivot", "clm_only", "merged", "fused:computing",
+                                                                 "fused:english"}
+    for arm, per_domain in local_report["bpb"].items():
+        for domain, value in per_domain.items():
+            assert s3_report["bpb"][arm][domain] == pytest.approx(value, abs=1e-4), (arm, domain)
