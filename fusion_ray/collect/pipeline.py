@@ -88,7 +88,7 @@ def preflight(cfg: FusionConfig) -> None:
 
 
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
-    return io.fingerprint("collect", model.model_dump(mode="json"), cfg.to_dict()["collect"],
+    return io.fingerprint("collect", model.model_dump(mode="json", exclude={"arch"}), cfg.to_dict()["collect"],
                           cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
 
 
