@@ -374,9 +374,9 @@ def serve_unit(cfg: FusionConfig, ask: Ask, sized: Sized) -> tuple[Unit, list[st
     full = engine_memory(sized.arch, sized.params, DTYPE_BYTES[dtype], ask.tp, ask.pp,
                          s.max_ongoing_requests * length)
     return unit, [f"  merged model ({cfg.pivot.name} shape), {dtype}, max_model_len {length}: "
-                  f"{gb(one['total'])} per GPU for one sequence, "
-                  f"{gb(full['total'])} for {s.max_ongoing_requests} at once "
-                  f"(max_ongoing_requests; more than fits only limits concurrency)"]
+                  f"{gb(one['total'])} per GPU for one sequence,",
+                  f"  {gb(full['total'])} for {s.max_ongoing_requests} at once "
+                  f"(max_ongoing_requests; what does not fit only limits concurrency)"]
 
 
 def node_section(types: list[NodeType]) -> list[str]:
