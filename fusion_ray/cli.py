@@ -26,10 +26,15 @@ def default_demo_config() -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages
+    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages, unreachable
 
     cfg = load_config(args.config, args.overrides)
     check_stages(cfg, PIPELINE_STAGES)
+    problems = unreachable(cfg)
+    for line in problems:
+        print(f"{args.config}: {line}", file=sys.stderr)
+    if problems:
+        return EXIT_BAD_INPUT
     print(f"{args.config}: OK ({cfg.name}: pivot {cfg.pivot.name}, "
           f"{len(cfg.sources)} source(s), {len(cfg.data.train)} training corpus file(s))")
     return 0
