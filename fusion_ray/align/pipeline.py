@@ -25,8 +25,8 @@ from fusion_ray.align import project, spans, vocab
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.collect.prepare import load_tokenizer
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.locations import cache_root
 from fusion_ray.fuse.strategies import score
+from fusion_ray.locations import cache_root
 
 
 class ShardMismatch(ValueError):

@@ -19,10 +19,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion_ray import io, schema
+from fusion_ray import io, locations, schema
 from fusion_ray.collect.prompts import RowRejected, prepare_row
 from fusion_ray.config import CorpusSpec, FusionConfig
-from fusion_ray import locations
 
 RAW_CHARS = 2000  # how much of a rejected row is kept
 REJECTED_DIR = "_rejected"  # prepared/_rejected/: underscore, so readers of prepared/ skip it

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -91,7 +91,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
         fingerprints[pair] = manifest["fingerprint"]
     spec = spec_from_config(cfg.merge, pivot, targets)
     out_dir = cfg.stage_dir("merge")
-    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
+    pivot_fp = locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision)
+    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, pivot_fp)
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
     if not io.is_local(out_dir):
@@ -104,7 +105,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     stats = fill_dir(spec, Path(out.dir), seed=cfg.merge.seed, run_parts=ray_parts(spec, cfg.merge.seed, 0.5),
                      parts=cfg.merge.num_actors)
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
-                           inputs={"pivot": locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision), **fingerprints},
+                           inputs={"pivot": pivot_fp, **fingerprints},
                            rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
                config=cfg.to_dict())

@@ -23,9 +23,9 @@ import time
 
 import torch
 
+from fusion_ray import locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
-from fusion_ray import locations
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import combined_loss
 from fusion_ray.train.strategies import STRATEGIES
