@@ -183,7 +183,13 @@ def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int
 
 
 def gb(x: float) -> str:
-    return f"{x / GB:.1f} GB"
+    """Bytes in GB (10^9) with one decimal; below 0.1 GB in MB."""
+    return f"{x / GB:.1f} GB" if x >= 0.1 * GB or x == 0 else f"{x / 10**6:.1f} MB"
+
+
+def billions(n: int) -> str:
+    """A parameter count: 7.24B, or 1.5M below a billion."""
+    return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.1f}M"
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ def models_section(cfg: FusionConfig, sized: dict[str, Sized]) -> list[str]:
             rows.append([m.name, "?", "", "", "", "", "", f"unknown: no readable config.json and no `arch` ({m.path})"])
             continue
         a = s.arch
-        rows.append([m.name, f"{s.params / 1e9:.2f}B", str(a.num_layers), str(a.hidden_size),
+        rows.append([m.name, billions(s.params), str(a.num_layers), str(a.hidden_size),
                      f"{a.num_heads}/{kv_heads(a)} × {head_dim(a)}", str(a.vocab_size), str(a.num_experts), s.origin])
     return table(rows, right=(1, 2, 3, 5, 6))
 
@@ -345,7 +351,7 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized) -> tuple[Unit, list[st
         unit.hint = ("turn on train.gradient_checkpointing, " if not ckpt else "") + \
             "lower train.micro_batch_size, add ranks (ZeRO-3) or use GPUs with more memory"
     precision = "bf16 mixed precision" if t.bf16 and t.strategy == "deepspeed" else "fp32"
-    lines = [f"  {cfg.pivot.name}: {sized.params / 1e9:.2f}B parameters, micro-batch {t.micro_batch_size} × "
+    lines = [f"  {cfg.pivot.name}: {billions(sized.params)} parameters, micro-batch {t.micro_batch_size} × "
              f"{cfg.data.max_length} tokens, {precision}",
              *table([["weights", "gradients", "optimizer", "activations", "logits", "total"],
                      [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["activations"]), gb(m["logits"]),

@@ -22,6 +22,7 @@ from pathlib import Path
 from fusion_ray.config import FusionConfig
 
 GB = 10**9
+MERGE_ACTOR_CPUS = 0.5  # the pipeline's merge stage: logical CPUs per MergeActor (streaming I/O, numpy)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
         "fuse": [Ask("fuse", "fuse task", 1, c.num_cpus_per_actor)],
         "train": [Ask("train", "training rank", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0,
                       t.accelerator_type, cfg.pivot.name)],
-        "merge": [Ask("merge", "merge actor", cfg.merge.num_actors, 1.0)],
+        "merge": [Ask("merge", "merge actor", cfg.merge.num_actors, MERGE_ACTOR_CPUS)],
         "eval": [Ask("eval", "arm-scoring task", 1, cfg.eval.num_cpus, upto=arms)],
         "serve": [Ask("serve", "replica", max(1, s.min_replicas), s.num_cpus, serve_gpus, s.accelerator_type,
                       cfg.pivot.name, tp, pp, upto=s.max_replicas)],

@@ -19,6 +19,7 @@ from pathlib import Path
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, MergeConfig
 from fusion_ray.merge.spec import MergeSpec, ModelInput, parse_spec
+from fusion_ray.resources import MERGE_ACTOR_CPUS
 
 
 class MergeActor:
@@ -102,8 +103,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     for stale in Path(out.dir).iterdir():  # an interrupted merge restarts from scratch
         if stale.name != "_fingerprint":
             stale.unlink()
-    stats = fill_dir(spec, Path(out.dir), seed=cfg.merge.seed, run_parts=ray_parts(spec, cfg.merge.seed, 0.5),
-                     parts=cfg.merge.num_actors)
+    stats = fill_dir(spec, Path(out.dir), seed=cfg.merge.seed,
+                     run_parts=ray_parts(spec, cfg.merge.seed, MERGE_ACTOR_CPUS), parts=cfg.merge.num_actors)
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"pivot": pivot_fp, **fingerprints},
                            rows={"tensors": stats["tensors"]},
