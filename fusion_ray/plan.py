@@ -201,7 +201,6 @@ class Plan:
 
     title: str
     sections: list[tuple[str, list[str]]] = field(default_factory=list)
-    rows: list[list[str]] = field(default_factory=list)  # the per-stage table
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
