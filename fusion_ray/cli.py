@@ -26,13 +26,28 @@ def default_demo_config() -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages
+    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages, unreachable
 
     cfg = load_config(args.config, args.overrides)
     check_stages(cfg, PIPELINE_STAGES)
+    problems = unreachable(cfg)
+    for line in problems:
+        print(f"{args.config}: {line}", file=sys.stderr)
+    if problems:
+        return EXIT_BAD_INPUT
     print(f"{args.config}: OK ({cfg.name}: pivot {cfg.pivot.name}, "
           f"{len(cfg.sources)} source(s), {len(cfg.data.train)} training corpus file(s))")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print what each stage asks for and whether it fits; exit 2 when something cannot."""
+    from fusion_ray.plan import make_plan, render
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, source=str(args.config), cluster_path=args.cluster, rows=args.rows, tokens=args.tokens)
+    print(render(plan))
+    return 0 if plan.ok else EXIT_BAD_INPUT
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -123,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     with_config("validate", "check a config; print every bad field").set_defaults(fn=cmd_validate)
+    plan = with_config("plan", "what each stage asks for (CPUs, GPUs, memory, bytes) and whether it fits")
+    plan.add_argument("--cluster", help="Ray cluster launcher YAML whose node types must host the stages")
+    plan.add_argument("--rows", type=int, help="training rows (default: data.train max_rows, else an estimate)")
+    plan.add_argument("--tokens", type=int, help="tokens per row for the logit store (default: data.max_length)")
+    plan.set_defaults(fn=cmd_plan)
     run = with_config("run", "run the pipeline (skips finished stages)")
     run.add_argument("--stages", help="comma-separated subset, e.g. collect,align")
     run.add_argument("--force", action="store_true", help="rerun stages even if finished")

@@ -62,6 +62,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ModelArch(Strict):
+    """A model's architecture numbers, for `fusion-ray plan` (fusion_ray/plan.py) where the model's
+    config.json cannot be read (offline, not in the HF cache). config.json wins where both exist;
+    plan names any field where they disagree. Never used to run anything.
+    """
+
+    params_b: float | None = Field(None, gt=0)  # total parameters, billions; default: counted from the shape
+    hidden_size: int = Field(ge=1)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)  # attention (query) heads
+    num_kv_heads: int | None = Field(None, ge=1)  # key/value heads (GQA); default: num_heads
+    head_dim: int | None = Field(None, ge=1)  # default: hidden_size / num_heads
+    vocab_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)  # MLP width (per expert)
+    num_experts: int = Field(1, ge=1)  # MoE experts per layer (Mixtral: 8); 1 = dense
+    mlp: Literal["gated", "plain"] = "gated"  # gated: 3 matrices (SwiGLU: Llama, Mistral); plain: 2 (GPT-2)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int | None = Field(None, ge=1)
+
+
 class ModelSpec(Strict):
     """A chat model: the pivot or one source."""
 
@@ -76,6 +96,7 @@ class ModelSpec(Strict):
     pipeline_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=16)
+    arch: ModelArch | None = None  # planning only: not part of any stage's fingerprint
 
     @field_validator("path", "tokenizer")
     @classmethod
@@ -170,6 +191,9 @@ class TrainConfig(Strict):
     micro_batch_size: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, gt=0)
     bf16: bool = True
+    # recompute each layer's activations in the backward pass (keeps one layer's input per layer):
+    # much less memory for ≈ 1/3 more compute; does not change what is trained
+    gradient_checkpointing: bool = False
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
     report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)

@@ -330,11 +330,26 @@ def _dataset_reachable(ref: str, revision: str | None) -> str | None:
 
 
 def writable(ref: str) -> str | None:
-    """None when a small object can be written and deleted below `ref`, else why not."""
-    fs, path = filesystem(ref)
-    probe = f"{path}/_write_probe-{uuid.uuid4().hex[:8]}"
+    """None when stage outputs can be written below `ref`, else one line saying why not.
+
+    Creates nothing that stays: a local workdir's nearest existing parent must be a writable
+    dir; on an object store the bucket must exist (it is never created here) and a small probe
+    object is written and deleted.
+    """
+    if kind(ref) != "uri":
+        path = Path(ref.removeprefix("file://")).expanduser().absolute()
+        parent = next(p for p in (path, *path.parents) if p.exists())
+        if not parent.is_dir():
+            return f"workdir {ref} is not writable: {parent} is not a directory"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"workdir {ref} is not writable: no write permission on {parent}"
+        return None
     try:
-        fs.create_dir(path, recursive=True)
+        fs, path = filesystem(ref)
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            return f"workdir {ref} is not writable: bucket {bucket} does not exist"
+        probe = f"{path}/_write_probe-{uuid.uuid4().hex[:8]}"
         with fs.open_output_stream(probe) as fh:
             fh.write(b"ok")
         fs.delete_file(probe)

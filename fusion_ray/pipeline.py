@@ -150,6 +150,51 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
         raise ValueError("config stages disagree:\n  " + "\n  ".join(problems))
 
 
+def unreachable(cfg: FusionConfig) -> list[str]:
+    """One line per thing that cannot be used from here: an unwritable workdir, and each model,
+    tokenizer or corpus that cannot be reached (no weights are fetched: config.json at most)."""
+    from fusion_ray import locations
+
+    lines = [why] if (why := locations.writable(cfg.workdir)) else []
+    for m in cfg.models():
+        refs = [(m.path, "model")] + ([(m.tokenizer, "tokenizer")] if m.tokenizer and m.tokenizer != m.path else [])
+        lines += [f"{m.name}: {why}" for ref, what in refs
+                  if (why := locations.reachable(ref, revision=m.revision, what=what))]
+    for i, corpus in enumerate(cfg.data.train):
+        if why := locations.reachable(corpus.path, what="corpus"):
+            lines.append(f"data.train.{i}: {why}")
+    for i, corpus in enumerate(cfg.data.heldout):
+        if why := locations.reachable(corpus.path, what="corpus"):
+            lines.append(f"data.heldout.{i}: {why}")
+    return lines
+
+
+class Unplaceable(ValueError):
+    """A stage asks for resources that no node of the connected Ray can ever offer."""
+
+
+def preflight(cfg: FusionConfig, stages: Sequence[str]) -> None:
+    """Before any stage work: each stage's resource asks against the connected Ray's nodes.
+
+    Ray would wait forever for an ask no node can host (GPUs on a CPU-only cluster, a TP size
+    above any node's GPUs); this fails at once instead, one line per such ask.
+
+    Raises:
+        Unplaceable: naming the stage, the unit and what it asks.
+    """
+    from fusion_ray.resources import live_nodes, resource_asks, unplaceable
+
+    asks = [a for stage in stages for a in resource_asks(cfg).get(stage, [])]
+    if not asks:
+        return
+    from fusion_ray.ray_env import init_ray
+
+    init_ray(cfg.ray)
+    problems = unplaceable(asks, live_nodes())
+    if problems:
+        raise Unplaceable("cannot place on the connected Ray:\n  " + "\n  ".join(problems))
+
+
 def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
                skip_unbuilt: bool = False, log=print) -> dict[str, dict]:
     """Run `stages` in order; each skips itself when its manifest matches.
@@ -160,7 +205,9 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
     Returns:
         stage → its result (`{"status": "not built"}` for skipped unbuilt stages).
     """
-    check_stages(cfg, [s for s in stages if STAGE_RUNNERS.get(s)])
+    built = [s for s in stages if STAGE_RUNNERS.get(s)]
+    check_stages(cfg, built)
+    preflight(cfg, built)
     results: dict[str, dict] = {}
     for stage in stages:
         if STAGE_RUNNERS[stage] is None and skip_unbuilt:

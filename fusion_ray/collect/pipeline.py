@@ -22,6 +22,7 @@ from fusion_ray.arrays import ragged
 from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
+from fusion_ray.resources import resource_asks
 
 
 class ScoreUDF:
@@ -87,7 +88,7 @@ def preflight(cfg: FusionConfig) -> None:
 
 
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
-    return io.fingerprint("collect", model.model_dump(mode="json"), cfg.to_dict()["collect"],
+    return io.fingerprint("collect", model.model_dump(mode="json", exclude={"arch"}), cfg.to_dict()["collect"],
                           cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
 
 
@@ -108,6 +109,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     pending: dict[str, dict[str, dict]] = {name: {} for name in expected}
     if todo:
         c = cfg.collect
+        ask = next(a for a in resource_asks(cfg)["collect"] if a.model == model.name)  # TP × PP GPUs per engine
         ds = ray.data.read_parquet(todo, include_paths=True).select_columns(
             [*schema.PREPARED.names, "path"])
         ds = ds.map_batches(
@@ -116,7 +118,8 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
                                              "max_length": cfg.data.max_length},
             batch_size=c.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=c.concurrency),
-            num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor or None)
+            num_cpus=ask.cpus, num_gpus=ask.gpus or None,
+            **({"accelerator_type": ask.accelerator_type} if ask.accelerator_type else {}))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             _gather(batch, pending, expected, out)
     missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}

@@ -20,6 +20,7 @@ from pathlib import Path
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, MergeConfig
 from fusion_ray.merge.spec import MergeSpec, ModelInput, parse_spec
+from fusion_ray.resources import MERGE_ACTOR_CPUS
 
 
 class MergeActor:
@@ -111,7 +112,7 @@ def spec_from_config(merge: MergeConfig, pivot: str, targets: list[str]) -> Merg
 
 
 def merge_into(merge: MergeConfig, pivot_ref: str, target_refs: list[str], out_dir: str,
-               num_cpus: float = 0.5) -> dict:
+               num_cpus: float = MERGE_ACTOR_CPUS) -> dict:
     """Merge on this node: inputs copied here where they are not local, the result written into
     `out_dir` (a local dir) or, for an object-store `out_dir`, into a local staging dir and
     uploaded (the stage's manifest, written by the caller, comes last)."""
@@ -161,7 +162,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
         return {"status": "skipped", "dir": out_dir}
     ray = init_ray(cfg.ray)
     out = io.StageOutput(out_dir, fp)
-    task = ray.remote(merge_into).options(num_cpus=0.5, max_retries=1)
+    task = ray.remote(merge_into).options(num_cpus=MERGE_ACTOR_CPUS, max_retries=1)
     stats = ray.get(task.remote(cfg.merge, cfg.pivot.path, targets, out.dir))
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},

@@ -209,7 +209,11 @@ class ChatServer:
 
 def deployment_options(args: ServeArgs) -> dict:
     """Replicas (fixed, or autoscaling between the bounds), resources and accelerator type."""
-    actor: dict = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    from fusion_ray.resources import engine_gpus
+
+    tp, pp = (int(args.engine_options.get(k, 1) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+    gpus = engine_gpus(args.num_gpus, tp, pp) if args.engine == "vllm" else args.num_gpus  # TP × PP per replica
+    actor: dict = {"num_cpus": args.num_cpus, "num_gpus": gpus}
     if args.accelerator_type:
         actor["accelerator_type"] = args.accelerator_type
     opts: dict = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_ongoing_requests,

@@ -109,6 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
+    if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, config["rows"])
     strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)
     start, log = 0, None

@@ -1,0 +1,245 @@
+"""`fusion-ray plan`: the arithmetic against hand-computed values, placement on node types, the CLI
+on the shipped GPU config (offline, from its `arch` numbers), validate's reachability checks and
+the live preflight of `run_stages`."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusion_ray.config import ModelArch, load_config
+from fusion_ray.plan import (
+    activation_bytes,
+    arch_from_hf,
+    engine_memory,
+    kv_bytes_per_token,
+    logit_bytes_per_position,
+    param_count,
+    size_model,
+    training_memory,
+)
+from fusion_ray.resources import INSTANCE_TYPES, Ask, load_cluster, resource_asks, unplaceable
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_CONFIG = REPO / "jobs" / "configs" / "fusechat_7b.yaml"
+TINY = REPO / "jobs" / "configs" / "tiny_cpu.yaml"
+# Llama-2-7B: 32 layers, hidden 4096, 32 heads (no GQA), MLP 11008, vocab 32000, untied head.
+LLAMA_7B = ModelArch(hidden_size=4096, num_layers=32, num_heads=32, vocab_size=32000, intermediate_size=11008)
+P7 = 6_738_415_616  # 32 × (4·4096² + 3·4096·11008 + 2·4096) + 2·32000·4096 + 4096: Llama-2-7B's known count
+MISTRAL_7B = ModelArch(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, vocab_size=32000,
+                       intermediate_size=14336)
+
+
+def test_parameter_counts_of_known_models():
+    assert param_count(LLAMA_7B) == P7
+    assert P7 * 2 / 1e9 == pytest.approx(13.48, abs=0.01)  # bf16 weights: 13.5 GB
+    mixtral = MISTRAL_7B.model_copy(update={"num_experts": 8})
+    # 32 × (4096·128·(2·32 + 2·8) + 8·3·4096·14336 + 4096·8 + 2·4096) + 2·32000·4096 + 4096
+    assert param_count(mixtral) == 46_702_792_704
+    assert param_count(mixtral) * 2 / 1e9 == pytest.approx(93.4, abs=0.05)
+
+
+def test_shape_from_hf_config_json():
+    mixtral = arch_from_hf({"model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                            "num_local_experts": 8, "vocab_size": 32002, "tie_word_embeddings": False})
+    assert (mixtral.num_experts, mixtral.num_kv_heads, mixtral.mlp) == (8, 8, "gated")
+    gpt2 = arch_from_hf({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
+                         "n_positions": 1024})
+    assert (gpt2.mlp, gpt2.intermediate_size, gpt2.tie_word_embeddings) == ("plain", 3072, True)
+    # GPT-2 small: 124.4M with biases and position embeddings; without them 12·(4·768² + 2·768·3072 + 2·768)
+    # + 50257·768 + 768
+    assert param_count(gpt2) == 12 * (4 * 768**2 + 2 * 768 * 3072 + 2 * 768) + 50257 * 768 + 768
+    assert arch_from_hf({"architectures": ["X"]}) is None
+
+
+def test_kv_cache_of_a_gqa_model():
+    # 2 (K, V) × 32 layers × 8 kv heads × 128 dims × 2 bytes = 128 KiB per token
+    assert kv_bytes_per_token(MISTRAL_7B, 2) == 131_072
+    assert kv_bytes_per_token(MISTRAL_7B, 2, tp=2) == 65_536
+    assert kv_bytes_per_token(MISTRAL_7B, 2, tp=16) == 16_384  # 8 kv heads on 16 GPUs: one head each
+    assert kv_bytes_per_token(MISTRAL_7B, 2, pp=2) == 65_536
+    mem = engine_memory(MISTRAL_7B, 7_000_000_000, 2, tp=2, pp=1, tokens=64 * 2048)
+    assert mem["weights"] == 7e9 and mem["kv"] == 64 * 2048 * 65_536
+    assert logit_bytes_per_position(10) == 80  # 10·(4 + 2) ids + log-probs, 4 gold, 8 list offsets, 8 id/offset
+
+
+def test_training_memory_under_each_strategy():
+    common = dict(micro_batch=1, seq=2048, bf16=True)
+    z3 = training_memory(LLAMA_7B, P7, strategy="deepspeed", zero_stage=3, ranks=8, **common)
+    assert z3["optimizer"] == 12 * P7 / 8  # fp32 master + 2 moments, partitioned over 8 ranks
+    assert z3["weights"] == 2 * P7 / 8 and z3["grads"] == 2 * P7 / 8
+    z2 = training_memory(LLAMA_7B, P7, strategy="deepspeed", zero_stage=2, ranks=8, **common)
+    assert z2["weights"] == 2 * P7 and z2["grads"] == 2 * P7 / 8 and z2["optimizer"] == 12 * P7 / 8
+    ddp = training_memory(LLAMA_7B, P7, strategy="ddp", zero_stage=2, ranks=8, **common)
+    assert (ddp["weights"], ddp["grads"], ddp["optimizer"]) == (4 * P7, 4 * P7, 8 * P7)  # fp32, whole
+    off = training_memory(LLAMA_7B, P7, strategy="deepspeed", zero_stage=3, ranks=8, offload_optimizer=True,
+                          **common)
+    assert off["optimizer"] == 0 and off["optimizer_host"] == 12 * P7 / 8
+    # activations: 2048 × 1 × 4096 × (34 + 5·32·2048/4096) = 956,301,312 bytes per layer, × 32 layers
+    assert activation_bytes(LLAMA_7B, 2048, 1) == 956_301_312
+    assert z3["activations"] == 32 * 956_301_312
+    # checkpointed: each layer's 16-bit input (2048 × 4096 × 2 bytes) + one layer's full activations
+    assert z3["activations_ckpt"] == 32 * 2048 * 4096 * 2 + 956_301_312
+    assert z3["logits"] == 2048 * 32000 * 4
+    assert z3["total"] == 16 * P7 / 8 + 32 * 956_301_312 + 2048 * 32000 * 4
+
+
+def test_config_json_wins_over_arch_and_disagreements_are_named(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "intermediate_size": 11008, "vocab_size": 32000, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}))
+    cfg = load_config(TINY, [f"pivot.path={model}", "pivot.arch={hidden_size: 4096, num_layers: 30, num_heads: 32, "
+                             "vocab_size: 32000, intermediate_size: 11008}"])
+    sized = size_model(cfg.pivot)
+    assert sized.params == P7 and sized.origin == "config.json" and sized.torch_dtype == "bfloat16"
+    assert sized.notes == ["pivot: arch.num_layers = 30 but config.json says 32; using config.json"]
+
+
+def test_arch_rejects_unknown_keys():
+    from fusion_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pivot.arch.layers: unknown key"):
+        load_config(TINY, ["pivot.arch={hidden_size: 8, num_layers: 1, num_heads: 1, vocab_size: 8, "
+                           "intermediate_size: 8, layers: 2}"])
+
+
+def test_node_types_of_cluster_yaml():
+    name, types = load_cluster(REPO / "cluster.yaml")
+    by = {t.name: t for t in types}
+    assert by["head"].resources["CPU"] == 0 and by["head"].max_nodes == 1
+    worker = by["gpu_worker"]
+    assert INSTANCE_TYPES[worker.instance].gpus == 8
+    assert (worker.gpus, worker.gpu_type, worker.gpu_bytes) == (8, "A100", 40 * 10**9)
+    assert worker.resources["accelerator_type:A100"] == 1
+
+
+def test_engines_ask_tp_times_pp_gpus():
+    cfg = load_config(GPU_CONFIG, ["sources.0.tensor_parallel_size=2", "sources.0.pipeline_parallel_size=2"])
+    asks = {a.model: a for a in resource_asks(cfg)["collect"]}
+    assert asks["mixtral"].gpus == 4 and asks["openchat"].gpus == 1 and asks["internlm"].gpus == 2
+    cpu = load_config(TINY)
+    assert all(a.gpus == 0 and a.cpus == 0.5 for a in resource_asks(cpu)["collect"])
+    assert resource_asks(cpu)["train"][0].gpus == 0
+
+
+def test_serve_replicas_ask_tp_gpus():
+    from fusion_ray.serve.app import ServeArgs, deployment_options
+
+    args = ServeArgs(model_dir="x", num_gpus=1, engine_options={"tensor_parallel_size": 2})
+    assert deployment_options(args)["ray_actor_options"]["num_gpus"] == 2
+    assert deployment_options(args.model_copy(update={"engine": "hf"}))["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_unplaceable_is_pure_over_asks_and_nodes():
+    cpu_node = {"CPU": 4.0, "memory": 1e9}
+    gpu_node = {"CPU": 96.0, "GPU": 4.0, "accelerator_type:A100": 1.0}
+    assert unplaceable([Ask("collect", "engine actor (p)", 2, 0.5)], [cpu_node]) == []  # fractional CPUs
+    lines = unplaceable([Ask("collect", "engine actor (p)", 1, 0.5, 1.0)], [cpu_node])
+    assert lines == ["collect: each engine actor (p) asks CPU 0.5, GPU 1, but no node of the Ray cluster has that "
+                     "(1 node(s); at most CPU 4, GPU 0 on one; accelerator types: none)"]
+    assert unplaceable([Ask("collect", "engine actor (m)", 1, 4, 8.0, tp=8)], [cpu_node, gpu_node])
+    assert not unplaceable([Ask("train", "rank", 8, 8, 1.0, "A100")], [gpu_node])
+    assert unplaceable([Ask("train", "rank", 8, 8, 1.0, "H100")], [gpu_node])
+
+
+def test_import_plan_loads_no_engine():
+    probe = ("import sys, fusion_ray.plan, fusion_ray.resources; "
+             "print([m for m in ('torch', 'ray', 'transformers', 'vllm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- the command line, offline -----------------------------------------------------------------
+
+
+def cli(*args, env=None, cwd=REPO):
+    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fusion_ray.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env=full)
+
+
+@pytest.fixture
+def offline(tmp_path):
+    """An empty, offline HF cache: the shipped GPU config can only be sized from its `arch` numbers."""
+    return {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_plan_accepts_the_shipped_gpu_config(offline):
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml", env=offline)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-1] == "plan: OK, every stage fits"
+    assert "arch (config.json not readable here)" in out.stdout
+    mixtral = next(line for line in lines if "engine actor (mixtral)" in line)
+    assert "TP 4 × PP 1" in mixtral and "23.4 GB" in mixtral and "gpu_worker" in mixtral
+    assert "= 16.4 GB per model, × 4 models = 65.5 GB" in out.stdout  # 100,000 × 2048 × 80 B
+
+
+def test_plan_names_mixtral_at_tp2_and_training_without_checkpointing(offline):
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml",
+              "sources.0.tensor_parallel_size=2", env=offline)
+    assert out.returncode == 2, out.stdout + out.stderr
+    problems = out.stdout.split("\ncannot fit\n")[1].splitlines()[:-2]
+    assert len(problems) == 1 and problems[0].startswith("  collect mixtral: needs 46.8 GB per GPU"), problems
+    assert "leaves 36.0 GB" in problems[0]
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml",
+              "train.gradient_checkpointing=false", env=offline)
+    assert out.returncode == 2 and "train openchat: needs 76.2 GB per GPU" in out.stdout
+
+
+def test_plan_bad_input_is_one_line_not_a_traceback(offline, tmp_path):
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", str(tmp_path / "nope.yaml"), env=offline)
+    assert out.returncode == 2 and "cluster config not found" in out.stderr and "Traceback" not in out.stderr
+    out = cli("plan", "jobs/configs/tiny_cpu.yaml", env=offline)  # no cluster: nothing to place on
+    assert out.returncode == 0 and "no --cluster" in out.stdout, out.stdout + out.stderr
+
+
+def test_validate_names_a_missing_bucket(s3_server, offline):
+    s3_server("present-bucket")
+    out = cli("validate", "jobs/configs/tiny_cpu.yaml", "workdir=s3://missing-bucket/x", env=offline)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["jobs/configs/tiny_cpu.yaml: workdir s3://missing-bucket/x is not writable: "
+                                       "bucket missing-bucket does not exist"]
+    ok = cli("validate", "jobs/configs/tiny_cpu.yaml", "workdir=s3://present-bucket/x", env=offline)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_validate_names_a_hub_id_missing_from_the_offline_cache(offline, tmp_path):
+    out = cli("validate", "jobs/configs/tiny_cpu.yaml", "sources.1.path=someorg/missing-model",
+              f"workdir={tmp_path}/w", env=offline)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == ["jobs/configs/tiny_cpu.yaml: english: hub id someorg/missing-model not found "
+                                       "in the offline HF cache (HF_HUB_OFFLINE=1)"]
+    assert not (tmp_path / "w").exists(), "validate writes nothing"
+
+
+# --- the live preflight ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_run_stages_fails_fast_when_no_node_has_a_gpu(ray_local, tmp_path, monkeypatch):
+    from fusion_ray.pipeline import Unplaceable, preflight, run_stages
+
+    monkeypatch.setenv("FUSION_RAY_AUTOSCALING_CONFIG", str(tmp_path / "none.yaml"))
+    cpu = load_config(TINY, [f"workdir={tmp_path}/w"])
+    preflight(cpu, ["collect", "align", "fuse", "train", "merge", "eval"])  # fractional CPUs fit 4 logical CPUs
+    cfg = load_config(TINY, ["collect.num_gpus_per_actor=1", f"workdir={tmp_path}/w"])
+    started = time.monotonic()
+    with pytest.raises(Unplaceable) as err:
+        run_stages(cfg, ["collect"])
+    assert time.monotonic() - started < 30
+    lines = str(err.value).splitlines()
+    assert lines[0] == "cannot place on the connected Ray:"
+    assert len(lines) == 2, lines  # one line for the one bundle all three models ask
+    assert lines[1].startswith("  collect: each engine actor (pivot) asks CPU 0.5, GPU 1, but no node")
+    assert not (tmp_path / "w").exists()
