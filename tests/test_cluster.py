@@ -35,9 +35,11 @@ STAGE_OUTPUTS = ("prepared", "logits", "aligned", "fused", "targets", "merged", 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head of 3 logical CPUs (the drivers run here); tests add and remove worker nodes."""
+    """A head of 3 logical CPUs (the drivers run here); tests add and remove worker nodes.
+
+    Every node has its own cache (`FUSION_RAY_CACHE`: object-store copies), removed with it."""
     with LocalCluster(Path(f"/tmp/frc{os.getpid()}")) as c:
-        c.start_head(num_cpus=3)
+        c.start_head(num_cpus=3, env={"FUSION_RAY_CACHE": str(c.root / "cache-head")})
         yield c
 
 
@@ -155,10 +157,13 @@ def test_tiny_cpu_job_on_s3_with_hub_models_matches_a_local_run(cluster, s3_serv
     bucket = s3_server("fusion-cluster").removeprefix("s3://")
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION")}
+    # RAY_ADDRESS: Ray Train's placement-group cleaner finds its cluster by looking for Ray
+    # processes on the machine, and fails ("Found multiple active Ray instances") where there are several
     runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES,
-                   "env_vars": {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}}
+                   "env_vars": {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1",
+                                "RAY_ADDRESS": cluster.gcs_address}}
     job = ["python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml"]
-    skip = (hf_home, tmp_path / "cache-n3", Path(os.environ["FUSION_RAY_CACHE"]))
+    skip = (hf_home, tmp_path / "cache-n3", cluster.root / "cache-head")
     before = stage_outputs_on_disk(cluster.root, tmp_path, REPO, skip=skip)
 
     started = time.monotonic()
