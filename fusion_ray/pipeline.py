@@ -207,6 +207,9 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
     """
     built = [s for s in stages if STAGE_RUNNERS.get(s)]
     check_stages(cfg, built)
+    problems = unreachable(cfg)
+    if problems:
+        raise ValueError("cannot reach:\n  " + "\n  ".join(problems))
     preflight(cfg, built)
     results: dict[str, dict] = {}
     for stage in stages:

@@ -55,10 +55,10 @@ def runs(tiny_models, tmp_path_factory, ray_local, s3_server):
     remote = config(f"{bucket}/run", f"{bucket}/models/pivot", f"{bucket}/models/gpt",
                     f"{bucket}/data/train.jsonl", f"{bucket}/data/heldout.jsonl")
     local = config(str(tmp / "local"), str(pivot), str(source), str(train), str(heldout))
+    local_results = run_stages(local, PIPELINE_STAGES, log=QUIET)
     before = set(_local_files())
     remote_results = run_stages(remote, PIPELINE_STAGES, log=QUIET)
     new_local = sorted(set(_local_files()) - before)
-    local_results = run_stages(local, PIPELINE_STAGES, log=QUIET)
     return remote, remote_results, local, local_results, new_local
 
 
