@@ -1,5 +1,7 @@
 """The pipeline on a real 2-node Ray cluster on this machine (`cluster_helpers.LocalCluster`).
 
+An HF cache laid out by `cluster_helpers.lay_out_hf_cache` resolves hub ids offline.
+
 (a) A node is lost while `collect` runs: its engine actor and the blocks it held go with it;
     Ray Data retries the lost work on the surviving node and the driver's gatherer keeps the
     first copy of each `sample_id`, so every prepared row lands in `logits/` exactly once.
@@ -21,13 +23,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from cluster_helpers import REPO, LocalCluster, demo_hf_cache
+from cluster_helpers import REPO, LocalCluster, demo_hf_cache, lay_out_hf_cache
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
 from fusion_ray.collect import prepare
 
-pytestmark = pytest.mark.slow
 QUIET = lambda *_: None  # noqa: E731
 EXCLUDES = [".venv", "runs", ".git", "*.partial", "__pycache__", ".pytest_cache", ".ruff_cache", "bench/results"]
 STAGE_OUTPUTS = ("prepared", "logits", "aligned", "fused", "targets", "merged", "report")
@@ -41,6 +42,31 @@ def cluster():
     with LocalCluster(Path(f"/tmp/frc{os.getpid()}")) as c:
         c.start_head(num_cpus=3, env={"FUSION_RAY_CACHE": str(c.root / "cache-head")})
         yield c
+
+
+# --- the offline HF cache ------------------------------------------------------------------------
+
+HUB_PROBE = """
+import json
+from fusion_ray import locations
+print(json.dumps({"dir": locations.local_dir("fusionray/tiny-x"), "config": locations.model_config("fusionray/tiny-x"),
+                  "missing": locations.reachable("fusionray/absent")}))
+"""
+
+
+def test_hub_ids_resolve_from_the_laid_out_cache_offline(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": 7}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    snapshot = lay_out_hf_cache(tmp_path / "hf", {"fusionray/tiny-x": model})["fusionray/tiny-x"]
+    assert len(snapshot.name) == 40 and (snapshot.parents[1] / "refs" / "main").read_text() == snapshot.name
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # read when the hub is imported
+    out = subprocess.run([sys.executable, "-c", HUB_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["dir"] == str(snapshot) and got["config"] == {"vocab_size": 7}
+    assert "not found in the offline HF cache" in got["missing"]
 
 
 # --- (a) a node lost mid-collect ---------------------------------------------------------------
@@ -65,6 +91,7 @@ print("COLLECTED")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_collect_survives_losing_a_node_and_keeps_every_row_once(cluster, tiny_models, tmp_path):
     # one 2-CPU engine actor fits on each 3-CPU node (the third CPU reads Parquet): one of the two
@@ -149,6 +176,7 @@ def bucket_keys(bucket: str) -> list[str]:
     return [o["Key"] for page in pages.paginate(Bucket=bucket) for o in page.get("Contents", [])]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_tiny_cpu_job_on_s3_with_hub_models_matches_a_local_run(cluster, s3_server, tmp_path):
     hf_home = tmp_path / "hf"
