@@ -264,6 +264,13 @@ class ServeConfig(Strict):
                              f"{self.min_replicas}, {self.num_replicas}, {self.max_replicas}")
         return self
 
+    @model_validator(mode="after")
+    def _parallel_sizes(self) -> ServeConfig:
+        from fusion_ray.placement import parallel_sizes  # pure Python, no ray
+
+        parallel_sizes(self.engine_options)  # a replica's GPUs follow them: whole numbers ≥ 1
+        return self
+
 
 class RayConfig(Strict):
     address: str | None = None  # None: RAY_ADDRESS, else a local Ray

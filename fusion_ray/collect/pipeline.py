@@ -22,7 +22,8 @@ from fusion_ray import io, locations, schema
 from fusion_ray.arrays import ragged
 from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
-from fusion_ray.config import FusionConfig, ModelSpec
+from fusion_ray.config import CollectConfig, FusionConfig, ModelSpec
+from fusion_ray.placement import collect_placement, ray_data_args
 
 
 class ScoreUDF:
@@ -38,6 +39,7 @@ class ScoreUDF:
         self.tokenizer = AutoTokenizer.from_pretrained(
             locations.local_dir(spec.tokenizer, revision=spec.revision) if spec.tokenizer else path,
             trust_remote_code=spec.trust_remote_code)
+        placement = collect_placement(spec, CollectConfig.model_validate(collect))
         dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
         common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
         if collect["engine"] == "vllm":
@@ -45,7 +47,8 @@ class ScoreUDF:
                 path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
-                gpu_memory_utilization=spec.gpu_memory_utilization, **common)
+                gpu_memory_utilization=spec.gpu_memory_utilization,
+                **placement.engine_options(), **common)
         else:
             self.engine = engines.HFEngine(path, max_rows=collect["batch_size"], **common)
 
@@ -111,15 +114,19 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
         c = cfg.collect
         ds = ray.data.read_parquet(todo, include_paths=True).select_columns(
             [*schema.PREPARED.names, "path"])
+        resources = ray_data_args(collect_placement(model, c))  # TP × PP GPUs per engine actor
         ds = ds.map_batches(
             ScoreUDF, fn_constructor_kwargs={"model": model.model_dump(mode="json"),
                                              "collect": c.model_dump(mode="json"),
                                              "max_length": cfg.data.max_length},
             batch_size=c.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=c.concurrency),
-            num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor or None)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            _gather(batch, pending, expected, out)
+            compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                _gather(batch, pending, expected, out)
+        finally:
+            if "ray_remote_args_fn" in resources:  # the engines' placement groups outlive their actors
+                resources["ray_remote_args_fn"].remove()
     missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
     if missing:
         raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
