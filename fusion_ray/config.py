@@ -116,6 +116,9 @@ class CollectConfig(Strict):
     shard_rows: int = Field(1000, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     accelerator_type: str | None = None  # e.g. "A100": engine actors only on nodes of that type
+    # models collected at the same time (one Ray Data pipeline each); None: all of them, Ray
+    # queues the engine actors that do not fit; 1: one model after the other
+    max_concurrent_models: int | None = Field(None, ge=1)
 
 
 class AlignConfig(Strict):
@@ -155,6 +158,9 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     accelerator_type: str | None = None  # e.g. "A100": training workers only on nodes of that type
+    # arms trained at the same time (one TorchTrainer each); None: all of them, an arm whose
+    # workers do not fit waits (Ray Train retries its start); 1: one arm after the other
+    max_concurrent_arms: int | None = Field(None, ge=1)
     lambda_clm: float = Field(0.9, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"

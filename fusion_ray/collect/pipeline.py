@@ -11,6 +11,7 @@ every input row lands exactly once, and a rerun redoes only missing shards.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -166,7 +167,13 @@ def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Collect top-k log-probs of the pivot and every source over the prepared corpus."""
+    """Collect top-k log-probs of the pivot and every source over the prepared corpus.
+
+    Each model is its own Ray Data pipeline, driven by its own driver thread,
+    `collect.max_concurrent_models` at a time (None: all; `fusion_ray.parallel`); each
+    model's result carries its wall-clock `started_at` / `finished_at`.
+    """
+    from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
 
     prepared = cfg.stage_dir("prepare")
@@ -176,6 +183,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     preflight(cfg)
     init_ray(cfg.ray)
     shards = io.list_files(prepared)
-    results = {m.name: collect_model(cfg, m, shards, manifest["fingerprint"], force, log)
-               for m in cfg.models()}
-    return {"status": "done", "models": results}
+    parts = {m.name: functools.partial(collect_model, cfg, m, shards, manifest["fingerprint"], force, log)
+             for m in cfg.models()}
+    outcomes = run_parts(parts, cfg.collect.max_concurrent_models, thread_prefix="collect")
+    return {"status": "done", "models": {name: o.timed() for name, o in outcomes.items()}}

@@ -17,6 +17,7 @@ config hashes, when it was written by another config.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -90,7 +91,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                            "log_path": os.path.abspath(out.path("train_log.jsonl")), "fingerprint": fp},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     accelerator_type=t.accelerator_type),
         run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -116,9 +118,18 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Train one target per fused dataset (and the CLM-only arm when enabled)."""
+    """Train one target per fused dataset (and the CLM-only arm when enabled).
+
+    The arms are independent `TorchTrainer` runs: each `fit()` runs in its own driver thread,
+    `train.max_concurrent_arms` at a time (None: all; `fusion_ray.parallel`). Each arm's
+    result carries its wall-clock `started_at` / `finished_at`.
+    """
+    from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    return {"status": "done",
-            "targets": {name: train_arm(cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}}
+    parts = {name: functools.partial(train_arm, cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}
+    if len(parts) > 1 and cfg.train.max_concurrent_arms != 1:
+        log(f"[train] {len(parts)} arms, {cfg.train.max_concurrent_arms or len(parts)} at a time: {', '.join(parts)}")
+    outcomes = run_parts(parts, cfg.train.max_concurrent_arms, thread_prefix="train")
+    return {"status": "done", "targets": {name: o.timed() for name, o in outcomes.items()}}
