@@ -110,6 +110,8 @@ class CollectConfig(Strict):
     top_k: int = Field(10, ge=1, le=1024)
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1)  # engine actors per model
+    # GPUs of a one-device engine (fractions allowed; 0: none); a vLLM engine of tensor × pipeline
+    # parallel size n > 1 gets n whole GPUs (`fusion_ray.placement`)
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1, gt=0)
     scored_only: bool = False
@@ -254,7 +256,7 @@ class ServeConfig(Strict):
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; vLLM batches what it holds
     num_cpus: float = Field(1, gt=0)  # per replica
-    num_gpus: float = Field(0, ge=0)  # per replica
+    num_gpus: float = Field(0, ge=0)  # per replica; engine_options' TP × PP = n > 1: n GPUs (placement.py)
     accelerator_type: str | None = None
     max_tokens_cap: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=16)  # default: the model's own context length

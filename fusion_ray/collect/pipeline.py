@@ -7,6 +7,10 @@ scores it (vLLM or transformers). The driver gathers rows per input shard,
 de-duplicated by `sample_id` (a retried task after an actor is killed may send a
 row twice), and writes each output shard atomically once all its rows are in:
 every input row lands exactly once, and a rerun redoes only missing shards.
+
+A vLLM engine actor gets tensor × pipeline parallel size GPUs (`fusion_ray.placement`),
+and the models' pipelines run side by side, each driven by its own driver thread
+(`collect.max_concurrent_models`).
 """
 
 from __future__ import annotations
