@@ -126,6 +126,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
                                              "max_length": cfg.data.max_length},
             batch_size=c.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
+        ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 _gather(batch, pending, expected, out)
