@@ -26,6 +26,7 @@ This module imports neither ray nor vllm; `PlacementGroups` imports ray when cal
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 from typing import Any
 
@@ -146,10 +147,17 @@ def ray_data_args(placement: EnginePlacement) -> dict[str, Any]:
 
 
 class PlacementGroups:
-    """Ray Data's `ray_remote_args_fn` for engines in placement groups: each call (one per
-    actor started, restarts included) makes a placement group and schedules the actor in its
-    bundle 0, capturing the engine's own workers into it. The groups outlive their actors, so
-    the stage removes them (`remove`) once its dataset is consumed."""
+    """Ray Data's `ray_remote_args_fn` for engines in placement groups: each call for an actor
+    Ray Data starts makes a placement group and schedules the actor in its bundle 0, capturing
+    the engine's own workers into it. The groups outlive their actors, so the stage removes
+    them (`remove`) once its dataset is consumed.
+
+    Ray Data 2.60 also calls the function once when a pipeline starts, from its memory issue
+    detector (`MapOperator._get_dynamic_ray_remote_args`, which reads only `memory`): that call
+    gets no placement group, or it would hold TP × PP GPUs idle for the whole pipeline.
+    """
+
+    SKIP_CALLERS = ("_get_dynamic_ray_remote_args",)  # Ray Data functions that start no actor
 
     def __init__(self, bundles: tuple[dict[str, float], ...], strategy: str):
         self.bundles, self.strategy = [dict(b) for b in bundles], strategy
@@ -160,6 +168,8 @@ class PlacementGroups:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        if _called_from(self.SKIP_CALLERS):
+            return {}
         group = ray.util.placement_group(self.bundles, strategy=self.strategy)
         with self._lock:
             self.groups.append(group)
@@ -174,3 +184,15 @@ class PlacementGroups:
             groups, self.groups = self.groups, []
         for group in groups:
             ray.util.remove_placement_group(group)
+
+
+def _called_from(names: tuple[str, ...], depth: int = 8) -> bool:
+    """Whether a function of one of these names is among the caller's `depth` nearest callers."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name in names:
+            return True
+        frame = frame.f_back
+    return False
