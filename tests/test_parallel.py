@@ -70,3 +70,19 @@ def test_a_failure_stops_parts_not_started_lets_running_ones_finish_and_is_raise
     with pytest.raises(ValueError, match="arm b"):  # sequential: stops at the first error, as the old loop
         run_parts({"b": bad, "c": never}, limit=1)
     assert finished == ["a"]
+
+
+def test_how_many_run_at_once_changes_no_fingerprint(tiny_models, tmp_path):
+    from helpers import make_config
+
+    from fusion_ray.collect.pipeline import model_fingerprint
+    from fusion_ray.train.trainer import result_fields
+
+    def cfg(**limits):
+        return make_config(tmp_path, tiny_models(), {"s": tiny_models()}, [tmp_path],
+                           collect={"max_concurrent_models": limits.get("models")},
+                           train={"max_concurrent_arms": limits.get("arms")})
+
+    one, free = cfg(models=1, arms=1), cfg()
+    assert model_fingerprint(one, one.pivot, "p") == model_fingerprint(free, free.pivot, "p")
+    assert result_fields(one) == result_fields(free)

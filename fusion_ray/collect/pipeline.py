@@ -96,7 +96,8 @@ def preflight(cfg: FusionConfig) -> None:
 
 
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
-    return io.fingerprint("collect", model.model_dump(mode="json"), cfg.to_dict()["collect"],
+    settings = {k: v for k, v in cfg.to_dict()["collect"].items() if k != "max_concurrent_models"}  # scheduling only
+    return io.fingerprint("collect", model.model_dump(mode="json"), settings,
                           cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
 
 

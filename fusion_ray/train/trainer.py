@@ -42,7 +42,7 @@ def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
 def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
     return {k: v for k, v in cfg.to_dict()["train"].items()
-            if k not in ("resume_from", "max_failures", "report_every")}
+            if k not in ("resume_from", "max_failures", "report_every", "max_concurrent_arms")}
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
