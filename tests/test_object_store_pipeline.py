@@ -95,11 +95,17 @@ def test_the_train_log_reached_the_bucket(runs):
 
 
 def test_no_stage_output_on_local_disk_outside_the_caches(runs):
+    """Nothing of this run on local disk: no stage dir in the working dir, and no local path anywhere
+    under it or /tmp that names the bucket (what a stage treating the URI as a path would make).
+    Other processes on the machine may write stage dirs of their own below /tmp, so /tmp is only
+    searched for this run's bucket."""
     _, _, new_local = runs
-    stage_like = [f for f in new_local if any(f"/{d}/" in f for d in ("prepared", "logits", "aligned", "fused",
-                                                                       "targets", "merged", "report"))
-                  or f.endswith("_manifest.json")]
+    cwd = str(Path.cwd())
+    stage_like = [f for f in new_local if f.startswith(cwd) and (
+        any(f"/{d}/" in f for d in ("prepared", "logits", "aligned", "fused", "targets", "merged", "report"))
+        or f.endswith("_manifest.json"))]
     assert stage_like == []
+    assert [f for f in new_local if "fusion-runs" in f] == []
 
 
 def test_a_rerun_on_the_store_skips_every_stage(runs):
