@@ -131,12 +131,17 @@ class CollectConfig(Strict):
     top_k: int = Field(10, ge=1, le=1024)
     batch_size: int = Field(16, ge=1)
     concurrency: int = Field(1, ge=1)  # engine actors per model
+    # GPUs of a one-device engine (fractions allowed; 0: none); a vLLM engine of tensor × pipeline
+    # parallel size n > 1 gets n whole GPUs (`fusion_ray.placement`)
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1, gt=0)
     scored_only: bool = False
     shard_rows: int = Field(1000, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     accelerator_type: str | None = None  # e.g. "A100": engine actors only on nodes of that type
+    # models collected at the same time (one Ray Data pipeline each); None: all of them, Ray
+    # queues the engine actors that do not fit; 1: one model after the other
+    max_concurrent_models: int | None = Field(None, ge=1)
 
 
 class AlignConfig(Strict):
@@ -176,6 +181,9 @@ class TrainConfig(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     accelerator_type: str | None = None  # e.g. "A100": training workers only on nodes of that type
+    # arms trained at the same time (one TorchTrainer each); None: all of them, an arm whose
+    # workers do not fit waits (Ray Train retries its start); 1: one arm after the other
+    max_concurrent_arms: int | None = Field(None, ge=1)
     lambda_clm: float = Field(0.9, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
@@ -272,7 +280,7 @@ class ServeConfig(Strict):
     max_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)  # per replica; vLLM batches what it holds
     num_cpus: float = Field(1, gt=0)  # per replica
-    num_gpus: float = Field(0, ge=0)  # per replica
+    num_gpus: float = Field(0, ge=0)  # per replica; engine_options' TP × PP = n > 1: n GPUs (placement.py)
     accelerator_type: str | None = None
     max_tokens_cap: int = Field(2048, ge=1)
     max_model_len: int | None = Field(None, ge=16)  # default: the model's own context length
@@ -286,6 +294,13 @@ class ServeConfig(Strict):
         if not self.min_replicas <= self.num_replicas <= self.max_replicas:
             raise ValueError(f"need min_replicas <= num_replicas <= max_replicas, got "
                              f"{self.min_replicas}, {self.num_replicas}, {self.max_replicas}")
+        return self
+
+    @model_validator(mode="after")
+    def _parallel_sizes(self) -> ServeConfig:
+        from fusion_ray.placement import parallel_sizes  # pure Python, no ray
+
+        parallel_sizes(self.engine_options)  # a replica's GPUs follow them: whole numbers ≥ 1
         return self
 
 

@@ -161,7 +161,8 @@ def download(ref: str, dest: Path, *, only: tuple[str, ...] | None = None) -> No
 
 
 @contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`'s sibling `.NAME.lock` (processes on one node build `path` once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -185,7 +186,7 @@ def _materialize_uri(ref: str) -> str:
     final = dest / name if is_file else dest
     if dest.exists():
         return str(final)
-    with _lock(dest):
+    with file_lock(dest):
         if not dest.exists():
             tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
             tmp.mkdir(parents=True)

@@ -115,8 +115,11 @@ class Ask:
 
 
 def engine_gpus(asked: float, tp: int, pp: int) -> float:
-    """GPUs of one vLLM engine: none when none are asked, else at least TP × PP."""
-    return 0.0 if not asked else max(float(asked), float(tp * pp))
+    """GPUs of one vLLM engine, as `placement.engine_placement` places it: none when none are
+    asked, the ask for a one-GPU engine, TP × PP otherwise."""
+    from fusion_ray.placement import engine_placement
+
+    return float(engine_placement(tensor_parallel=tp, pipeline_parallel=pp, gpus=asked, cpus=0).total_gpus)
 
 
 def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:

@@ -2,7 +2,8 @@
 
 Models and the corpus are uploaded to the bucket and named by `s3://` URIs; every stage reads
 and writes there; nothing of a stage's output lands on local disk outside the node caches;
-a rerun skips every stage; the bpb equal those of the same run on a local workdir.
+a rerun skips every stage. (The same run on a local workdir gives the same bpb: the 2-node job
+test in test_cluster.py checks that for the demo.)
 """
 
 import os
@@ -54,12 +55,10 @@ def runs(tiny_models, tmp_path_factory, ray_local, s3_server):
         locations.upload(local, f"{bucket}/{key}")
     remote = config(f"{bucket}/run", f"{bucket}/models/pivot", f"{bucket}/models/gpt",
                     f"{bucket}/data/train.jsonl", f"{bucket}/data/heldout.jsonl")
-    local = config(str(tmp / "local"), str(pivot), str(source), str(train), str(heldout))
-    local_results = run_stages(local, PIPELINE_STAGES, log=QUIET)
     before = set(_local_files())
     remote_results = run_stages(remote, PIPELINE_STAGES, log=QUIET)
     new_local = sorted(set(_local_files()) - before)
-    return remote, remote_results, local, local_results, new_local
+    return remote, remote_results, new_local
 
 
 def _local_files() -> list[str]:
@@ -75,7 +74,7 @@ def _local_files() -> list[str]:
 
 
 def test_every_stage_dir_is_in_the_bucket_with_its_manifest(runs):
-    remote, results, *_ = runs
+    remote, results, _ = runs
     for stage in PIPELINE_STAGES:
         assert results[stage]["status"] == "done", stage
     for sub in STAGE_DIRS:
@@ -84,38 +83,34 @@ def test_every_stage_dir_is_in_the_bucket_with_its_manifest(runs):
     names = {n for n, _, _ in locations.listing(remote.stage_dir("train", "gpt"))}
     assert {"config.json", "model.safetensors", "train_log.jsonl", "tokenizer.json", "_manifest.json"} <= names
     merged = {n for n, _, _ in locations.listing(remote.stage_dir("merge"))}
-    assert {"config.json", "model.safetensors.index.json", "_manifest.json", "tokenizer.json"} <= merged
+    assert {"config.json", "_manifest.json", "tokenizer.json", "merge_config.yaml"} <= merged
+    assert any(n.endswith(".safetensors") for n in merged)
     assert any(n.startswith("_ray_train/") for n, _, _ in locations.listing(remote.workdir)), "checkpoints"
 
 
 def test_the_train_log_reached_the_bucket(runs):
-    remote, *_ = runs
+    remote, _, _ = runs
     log = io.read_text(remote.stage_dir("train", "gpt") + "/train_log.jsonl").splitlines()
     assert [__import__("json").loads(line)["step"] for line in log] == [1, 2, 3]
 
 
 def test_no_stage_output_on_local_disk_outside_the_caches(runs):
-    *_, new_local = runs
-    stage_like = [f for f in new_local if any(f"/{d}/" in f for d in ("prepared", "logits", "aligned", "fused",
-                                                                       "targets", "merged", "report"))
-                  or f.endswith("_manifest.json")]
+    """Nothing of this run on local disk: no stage dir in the working dir, and no local path anywhere
+    under it or /tmp that names the bucket (what a stage treating the URI as a path would make).
+    Other processes on the machine may write stage dirs of their own below /tmp, so /tmp is only
+    searched for this run's bucket."""
+    _, _, new_local = runs
+    cwd = str(Path.cwd())
+    stage_like = [f for f in new_local if f.startswith(cwd) and (
+        any(f"/{d}/" in f for d in ("prepared", "logits", "aligned", "fused", "targets", "merged", "report"))
+        or f.endswith("_manifest.json"))]
     assert stage_like == []
-
-
-def test_same_numbers_as_a_local_workdir(runs):
-    remote, _, local, local_results, _ = runs
-    report = io.read_text(f"{remote.stage_dir('eval')}/report.json")
-    bpb_remote = __import__("json").loads(report)["bpb"]
-    bpb_local = local_results["eval"]["bpb"]
-    assert bpb_remote.keys() == bpb_local.keys()
-    for arm in bpb_local:
-        for domain, value in bpb_local[arm].items():
-            assert bpb_remote[arm][domain] == pytest.approx(value, abs=1e-4), (arm, domain)
+    assert [f for f in new_local if "fusion-runs" in f] == []
 
 
 def test_a_rerun_on_the_store_skips_every_stage(runs):
     from fusion_ray.pipeline import overall_status
 
-    remote, *_ = runs
+    remote, _, _ = runs
     again = run_stages(remote, PIPELINE_STAGES, log=QUIET)
     assert {s: overall_status(r) for s, r in again.items()} == {s: "skipped" for s in PIPELINE_STAGES}

@@ -103,23 +103,27 @@ class VLLMEngine:
         k: top-k to return; raises vLLM's `max_logprobs` when above its default.
         max_model_len: the longest prompt it must take.
         tensor_parallel_size, pipeline_parallel_size: passed through (GPU clusters).
+        distributed_executor_backend: vLLM's executor for several ranks ("mp" or "ray", from
+            `fusion_ray.placement`); None: vLLM's own choice.
     """
 
     def __init__(self, path: str, *, k: int, dtype: str = "auto", trust_remote_code: bool = False,
                  revision: str | None = None, max_model_len: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0):
+                 gpu_memory_utilization: float = 0.9, seed: int = 0,
+                 distributed_executor_backend: str | None = None):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM, SamplingParams
 
+        extra = {"distributed_executor_backend": distributed_executor_backend} if distributed_executor_backend else {}
         with _llvmlite_hidden():
             self.llm = LLM(
                 model=path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
                 max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                 pipeline_parallel_size=pipeline_parallel_size,
                 gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k), enforce_eager=True)
+                max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k), enforce_eager=True, **extra)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
     def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[Scored]:

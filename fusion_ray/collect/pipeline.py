@@ -7,10 +7,15 @@ scores it (vLLM or transformers). The driver gathers rows per input shard,
 de-duplicated by `sample_id` (a retried task after an actor is killed may send a
 row twice), and writes each output shard atomically once all its rows are in:
 every input row lands exactly once, and a rerun redoes only missing shards.
+
+A vLLM engine actor gets tensor × pipeline parallel size GPUs (`fusion_ray.placement`),
+and the models' pipelines run side by side, each driven by its own driver thread
+(`collect.max_concurrent_models`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -21,8 +26,8 @@ from fusion_ray import io, locations, schema
 from fusion_ray.arrays import ragged
 from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
-from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.resources import resource_asks
+from fusion_ray.config import CollectConfig, FusionConfig, ModelSpec
+from fusion_ray.placement import collect_placement, ray_data_args
 
 
 class ScoreUDF:
@@ -38,6 +43,7 @@ class ScoreUDF:
         self.tokenizer = AutoTokenizer.from_pretrained(
             locations.local_dir(spec.tokenizer, revision=spec.revision) if spec.tokenizer else path,
             trust_remote_code=spec.trust_remote_code)
+        placement = collect_placement(spec, CollectConfig.model_validate(collect))
         dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
         common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
         if collect["engine"] == "vllm":
@@ -45,7 +51,8 @@ class ScoreUDF:
                 path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
-                gpu_memory_utilization=spec.gpu_memory_utilization, **common)
+                gpu_memory_utilization=spec.gpu_memory_utilization,
+                **placement.engine_options(), **common)
         else:
             self.engine = engines.HFEngine(path, max_rows=collect["batch_size"], **common)
 
@@ -88,7 +95,8 @@ def preflight(cfg: FusionConfig) -> None:
 
 
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
-    return io.fingerprint("collect", model.model_dump(mode="json", exclude={"arch"}), cfg.to_dict()["collect"],
+    settings = {k: v for k, v in cfg.to_dict()["collect"].items() if k != "max_concurrent_models"}  # scheduling only
+    return io.fingerprint("collect", model.model_dump(mode="json", exclude={"arch"}), settings,
                           cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
 
 
@@ -109,19 +117,22 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     pending: dict[str, dict[str, dict]] = {name: {} for name in expected}
     if todo:
         c = cfg.collect
-        ask = next(a for a in resource_asks(cfg)["collect"] if a.model == model.name)  # TP × PP GPUs per engine
         ds = ray.data.read_parquet(todo, include_paths=True).select_columns(
             [*schema.PREPARED.names, "path"])
+        resources = ray_data_args(collect_placement(model, c))  # TP × PP GPUs per engine actor
         ds = ds.map_batches(
             ScoreUDF, fn_constructor_kwargs={"model": model.model_dump(mode="json"),
                                              "collect": c.model_dump(mode="json"),
                                              "max_length": cfg.data.max_length},
             batch_size=c.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=c.concurrency),
-            num_cpus=ask.cpus, num_gpus=ask.gpus or None,
-            **({"accelerator_type": ask.accelerator_type} if ask.accelerator_type else {}))
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            _gather(batch, pending, expected, out)
+            compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
+        ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                _gather(batch, pending, expected, out)
+        finally:
+            if "ray_remote_args_fn" in resources:  # the engines' placement groups outlive their actors
+                resources["ray_remote_args_fn"].remove()
     missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
     if missing:
         raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
@@ -161,7 +172,13 @@ def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Collect top-k log-probs of the pivot and every source over the prepared corpus."""
+    """Collect top-k log-probs of the pivot and every source over the prepared corpus.
+
+    Each model is its own Ray Data pipeline, driven by its own driver thread,
+    `collect.max_concurrent_models` at a time (None: all; `fusion_ray.parallel`); each
+    model's result carries its wall-clock `started_at` / `finished_at`.
+    """
+    from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
 
     prepared = cfg.stage_dir("prepare")
@@ -171,6 +188,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     preflight(cfg)
     init_ray(cfg.ray)
     shards = io.list_files(prepared)
-    results = {m.name: collect_model(cfg, m, shards, manifest["fingerprint"], force, log)
-               for m in cfg.models()}
-    return {"status": "done", "models": results}
+    parts = {m.name: functools.partial(collect_model, cfg, m, shards, manifest["fingerprint"], force, log)
+             for m in cfg.models()}
+    outcomes = run_parts(parts, cfg.collect.max_concurrent_models, thread_prefix="collect")
+    return {"status": "done", "models": {name: o.timed() for name, o in outcomes.items()}}

@@ -14,16 +14,13 @@ Importing this module is cheap: torch and transformers load only when building.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_ray.io import fingerprint
-from fusion_ray.locations import cache_root
+from fusion_ray.locations import cache_root, file_lock
 
 CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")
 MODEL_NAMES = ("pivot", "source_computing", "source_english")
@@ -104,17 +101,6 @@ def resolve(location: str, spec: DemoSpec = DEFAULT_SPEC) -> str:
     return str(asset_path(location.removeprefix("demo:"), spec))
 
 
-@contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
     """Build whatever assets are missing (under a file lock) and return their root.
 
@@ -126,7 +112,7 @@ def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
         return root
     from fusion_ray.demo.build import build_all  # heavy: torch, transformers
 
-    with _lock(root):
+    with file_lock(root):
         if not (root / "build.json").exists():
             started = time.monotonic()
             summary = build_all(spec, root, log=log)

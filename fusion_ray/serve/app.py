@@ -23,6 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from fusion_ray.config import RayConfig, ServeConfig
+from fusion_ray.placement import serve_placement
 from fusion_ray.serve import protocol
 from fusion_ray.serve.engines import ChatEngine, Sampling
 from fusion_ray.serve.protocol import APIError
@@ -72,8 +73,8 @@ def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
     if args.engine == "vllm":
         from fusion_ray.serve.engines import VLLMChatEngine
 
-        return VLLMChatEngine(args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
-                              options=args.engine_options)
+        options = {**serve_placement(args).engine_options(), **args.engine_options}  # the user's choice wins
+        return VLLMChatEngine(args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len, options=options)
     from fusion_ray.serve.engines import HFChatEngine
 
     return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
@@ -208,16 +209,21 @@ class ChatServer:
 
 
 def deployment_options(args: ServeArgs) -> dict:
-    """Replicas (fixed, or autoscaling between the bounds), resources and accelerator type."""
-    from fusion_ray.resources import engine_gpus
+    """Replicas (fixed, or autoscaling between the bounds), resources and accelerator type.
 
-    tp, pp = (int(args.engine_options.get(k, 1) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
-    gpus = engine_gpus(args.num_gpus, tp, pp) if args.engine == "vllm" else args.num_gpus  # TP × PP per replica
-    actor: dict = {"num_cpus": args.num_cpus, "num_gpus": gpus}
-    if args.accelerator_type:
-        actor["accelerator_type"] = args.accelerator_type
+    Resources follow `fusion_ray.placement.serve_placement`: a replica of an engine with
+    `tensor_parallel_size` TP > 1 on GPUs asks for TP GPUs itself (vLLM's `mp` executor); with
+    `pipeline_parallel_size` > 1 the replica gets Serve's `placement_group_bundles` (one GPU per
+    rank, the replica's CPUs in bundle 0) with `placement_group_strategy` PACK, and vLLM's Ray
+    executor places its ranks in the replica's placement group.
+    """
+    placement = serve_placement(args)
     opts: dict = {"name": DEPLOYMENT_NAME, "max_ongoing_requests": args.max_ongoing_requests,
-                  "ray_actor_options": actor, "logging_config": {"enable_access_log": args.access_log}}
+                  "ray_actor_options": placement.actor_options(),
+                  "logging_config": {"enable_access_log": args.access_log}}
+    if placement.bundles:
+        opts["placement_group_bundles"] = [dict(b) for b in placement.bundles]
+        opts["placement_group_strategy"] = placement.strategy
     if args.min_replicas == args.max_replicas:
         opts["num_replicas"] = args.num_replicas
     else:

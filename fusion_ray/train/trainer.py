@@ -19,6 +19,7 @@ config hashes, when it was written by another config.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
 def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
     return {k: v for k, v in cfg.to_dict()["train"].items()
-            if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing")}
+            if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
+                         "max_concurrent_arms")}
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
@@ -90,7 +92,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                            "log_path": log_path(out), "fingerprint": fp},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     accelerator_type=t.accelerator_type),
         run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -135,9 +138,18 @@ def checkpoint_uri(checkpoint) -> str:
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Train one target per fused dataset (and the CLM-only arm when enabled)."""
+    """Train one target per fused dataset (and the CLM-only arm when enabled).
+
+    The arms are independent `TorchTrainer` runs: each `fit()` runs in its own driver thread,
+    `train.max_concurrent_arms` at a time (None: all; `fusion_ray.parallel`). Each arm's
+    result carries its wall-clock `started_at` / `finished_at`.
+    """
+    from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    return {"status": "done",
-            "targets": {name: train_arm(cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}}
+    parts = {name: functools.partial(train_arm, cfg, name, arm, data, force, log) for name, arm, data in arms(cfg)}
+    if len(parts) > 1 and cfg.train.max_concurrent_arms != 1:
+        log(f"[train] {len(parts)} arms, {cfg.train.max_concurrent_arms or len(parts)} at a time: {', '.join(parts)}")
+    outcomes = run_parts(parts, cfg.train.max_concurrent_arms, thread_prefix="train")
+    return {"status": "done", "targets": {name: o.timed() for name, o in outcomes.items()}}
