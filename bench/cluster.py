@@ -7,13 +7,13 @@
     median total wall times (goal ≤ 1.3), with the per-stage medians printed.
 (b) `concurrent_vs_sequential_train_wall`: the train stage (every arm of the reduced demo: one
     target per source and the CLM-only arm) with all arms at once vs one after the other,
-    alternating, ratio of medians. The switch is `train.max_concurrent_arms` (None: all at once,
+    in the order A B B A …, ratio of medians. The switch is `train.max_concurrent_arms` (None: all at once,
     1: one after the other); where the config does not have it yet, (b) is reported as null.
 
 Every run calls `fusion_ray.pipeline.run_stages` (the code that ships) in this process, on one
 local Ray (`ray.num_cpus` of the config).
 
-Usage: python bench/cluster.py [--rounds 2] [--rows 48] [--steps 4] [--train-rounds 1] [--train-steps 8]
+Usage: python bench/cluster.py [--rounds 2] [--rows 48] [--steps 4] [--train-rounds 1] [--train-steps 8] [--parts a,b]
 The last line is one JSON object with the figures.
 """
 
@@ -132,7 +132,8 @@ def concurrent_vs_sequential(args, tmp: Path) -> dict | None:
     print(f"(b) train stage, {arms} arms × {args.train_steps} steps, all at once vs one after the other")
     walls: dict[str, list[float]] = {"concurrent": [], "sequential": []}
     for r in range(args.train_rounds):
-        for mode, value in (("concurrent", CONCURRENT), ("sequential", SEQUENTIAL)):
+        modes = (("concurrent", CONCURRENT), ("sequential", SEQUENTIAL))
+        for mode, value in modes if r % 2 == 0 else modes[::-1]:  # A B B A: neither always goes first
             cfg = reduced(workdir, args.rows, args.train_steps, f"{CONCURRENCY_SWITCH}={value}")
             wall = timed_stages(cfg, ["train"], force=True)["train"]
             walls[mode].append(wall)
@@ -150,7 +151,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="train steps per arm in (a)")
     parser.add_argument("--train-rounds", type=int, default=1, help="concurrent and sequential runs each in (b)")
     parser.add_argument("--train-steps", type=int, default=8, help="train steps per arm in (b)")
+    parser.add_argument("--parts", default="a,b", help="which figures: a (S3 vs local), b (train arms), or both")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
 
     from fusion_ray.config import RayConfig, load_config
     from fusion_ray.demo.assets import ensure_assets
@@ -164,10 +167,10 @@ def main() -> None:
         ray = init_ray(RayConfig(num_cpus=load_config(CONFIG).ray.num_cpus), include_dashboard=False,
                        log_to_driver=False)
         started = time.monotonic()
-        a = s3_vs_local(args, tmp)
-        b = concurrent_vs_sequential(args, tmp)
+        a = s3_vs_local(args, tmp) if "a" in parts else None
+        b = concurrent_vs_sequential(args, tmp) if "b" in parts else None
         print(f"bench wall {time.monotonic() - started:.0f}s")
-        print(json.dumps({"s3_vs_local_wall": a["ratio"], "concurrent_vs_sequential_train_wall": b and b["ratio"],
+        print(json.dumps({"s3_vs_local_wall": a and a["ratio"], "concurrent_vs_sequential_train_wall": b and b["ratio"],
                           "s3_vs_local": a, "concurrent_vs_sequential_train": b,
                           "switch": CONCURRENCY_SWITCH, "rows_per_domain": args.rows, "rounds": args.rounds}))
     finally:
