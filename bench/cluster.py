@@ -130,6 +130,9 @@ def concurrent_vs_sequential(args, tmp: Path) -> dict | None:
     timed_stages(base, PIPELINE_STAGES[:PIPELINE_STAGES.index("train")])  # fused data, once
     arms = 1 + len(base.sources) if base.train.clm_only_arm else len(base.sources)
     print(f"(b) train stage, {arms} arms × {args.train_steps} steps, all at once vs one after the other")
+    warm = timed_stages(reduced(workdir, args.rows, args.train_steps, f"{CONCURRENCY_SWITCH}={SEQUENTIAL}"),
+                        ["train"], force=True)["train"]  # the first Ray Train run of a process pays start-up costs
+    print(f"    warm-up (sequential, not counted): {warm:6.1f}s")
     walls: dict[str, list[float]] = {"concurrent": [], "sequential": []}
     for r in range(args.train_rounds):
         modes = (("concurrent", CONCURRENT), ("sequential", SEQUENTIAL))
