@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_ray import io
+from fusion_ray import io, locations
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 REPO = Path(__file__).resolve().parents[1]
@@ -135,7 +135,10 @@ def test_job_ran_every_stage_and_wrote_the_report(job):
     assert {"pivot", "clm_only", "merged", "fused:computing", "fused:english", "source:computing",
             "source:english"} <= arms
     assert report["source_domain"] == {"computing": "computing", "english": "english"}
-    assert set(report["models"]) == arms and all(Path(p).is_dir() for p in report["models"].values())
+    # each arm's model as the config names it (a demo asset, hub id, URI) or its stage dir
+    assert set(report["models"]) == arms
+    assert report["models"]["source:computing"] == "demo:source_computing" and report["models"]["pivot"] == "demo:pivot"
+    assert all(Path(locations.local_dir(p)).is_dir() for p in report["models"].values())
     png = (workdir / "report" / "report.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     md = (workdir / "report" / "report.md").read_text()
