@@ -179,7 +179,8 @@ def _materialize_uri(ref: str) -> str:
     files = listing(ref)
     if not files:
         raise LocationError(f"nothing at {ref}")
-    is_file = len(files) == 1 and filesystem(ref)[0].get_file_info(filesystem(ref)[1]).type == pafs.FileType.File
+    fs, path = filesystem(ref)
+    is_file = len(files) == 1 and fs.get_file_info(path).type == pafs.FileType.File
     key = fingerprint(ref, files)
     name = ref.rstrip("/").rsplit("/", 1)[-1]
     dest = cache_root() / "objects" / f"{name}-{key}"
