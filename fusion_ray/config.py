@@ -283,6 +283,11 @@ class ServeConfig(Strict):
     num_gpus: float = Field(0, ge=0)  # per replica; engine_options' TP × PP = n > 1: n GPUs (placement.py)
     accelerator_type: str | None = None
     max_tokens_cap: int = Field(2048, ge=1)
+    # a request body over this is answered 413 before it is read (OpenAI JSON, text only)
+    max_request_bytes: int = Field(4 * 2**20, ge=1024, le=2**30)
+    # messages longer than this (characters) are answered 400 before templating; default:
+    # max_model_len × the longest token of the vocabulary, a length no valid prompt reaches
+    max_prompt_chars: int | None = Field(None, ge=1)
     max_model_len: int | None = Field(None, ge=16)  # default: the model's own context length
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (e.g. tensor_parallel_size)

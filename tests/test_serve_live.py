@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 KEY = "test-key-123"
 KEY_ENV = "FUSION_RAY_TEST_SERVE_KEY"
 CAP, CONTEXT = 400, 256
+BODY_LIMIT = 2**20  # serve.max_request_bytes of the deployment under test
 MSGS = [{"role": "user", "content": "What is a compiler?"}]
 
 
@@ -59,7 +60,8 @@ def server(request, tiny_models, tmp_path_factory, ray_local):
     corpus = write_jsonl(tmp / "c.jsonl", chat_rows(2))
     model = tiny_models("qwen2", "gpt2")
     serve_cfg = {"engine": request.param, "port": free_port(), "api_key_env": KEY_ENV, "num_cpus": 0.5,
-                 "max_tokens_cap": CAP, "max_model_len": CONTEXT, "dtype": "float32", "model_id": "tiny-chat"}
+                 "max_tokens_cap": CAP, "max_model_len": CONTEXT,
+                 "max_request_bytes": BODY_LIMIT, "dtype": "float32", "model_id": "tiny-chat"}
     cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     shutil.copytree(model, cfg.stage_dir("merge"))
     before = leftovers()
@@ -219,3 +221,118 @@ def test_50_concurrent_requests_all_succeed(server):
     assert not failures, failures[:3]
     assert all(1 <= r.usage.completion_tokens <= 8 for r in results)
     assert health(server)["active_requests"] == 0
+
+
+def post(server, body: bytes, **headers) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **headers}
+    return httpx.post(server[0] + "/chat/completions", content=body, headers=headers, timeout=60)
+
+
+def chat_body(server, content: str) -> bytes:
+    return json.dumps({"model": server[1], "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 4}).encode()
+
+
+def serve_rss_mb() -> float:
+    """Resident memory of this machine's Serve proxies and replicas."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if "ProxyActor" in title or "ServeReplica:" in title:
+            total += proc.memory_info().rss
+    return total / 2**20
+
+
+def test_large_bodies_are_413_at_once_while_health_and_other_requests_go_on(server):
+    """20 MB requests (declared and chunked) are refused before they are buffered: /health answers
+    within a second throughout, a concurrent normal chat succeeds, and memory stays flat."""
+    base, big = server[0], chat_body(server, "x" * 20 * 2**20)
+
+    async def main():
+        health_ms, rejected = [], []
+        done = asyncio.Event()
+        async with httpx.AsyncClient(timeout=60) as http:
+            headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+            async def poll():
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    assert (await http.get(base.removesuffix("/v1") + "/health")).status_code == 200
+                    health_ms.append((time.perf_counter() - t0) * 1000)
+                    await asyncio.sleep(0.05)
+
+            async def abuse():
+                for i in range(6):
+                    async def chunks():
+                        for k in range(0, len(big), 2**20):
+                            yield big[k:k + 2**20]
+                    t0 = time.perf_counter()
+                    resp = await http.post(base + "/chat/completions", headers=headers,
+                                           content=big if i % 2 else chunks())
+                    rejected.append((resp.status_code, resp.json()["error"]["code"], time.perf_counter() - t0))
+
+            async def normal():
+                client = openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
+                async with client:
+                    return await client.chat.completions.create(model=server[1], messages=MSGS, max_tokens=4)
+
+            poller = asyncio.create_task(poll())
+            _, reply = await asyncio.gather(abuse(), normal())
+            done.set()
+            await poller
+        return health_ms, rejected, reply
+
+    asyncio.run(main())  # the first round settles the allocators' pools
+    before = serve_rss_mb()
+    health_ms, rejected, reply = asyncio.run(main())
+    assert [(s, c) for s, c, _ in rejected] == [(413, "request_too_large")] * 6
+    assert max(t for *_, t in rejected) < 10
+    assert max(health_ms) < 1000, health_ms
+    assert reply.choices[0].message.content is not None
+    assert serve_rss_mb() - before < 50
+
+
+def test_a_body_just_over_the_configured_limit_is_413_and_one_under_is_served(server):
+    msg = json.dumps({"model": server[1], "messages": MSGS, "max_tokens": 2, "user": ""}).encode()
+    padded = msg[:-2] + b" " * (BODY_LIMIT - len(msg)) + msg[-2:]  # JSON whitespace up to the limit
+    assert len(padded) == BODY_LIMIT and post(server, padded).status_code == 200
+    over = post(server, padded + b" ")
+    assert over.status_code == 413 and str(BODY_LIMIT) in over.json()["error"]["message"]
+
+
+def test_a_prompt_longer_than_any_context_is_refused_before_templating(server):
+    """A body under the byte limit whose text cannot fit the context in any tokenisation is a 400
+    without being tokenised: fast, and /health stays quick."""
+    t0 = time.perf_counter()
+    resp = post(server, chat_body(server, "y" * (BODY_LIMIT - 200)))
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    assert "characters" in resp.json()["error"]["message"] and time.perf_counter() - t0 < 5
+    assert health(server)["status"] == "ok"
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_declared_json_is_415(server, ctype):
+    headers = {"Authorization": f"Bearer {KEY}"} | ({"Content-Type": ctype} if ctype else {})
+    resp = httpx.post(server[0] + "/chat/completions", content=chat_body(server, "hi"), headers=headers,
+                      timeout=30)
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+    assert post(server, chat_body(server, "hi"), **{"Content-Type": "application/json; charset=utf-8"}
+                ).status_code == 200
+
+
+# (whitespace at the end of a header value is not the server's to see: HTTP strips it)
+@pytest.mark.parametrize("token", [f" {KEY}", f"{KEY} x", KEY.upper(), KEY[:-1], f"{KEY}0"])
+def test_the_key_must_match_exactly(server, token):
+    resp = post(server, chat_body(server, "hi"), Authorization=f"Bearer {token}")
+    assert resp.status_code == 401
+    assert post(server, chat_body(server, "hi"), Authorization=f"bearer {KEY}").status_code == 200
+
+
+@pytest.mark.parametrize("fields", [{"top_p": 1e-46, "temperature": 1.0}, {"top_p": 5e-324},
+                                    {"temperature": 1e-46}, {"temperature": 1e-300, "top_p": 1e-300}])
+def test_extreme_sampling_values_decode_the_top_token(server, client, fields):
+    greedy = client.chat.completions.create(model=server[1], messages=MSGS, max_tokens=6, temperature=0)
+    out = client.chat.completions.create(model=server[1], messages=MSGS, max_tokens=6, **fields)
+    assert out.choices[0].message.content == greedy.choices[0].message.content

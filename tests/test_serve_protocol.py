@@ -132,6 +132,10 @@ def test_serve_yaml_is_a_valid_serve_config_that_builds(tiny_models, monkeypatch
     schema = ServeDeploySchema.model_validate(config)
     (app_cfg,) = schema.applications
     assert app_cfg.import_path == "fusion_ray.serve.app:build_app" and app_cfg.route_prefix == "/"
+    from fusion_ray.serve.proxy import controller_env
+
+    # the proxies get the body bound, at the application's limit
+    assert schema.controller_options.runtime_env["env_vars"] == controller_env(app_cfg.args["max_request_bytes"])
     args = {**app_cfg.args, "model_dir": str(tiny_models()), "api_key_env": "FUSION_RAY_TEST_KEY"}
     with pytest.raises(ValueError, match="FUSION_RAY_TEST_KEY"):
         build_app(args)
@@ -179,3 +183,107 @@ def test_pure_serve_modules_load_no_engine():
              "print([m for m in ('vllm', 'ray', 'torch', 'transformers', 'fastapi') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# --- hostile bodies: the validator answers APIError or a request, nothing else ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=20)
+FIELDS = ["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
+          "stream", "stream_options", "user"]
+
+
+def outcome(body: bytes):
+    try:
+        return protocol.parse_chat_request(body)
+    except APIError as err:
+        assert 400 <= err.status < 500 and err.body()["error"]["message"]
+        return err
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_fuzz_arbitrary_bytes_are_a_request_or_an_api_error(body):
+    outcome(body)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6), st.booleans())
+def test_fuzz_any_json_in_any_field_is_a_request_or_an_api_error(fields, with_base):
+    body = {**OK, **fields} if with_base else fields
+    result = outcome(json.dumps(body, allow_nan=True).encode())
+    if isinstance(result, protocol.ChatRequest):  # what passes is what the server can use as is
+        assert result.messages and all(isinstance(m.text(), str) for m in result.messages)
+        assert result.top_p is None or 0 < result.top_p <= 1
+        assert result.temperature is None or 0 <= result.temperature <= 2
+        assert result.prompt_chars() == sum(len(m.text()) for m in result.messages)
+
+
+@pytest.mark.parametrize("body", [b"[" * 200_000, b'{"model":' + b"[" * 200_000, b'{"a":' * 100_000,
+                                  b"\xff\xfe{}", b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}'])
+def test_deep_nesting_and_bad_encodings_are_400(body):
+    result = outcome(body)
+    assert isinstance(result, APIError) or result.messages
+
+
+def test_longest_token_bounds_the_tokens_of_any_text(tmp_path):
+    """chars / longest_token_chars never exceeds the token count (the prompt bound is never wrong)."""
+    from fusion_ray.demo.tokenizers import build_tokenizer
+    from fusion_ray.serve.app import longest_token_chars
+
+    for family in ("gpt2", "mistral", "deepseek"):
+        tok = build_tokenizer(family, 512, tmp_path / family)
+        longest = longest_token_chars(tok)
+        assert 1 < longest < 64
+        texts = ["a" * 5000, " " * 3000, "\n" * 999, "<|im_start|>" * 50, "ünïcödé 漢字 " * 300,
+                 "def f(x):\n        return x\n" * 40, "".join(chr(c) for c in range(32, 3000))]
+        for text in texts:
+            assert len(tok(text, add_special_tokens=False)["input_ids"]) * longest >= len(text), (family, text[:20])
+
+
+def test_proxy_body_limit_refuses_unread_and_replays_what_it_buffered():
+    """The proxy middleware: a declared length over the limit never reaches the app; a chunked
+    body is counted as it comes and, under the limit, handed on whole."""
+    import asyncio
+
+    import httpx
+
+    from fusion_ray.serve.proxy import BodyLimit
+
+    seen = []
+
+    async def echo(scope, receive, send):  # the app behind the proxy: the length of what it read
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        seen.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": str(len(body)).encode()})
+
+    async def chunks(n, size=1000):
+        for _ in range(n):
+            yield b"x" * size
+
+    async def main():
+        transport = httpx.ASGITransport(app=BodyLimit(echo, limit=10_000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            small = await http.post("/", content=b"y" * 10_000)
+            big = await http.post("/", content=b"y" * 10_001)
+            chunked_ok = await http.post("/", content=chunks(10))
+            chunked_big = await http.post("/", content=chunks(11))
+            bad_length = await http.post("/", content=b"{}", headers={"Content-Length": "-1"})
+            return small, big, chunked_ok, chunked_big, bad_length
+
+    small, big, chunked_ok, chunked_big, bad_length = asyncio.run(main())
+    assert small.status_code == 200 and small.text == "10000"
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert chunked_ok.status_code == 200 and chunked_ok.text == "10000"
+    assert chunked_big.status_code == 413
+    assert bad_length.status_code == 400
+    assert seen == [10_000, 10_000]  # the refused bodies never reached the app

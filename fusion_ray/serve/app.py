@@ -27,6 +27,7 @@ from fusion_ray.placement import serve_placement
 from fusion_ray.serve import protocol
 from fusion_ray.serve.engines import ChatEngine, Sampling
 from fusion_ray.serve.protocol import APIError
+from fusion_ray.serve.proxy import controller_env
 
 APP_NAME = "fused_chat"
 DEPLOYMENT_NAME = "FusedChat"
@@ -68,8 +69,9 @@ class ServeArgs(ServeConfig):
         return self.model_copy(update={"model_dir": locations.local_dir(self.model_dir)})
 
 
+# the helpers of ChatServer are defined above it: `serve.ingress` copies the class with the
+# globals it sees then
 def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
-    # defined above ChatServer: `serve.ingress` copies the class with the globals it sees then
     if args.engine == "vllm":
         from fusion_ray.serve.engines import VLLMChatEngine
 
@@ -78,6 +80,55 @@ def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
     from fusion_ray.serve.engines import HFChatEngine
 
     return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+LARGE_PROMPT_CHARS = 1 << 20  # after a prompt this large, free memory is handed back to the OS
+TOP_P_FLOOR = 1e-6
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, at most `limit` bytes.
+
+    Raises:
+        APIError: 415 when the Content-Type is not `application/json`; 413 when the declared
+            length is over `limit` (before a byte is read) or the body grows past it (chunked).
+    """
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise APIError(415, f"the request body must be JSON (Content-Type: application/json), "
+                       f"got {media[:80] or 'no Content-Type'}", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or len(declared) > 18):
+        raise APIError(400, "the Content-Length header is not a byte count", code="invalid_request")
+    if declared is not None and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared)} bytes; this server takes at most {limit}",
+                       code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"the request body is over {limit} bytes, the most this server takes",
+                           code="request_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token of the vocabulary (added tokens too) can stand for: a prompt
+    of C characters is at least C / this many tokens. Byte-level pieces count one character per
+    byte, so the bound holds for any text."""
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=1) or 1
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so a large prompt does not leave the
+    replica's memory high."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @app.exception_handler(APIError)
@@ -108,6 +159,8 @@ class ChatServer:
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.args.model_dir} has no chat template")
         self.engine = make_engine(self.args, self.tokenizer)
+        self.max_prompt_chars = self.args.max_prompt_chars or (
+            self.engine.max_model_len * longest_token_chars(self.tokenizer))
         self.created = int(time.time())
 
     @app.get("/health")
@@ -125,11 +178,22 @@ class ChatServer:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        req = protocol.parse_chat_request(await request.body())
+        body = await read_body(request, self.args.max_request_bytes)
+        # parsing, templating and tokenising run on a worker thread: the event loop stays free
+        # for /health and the streams of other requests while a large prompt is handled
+        req = await asyncio.to_thread(protocol.parse_chat_request, body)
+        del body
         if req.model != self.args.model_id:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                            f"{self.args.model_id!r}", param="model", code="model_not_found")
-        prompt_ids = self._prompt(req)
+        chars = req.prompt_chars()
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the messages hold {chars} characters; this server takes at most "
+                           f"{self.max_prompt_chars} (its context is {self.engine.max_model_len} tokens)",
+                           param="messages", code="context_length_exceeded")
+        prompt_ids = await asyncio.to_thread(self._prompt, req)
+        if chars > LARGE_PROMPT_CHARS:
+            trim_heap()
         sampling = self._sampling(req, len(prompt_ids))
         rid = protocol.new_id()
         if req.stream:
@@ -153,8 +217,9 @@ class ChatServer:
     def _authorize(self, request: Request) -> None:
         if self.args.api_key is None:
             return
+        # exact and in constant time: no stripping, no case folding of the key
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("utf-8", "surrogateescape"),
                                                                  self.args.api_key.encode()):
             raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
                            code="invalid_api_key")
@@ -180,9 +245,12 @@ class ChatServer:
             raise APIError(400, f"this model's context length is {limit} tokens; the messages take "
                            f"{prompt_len} and max_tokens asks for {wanted or 1} more",
                            param="messages" if room < 1 else "max_tokens", code="context_length_exceeded")
+        # a top_p below TOP_P_FLOOR keeps the top token only, as TOP_P_FLOOR does (no vocabulary has
+        # 10^6 tokens); clamping keeps it from underflowing to 0 in an engine's float32
         return Sampling(max_tokens=wanted or min(cap, room),
                         temperature=1.0 if req.temperature is None else req.temperature,
-                        top_p=1.0 if req.top_p is None else req.top_p, stop=req.stops(), seed=req.seed)
+                        top_p=1.0 if req.top_p is None else max(req.top_p, TOP_P_FLOOR),
+                        stop=req.stops(), seed=req.seed)
 
     async def _complete(self, prompt_ids: list[int], sampling: Sampling, rid: str) -> tuple[str, str, int]:
         parts, reason, tokens = [], "length", 0
@@ -247,6 +315,8 @@ def deploy(args: dict, ray_cfg: RayConfig | None = None) -> str:
     init_ray(ray_cfg)
     parsed = ServeArgs.model_validate(args)
     serve.start(http_options={"host": parsed.host, "port": parsed.port},
-                logging_config={"enable_access_log": parsed.access_log})
+                logging_config={"enable_access_log": parsed.access_log},
+                # each proxy bounds request bodies before it buffers them (fusion_ray.serve.proxy)
+                controller_options={"runtime_env": {"env_vars": controller_env(parsed.max_request_bytes)}})
     serve.run(application, name=APP_NAME, route_prefix="/")
     return f"http://{parsed.host}:{parsed.port}/v1"

@@ -84,6 +84,11 @@ class ChatRequest(Wire):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def prompt_chars(self) -> int:
+        """Characters of all message texts (what the chat template wraps)."""
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
+                   for m in self.messages)
+
     def chat(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them (`developer` is the newer name of `system`)."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
