@@ -665,7 +665,7 @@ def json_size(obj: Any, budget: int) -> int:
 
 def _scalar_size(x: Any) -> int:
     if isinstance(x, str):
-        return len(x) + 2
+        return len(x) + 2 if x.isascii() and x.isprintable() and '"' not in x and "\\" not in x else len(json.dumps(x))
     if isinstance(x, bytes):
         return 2 * len(x) + 2
     if isinstance(x, bool) or x is None:
@@ -699,9 +699,10 @@ def biggest_key(data: Any, budget: int) -> str:
 
 def _too_large(data: Any, source: str, size: int) -> ConfigError:
     where = biggest_key(data, MAX_CONFIG_JSON_BYTES)
-    return ConfigError(source, [f"{where}: too large: the config would be over {MAX_CONFIG_JSON_BYTES // 2**20} MiB "
-                                f"as JSON (the bound; {'at least ' if size > MAX_CONFIG_JSON_BYTES * 2 else ''}"
-                                f"{size / 2**20:.1f} MiB), most of it under {where}"])
+    amount = f"{'at least ' if size > MAX_CONFIG_JSON_BYTES * 2 else ''}{size / 2**20:.1f} MiB"
+    over = f"the config would be {amount} as JSON, over the {MAX_CONFIG_JSON_BYTES // 2**20} MiB bound on a config"
+    return ConfigError(source, [f"{where}: too large: holds most of it ({over})" if where != "(top level)"
+                                else f"too large: {over}; no one key holds most of it"])
 
 
 def _check_serialisable(cfg: FusionConfig, source: str) -> None:
