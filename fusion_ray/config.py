@@ -240,9 +240,14 @@ def check_location(value: str, *, kind: str) -> str:
 def local_vocab_size(path: str) -> int | None:
     """`vocab_size` from a local model dir's config.json; None for hub ids and demo assets."""
     config = Path(path).expanduser() / "config.json"
-    if locations.kind(path) != "local" or not config.is_file():
+    try:
+        if locations.kind(path) != "local" or not config.is_file() or config.stat().st_size > MAX_YAML_BYTES * 16:
+            return None
+        data = json.loads(config.read_bytes())
+    except (OSError, ValueError, RecursionError):  # unreadable: loading the model will say why
         return None
-    return json.loads(config.read_text()).get("vocab_size")
+    vocab = data.get("vocab_size") if isinstance(data, dict) else None
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
 
 
 class Strict(BaseModel):

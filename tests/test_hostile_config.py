@@ -98,7 +98,7 @@ def test_alias_bomb_in_the_config_is_refused_by_validate(tmp_path):
 
 def test_alias_bomb_in_serve_engine_options_is_refused_before_run(tmp_path):
     path = tiny_with(tmp_path, SERVE_LINE, "serve:\n  engine: hf\n  engine_options:\n" + bomb(indent="    "))
-    for command in ("validate", "run"):
+    for command in ("validate", "plan", "run", "prepare", "merge"):  # `merge CONFIG`: the pipeline stage
         assert_one_line(cli(command, str(path)), "aliases expand it to more than 100,000 nodes")
     assert not (tmp_path / "w").exists(), "run did nothing"
 
@@ -265,3 +265,12 @@ def test_fuzz_yaml_text_gives_a_value_or_a_config_error(text, pieces):
             load_yaml(candidate, "fuzz.yaml")
         except ConfigError as err:
             assert str(err).startswith("fuzz.yaml: ") and "\n" not in str(err)
+
+
+def test_a_model_dir_with_a_garbage_config_json_does_not_crash_validate(tmp_path):
+    for name, text in (("list", "[1, 2]"), ("deep", "[" * 100_000), ("str_vocab", '{"vocab_size": "x"}')):
+        model = tmp_path / name
+        model.mkdir()
+        (model / "config.json").write_text(text)
+        out = cli("validate", str(TINY), f"pivot.path={model}")
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
