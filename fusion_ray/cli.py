@@ -64,6 +64,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fusion_ray import locations
+
+    if locations.kind(args.model_dir) == "local" and not Path(args.model_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"model dir not found: {args.model_dir}")
     import torch
 
     from fusion_ray.serve.app import API_KEY_ENV, deploy
@@ -96,6 +100,10 @@ def serve_until_interrupted(url: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from fusion_ray import locations
+
+    if args.workdir and (why := locations.writable(args.workdir)):
+        raise ValueError(why)  # before the assets are built (minutes, the first time)
     from fusion_ray.demo.run import run_demo
 
     return run_demo(workdir=args.workdir, force=args.force)
@@ -111,10 +119,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return cmd_run(args)
     if args.overrides:
         raise ValueError(f"unexpected arguments after OUT_DIR: {' '.join(args.overrides)}")
-    from fusion_ray.merge.actor import merge_standalone
     from fusion_ray.merge.spec import load_spec
 
-    spec = load_spec(args.config)
+    spec = load_spec(args.config)  # before the engine (torch) is imported: a bad spec fails fast
+    from fusion_ray.merge.actor import merge_standalone
+
     stats = merge_standalone(spec, args.out_dir, seed=args.seed or 0, threads=args.threads,
                              num_actors=args.num_actors, force=args.force)
     print(f"merged {stats['tensors']} tensors ({stats['bytes'] / 2**20:.1f} MiB, {stats['shards']} shard(s)) "
@@ -127,12 +136,23 @@ def cmd_not_built(args: argparse.Namespace) -> int:
     return EXIT_NOT_BUILT
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-ray", description=__doc__)
+    debug_help = "on an error, show the Python traceback instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)  # `--debug` after the command works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, parents=[common])
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
         return p
@@ -140,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("validate", "check a config; print every bad field").set_defaults(fn=cmd_validate)
     plan = with_config("plan", "what each stage asks for (CPUs, GPUs, memory, bytes) and whether it fits")
     plan.add_argument("--cluster", help="Ray cluster launcher YAML whose node types must host the stages")
-    plan.add_argument("--rows", type=int, help="training rows (default: data.train max_rows, else an estimate)")
-    plan.add_argument("--tokens", type=int, help="tokens per row for the logit store (default: data.max_length)")
+    plan.add_argument("--rows", type=positive_int,
+                      help="training rows (default: data.train max_rows, else an estimate)")
+    plan.add_argument("--tokens", type=positive_int,
+                      help="tokens per row for the logit store (default: data.max_length)")
     plan.set_defaults(fn=cmd_plan)
     run = with_config("run", "run the pipeline (skips finished stages)")
     run.add_argument("--stages", help="comma-separated subset, e.g. collect,align")
@@ -151,17 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_config(stage, f"run the {stage} stage alone")
         p.add_argument("--force", action="store_true")
         p.set_defaults(fn=cmd_run, stages=None)
-    merge = sub.add_parser("merge", help="merge models: `merge MERGE_YAML OUT_DIR` (mergekit-style YAML), "
+    merge = sub.add_parser("merge", parents=[common],
+                           help="merge models: `merge MERGE_YAML OUT_DIR` (mergekit-style YAML), "
                            "or `merge CONFIG` (the pipeline's merge stage)")
     merge.add_argument("config", help="mergekit-style merge YAML, or a pipeline config")
     merge.add_argument("out_dir", nargs="?", help="output model dir (standalone merge)")
     merge.add_argument("overrides", nargs="*", help="key=value overrides (pipeline config)")
     merge.add_argument("--seed", type=int, default=None, help="seed of DARE masks (default 0)")
-    merge.add_argument("--threads", type=int, default=None, help="tensors merged in parallel (standalone)")
-    merge.add_argument("--num-actors", type=int, default=1, help="Ray actors sharing the tensors (standalone)")
+    merge.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel (standalone)")
+    merge.add_argument("--num-actors", type=positive_int, default=1,
+                       help="Ray actors sharing the tensors (standalone)")
     merge.add_argument("--force", action="store_true", help="replace an existing output / rerun the stage")
     merge.set_defaults(fn=cmd_merge)
-    serve = sub.add_parser("serve", help="serve a chat model behind an OpenAI-compatible API")
+    serve = sub.add_parser("serve", parents=[common], help="serve a chat model behind an OpenAI-compatible API")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -171,14 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require this bearer token (default: $FUSION_RAY_API_KEY; none: open)")
     serve.add_argument("--no-access-log", action="store_true", help="no log line per request")
     serve.set_defaults(fn=cmd_serve)
-    demo = sub.add_parser("demo", help="build the offline demo assets and run every built stage")
+    demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every built stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(fn=cmd_demo)
     return parser
 
 
+# Errors that bad input causes (a config, a corpus, a path, an argument): one line, exit 2.
+INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+                ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input ends in one line on stderr and exit 2 (3: a stage not built);
+    `--debug` shows the traceback instead."""
+    from pydantic import ValidationError
+
+    from fusion_ray.config import format_errors
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):
@@ -188,12 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as err:
+        if args.debug:
+            raise
         print(f"invalid config {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageNotBuilt as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except ValidationError as err:  # arguments checked by a pydantic model (serve's)
+        if args.debug:
+            raise
+        print(f"error: {err.title}: " + "; ".join(format_errors(err)), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except INPUT_ERRORS as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

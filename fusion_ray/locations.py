@@ -342,7 +342,9 @@ def writable(ref: str) -> str | None:
         path = Path(ref.removeprefix("file://")).expanduser().absolute()
         parent = next(p for p in (path, *path.parents) if p.exists())
         if not parent.is_dir():
-            return f"workdir {ref} is not writable: {parent} is not a directory"
+            if parent == path:
+                return f"workdir {ref} is a file, not a directory"
+            return f"workdir {ref} is not writable: {parent} is a file, not a directory"
         if not os.access(parent, os.W_OK | os.X_OK):
             return f"workdir {ref} is not writable: no write permission on {parent}"
         return None

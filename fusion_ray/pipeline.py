@@ -208,6 +208,8 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
     built = [s for s in stages if STAGE_RUNNERS.get(s)]
     check_stages(cfg, built)
     problems = unreachable(cfg)
+    if len(problems) == 1:
+        raise ValueError(f"cannot run: {problems[0]}")
     if problems:
         raise ValueError("cannot reach:\n  " + "\n  ".join(problems))
     preflight(cfg, built)

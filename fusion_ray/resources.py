@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_ray.config import FusionConfig
+from fusion_ray.config import FusionConfig, read_yaml_file
 
 GB = 10**9
 MERGE_ACTOR_CPUS = 0.5  # the pipeline's merge stage: logical CPUs per MergeActor (streaming I/O, numpy)
@@ -215,15 +215,8 @@ def load_cluster(path: str | os.PathLike[str]) -> tuple[str, list[NodeType]]:
         FileNotFoundError: no such file.
         ValueError: not YAML, or no node types.
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cluster config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml_file(path, "cluster config") or {}  # ConfigError (a ValueError) when unreadable
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     return str(data.get("cluster_name", path.stem)), node_types(data)

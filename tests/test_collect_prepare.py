@@ -84,3 +84,108 @@ def test_max_rows_caps_a_corpus(tmp_path, models):
     cfg = _config(tmp_path, models, [corpus])
     cfg.data.train[0].max_rows = 7
     assert prepare.run(cfg, log=lambda *_: None)["rows"]["out"] == 7
+
+
+def _good(i: int) -> bytes:
+    return json.dumps(chat_rows(1, start=i)[0]).encode() + b"\n"
+
+
+def test_undecodable_deep_and_overlong_lines_become_rejected_rows(tmp_path, models):
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    nested = {"id": "nested", **chat, "meta": json.loads("[" * 80 + "]" * 80)}
+    lines = [
+        _good(0),
+        b'{"id": "latin", "messages": "caf\xe9"}\n',  # 1: not UTF-8
+        b"[" * 100_000 + b"\n",  # 2: nested past json's own recursion limit
+        json.dumps(nested).encode() + b"\n",  # 3: valid JSON, nested past 64
+        b'{"id": "huge", "pad": "' + b"x" * (prepare.MAX_LINE_BYTES + 10) + b'"}\n',  # 4: over the line bound
+        _good(5),  # read after skipping line 4 to its newline
+        b'{"id": 1' + b"1" * 5000 + b", " + json.dumps(chat).encode()[1:] + b"\n",  # 6: 5000-digit int
+        json.dumps({"id": "surrogate", "messages": [{"role": "user", "content": "\ud800"},
+                                                    {"role": "assistant", "content": "a"}]}).encode() + b"\n",
+        json.dumps({"id": "listrole", "messages": [{"role": ["user"], "content": "q"},
+                                                   {"role": "assistant", "content": "a"}]}).encode() + b"\n",
+        json.dumps({"id": "asstfirst", "messages": [{"role": "assistant", "content": "a"}]}).encode() + b"\n",
+        json.dumps([1, 2]).encode() + b"\n",  # 10: not an object
+        json.dumps({"id": "x" * 2000, **chat}).encode() + b"\n",  # 11: id over 1024 chars
+        b"\n",
+        _good(13),
+        b'{"id": "tail", "pad": "' + b"y" * (prepare.MAX_LINE_BYTES + 10),  # 14: over-long, no newline at all
+    ]
+    corpus = tmp_path / "hostile.jsonl"
+    corpus.write_bytes(b"".join(lines))
+    cfg = _config(tmp_path, models, [corpus])
+    result = prepare.run(cfg, log=lambda *_: None)
+    out = cfg.stage_dir("prepare")
+    kept = pq.read_table(out).to_pylist()
+    assert [(r["sample_id"], r["source_row"]) for r in kept] == [("computing-0", 0), ("computing-5", 5),
+                                                                 ("computing-13", 13)]
+    rejected = {r["source_row"]: r for r in pq.read_table(f"{out}/_rejected").to_pylist()}
+    assert all(r["source_file"] == str(corpus) for r in rejected.values())
+    reasons = {row: r["reason"] for row, r in rejected.items()}
+    assert sorted(reasons) == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 14]
+    bad_byte = lines[1].index(b"\xe9")
+    assert reasons[1] == f"invalid UTF-8 at byte {bad_byte} of the line"
+    assert reasons[2] == reasons[3] == "JSON nested deeper than 64 levels"
+    assert reasons[4] == f"line longer than 8 MiB ({len(lines[4]):,} bytes)"
+    assert reasons[14] == f"line longer than 8 MiB ({len(lines[14]):,} bytes)"
+    assert reasons[6].startswith("invalid JSON: Exceeds the limit (4300 digits)")
+    assert reasons[7] == "messages[0].content: not valid Unicode (a lone surrogate at character 0)"
+    assert reasons[8] == "messages[0].role: unknown role ['user']"
+    assert reasons[9].startswith("the conversation starts with an assistant turn")
+    assert reasons[10] == "row is a list, not an object"
+    assert reasons[11] == "sample id longer than 1024 characters"
+    assert len(rejected[4]["raw"]) == prepare.RAW_CHARS and rejected[4]["raw"].startswith('{"id": "huge"')
+    assert "caf\\xe9" in rejected[1]["raw"]
+    assert result["rows"] == {"in": 14, "out": 3, "rejected": 11, "truncated": 0}
+    assert io.read_manifest(out)["rows"]["rejected"] == 11
+
+
+def test_an_empty_corpus_fails_prepare_naming_it_and_commits_nothing(tmp_path, models):
+    good = write_jsonl(tmp_path / "good.jsonl", chat_rows(3))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    cfg = _config(tmp_path, models, [good, empty])
+    with pytest.raises(prepare.EmptyCorpus) as err:
+        prepare.run(cfg, log=lambda *_: None)
+    assert str(err.value) == f"prepare: no usable rows in data.train.1 ({empty}): no rows"
+    assert io.read_manifest(cfg.stage_dir("prepare")) is None
+    assert not io.is_done(cfg.stage_dir("prepare"), prepare.fingerprint(cfg))
+
+
+def test_a_corpus_whose_every_row_is_rejected_fails_prepare_with_its_reasons(tmp_path, models):
+    good = write_jsonl(tmp_path / "good.jsonl", chat_rows(3))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"{not json\n\xff\xfe\n" + b'{"messages": []}\n' + b"[1]\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cfg = _config(tmp_path, models, [bad, good, empty])
+    with pytest.raises(prepare.EmptyCorpus) as err:
+        prepare.run(cfg, log=lambda *_: None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"prepare: no usable rows in data.train.0 ({bad}): all 4 row(s) rejected, e.g. "
+                              "bad.jsonl row 0: invalid JSON: Expecting property name enclosed in double quotes "
+                              "at column 2; "
+                              "bad.jsonl row 1: invalid UTF-8 at byte 0 of the line; "
+                              "bad.jsonl row 2: 'messages' must be a non-empty list")
+    assert f"| data.train.2 ({empty}): no rows" in message and "data.train.1" not in message
+    assert message.endswith("_rejected")
+    assert io.read_manifest(cfg.stage_dir("prepare")) is None
+
+
+def test_cli_prepare_of_an_empty_corpus_exits_2_in_one_line(tmp_path, models):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps(_config(tmp_path, models, [empty]).to_dict()))  # JSON is YAML
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "fusion_ray.cli", "prepare", str(config)], cwd=repo,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.splitlines() == [f"error: prepare: no usable rows in data.train.0 ({empty}): no rows"]
+    assert not (tmp_path / "work" / "prepared").exists()

@@ -4,15 +4,19 @@ Reads JSONL, Parquet (a file or a directory of files), an on-disk HF dataset
 (`save_to_disk`) or a hub dataset id (streamed), row by row: the corpus is never
 loaded whole. Each usable row becomes one `prepared/part-*.parquet` row (schema
 `PREPARED`); each unusable one becomes a `prepared/_rejected/part-*.parquet` row
-with its reason. Duplicate sample ids are rejected. Counts (in, out, rejected,
-truncated) go in the manifest.
+with its file, row (for JSONL: the 0-based line index) and reason: among them
+duplicate sample ids, and JSONL lines that are not UTF-8, not JSON, nested deeper
+than `MAX_JSON_DEPTH` or longer than `MAX_LINE_BYTES` (read in bounded pieces,
+never whole). Counts (in, out, rejected, truncated) go in the manifest. A training
+corpus that gives no usable row fails the stage (`EmptyCorpus`), naming it, and
+nothing is committed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +24,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fusion_ray import io, locations, schema
-from fusion_ray.collect.prompts import RowRejected, prepare_row
+from fusion_ray.collect.prompts import Prepared, RowRejected, prepare_row
 from fusion_ray.config import CorpusSpec, FusionConfig
 
 RAW_CHARS = 2000  # how much of a rejected row is kept
 REJECTED_DIR = "_rejected"  # prepared/_rejected/: underscore, so readers of prepared/ skip it
+MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is rejected without being read whole
+MAX_JSON_DEPTH = 64  # a chat row nests 3-4 levels
+MAX_REASON_CHARS = 500
+MAX_ID_CHARS = 1024
+EXAMPLE_REASONS = 3  # rejected rows quoted when a corpus has no usable row
+_SKIP_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
+
+
+class EmptyCorpus(ValueError):
+    """Training corpora that gave no usable row; the message names each (path, counts, reasons)."""
 
 
 @dataclass
 class BadLine:
-    """A line that is not a JSON object at all."""
+    """A line that is not a JSON value we can use: the reason and the start of its text."""
 
     reason: str
     line: str
 
 
 def iter_rows(spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
-    """Yield (file, row index, row) for one corpus; unparseable lines come as `BadLine`."""
+    """Yield (file, row index, row) for one corpus; unusable lines come as `BadLine`."""
     path = locations.corpus_path(spec.path)
     local = Path(path)
     count = 0
@@ -47,16 +61,66 @@ def iter_rows(spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
             return
 
 
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when lists/dicts nest deeper than `limit` (iterative; stops at the first such path)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _head(line: bytes) -> str:
+    return line[:RAW_CHARS].decode("utf-8", "backslashreplace")
+
+
+def parse_line(line: bytes, first: bool = False) -> Any:
+    """One JSONL line → its JSON value, or a `BadLine` saying why not (never raises)."""
+    try:
+        text = line.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        return BadLine(f"invalid UTF-8 at byte {err.start} of the line", _head(line))
+    deep = BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", text[:RAW_CHARS])
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return BadLine(f"invalid JSON: {err.msg} at column {err.colno}", text[:RAW_CHARS])
+    except RecursionError:  # json's decoder stops at the interpreter's recursion limit (~1000)
+        return deep
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        return BadLine(f"invalid JSON: {str(err)[:200]}", text[:RAW_CHARS])
+    # the bound is far below json's own: rows are walked (hashed, rendered) by code that recurses
+    if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and isinstance(value, dict | list) \
+            and too_deep(value):
+        return deep
+    return value
+
+
+def iter_jsonl(path: str, local: Path) -> Iterator[tuple[str, int, Any]]:
+    """(file, line index, value or `BadLine`) per non-blank line, read as bytes, at most
+    `MAX_LINE_BYTES` at a time: a longer line is skipped to its end (its start is kept) and rejected."""
+    with open(local, "rb") as fh:
+        i = -1
+        while line := fh.readline(MAX_LINE_BYTES + 1):
+            i += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                size = len(line)
+                while more := fh.readline(_SKIP_CHUNK):
+                    size += len(more)
+                    if more.endswith(b"\n"):
+                        break
+                yield path, i, BadLine(f"line longer than {MAX_LINE_BYTES // 2**20} MiB ({size:,} bytes)",
+                                       _head(line))
+            elif line.strip():
+                yield path, i, parse_line(line, first=i == 0)
+
+
 def _iter_source(path: str, local: Path, spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
     if local.is_file() and local.suffix in (".jsonl", ".json"):
-        with open(local, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    yield path, i, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield path, i, BadLine(f"invalid JSON: {err.msg} at column {err.colno}", line)
+        yield from iter_jsonl(path, local)
     elif local.is_file() and local.suffix == ".parquet" or local.is_dir() and any(local.glob("*.parquet")):
         files = [local] if local.is_file() else sorted(local.glob("*.parquet"))
         for f in files:
@@ -126,8 +190,64 @@ def fingerprint(cfg: FusionConfig) -> str:
                           cfg.collect.shard_rows, inputs)
 
 
+def _clean(text: str, limit: int) -> str:
+    """`text` cut to `limit` chars, writable as UTF-8 (lone surrogates escaped)."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _raw(row: Any) -> str:
+    if isinstance(row, BadLine):
+        return row.line
+    try:
+        return json.dumps(row, default=str)[:RAW_CHARS]
+    except (ValueError, TypeError, RecursionError):
+        return f"<{type(row).__name__}>"
+
+
+def check_writable(prep: Prepared) -> None:
+    """Refuse what Parquet shards (UTF-8) and later stages cannot hold.
+
+    Raises:
+        RowRejected: an id too long or not valid Unicode; text with a lone surrogate.
+    """
+    if len(prep.sample_id) > MAX_ID_CHARS:
+        raise RowRejected(f"sample id longer than {MAX_ID_CHARS} characters")
+    for what, text in (("sample id", prep.sample_id), ("text", prep.text)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowRejected(f"{what} is not valid Unicode (a lone surrogate at character {err.start})") from None
+
+
+@dataclass
+class CorpusCount:
+    """One training corpus's rows: kept, rejected, and the first reasons."""
+
+    index: int
+    path: str
+    out: int = 0
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def reject(self, where: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.reasons) < EXAMPLE_REASONS:
+            self.reasons.append(f"{where}: {reason[:200]}")
+
+    def problem(self) -> str:
+        head = f"data.train.{self.index} ({self.path})"
+        if not self.rejected:
+            return f"{head}: no rows"
+        return f"{head}: all {self.rejected} row(s) rejected, e.g. " + "; ".join(self.reasons)
+
+
 def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Prepare the training corpora; skipped when the manifest matches."""
+    """Prepare the training corpora; skipped when the manifest matches.
+
+    Raises:
+        EmptyCorpus: naming each training corpus that gave no usable row; nothing is committed
+            (the rejected rows stay in the partial output for a look).
+    """
     out_dir, fp = cfg.stage_dir("prepare"), fingerprint(cfg)
     if not force and io.is_done(out_dir, fp):
         return {"status": "skipped", "dir": out_dir}
@@ -137,27 +257,35 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.collect.shard_rows)
     seen: set[str] = set()
     truncated = 0
-    for spec in cfg.data.train:
+    counts = [CorpusCount(n, spec.path) for n, spec in enumerate(cfg.data.train)]
+    for spec, count in zip(cfg.data.train, counts, strict=True):
         for file, index, row in iter_rows(spec):
             try:
                 if isinstance(row, BadLine):
                     raise RowRejected(row.reason)
                 prep = prepare_row(row, tokenizer, max_length=cfg.data.max_length, fmt=spec.format)
+                check_writable(prep)
                 if prep.sample_id in seen:
                     raise RowRejected(f"duplicate sample_id {prep.sample_id!r}")
             except RowRejected as why:
                 sid = row.get("id") if isinstance(row, dict) else None
-                raw = row.line if isinstance(row, BadLine) else json.dumps(row, default=str)
-                bad.add({"source_file": file, "source_row": index, "sample_id": str(sid or ""),
-                         "reason": str(why), "raw": raw[:RAW_CHARS]})
+                reason = _clean(str(why), MAX_REASON_CHARS)
+                bad.add({"source_file": file, "source_row": index,
+                         "sample_id": _clean(str(sid) if isinstance(sid, str | int) else "", MAX_ID_CHARS),
+                         "reason": reason, "raw": _clean(_raw(row), RAW_CHARS)})
+                count.reject(f"{Path(file).name} row {index}", reason)
                 continue
             seen.add(prep.sample_id)
+            count.out += 1
             truncated += prep.truncated
             good.add({"sample_id": prep.sample_id, "domain": spec.domain, "text": prep.text,
                       "span_starts": prep.span_starts, "span_ends": prep.span_ends,
                       "truncated": prep.truncated, "source_file": file, "source_row": index})
     good.flush()
     bad.flush()
+    if empty := [c for c in counts if not c.out]:
+        where = f"; rejected rows: {out.path(REJECTED_DIR)}" if bad.total else ""
+        raise EmptyCorpus("prepare: no usable rows in " + " | ".join(c.problem() for c in empty) + where)
     rows = {"in": good.total + bad.total, "out": good.total, "rejected": bad.total,
             "truncated": truncated}
     out.commit(io.Manifest(stage="prepare", fingerprint=fp, config_hash=cfg.config_hash(), rows=rows,

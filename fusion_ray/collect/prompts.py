@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ def sample_id_of(row: dict[str, Any]) -> str:
         if isinstance(row.get(key), str | int) and str(row[key]):
             return str(row[key])
     blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
@@ -66,27 +67,49 @@ def to_messages(row: dict[str, Any], fmt: str = "auto") -> list[dict[str, str]]:
         if not isinstance(turn, dict):
             raise RowRejected(f"{key}[{i}] is not an object")
         role, content = turn.get(role_key), turn.get(text_key)
-        if role not in roles:
-            raise RowRejected(f"{key}[{i}].{role_key}: unknown role {role!r}")
+        if not isinstance(role, str) or role not in roles:
+            raise RowRejected(f"{key}[{i}].{role_key}: unknown role {reprlib.repr(role)}")
         if not isinstance(content, str):
             raise RowRejected(f"{key}[{i}].{text_key}: content is not a string")
         if not content.strip():
             raise RowRejected(f"{key}[{i}].{text_key}: empty content")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RowRejected(f"{key}[{i}].{text_key}: not valid Unicode (a lone surrogate at character "
+                              f"{err.start})") from None
         messages.append({"role": roles[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise RowRejected("no assistant turn")
     return messages
 
 
+def template(tokenizer, messages: list[dict[str, str]], **kwargs) -> str:
+    """The chat template's rendering of `messages`.
+
+    Raises:
+        RowRejected: where the template refuses the conversation (many raise on roles that
+            do not alternate, or on a system turn they do not support).
+    """
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+        raise RowRejected(f"the chat template refuses it: {type(err).__name__}: {str(err)[:200]}") from None
+
+
 def render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[int], list[int]]:
     """Render once with the chat template; return (text, span_starts, span_ends) of replies."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if messages[0]["role"] == "assistant":
+        raise RowRejected("the conversation starts with an assistant turn: no prompt before it")
+    text = template(tokenizer, messages)
     starts, ends = [], []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = template(tokenizer, messages[:i], add_generation_prompt=True)
+        through = template(tokenizer, messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
             raise RowRejected("chat template does not render conversation prefixes as prefixes")
         starts.append(len(before))

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 REQUIRED = object()
@@ -238,20 +237,24 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
 
 def load_spec(path: str | Path) -> MergeSpec:
     """Read a mergekit-style YAML file; model paths relative to the file's directory resolve there."""
-    from fusion_ray.config import ConfigError
+    from fusion_ray.config import ConfigError, read_yaml_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"merge config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path, "merge config") or {}  # bounded; FileNotFoundError when missing
     if not isinstance(data, dict):
         raise ConfigError(str(path), ["top level must be a mapping"])
 
     def local(p: Any) -> Any:
-        return str((path.parent / p).resolve()) if isinstance(p, str) and (path.parent / p).exists() else p
+        try:
+            return str((path.parent / p).resolve()) if isinstance(p, str) and (path.parent / p).exists() else p
+        except (OSError, ValueError):  # a name too long, a NUL byte: not a local path; parse_spec says why
+            return p
 
-    for m in data.get("models") or [src for sl in data.get("slices") or [] if isinstance(sl, dict)
-                                     for src in sl.get("sources") or []]:
+    def items(value: Any) -> list:
+        return value if isinstance(value, list) else []
+
+    for m in items(data.get("models")) or [src for sl in items(data.get("slices")) if isinstance(sl, dict)
+                                           for src in items(sl.get("sources"))]:
         if isinstance(m, dict):
             m["model"] = local(m.get("model"))
     if "base_model" in data:
