@@ -8,7 +8,11 @@ the same model as the reference, where vLLM is installed) gets, over `--seconds`
   - one client sending normal chat completions (each must succeed).
 The replica's (and Serve proxy's) resident memory is read before and after (`psutil`).
 
+With `--baseline-checkout DIR` (e.g. a `git worktree` of an earlier commit) the same server
+from that checkout is measured too, side by side (its `baseline_*` figures).
+
 Usage: python bench/hostile.py [--engine hf|vllm] [--seconds 20] [--large-mb 20] [--abusers 2]
+       [--baseline-checkout DIR] [--no-reference]
 The last line is one JSON object: health_latency_ms_during_large_request (p99; goal ≤ 1000),
 large_request_reject_ms (p50; goal ≤ 100), rss_growth_mb_after_large_requests (goal ≤ 50),
 normal_request_success_during_abuse (goal 1.0), and the same figures of the reference server.
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -107,10 +112,22 @@ async def abuse(base: str, model: str, args) -> dict:
             "normal_requests": sum(normal.values())}
 
 
-def bench_server(kind: str, model: str, args, log_dir: Path) -> dict:
+def bench_server(kind: str, model: str, args, log_dir: Path, label: str | None = None) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start(kind, model, port, log_dir)
+    old_path = os.environ.get("PYTHONPATH")
+    if label == "baseline":  # the server (and its Ray workers) import fusion_ray from that checkout
+        os.environ["PYTHONPATH"] = str(Path(args.baseline_checkout).resolve())
+    try:
+        ours = kind in ("hf", "vllm") and label is None
+        extra = ("--max-request-bytes", str(args.max_request_bytes)) if ours and args.max_request_bytes else ()
+        proc = start(kind, model, port, log_dir, extra)
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+    kind = label or kind
     try:
         print(f"{kind:9s} ready in {wait_ready(base, proc):.0f}s", flush=True)
         name = Path(model).name
@@ -128,7 +145,8 @@ def bench_server(kind: str, model: str, args, log_dir: Path) -> dict:
     finally:
         stop(proc)
     print(f"{kind:9s} /health p99 {res['health_latency_ms_during_large_request']:7.1f} ms  large request answered "
-          f"in {res['large_request_reject_ms']:6.1f} ms (p50 of {res['large_requests']}: {res['large_request_statuses']})"
+          f"in {res['large_request_reject_ms']:6.1f} ms "
+          f"(p50 of {res['large_requests']}: {res['large_request_statuses']})"
           f"  RSS {res['rss_mb_before']:.0f} MB, +{res['rss_growth_mb_after_large_requests']:.1f} MB after  "
           f"normal requests ok {res['normal_request_success_during_abuse']:.0%} of {res['normal_requests']}",
           flush=True)
@@ -144,6 +162,9 @@ def main() -> None:
     parser.add_argument("--large-mb", type=float, default=20)
     parser.add_argument("--abusers", type=int, default=2)
     parser.add_argument("--no-reference", action="store_true", help="skip vLLM's own server")
+    parser.add_argument("--baseline-checkout", help="also measure the server of this checkout (side by side)")
+    parser.add_argument("--max-request-bytes", type=int, default=None,
+                        help="the servers' body limit (ablation: 1073741824 turns the bound off)")
     args = parser.parse_args()
 
     from fusion_ray import locations
@@ -154,6 +175,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as logs:
         try:
             results = {kind: bench_server(kind, model, args, Path(logs)) for kind in kinds}
+            if args.baseline_checkout:
+                results["baseline"] = bench_server(args.engine, model, args, Path(logs), label="baseline")
         finally:
             for leftover in engine_leftovers() - before:
                 Path(leftover).unlink(missing_ok=True)
@@ -163,6 +186,8 @@ def main() -> None:
     summary = {k: ours[k] for k in keys}
     summary.update({"engine": args.engine, "large_mb": args.large_mb, "seconds": args.seconds,
                     "large_request_statuses": ours["large_request_statuses"]})
+    if "baseline" in results:
+        summary.update({f"baseline_{k}": results["baseline"][k] for k in keys})
     if "raw_vllm" in results:
         summary.update({f"reference_vllm_{k}": results["raw_vllm"][k] for k in keys})
     print(json.dumps(summary))

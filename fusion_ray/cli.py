@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
                   "api_key": args.api_key or os.environ.get(API_KEY_ENV),
                   "num_gpus": 1 if torch.cuda.is_available() else 0,  # one replica, one GPU if any
-                  "access_log": not args.no_access_log})
+                  "access_log": not args.no_access_log, "max_request_bytes": args.max_request_bytes})
     serve_until_interrupted(url)
     return 0
 
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require this bearer token (default: $FUSION_RAY_API_KEY; none: open)")
     serve.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                       help="larger request bodies are answered 413 (default 4 MiB)")
     serve.set_defaults(fn=cmd_serve)
     demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every built stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")
