@@ -29,7 +29,16 @@ import yaml
 
 from fusion_ray.merge import methods
 from fusion_ray.merge.spec import MergeSpec
-from fusion_ray.merge.streaming import DTYPES, Checkpoint, ShardWriter, Slot, write_at
+from fusion_ray.merge.streaming import (
+    DTYPES,
+    Checkpoint,
+    CheckpointError,
+    ShardWriter,
+    Slot,
+    model_file,
+    read_json,
+    write_at,
+)
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,14 +49,26 @@ TASK_ARITHMETIC = {"task_arithmetic": (None, False), "ties": ("magnitude", True)
 
 
 def read_config(model_dir: str) -> dict:
-    path = Path(model_dir) / "config.json"
+    """The model's config.json (inside the dir, ≤ 64 MiB, a JSON object).
+
+    Raises:
+        FileNotFoundError: no config.json.
+        CheckpointError: a config.json leading outside the dir, or not a JSON object.
+    """
+    path = model_file(model_dir, "config.json")
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: not an HF model dir (no config.json)")
-    return json.loads(path.read_text())
+    config = read_json(path, "config", strict=False)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def num_layers(config: dict) -> int:
-    return int(config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1)
+    value = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1
+    if type(value) is not int or value < 1:
+        raise ValueError(f"config.json: number of layers {str(value)[:40]!r} is not a positive integer")
+    return value
 
 
 def layer_t(name: str, layers: int) -> float:
@@ -222,8 +243,9 @@ def write_side_files(spec: MergeSpec, out_dir: Path, out_dtype: torch.dtype, see
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in SIDE_FILES:
-        if (pivot / name).is_file():
-            shutil.copy2(pivot / name, out_dir / name)
+        src = model_file(pivot, name)  # a tokenizer file leading outside the pivot's dir is refused
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
     dumped = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     (out_dir / "merge_config.yaml").write_text(dumped)
     inputs = "\n".join(f"- `{p}`" + (" (base)" if p == spec.base_model else "") for p in spec.inputs())
