@@ -14,7 +14,9 @@ and 0 for tensors outside the layers, as in mergekit.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
 import time
@@ -44,6 +46,11 @@ LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
               "added_tokens.json")
+MARKER = "merge_config.yaml"  # written by every merge: what `--force` may replace
+MERGE_FILES = frozenset({"config.json", "README.md", MARKER, "model.safetensors", "model.safetensors.index.json",
+                         *SIDE_FILES})
+OUTPUT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+LEFTOVER_GRACE_S = 60.0  # an unlocked partial dir younger than this may belong to a merge just starting
 TASK_ARITHMETIC = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
                    "dare_ties": ("random", True), "dare_linear": ("random", False)}
 
@@ -279,28 +286,123 @@ def fill_dir(spec: MergeSpec, out_dir: Path, *, seed: int = 0, threads: int = 1,
             "wall_s": round(time.monotonic() - started, 3)}
 
 
+def written_by_merge(name: str) -> bool:
+    """Whether a merge writes a file of this name into its output dir."""
+    return name in MERGE_FILES or OUTPUT_SHARD.fullmatch(name) is not None
+
+
+def check_out_dir(out_dir: str, force: bool = False) -> Path:
+    """The absolute OUT_DIR (symlinks resolved), checked before any work.
+
+    An absent or empty dir is fine. A non-empty one needs `force`, and then must be a previous
+    merge's output: it holds `merge_config.yaml` (the marker every merge writes) and only files
+    a merge writes (config, tokenizer and chat-template files, README.md, model shards and
+    index). Anything else is refused even with `force`: a merge never deletes files it did
+    not write.
+
+    Raises:
+        FileExistsError: OUT_DIR (or a parent) is a file; or a non-empty dir without `force`;
+            or, with `force`, a dir holding files no merge writes. One line naming the path.
+    """
+    try:
+        final = Path(out_dir).expanduser().resolve()
+    except (OSError, RuntimeError) as err:
+        raise FileExistsError(f"output dir {out_dir}: cannot resolve it ({err})") from None
+    for path in (final, *final.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == final else f" (in the output path {final})"
+                raise FileExistsError(f"output path {path} exists and is not a directory{where}")
+            break
+    if not final.is_dir():
+        return final
+    entries = sorted(e.name for e in final.iterdir())
+    if not entries:
+        return final
+    if not force:
+        raise FileExistsError(f"output dir {final} exists and is not empty (use --force to replace it)")
+    if not (final / MARKER).is_file():
+        raise FileExistsError(f"output dir {final} exists and was not written by a merge (no {MARKER}); "
+                              "--force replaces only a previous merge's output: empty it or choose another OUT_DIR")
+    foreign = [n for n in entries if not (written_by_merge(n) and (final / n).is_file())]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise FileExistsError(f"output dir {final} exists and holds files a merge does not write "
+                              f"({', '.join(foreign[:5])}{more}); --force replaces only a previous merge's "
+                              "files: move them or choose another OUT_DIR")
+    return final
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on dir `path`, or None (held elsewhere, or no locks here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_leftovers(final: Path, grace_s: float = LEFTOVER_GRACE_S) -> list[Path]:
+    """Remove the `.NAME.partial-XXXXXXXX` / `.NAME.stale-XXXXXXXX` dirs that killed merges into
+    `final` left next to it. A running merge holds a flock on its partial dir, so only a dir
+    nobody locks, last modified over `grace_s` ago, is removed (the grace covers the instant
+    between a merge creating its dir and locking it); where the file system cannot lock a
+    dir, nothing is removed. Returns the removed dirs."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:partial|stale)-[0-9a-f]{{8}}")
+    removed: list[Path] = []
+    try:
+        entries = [e for e in final.parent.iterdir() if pattern.fullmatch(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        fd = _try_lock(entry)  # not a dir, a symlink, gone, or locked by a live merge: None
+        if fd is None:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime >= grace_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def run_merge(spec: MergeSpec, out_dir: str, *, seed: int = 0, threads: int = 1, force: bool = False,
               **kwargs) -> dict:
     """Merge into `out_dir`, published atomically (temp dir, then rename).
 
+    The result is built in `.NAME.partial-XXXXXXXX` next to OUT_DIR (locked while this merge
+    runs) and renamed into place; a previous output being replaced (`force`) is renamed to
+    `.NAME.stale-XXXXXXXX` and removed. Leftovers of killed merges into the same OUT_DIR are
+    removed first (`remove_leftovers`). With `force`, only a previous merge's output is
+    replaced (`check_out_dir`); OUT_DIR is checked again just before it is replaced.
+
     Raises:
-        FileExistsError: `out_dir` exists and is not empty, unless `force`.
+        FileExistsError: see `check_out_dir`.
     """
-    final = Path(out_dir).expanduser().absolute()
-    if final.exists() and any(final.iterdir()) and not force:
-        raise FileExistsError(f"output dir {final} exists and is not empty (use --force to replace it)")
+    final = check_out_dir(out_dir, force)
+    remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    lock = _try_lock(tmp)
     try:
         stats = fill_dir(spec, tmp, seed=seed, threads=threads, **kwargs)
         if final.exists():
+            check_out_dir(str(final), force)  # what was checked at the start may have changed
             stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
             final.rename(stale)
             tmp.rename(final)
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         else:
             tmp.rename(final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return {**stats, "dir": str(final)}
