@@ -75,9 +75,12 @@ def merge_standalone(spec: MergeSpec, out_dir: str, *, seed: int = 0, threads: i
     """`fusion-ray merge`: in this process on `threads` (default: the cores, at most 2), or on
     `num_actors` Ray actors (local Ray, or the cluster in RAY_ADDRESS). Inputs may be hub ids or
     object-store URIs (copied to this node once); an object-store OUT_DIR gets the merged files
-    uploaded, the index last."""
-    from fusion_ray.merge.engine import run_merge
+    uploaded, the index last. A local OUT_DIR is checked (`engine.check_out_dir`: not a file;
+    non-empty only with `force`, and then a previous merge's output) before any input is fetched."""
+    from fusion_ray.merge.engine import check_out_dir, run_merge
 
+    if not locations.is_remote(out_dir):
+        check_out_dir(out_dir, force)  # before fetching any input
     spec = local_inputs(spec)
     if locations.is_remote(out_dir):
         if not force and locations.listing(out_dir):

@@ -14,7 +14,9 @@ and 0 for tensors outside the layers, as in mergekit.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
 import time
@@ -29,25 +31,51 @@ import yaml
 
 from fusion_ray.merge import methods
 from fusion_ray.merge.spec import MergeSpec
-from fusion_ray.merge.streaming import DTYPES, Checkpoint, ShardWriter, Slot, write_at
+from fusion_ray.merge.streaming import (
+    DTYPES,
+    Checkpoint,
+    CheckpointError,
+    ShardWriter,
+    Slot,
+    model_file,
+    read_json,
+    write_at,
+)
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
               "added_tokens.json")
+MARKER = "merge_config.yaml"  # written by every merge: what `--force` may replace
+MERGE_FILES = frozenset({"config.json", "README.md", MARKER, "model.safetensors", "model.safetensors.index.json",
+                         *SIDE_FILES})
+OUTPUT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+LEFTOVER_GRACE_S = 60.0  # an unlocked partial dir younger than this may belong to a merge just starting
 TASK_ARITHMETIC = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
                    "dare_ties": ("random", True), "dare_linear": ("random", False)}
 
 
 def read_config(model_dir: str) -> dict:
-    path = Path(model_dir) / "config.json"
+    """The model's config.json (inside the dir, ≤ 64 MiB, a JSON object).
+
+    Raises:
+        FileNotFoundError: no config.json.
+        CheckpointError: a config.json leading outside the dir, or not a JSON object.
+    """
+    path = model_file(model_dir, "config.json")
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: not an HF model dir (no config.json)")
-    return json.loads(path.read_text())
+    config = read_json(path, "config", strict=False)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def num_layers(config: dict) -> int:
-    return int(config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1)
+    value = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers") or 1
+    if type(value) is not int or value < 1:
+        raise ValueError(f"config.json: number of layers {str(value)[:40]!r} is not a positive integer")
+    return value
 
 
 def layer_t(name: str, layers: int) -> float:
@@ -222,8 +250,9 @@ def write_side_files(spec: MergeSpec, out_dir: Path, out_dtype: torch.dtype, see
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = str(out_dtype).removeprefix("torch.")
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in SIDE_FILES:
-        if (pivot / name).is_file():
-            shutil.copy2(pivot / name, out_dir / name)
+        src = model_file(pivot, name)  # a tokenizer file leading outside the pivot's dir is refused
+        if src.is_file():
+            shutil.copy2(src, out_dir / name)
     dumped = yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     (out_dir / "merge_config.yaml").write_text(dumped)
     inputs = "\n".join(f"- `{p}`" + (" (base)" if p == spec.base_model else "") for p in spec.inputs())
@@ -257,28 +286,123 @@ def fill_dir(spec: MergeSpec, out_dir: Path, *, seed: int = 0, threads: int = 1,
             "wall_s": round(time.monotonic() - started, 3)}
 
 
+def written_by_merge(name: str) -> bool:
+    """Whether a merge writes a file of this name into its output dir."""
+    return name in MERGE_FILES or OUTPUT_SHARD.fullmatch(name) is not None
+
+
+def check_out_dir(out_dir: str, force: bool = False) -> Path:
+    """The absolute OUT_DIR (symlinks resolved), checked before any work.
+
+    An absent or empty dir is fine. A non-empty one needs `force`, and then must be a previous
+    merge's output: it holds `merge_config.yaml` (the marker every merge writes) and only files
+    a merge writes (config, tokenizer and chat-template files, README.md, model shards and
+    index). Anything else is refused even with `force`: a merge never deletes files it did
+    not write.
+
+    Raises:
+        FileExistsError: OUT_DIR (or a parent) is a file; or a non-empty dir without `force`;
+            or, with `force`, a dir holding files no merge writes. One line naming the path.
+    """
+    try:
+        final = Path(out_dir).expanduser().resolve()
+    except (OSError, RuntimeError) as err:
+        raise FileExistsError(f"output dir {out_dir}: cannot resolve it ({err})") from None
+    for path in (final, *final.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == final else f" (in the output path {final})"
+                raise FileExistsError(f"output path {path} exists and is not a directory{where}")
+            break
+    if not final.is_dir():
+        return final
+    entries = sorted(e.name for e in final.iterdir())
+    if not entries:
+        return final
+    if not force:
+        raise FileExistsError(f"output dir {final} exists and is not empty (use --force to replace it)")
+    if not (final / MARKER).is_file():
+        raise FileExistsError(f"output dir {final} exists and was not written by a merge (no {MARKER}); "
+                              "--force replaces only a previous merge's output: empty it or choose another OUT_DIR")
+    foreign = [n for n in entries if not (written_by_merge(n) and (final / n).is_file())]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise FileExistsError(f"output dir {final} exists and holds files a merge does not write "
+                              f"({', '.join(foreign[:5])}{more}); --force replaces only a previous merge's "
+                              "files: move them or choose another OUT_DIR")
+    return final
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on dir `path`, or None (held elsewhere, or no locks here)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_leftovers(final: Path, grace_s: float = LEFTOVER_GRACE_S) -> list[Path]:
+    """Remove the `.NAME.partial-XXXXXXXX` / `.NAME.stale-XXXXXXXX` dirs that killed merges into
+    `final` left next to it. A running merge holds a flock on its partial dir, so only a dir
+    nobody locks, last modified over `grace_s` ago, is removed (the grace covers the instant
+    between a merge creating its dir and locking it); where the file system cannot lock a
+    dir, nothing is removed. Returns the removed dirs."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:partial|stale)-[0-9a-f]{{8}}")
+    removed: list[Path] = []
+    try:
+        entries = [e for e in final.parent.iterdir() if pattern.fullmatch(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        fd = _try_lock(entry)  # not a dir, a symlink, gone, or locked by a live merge: None
+        if fd is None:
+            continue
+        try:
+            if time.time() - os.fstat(fd).st_mtime >= grace_s:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def run_merge(spec: MergeSpec, out_dir: str, *, seed: int = 0, threads: int = 1, force: bool = False,
               **kwargs) -> dict:
     """Merge into `out_dir`, published atomically (temp dir, then rename).
 
+    The result is built in `.NAME.partial-XXXXXXXX` next to OUT_DIR (locked while this merge
+    runs) and renamed into place; a previous output being replaced (`force`) is renamed to
+    `.NAME.stale-XXXXXXXX` and removed. Leftovers of killed merges into the same OUT_DIR are
+    removed first (`remove_leftovers`). With `force`, only a previous merge's output is
+    replaced (`check_out_dir`); OUT_DIR is checked again just before it is replaced.
+
     Raises:
-        FileExistsError: `out_dir` exists and is not empty, unless `force`.
+        FileExistsError: see `check_out_dir`.
     """
-    final = Path(out_dir).expanduser().absolute()
-    if final.exists() and any(final.iterdir()) and not force:
-        raise FileExistsError(f"output dir {final} exists and is not empty (use --force to replace it)")
+    final = check_out_dir(out_dir, force)
+    remove_leftovers(final)
     tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    lock = _try_lock(tmp)
     try:
         stats = fill_dir(spec, tmp, seed=seed, threads=threads, **kwargs)
         if final.exists():
+            check_out_dir(str(final), force)  # what was checked at the start may have changed
             stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
             final.rename(stale)
             tmp.rename(final)
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         else:
             tmp.rename(final)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return {**stats, "dir": str(final)}
