@@ -115,13 +115,14 @@ async def abuse(base: str, model: str, args) -> dict:
 def bench_server(kind: str, model: str, args, log_dir: Path, label: str | None = None) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    old_path = os.environ.get("PYTHONPATH")
-    if label == "baseline":  # the server (and its Ray workers) import fusion_ray from that checkout
-        os.environ["PYTHONPATH"] = str(Path(args.baseline_checkout).resolve())
+    old_path, cwd = os.environ.get("PYTHONPATH"), None
+    if label == "baseline":  # the server and its Ray workers (which put the driver's working dir
+        cwd = str(Path(args.baseline_checkout).resolve())  # first on their path) import that checkout
+        os.environ["PYTHONPATH"] = cwd
     try:
         ours = kind in ("hf", "vllm") and label is None
         extra = ("--max-request-bytes", str(args.max_request_bytes)) if ours and args.max_request_bytes else ()
-        proc = start(kind, model, port, log_dir, extra)
+        proc = start(kind, model, port, log_dir, extra, cwd=cwd)
     finally:
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)

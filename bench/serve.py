@@ -61,11 +61,12 @@ def server_command(kind: str, model: str, port: int) -> list[str]:
     return [*exe, __file__, "--baseline-server", model, "--port", str(port)]
 
 
-def start(kind: str, model: str, port: int, log_dir: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def start(kind: str, model: str, port: int, log_dir: Path, extra: tuple[str, ...] = (),
+          cwd: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = open(log_dir / f"{kind}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen([*server_command(kind, model, port), *extra], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> float:

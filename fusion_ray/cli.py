@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--threads", type=positive_int, default=None, help="tensors merged in parallel (standalone)")
     merge.add_argument("--num-actors", type=positive_int, default=1,
                        help="Ray actors sharing the tensors (standalone)")
-    merge.add_argument("--force", action="store_true", help="replace an existing output / rerun the stage")
+    merge.add_argument("--force", action="store_true",
+                       help="replace an earlier merge's output (never a dir no merge wrote) / rerun the stage")
     merge.set_defaults(fn=cmd_merge)
     serve = sub.add_parser("serve", parents=[common], help="serve a chat model behind an OpenAI-compatible API")
     serve.add_argument("model_dir")

@@ -82,7 +82,7 @@ def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
     return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
 
 
-LARGE_PROMPT_CHARS = 1 << 20  # after a prompt this large, free memory is handed back to the OS
+LARGE_BODY_BYTES = 1 << 20  # after a body this large, free memory is handed back to the OS
 TOP_P_FLOOR = 1e-6
 
 
@@ -121,7 +121,7 @@ def longest_token_chars(tokenizer) -> int:
 
 
 def trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so a large prompt does not leave the
+    """Give freed heap pages back to the OS (glibc), so a large body does not leave the
     replica's memory high."""
     import ctypes
 
@@ -180,20 +180,8 @@ class ChatServer:
         self._authorize(request)
         body = await read_body(request, self.args.max_request_bytes)
         # parsing, templating and tokenising run on a worker thread: the event loop stays free
-        # for /health and the streams of other requests while a large prompt is handled
-        req = await asyncio.to_thread(protocol.parse_chat_request, body)
-        del body
-        if req.model != self.args.model_id:
-            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                           f"{self.args.model_id!r}", param="model", code="model_not_found")
-        chars = req.prompt_chars()
-        if chars > self.max_prompt_chars:
-            raise APIError(400, f"the messages hold {chars} characters; this server takes at most "
-                           f"{self.max_prompt_chars} (its context is {self.engine.max_model_len} tokens)",
-                           param="messages", code="context_length_exceeded")
-        prompt_ids = await asyncio.to_thread(self._prompt, req)
-        if chars > LARGE_PROMPT_CHARS:
-            trim_heap()
+        # for /health and the streams of other requests while a large body is handled
+        req, prompt_ids = await asyncio.to_thread(self._prepare, body)
         sampling = self._sampling(req, len(prompt_ids))
         rid = protocol.new_id()
         if req.stream:
@@ -223,6 +211,23 @@ class ChatServer:
                                                                  self.args.api_key.encode()):
             raise APIError(401, "missing or invalid API key (send `Authorization: Bearer KEY`)",
                            code="invalid_api_key")
+
+    def _prepare(self, body: bytes) -> tuple[protocol.ChatRequest, list[int]]:
+        """The validated request and its prompt token ids (on a worker thread)."""
+        try:
+            req = protocol.parse_chat_request(body)
+            if req.model != self.args.model_id:
+                raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                               f"{self.args.model_id!r}", param="model", code="model_not_found")
+            chars = req.prompt_chars()
+            if chars > self.max_prompt_chars:
+                raise APIError(400, f"the messages hold {chars} characters; this server takes at most "
+                               f"{self.max_prompt_chars} (its context is {self.engine.max_model_len} tokens)",
+                               param="messages", code="context_length_exceeded")
+            return req, self._prompt(req)
+        finally:
+            if len(body) > LARGE_BODY_BYTES:
+                trim_heap()
 
     def _prompt(self, req: protocol.ChatRequest) -> list[int]:
         from jinja2 import TemplateError
