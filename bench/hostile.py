@@ -14,7 +14,8 @@ from that checkout is measured too, side by side (its `baseline_*` figures).
 Usage: python bench/hostile.py [--engine hf|vllm] [--seconds 20] [--large-mb 20] [--abusers 2]
        [--baseline-checkout DIR] [--no-reference]
 The last line is one JSON object: health_latency_ms_during_large_request (p99; goal ≤ 1000),
-large_request_reject_ms (p50; goal ≤ 100), rss_growth_mb_after_large_requests (goal ≤ 50),
+large_request_reject_ms (p50 of the time until the answer's status line arrives, the client
+reading while it writes; goal ≤ 100), rss_growth_mb_after_large_requests (goal ≤ 50),
 normal_request_success_during_abuse (goal 1.0), and the same figures of the reference server.
 """
 
@@ -65,21 +66,49 @@ def large_body(model: str, megabytes: float) -> bytes:
                        "max_tokens": 4}).encode()
 
 
+async def send_large(base: str, body: bytes) -> tuple[int | str, float, float]:
+    """POST `body` as a client that reads while it writes (as curl does): (status, seconds until the
+    status line arrived, seconds until the exchange ended). A server that refuses by the declared
+    length answers before the upload ends; one that parses first, only after it."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+
+    async def upload() -> None:
+        writer.write(head)
+        for k in range(0, len(body), 2**20):
+            writer.write(body[k:k + 2**20])
+            await writer.drain()
+
+    t0 = time.perf_counter()
+    sending = asyncio.create_task(upload())
+    try:
+        line = await asyncio.wait_for(reader.readline(), 300)
+        answered = time.perf_counter() - t0
+        await asyncio.wait_for(reader.read(), 300)  # the rest of the answer, to the server's close
+        parts = line.split()
+        status: int | str = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else "no answer"
+    except (OSError, asyncio.TimeoutError) as err:
+        answered, status = time.perf_counter() - t0, type(err).__name__
+    try:
+        await sending
+    except OSError:
+        pass  # the server closed before the whole body was sent
+    writer.close()
+    return status, answered, time.perf_counter() - t0
+
+
 async def abuse(base: str, model: str, args) -> dict:
     body = large_body(model, args.large_mb)
     stop_at = time.monotonic() + args.seconds
-    rejects, statuses, health, normal = [], {}, [], {"ok": 0, "failed": 0}
+    rejects, exchanges, statuses, health, normal = [], [], {}, [], {"ok": 0, "failed": 0}
 
-    async def abuser(http: httpx.AsyncClient) -> None:
+    async def abuser(_: httpx.AsyncClient) -> None:
         while time.monotonic() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                resp = await http.post(f"{base}/v1/chat/completions", content=body,
-                                       headers={"Content-Type": "application/json"})
-                status = resp.status_code
-            except httpx.HTTPError as err:
-                status = type(err).__name__
-            rejects.append(time.perf_counter() - t0)
+            status, answered, whole = await send_large(base, body)
+            rejects.append(answered)
+            exchanges.append(whole)
             statuses[status] = statuses.get(status, 0) + 1
 
     async def poller(http: httpx.AsyncClient) -> None:
@@ -107,6 +136,7 @@ async def abuse(base: str, model: str, args) -> dict:
     cuts = statistics.quantiles(health, n=100) if len(health) > 1 else [health[0]] * 99
     return {"health_latency_ms_during_large_request": round(cuts[98] * 1000, 1),
             "large_request_reject_ms": round(statistics.median(rejects) * 1000, 1) if rejects else None,
+            "large_request_exchange_ms": round(statistics.median(exchanges) * 1000, 1) if exchanges else None,
             "large_requests": len(rejects), "large_request_statuses": statuses,
             "normal_request_success_during_abuse": round(normal["ok"] / max(1, sum(normal.values())), 3),
             "normal_requests": sum(normal.values())}
@@ -146,7 +176,7 @@ def bench_server(kind: str, model: str, args, log_dir: Path, label: str | None =
     finally:
         stop(proc)
     print(f"{kind:9s} /health p99 {res['health_latency_ms_during_large_request']:7.1f} ms  large request answered "
-          f"in {res['large_request_reject_ms']:6.1f} ms "
+          f"in {res['large_request_reject_ms']:6.1f} ms, exchange over in {res['large_request_exchange_ms']:.0f} ms "
           f"(p50 of {res['large_requests']}: {res['large_request_statuses']})"
           f"  RSS {res['rss_mb_before']:.0f} MB, +{res['rss_growth_mb_after_large_requests']:.1f} MB after  "
           f"normal requests ok {res['normal_request_success_during_abuse']:.0%} of {res['normal_requests']}",
