@@ -240,3 +240,30 @@ def test_fusechat_slerp_config_with_one_whole_slice(trio, tmp_path):
     partial = spec.model_copy(update={"models": [m.model_copy(update={"layer_range": (0, 1)}) for m in spec.models]})
     with pytest.raises(ValueError, match="does not cover"):
         engine.run_merge(partial, str(tmp_path / "x"))
+
+
+def test_cli_sce_merge_of_real_scale_updates_weights_them_by_size(trio, tmp_path):
+    """Targets that moved by RMS 1e-4 and 4e-4 (a real fine-tune's size): `fusion-ray merge` with
+    SCE (fusechat) gives every tensor η ≈ (1/17, 16/17), as the float64 rule does, not (½, ½)."""
+    from test_merge_methods import sce_reference
+
+    base = trio[0]
+    small = finetune(base, tmp_path / "small", 11, scale=1e-4)
+    large = finetune(base, tmp_path / "large", 12, scale=4e-4)
+    cfg = tmp_path / "sce.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"model": str(small)}, {"model": str(large)}], "base_model": str(base),
+                                   "merge_method": "sce", "variant": "fusechat", "dtype": "float32"}))
+    cmd = [sys.executable, "-m", "fusion_ray.cli", "merge", str(cfg), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    out, b, s, lg = (weights(d) for d in (tmp_path / "out", base, small, large))
+    checked = 0
+    for name, theta in b.items():
+        if not theta.is_floating_point() or theta.numel() < 256:
+            continue
+        want, eta = sce_reference(theta, [s[name], lg[name]], 1.0)
+        assert eta[1] / eta[0] > 10, (name, eta)
+        assert torch.allclose(out[name].double() - theta.double(), want - theta.double(), rtol=1e-4, atol=1e-8), name
+        checked += 1
+    assert checked >= 5

@@ -133,3 +133,69 @@ def test_merging_identical_models_returns_them(name, dtype):
     }[name]()
     assert out.dtype == dtype
     assert torch.allclose(out.float(), x.float(), rtol=1e-6, atol=1e-7)  # float32: up to a rounding step
+
+
+# --- SCE at the update sizes of real fine-tunes (lr ≈ 5e-6: RMS 1e-4 … 1e-3) --------------------
+
+def sce_reference(base, tensors, select_topk):
+    """FuseChat-2's SCE written out plainly in float64 (the `fusechat` variant's rule)."""
+    b = base.double()
+    d = torch.stack([t.double() - b for t in tensors])
+    if select_topk < 1:
+        var = d.var(dim=0, unbiased=False).reshape(-1)
+        k = int(int((var != 0).sum()) * select_topk)
+        order = sorted(range(var.numel()), key=lambda i: (-float(var[i]), i))[:k]
+        mask = torch.zeros_like(var)
+        mask[order] = 1
+        mask = mask.reshape(base.shape)
+    else:
+        mask = torch.ones_like(b)
+    sq = [float((mask * d[j]).pow(2).sum()) for j in range(len(tensors))]
+    eta = [1 / len(sq)] * len(sq) if sum(sq) == 0 else [x / sum(sq) for x in sq]
+    elected = torch.where(d.sum(0) >= 0, torch.ones_like(b), -torch.ones_like(b))
+    num, den = torch.zeros_like(b), torch.zeros_like(b)
+    for j in range(len(tensors)):
+        keep = (torch.sign(d[j]) == elected).double()
+        num += eta[j] * keep * d[j]
+        den += eta[j] * keep
+    den[den == 0] = 1
+    return b + num / den, eta
+
+
+@pytest.mark.parametrize("rms", [[1e-4, 2e-4, 4e-4], [1e-3, 1e-4], [3e-4, 3e-4, 5e-4, 1e-4, 6e-4]])
+@pytest.mark.parametrize("select_topk", [1.0, 0.5])
+def test_sce_fusechat_eta_is_not_uniform_at_real_update_sizes(rms, select_topk):
+    g = torch.Generator().manual_seed(len(rms))
+    base = torch.randn(48, 40, generator=g) * 0.02
+    tensors = [base + torch.randn(48, 40, generator=g) * r for r in rms]
+    deltas = torch.stack([t - base for t in tensors])
+    want, eta = sce_reference(base, tensors, select_topk)
+    got = M.sce(base, tensors, select_topk, "fusechat")
+    # float32 output: θ ≈ 0.05 is rounded to ~4e-9; the updates are ~1e-4
+    assert torch.allclose(got.double() - base.double(), want - base.double(), rtol=1e-4, atol=1e-8)
+    assert torch.allclose(M.sce_eta(deltas * M.variance_mask(deltas, select_topk).unsqueeze(0)),
+                          torch.tensor(eta, dtype=torch.float64), rtol=1e-5)
+    assert max(eta) / min(eta) > 1.5  # the updates differ in size, so do their weights
+    if len(rms) == 3 and select_topk == 1:  # the issue's example: (.048, .19, .76)
+        assert [round(e, 2) for e in eta] == pytest.approx([0.05, 0.19, 0.76], abs=0.02)
+
+
+def test_sce_mergekit_variant_collapses_to_uniform_at_real_update_sizes():
+    """mergekit 0.1.5's rule, kept bit-compatible: below Σ mean(δ²) = 1e-6, η = 1/K."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(32, 32, generator=g) * 0.02
+    small = [base + torch.randn(32, 32, generator=g) * r for r in (1e-4, 4e-4)]
+    want, _ = sce_reference(base, small, 1.0)
+    got = M.sce(base, small, 1.0, "mergekit")
+    d = torch.stack([t - base for t in small])
+    keep = M.sign_consensus(d).float()
+    by_uniform = base + (d * keep).sum(0) / keep.sum(0).clamp(min=1e-6)
+    assert torch.allclose(got, by_uniform, atol=1e-7) and not torch.allclose(got, want.float(), atol=1e-6)
+
+
+def test_sce_eta_is_uniform_only_when_every_update_is_zero():
+    base = torch.zeros(4, 4)
+    assert M.sce_eta(torch.zeros(3, 4, 4)).tolist() == [1 / 3] * 3
+    tiny = torch.stack([torch.zeros(4, 4), torch.full((4, 4), 1e-30)])
+    assert M.sce_eta(tiny).tolist() == [0.0, 1.0]
+    assert torch.equal(M.sce(base, [base, base], 1.0, "fusechat"), base)

@@ -275,14 +275,30 @@ def variance_mask(deltas: Tensor, select_topk: float, sort: bool = False) -> Ten
     return mask
 
 
+def sum_squares64(t: Tensor, chunk: int = 1 << 22) -> float:
+    """Σ t² accumulated in float64, `chunk` elements at a time (never a float64 copy of `t`)."""
+    flat = t.reshape(-1)
+    return sum(float(flat[i:i + chunk].double().square().sum()) for i in range(0, flat.numel(), chunk))
+
+
+def sce_eta(selected: Tensor) -> Tensor:
+    """SCE calculate: η_k = Σ(M⊙δ_k)² / Σ_j Σ(M⊙δ_j)² in float64 (K,); uniform iff all are zero."""
+    sums = torch.tensor([sum_squares64(d) for d in selected], dtype=torch.float64)
+    total = float(sums.sum())
+    return torch.full_like(sums, 1 / len(sums)) if total == 0 else sums / total
+
+
 def sce(base: Tensor, tensors: Sequence[Tensor], select_topk: float = 1.0, variant: str = "mergekit",
         sort: bool = False) -> Tensor:
     """SCE (FuseChat-2): select by variance, calculate η_k ∝ Σ(M⊙δ_k)², erase minority signs, merge.
 
-    variant "mergekit" (mergekit 0.1.5): δ zeroed outside M before the sign election and
-    the merge; Σ η keep clamped at 1e-6; arithmetic in the compute dtype.
-    variant "fusechat" (the released FuseChat-2.0 code, DESIGN §7): elect and merge on the
-    UNMASKED δ; Σ η keep = 0 → 1; arithmetic in float32, rounded once.
+    variant "fusechat" (the released FuseChat-2.0 code; the pipeline's default): elect and merge
+    on the UNMASKED δ; Σ η keep = 0 → 1; arithmetic in float32, rounded once; η from sums of
+    squares accumulated in float64, uniform only when every selected update is exactly zero.
+    variant "mergekit" (mergekit 0.1.5, bit for bit): δ zeroed outside M before the sign election
+    and the merge; Σ η keep clamped at 1e-6; arithmetic in the compute dtype; η uniform whenever
+    Σ_k mean((M⊙δ_k)²) < 1e-6, which real fine-tunes fall under (updates of RMS 1e-4 … 6e-4
+    give 1e-8 … 4e-7 per target): at real scale this variant merges with η = 1/K everywhere.
     """
     if not tensors:
         return base
@@ -290,9 +306,12 @@ def sce(base: Tensor, tensors: Sequence[Tensor], select_topk: float = 1.0, varia
     deltas = torch.stack([x.to(work.dtype) - work for x in tensors], dim=0)
     mask = variance_mask(deltas, select_topk, sort)
     selected = deltas * mask.unsqueeze(0) if select_topk < 1 else deltas
-    eta = selected.square().reshape(len(tensors), -1).mean(dim=1)
-    total = float(eta.sum())
-    eta = torch.ones_like(eta) / len(tensors) if abs(total) < 1e-6 else eta / total
+    if variant == "mergekit":
+        eta = selected.square().reshape(len(tensors), -1).mean(dim=1)
+        total = float(eta.sum())
+        eta = torch.ones_like(eta) / len(tensors) if abs(total) < 1e-6 else eta / total
+    else:
+        eta = sce_eta(selected).to(work.dtype)
     eta = eta.reshape((-1,) + (1,) * base.ndim)
     merged_on = selected if variant == "mergekit" else deltas
     weights = eta * sign_consensus(merged_on)
