@@ -350,13 +350,30 @@ class AlignConfig(Strict):
     # log-prob (collected as `gold_logprob`) where the top-k lacks it
     gold: bool = True
     # source id → pivot id: `first_piece` is the first token of the pivot's own tokenization
-    # of the source token's text (what `spans` marginalises with)
-    vocab_map: Literal["exact", "mined", "statistics", "first_piece"] = "statistics"
+    # of the source token's text (what `spans` marginalises with, and so the only map it takes);
+    # default: `first_piece` with `positions: spans`, `statistics` (FuseChat-2) with `one_to_one`
+    vocab_map: Literal["exact", "mined", "statistics", "first_piece"] = "first_piece"
     fallback: Literal["pivot", "onehot_next"] = "pivot"
     # statistics map, source tokens never co-aligned in the corpus: the `mined` choice
     # (default), dropped into the tail, or the pivot's unk/eos (the reference)
     unseen: Literal["mined", "drop", "unk"] = "mined"
     workers: int = Field(2, ge=1)  # actors that align (and fuse) shards in parallel
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_map(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "vocab_map" not in data and data.get("positions") == "one_to_one":
+            return {**data, "vocab_map": "statistics"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_semantics(self) -> AlignConfig:
+        if self.positions == "spans" and self.vocab_map != "first_piece":
+            raise ValueError(f"vocab_map {self.vocab_map!r} does not go with positions 'spans': spans marginalises "
+                             "every source candidate through the pivot's own tokenization of it (first_piece) at "
+                             "the positions it conditions, and one map must serve them all; use vocab_map "
+                             "first_piece, or positions one_to_one for the FuseChat-style maps")
+        return self
 
 
 class FuseConfig(Strict):

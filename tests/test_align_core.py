@@ -135,6 +135,9 @@ def test_statistics_map_scoring_rule():
     # knowledge: know = 5·0.1·σ(1), ledge = 4·0.1·σ(2) → ledge; cat: cat = 0 beats dog
     assert out.tolist() == [1, 3, -1, 4]
     assert vocab.statistics_map(counts, source, pivot, source_vocab=4, specials={}, unseen_to=2)[2] == 2
+    # a surface the pivot has wins over the counts: "dog" co-aligned only with "cat" → "dog"
+    dog = vocab.count_pairs(np.array([3, 3]), np.array([0, 0]), 1)
+    assert vocab.statistics_map(dog, ["dog"], pivot, source_vocab=1, specials={}).tolist() == [2]
 
 
 def test_dtw_is_used_only_where_offsets_do_not_meet():

@@ -25,7 +25,7 @@ def run(tiny_models, tmp_path_factory, ray_local):
     sources = {"gpt": tiny_models("gpt2", "gpt2"), "mis": tiny_models("mistral", "mistral"),
                "twin": tiny_models("qwen2", "deepseek", seed=1)}  # the pivot's own tokenizer
     cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), sources, [corpus_c, corpus_e],
-                      align={"vocab_map": "statistics"})
+                      align={"positions": "spans", "vocab_map": "first_piece"})
     cfg.data.train[1].domain = "english"
     cfg.data.train[0].domain = "computing"
     prepare.run(cfg, log=QUIET)
@@ -110,7 +110,7 @@ def test_reruns_are_skipped_and_the_map_is_cached(run):
         {"gpt": "skipped", "mis": "skipped", "twin": "skipped"}
     from fusion_ray.demo.assets import cache_root
 
-    assert list((cache_root() / "vocab_maps").glob("statistics-*.npy"))
+    assert list((cache_root() / "vocab_maps").glob("first_piece-*.npy"))
 
 
 def test_mismatched_rows_fail_naming_sample_and_file(run, tmp_path):
@@ -161,7 +161,7 @@ def test_span_transfer_reaches_more_positions_and_keeps_the_one_to_one_ones(run,
     strict = cfg.model_copy(deep=True)
     strict.workdir = str(tmp_path / "w")
     shutil.copytree(cfg.workdir, strict.workdir)
-    strict.align.positions = "one_to_one"
+    strict.align.positions = "one_to_one"  # the same map (first_piece): 1-1 positions must agree
     for source in ("gpt", "mis"):
         spec = next(s for s in strict.sources if s.name == source)
         align.align_source(strict, spec, force=True, log=QUIET)
@@ -176,3 +176,40 @@ def test_span_transfer_reaches_more_positions_and_keeps_the_one_to_one_ones(run,
                 if t:  # a 1-1 position: the same distribution either way (same vocabulary map)
                     assert dict(zip(ids, lps)) == dict(zip(span_ids, span_lps))
             assert all(rb["transferred"][i] for i, t in enumerate(ra["transferred"]) if t)
+
+
+def test_statistics_map_runs_with_one_to_one_positions_and_prefers_exact_surfaces(run, tmp_path):
+    """FuseChat-2's map (one_to_one positions): built from the corpus, cached; a source token whose
+    surface the pivot has maps to that pivot token whatever the co-alignment counts say."""
+    from fusion_ray.align import vocab
+    from fusion_ray.align.pipeline import Aligner
+    from fusion_ray.demo.assets import cache_root
+
+    cfg = run["cfg"]
+    stats = cfg.model_copy(deep=True)
+    stats.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.workdir, stats.workdir)
+    stats.align.positions = "one_to_one"
+    stats.align.vocab_map = "statistics"
+    spec = next(s for s in stats.sources if s.name == "gpt")
+    align.align_source(stats, spec, force=True, log=QUIET)
+    assert io.read_manifest(stats.stage_dir("align", "gpt"))["extra"]["vocab_map"] == "statistics"
+    inputs = {m: io.read_manifest(stats.stage_dir("collect", m))["fingerprint"] for m in (stats.pivot.name, "gpt")}
+    shards = io.list_files(stats.stage_dir("collect", "gpt"))
+    vmap = align.vocab_map(stats, spec, shards, io.fingerprint(inputs), log=QUIET)  # the cached one
+    assert list((cache_root() / "vocab_maps").glob("statistics-*.npy"))
+    aligner = Aligner(stats, spec)
+    s_surf, p_surf = vocab.surfaces(aligner.s_tok), vocab.surfaces(aligner.p_tok)
+    exact = vocab.exact_map(s_surf, p_surf)
+    specials = aligner.specials()
+    shared = [i for i in range(len(s_surf)) if exact[i] >= 0 and i not in specials]
+    assert len(shared) > 100 and all(vmap[i] == exact[i] for i in shared)
+
+
+def test_spans_refuses_a_map_it_cannot_marginalise_with():
+    from fusion_ray.config import AlignConfig
+
+    with pytest.raises(ValueError, match="first_piece"):
+        AlignConfig(positions="spans", vocab_map="statistics")
+    assert AlignConfig(positions="one_to_one").vocab_map == "statistics"
+    assert AlignConfig().vocab_map == "first_piece" and AlignConfig().positions == "spans"

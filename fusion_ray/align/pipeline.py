@@ -210,7 +210,7 @@ def vocab_map(cfg: FusionConfig, source: ModelSpec, shards: list[str], inputs_fp
     kind = cfg.align.vocab_map
     key = [kind, vocab.tokenizer_hash(aligner.s_tok), vocab.tokenizer_hash(aligner.p_tok)]
     if kind == "statistics":
-        key += [inputs_fp, cfg.align.unseen, cfg.align.dtw_fallback, cfg.align.tie_break]
+        key += [inputs_fp, cfg.align.unseen, cfg.align.dtw_fallback, cfg.align.tie_break, "exact-first"]
     path = cache_root() / "vocab_maps" / f"{kind}-{io.fingerprint(*key)}.npy"
     s_surf, p_surf = vocab.surfaces(aligner.s_tok), vocab.surfaces(aligner.p_tok)
     if kind == "exact":

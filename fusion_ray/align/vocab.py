@@ -8,7 +8,8 @@ translating the space marker" to any pair of families.
 - `exact`: the pivot token with the same surface (lowest id); none → -1 (dropped).
 - `mined` (FuseLLM): exact hit, else the pivot token at minimum edit distance (ties →
   lowest pivot id), with rapidfuzz's C edit distance in row chunks (never V×V at once).
-- `statistics` (FuseChat-2): among pivot tokens co-aligned with the source token in
+- `statistics` (FuseChat-2): the pivot token of the same surface where there is one, else,
+  among pivot tokens co-aligned with the source token in
   the corpus (a SPARSE counter of aligned (pivot, source) pairs), the one minimising
   edit distance × (0.1 if one surface contains the other else 1) × sigmoid(count);
   ties → lowest id. Tokens never co-aligned take `unseen_to`: the `mined` map by
@@ -112,6 +113,9 @@ def statistics_map(counts: np.ndarray, source: list[str], pivot: list[str], *, s
                    specials: dict[int, int], unseen_to: int | np.ndarray = -1) -> np.ndarray:
     """FuseChat-2's statistics-based map from a sparse co-alignment counter.
 
+    A source token whose surface the pivot has maps to that pivot token first (as the
+    FuseChat-2 reference does), whatever the counts; the counts decide the rest.
+
     Args:
         counts: [n, 2] (pivot_id * source_vocab + source_id, count).
         specials: source id → pivot id forced (bos → bos, eos → eos).
@@ -129,6 +133,8 @@ def statistics_map(counts: np.ndarray, source: list[str], pivot: list[str], *, s
         first = np.ones(len(order), dtype=bool)
         first[1:] = s_ids[order][1:] != s_ids[order][:-1]
         out[s_ids[order][first]] = p_ids[order][first]
+    exact = exact_map(source, pivot)
+    out[exact >= 0] = exact[exact >= 0]
     for s, p in specials.items():
         out[s] = p
     return out
