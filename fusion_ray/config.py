@@ -394,6 +394,8 @@ class TrainConfig(Strict):
     # workers do not fit waits (Ray Train retries its start); 1: one arm after the other
     max_concurrent_arms: int | None = Field(None, ge=1)
     lambda_clm: float = Field(0.9, ge=0, le=1)
+    # distillation temperature: student and teacher softened, the fusion term × T² (Hinton);
+    # 1 is the plain cross-entropy (train/losses.py says why not the teacher alone)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
     # positions that get the fusion term: every scored one (FuseChat), or only those a

@@ -104,3 +104,22 @@ def test_chunked_loss_equals_the_reference_in_value_and_gradient(tail, temperatu
     for key in ("loss", "clm", "fusion"):
         assert got[key].item() == pytest.approx(want[key].item(), rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(leaf.grad, 2.0 * ref_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_temperature_scales_the_fusion_term_by_t_squared():
+    """Hinton: at T the loss is λ·CLM + (1−λ)·T²·CE(softened teacher, softened student), so
+    the fusion gradient keeps its scale as T grows (without T² it would shrink as 1/T)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6, 40, requires_grad=True)
+    input_ids = torch.randint(0, 40, (1, 6))
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    teacher = torch.log_softmax(torch.randn(5, 40) * 3, -1)
+    ids = teacher.topk(40).indices
+    lp = teacher.gather(-1, ids)
+    norms = {}
+    for t in (1.0, 4.0):
+        out = combined_loss(logits, input_ids, mask, ids, lp, lambda_clm=0.0, temperature=t)
+        assert out["loss"].item() == pytest.approx(t * t * _dense_ce(logits[0, :5], teacher, t).item(), rel=1e-5)
+        (grad,) = torch.autograd.grad(out["loss"], logits)
+        norms[t] = grad.norm().item()
+    assert 0.3 < norms[4.0] / norms[1.0] < 3  # same order; without T² it is 1/16 of this ratio

@@ -12,8 +12,13 @@ stored and no dense [B, L, V] teacher is ever built.
   student probability is 1 − Σ_k p_s(id_k): L = −Σ_k q_k log p_s(id_k) − t log p_s(tail).
 - `tail="renormalize"` (the reference): q renormalised over the k ids, tail ignored.
 
-Temperature T divides the student's logits and re-tempers the teacher's k ids among
-themselves (q_k ∝ q_k^(1/T)); the bucket keeps the tail mass.
+Temperature T (Hinton's distillation): it divides the student's logits and re-tempers the
+teacher's k ids among themselves (q_k ∝ q_k^(1/T); the bucket keeps the tail mass), and the
+fusion term is multiplied by T². Both sides are softened so that the student learns the
+teacher's ranking of unlikely tokens without being pulled towards a flatter distribution at
+T = 1, where it is used; T² keeps the term's gradient (which shrinks about as 1/T²) at the
+scale λ sets. Tempering the teacher alone (the FuseLLM/FuseChat scripts' choice) would train the
+student towards the softened teacher itself. T = 1 (the default) is the plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ def combined_loss_reference(logits: torch.Tensor, input_ids: torch.Tensor, loss_
     if fusion_mask is not None:
         pos_logits, topk_ids, topk_logprobs = pos_logits[fusion_mask], topk_ids[fusion_mask], topk_logprobs[fusion_mask]
     fuse = fusion_loss(pos_logits, topk_ids, topk_logprobs, tail=tail, temperature=temperature)
-    return {"loss": lambda_clm * clm + (1 - lambda_clm) * fuse, "clm": clm, "fusion": fuse}
+    # × T² (Hinton): the soft term's gradient shrinks about as 1/T², so its weight against CLM stays λ's
+    return {"loss": lambda_clm * clm + (1 - lambda_clm) * temperature**2 * fuse, "clm": clm, "fusion": fuse}
 
 
 def _chunk_terms(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, lam: float,
@@ -137,7 +143,8 @@ class _ChunkedLoss(torch.autograd.Function):
         n = rows.numel()
         n_fuse = int(fmask.sum()) if fmask is not None else n
         # per-row fusion weight relative to the 1/n every gradient row gets below
-        fw = torch.full((n,), (1 - lam) * n / max(n_fuse, 1), dtype=torch.float32, device=flat.device)
+        fw = torch.full((n,), (1 - lam) * temperature**2 * n / max(n_fuse, 1), dtype=torch.float32,
+                        device=flat.device)  # × T²: see combined_loss_reference
         if fmask is not None:
             fw = torch.where(fmask, fw, torch.zeros_like(fw))
         grad = flat if inplace else torch.zeros_like(flat)
@@ -157,7 +164,7 @@ class _ChunkedLoss(torch.autograd.Function):
         clm, fuse = (clm / max(n, 1)).float(), (fuse / max(n_fuse, 1)).float()
         ctx.save_for_backward(grad.view_as(logits))
         ctx.mark_non_differentiable(clm, fuse)
-        return lam * clm + (1 - lam) * fuse if lam < 1.0 else clm.clone(), clm, fuse
+        return lam * clm + (1 - lam) * temperature**2 * fuse if lam < 1.0 else clm.clone(), clm, fuse
 
     @staticmethod
     def backward(ctx, grad_loss, _clm, _fuse):
