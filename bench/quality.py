@@ -6,8 +6,9 @@ Steps:
      on local Ray) for (a) the demo's sources, whose tokenizers differ from the pivot's,
      and (b) a control whose sources are the same architectures trained on the same mixes
      but with the pivot's tokenizer (so alignment is exact); exported to a `.pt` bundle;
-  2. sweep: the pivot trained in one process per arm (our loss and batches, the demo's
-     steps, batch, lr and schedule) for each seed: CLM-only, and each pairwise fused
+  2. sweep: the pivot trained in one process per arm (the train stage's own batches, step,
+     loss, optimizer, schedule, accumulation and clipping, called from fusion_ray.train; the
+     demo's steps, batch sizes and lr) for each seed: CLM-only, and each pairwise fused
      target under each setting; held-out bits per byte per domain;
   3. summary: Δbpb = fused − CLM-only on the domain of the fused source, mean ± std over
      seeds, and transfer efficiency = Δ(different tokenizers) / Δ(shared tokenizer) (mean
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import statistics
 import sys
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans  # noqa: E402
 from fusion_ray.train.batches import collate  # noqa: E402
-from fusion_ray.train.losses import combined_loss  # noqa: E402
+from fusion_ray.train.losses import batch_loss  # noqa: E402
 
 COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "transferred")
 
@@ -83,48 +83,43 @@ def export_bundle(cfg, out: str, heldout_rows: int | None = None) -> None:
     Path(f"{out}/meta.json").write_text(json.dumps({
         "pairs": {pair: s.domain for s, pair in zip(cfg.sources, [p for _, p in cfg.pairs()], strict=True)},
         "train": {k: getattr(cfg.train, k) for k in ("lr", "warmup_ratio", "weight_decay", "global_batch_size",
-                                                     "grad_clip", "epochs", "max_steps")},
+                                                     "micro_batch_size", "grad_clip", "epochs", "max_steps")},
         "max_length": cfg.data.max_length}))
 
 
 # ------------------------------------------------------------------------ 2. sweep
-def lr_at(step: int, total: int, warmup_ratio: float) -> float:
-    warmup = max(1, int(total * warmup_ratio))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def train_arm(bundle: str, rows: list[dict], meta: dict, *, lam: float, positions: str, tail: str,
               temperature: float, seed: int, device: str, steps: int | None = None):
+    """The pivot trained on `rows` by the code the train stage runs: its batches (`collate`), its
+    step's forward and loss (`batch_loss`), its optimizer, schedule, accumulation and clipping
+    (the `ddp` strategy's, as `Local`), on one process: micro-batches of the stage's size,
+    accumulated to its global batch."""
+    from types import SimpleNamespace
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t = meta["train"]
+    from fusion_ray.train.strategies import Local, lr_lambda
+
+    t = SimpleNamespace(**meta["train"])
+    micro = getattr(t, "micro_batch_size", t.global_batch_size)  # bundles of before it was exported
+    accum = max(1, t.global_batch_size // micro)
     tok = AutoTokenizer.from_pretrained(f"{bundle}/pivot")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(f"{bundle}/pivot", dtype=torch.float32).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    batch_size = t["global_batch_size"]
-    total = steps or t["max_steps"] or t["epochs"] * (len(rows) // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, t["warmup_ratio"]))
+    total = steps or t.max_steps or t.epochs * (len(rows) // t.global_batch_size)
+    strategy = Local(model, t, lr_lambda(total, t.warmup_ratio), accum)
     g = torch.Generator().manual_seed(seed)
     order = []
-    while len(order) < total * batch_size:
+    while len(order) < total * t.global_batch_size:
         order += torch.randperm(len(rows), generator=g).tolist()
     model.train()
-    for step in range(total):
-        batch = collate([rows[i] for i in order[step * batch_size:(step + 1) * batch_size]],
-                        tok.pad_token_id, meta["max_length"])
+    for i in range(total * accum):
+        batch = collate([rows[j] for j in order[i * micro:(i + 1) * micro]], tok.pad_token_id, meta["max_length"])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
-                            batch["topk_logprobs"], lambda_clm=lam, tail=tail, temperature=temperature,
-                            inplace=True, fusion_mask=batch["transferred"] if positions == "transferred" else None)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        out = batch_loss(model, batch, lam=lam, tail=tail, temperature=temperature, fusion_positions=positions)
+        strategy.backward(out["loss"])
+        if (i + 1) % accum == 0:
+            strategy.step()
     return model, tok
 
 

@@ -21,7 +21,6 @@ or an object store) at every report, so it can be followed while the run goes on
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -32,19 +31,8 @@ from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.train.batches import collate
-from fusion_ray.train.losses import combined_loss
-from fusion_ray.train.strategies import STRATEGIES
-
-
-def lr_lambda(total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return at
+from fusion_ray.train.losses import batch_loss
+from fusion_ray.train.strategies import STRATEGIES, lr_lambda
 
 
 def total_steps(cfg: FusionConfig, n_rows: int) -> int:
@@ -139,11 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             batch = collate(rows_of(table), tokenizer.pad_token_id, cfg.data.max_length)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = strategy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out = combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"],
-                                batch["topk_logprobs"], lambda_clm=lam, tail=t.tail, temperature=t.temperature,
-                                inplace=True,  # nothing reads the logits after the loss
-                                fusion_mask=batch["transferred"] if t.fusion_positions == "transferred" else None)
+            out = batch_loss(strategy.model, batch, lam=lam, tail=t.tail, temperature=t.temperature,
+                             fusion_positions=t.fusion_positions)
             strategy.backward(out["loss"])
             micro += 1
             tokens += int(batch["attention_mask"].sum())

@@ -206,3 +206,14 @@ def combined_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     loss, clm, fuse = _ChunkedLoss.apply(logits, rows, targets, topk_ids, topk_logprobs.float(), float(lambda_clm),
                                          fusion_mask, tail, float(temperature), chunk, inplace)
     return {"loss": loss, "clm": clm, "fusion": fuse}
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, temperature: float,
+               fusion_positions: str) -> dict[str, torch.Tensor]:
+    """The training step's forward: the model on a collated batch (`fusion_ray.train.batches`),
+    then `combined_loss` with its gradient written over the fresh logits (nothing else reads
+    them). `fusion_positions`: "transferred" puts the fusion term only where a source reached."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"],
+                         lambda_clm=lam, tail=tail, temperature=temperature, inplace=True,
+                         fusion_mask=batch["transferred"] if fusion_positions == "transferred" else None)

@@ -20,6 +20,7 @@ another JIT build (≈100 s, 3.4 GB) that gloo does not need, so it is switched 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -56,17 +57,33 @@ def _write_meta(path: str, fingerprint: str, strategy: str, world_size: int, ste
         json.dump({"fingerprint": fingerprint, "strategy": strategy, "world_size": world_size, "step": step}, fh)
 
 
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """The schedule's factor at each step: linear warmup over `warmup_ratio` of the steps, then cosine to 0."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return at
+
+
 class DDP:
     name = "ddp"
 
     def __init__(self, model, t, lr_fn, fingerprint: str, rank: int, world_size: int):
         import ray.train.torch
 
+        self._setup(ray.train.torch.prepare_model(model), t, lr_fn, t.grad_accum_steps(), fingerprint, rank,
+                    world_size)
+
+    def _setup(self, model, t, lr_fn, accum: int, fingerprint: str, rank: int, world_size: int) -> None:
         self.t, self.fingerprint, self.rank, self.world_size = t, fingerprint, rank, world_size
-        self.model = ray.train.torch.prepare_model(model)
+        self.model = model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
-        self.accum = t.grad_accum_steps()
+        self.accum = accum
 
     @property
     def module(self):
@@ -109,6 +126,17 @@ class DDP:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return int(state["step"])
+
+
+class Local(DDP):
+    """One process, no Ray: the `ddp` strategy's optimizer, schedule, accumulation and clipping,
+    for runs outside a Ray Train worker (bench/quality.py). `t` needs `lr`, `weight_decay` and
+    `grad_clip`; `accum` micro-batches make one step."""
+
+    name = "local"
+
+    def __init__(self, model, t, lr_fn, accum: int = 1):
+        self._setup(model, t, lr_fn, accum, "", 0, 1)
 
 
 def deepspeed_config(t) -> dict:
