@@ -216,3 +216,72 @@ def test_spans_keep_the_one_to_one_positions_and_valid_distributions(words, cuts
         assert dist(out, pos) == pytest.approx(dist(one, pos), rel=1e-5)
     mass = np.exp(out["topk_logprobs"].astype(np.float64)).sum(1)
     assert np.all(mass <= 1 + 1e-5)
+
+
+@pytest.fixture(scope="module")
+def spm_pivot(tmp_path_factory):
+    """The demo's Mistral-family tokenizer: SentencePiece-style, with a dummy prefix ("x" → "▁x")."""
+    from fusion_ray.align import vocab
+    from fusion_ray.demo.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("mistral", 2000, tmp_path_factory.mktemp("spm"))
+    return tok, vocab.surfaces(tok)
+
+
+def test_a_sentencepiece_pivot_reads_strings_as_inside_a_text(spm_pivot):
+    """Inside a text the pivot writes no dummy prefix: every token that follows another in the
+    pivot's tokenization of a word is what FirstPiece says starts the rest of the word, and
+    `after` finds it at its byte offset; nothing falls back."""
+    tok, surf = spm_pivot
+    first = spans.FirstPiece(tok, surf)
+    assert first.lead is not None and first("x") != first(" x")
+    checked = 0
+    for word in ["computing", "processing", "understanding", "information", "dictionary", "universal",
+                 "electricity", "transformation", "mountains", "beautifully"]:
+        ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+        assert "".join(surf[i] for i in ids) == " " + word
+        at = 0
+        for j, i in enumerate(ids):
+            if j:
+                rest = "".join(surf[x] for x in ids[j:])
+                assert first(rest) == i, (word, surf[i], rest)
+                assert first.after(" " + word, at) == i
+                assert first.after(rest, 0) == i
+                checked += 1
+            at += len(surf[i])
+    assert checked >= 10 and first.unspelled == 0
+
+
+def test_spans_with_a_sentencepiece_pivot_keep_the_one_to_one_positions(spm_pivot):
+    """The transfer with a SentencePiece pivot (dummy prefix): 1-1 positions as the 1-1 rule,
+    split-word positions reached, every row a distribution."""
+    from fusion_ray.align import vocab
+    from fusion_ray.demo.tokenizers import build_tokenizer
+
+    tok, surf = spm_pivot
+    first = spans.FirstPiece(tok, surf)
+    text = " the computer is processing the information about electricity"
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(enc["input_ids"]) - 1
+    pivot = row(enc["input_ids"], [e for _, e in enc["offset_mapping"]], [[0, 1, 2, 3]] * n,
+                [[-1.0, -2.0, -3.0, -4.0]] * n)
+    src_tok = build_tokenizer("gpt2", 600, __import__("pathlib").Path(__import__("tempfile").mkdtemp()))
+    s_surf = vocab.surfaces(src_tok)
+    s_enc = src_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = s_enc["input_ids"]
+    rng = np.random.default_rng(0)
+    k = 4
+    topk = [[g] + [int(x) for x in rng.choice(len(s_surf), k - 1, replace=False) if x != g][:k - 1]
+            for g in ids[1:]]
+    topk = [t if len(t) == k else t + [0] * (k - len(t)) for t in topk]
+    source = row(ids, [e for _, e in s_enc["offset_mapping"]], topk, np.log(np.full((len(ids) - 1, k), 0.2)))
+    vmap = first.vocab_map(s_surf, {})
+    out = spans.transfer_spans(pivot, source, text, vmap, first, s_surf, k=k)
+    one = project.transfer(pivot, source, project.position_map(offsets.one_to_one(pivot["offsets"],
+                                                                                    source["offsets"])), vmap, k=k)
+    assert np.all(out["transferred"][one["transferred"]])
+    assert out["transferred"].sum() > one["transferred"].sum()
+    for pos in np.flatnonzero(one["transferred"]):
+        assert dist(out, pos) == pytest.approx(dist(one, pos), rel=1e-5)
+    assert np.all(np.exp(out["topk_logprobs"].astype(np.float64)).sum(1) <= 1 + 1e-5)
+    assert first.unspelled == 0

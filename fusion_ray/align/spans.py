@@ -42,6 +42,7 @@ import numpy as np
 from fusion_ray.align.project import fill_fallback, merge_duplicates, stored_rows
 
 MAX_EXPAND = 3  # source tokens chained to cover one longer pivot token
+LEAD = "\n"  # what strings follow when a tokenizer adds a prefix at a text's start (FirstPiece._lead)
 
 
 class FirstPiece:
@@ -57,6 +58,18 @@ class FirstPiece:
         self.max_len = max((len(s) for s in self.index), default=0)
         self.cache: dict[str, int] = {}
         self.cache_after: dict[tuple[str, int], int] = {}
+        self.unspelled = 0  # `after` calls on text answered by the first-piece fallback (see there)
+        self.lead = self._lead()
+
+    def _lead(self) -> list[int] | None:
+        """The ids of `LEAD` where the tokenizer writes something before a text's start (a
+        SentencePiece dummy prefix: "x" → "▁x"), else None. Strings are then tokenized after
+        `LEAD` and its ids dropped, so that they read as they do inside a text, where the
+        pivot meets them."""
+        probe = self.tok(["x"], add_special_tokens=False)["input_ids"][0]
+        if "".join(self.surfaces[i] for i in probe) == "x":
+            return None
+        return self.tok([LEAD], add_special_tokens=False)["input_ids"][0]
 
     def __call__(self, r: str) -> int:
         hit = self.cache.get(r)
@@ -69,8 +82,10 @@ class FirstPiece:
 
         -1 when that tokenization has no boundary at n: a pivot that has already closed a
         token at n would not go on with `s` (e.g. after a bare " " it writes "1", never
-        "The": " The" is one token). Where the tokenization does not spell `s` back (a
-        normaliser), the first piece of `s[n:]` stands for it.
+        "The": " The" is one token). `s` is tokenized as it reads inside a text (after
+        `LEAD` where the tokenizer prefixes a text's start, as SentencePiece's dummy prefix
+        does). Where the tokenization still does not spell `s` back (a normaliser), the
+        first piece of `s[n:]` stands for it, counted in `unspelled`.
         """
         key = (s, n)
         hit = self.cache_after.get(key)
@@ -81,6 +96,7 @@ class FirstPiece:
     def _after(self, s: str, n: int) -> int:
         ids = self._encode([s])[0]
         if not ids or "".join(self.surfaces[i] for i in ids) != s:
+            self.unspelled += _is_text(s)  # (bytes that are no text, e.g. half a UTF-8 char, have no reading)
             return self(s[n:])
         at = 0
         for i in ids:
@@ -103,8 +119,14 @@ class FirstPiece:
                 where.append(n)
         out: list[list[int] | None] = [None] * len(strings)
         if texts:
+            lead = self.lead
+            if lead is not None:
+                texts = [LEAD + t for t in texts]
             for n, ids in zip(where, self.tok(texts, add_special_tokens=False)["input_ids"], strict=True):
-                out[n] = ids
+                if lead is None:
+                    out[n] = ids
+                elif ids[:len(lead)] == lead:  # else the text merged into LEAD: no reading of it
+                    out[n] = ids[len(lead):]
         return out
 
     def _first(self, r: str, ids: list[int] | None) -> int:
@@ -124,6 +146,14 @@ class FirstPiece:
         for s, p in specials.items():
             out[s] = p
         return out
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("latin-1").decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        return False
+    return True
 
 
 def _bytes(text: str, a: int, b: int) -> str:
