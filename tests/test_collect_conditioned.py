@@ -65,3 +65,80 @@ def test_a_multibyte_prefix_is_written_in_bytes():
     surfaces = {0: "<s>", 1: C.text_bytes(text, 0, 6)}
     rows, prefixes = C.requests(text, [0, 1], np.array([0, 6]), surfaces, np.array([0, 5, 6]), np.arange(1))
     assert prefixes == [" caf\xc3\xa9"] and rows.tolist() == [0]
+
+
+# --- the engines: HF logits and vLLM hidden states give the same entries, equal to brute force --
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    """A source (GPT-2-family tokenizer) and the pivot's tokenizer (DeepSeek family), a text each."""
+    from transformers import AutoTokenizer
+
+    from fusion_ray.align import vocab
+    from helpers import chat_rows
+
+    source = tiny_models("gpt2", "gpt2", vocab_size=600)
+    s_tok, p_tok = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
+    texts = [s_tok.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(4)]
+    surfaces = vocab.surfaces(s_tok)
+    index = C.PrefixIndex(surfaces, s_tok.all_special_ids)
+    seqs, reqs = [], []
+    for text in texts:
+        s = s_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        p = p_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ends = np.array([e for _, e in s["offset_mapping"]])
+        rows, prefixes = C.requests(text, s["input_ids"], ends, surfaces,
+                                    np.array([e for _, e in p["offset_mapping"]]), np.arange(len(ends) - 1))
+        seqs.append(s["input_ids"])
+        reqs.append((rows, prefixes))
+    assert sum(len(r) for r, _ in reqs) > 10, "the tokenizers split words differently somewhere"
+    return source, seqs, reqs, index
+
+
+def brute_force(model_dir, seq, req, index, k):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+    rows, prefixes = req
+    return C.masses(logp[torch.as_tensor(rows)], prefixes, index, k), logp
+
+
+def test_hf_engine_returns_the_exact_conditioned_entries(pair):
+    from fusion_ray.collect import engines
+
+    source, seqs, reqs, index = pair
+    out = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
+    for seq, req, scored in zip(seqs, reqs, out, strict=True):
+        (mass, ids, lps), _ = brute_force(source, seq, req, index, 5)
+        got_mass, got_ids, got_lps = scored[3]
+        assert np.allclose(got_mass, mass, atol=1e-4) and np.allclose(got_lps, lps, atol=1e-4)
+        assert np.all(got_mass <= 1e-6) and np.all(got_mass >= got_lps.max(1) - 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_vllm_hidden_state_engine_matches_hf(pair):
+    """vLLM as a pooling model + our output layer: the same top-k, gold and conditioned entries
+    as the transformers forward."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    import glob
+    from pathlib import Path
+
+    from fusion_ray.collect import engines
+
+    source, seqs, reqs, index = pair
+    hf = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
+    before = set(glob.glob("/dev/shm/*"))
+    engine = engines.VLLMHiddenEngine(str(source), k=5, dtype="float32", max_model_len=1024, chunk_rows=7)
+    try:
+        vl = engine.score(seqs, 5, cond=reqs, index=index)
+    finally:
+        engine.close()
+        for leftover in set(glob.glob("/dev/shm/*")) - before:
+            Path(leftover).unlink(missing_ok=True)
+    for a, b in zip(hf, vl, strict=True):
+        assert np.mean(a[0] == b[0]) > 0.99  # ids (ties may order apart)
+        assert np.allclose(a[1], b[1], atol=1e-4) and np.allclose(a[2], b[2], atol=1e-4)
+        assert np.allclose(a[3][0], b[3][0], atol=1e-4) and np.allclose(a[3][2], b[3][2], atol=1e-4)

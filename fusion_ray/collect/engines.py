@@ -14,12 +14,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from fusion_ray.collect import topk as topk_lib
+from fusion_ray.collect.conditioned import PrefixIndex, masses
 
-Scored = tuple[np.ndarray, np.ndarray, np.ndarray]
+Scored = tuple  # (topk_ids [T-1, k], topk_logprobs [T-1, k], gold [T-1][, (mass, ids, logprobs)])
+Requests = tuple[np.ndarray, list[str]]  # positions t and the written prefixes (conditioned.requests)
 VLLM_DEFAULT_MAX_LOGPROBS = 20
 
 
@@ -60,7 +63,10 @@ class HFEngine:
             use_safetensors=True).to(self.device).eval()
         self.max_rows, self.max_tokens = max_rows, max_tokens
 
-    def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[Scored]:
+    def score(self, seqs: Sequence[Sequence[int]], k: int, cond: Sequence[Requests] | None = None,
+              index: PrefixIndex | None = None) -> list[Scored]:
+        """Top-k and gold per sequence; with `cond` (per sequence: positions and written prefixes)
+        and the source's `index`, also the exact conditioned entries (`conditioned.masses`)."""
         torch = self.torch
         out: list[Scored | None] = [None] * len(seqs)
         for batch in length_batches([len(s) for s in seqs], self.max_rows, self.max_tokens):
@@ -75,7 +81,20 @@ class HFEngine:
                                     attention_mask=attn.to(self.device)).logits.float().cpu()
             for row, i in enumerate(batch):
                 out[i] = topk_lib.from_logits(logits[row, : len(seqs[i])], seqs[i], k)
+                if cond is not None:
+                    out[i] = (*out[i], _conditioned(logits[row], cond[i], index, k))
         return out  # type: ignore[return-value]
+
+
+def _conditioned(logits, req: Requests, index: PrefixIndex | None, k: int):
+    """Exact conditioned entries of one sequence from its logits [T, V] (row t predicts t+1)."""
+    import torch
+
+    positions, prefixes = req
+    if index is None:
+        raise ValueError("conditioned requests need the source's PrefixIndex")
+    rows = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=logits.device)
+    return masses(torch.log_softmax(logits.index_select(0, rows).float(), dim=-1), prefixes, index, k)
 
 
 @contextmanager
@@ -136,3 +155,114 @@ class VLLMEngine:
     def close(self) -> None:
         """Stop the engine core (its worker, sockets and shared memory)."""
         self.llm.llm_engine.engine_core.shutdown()
+
+
+OUTPUT_LAYER_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+TIED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight", "wte.weight")
+
+
+def output_layer(path: str):
+    """The model's output layer weight [V, H] (its own, or the tied input embedding) and how
+    its logits are finished (`final_logit_softcapping`), from the model dir's safetensors.
+
+    Raises:
+        ValueError: a model whose logits need more than these (e.g. `logit_scale`), or no
+            output layer among the known names.
+    """
+    import json
+
+    from fusion_ray.merge.streaming import Checkpoint
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    text = config.get("text_config") or config
+    for key in ("logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if text.get(key) not in (None, 1, 1.0):
+            raise ValueError(f"{path}: config.json sets {key}={text[key]}; the hidden-state scorer does not "
+                             "apply it (use collect.engine hf, or the prompt_logprobs scorer)")
+    ckpt = Checkpoint(path)
+    for name in OUTPUT_LAYER_NAMES + TIED_NAMES:
+        if name in ckpt.tensors:
+            return ckpt.read(name), text.get("final_logit_softcapping")
+    raise ValueError(f"{path}: no output layer among {OUTPUT_LAYER_NAMES + TIED_NAMES}")
+
+
+class VLLMHiddenEngine:
+    """vLLM as a pooling model (the last hidden state of every prompt position), with logits,
+    top-k, gold and the exact conditioned entries computed here from the model's output layer,
+    `chunk_rows` positions at a time: no full-vocabulary rows cross the engine's boundary, and
+    the conditioned masses need the full distribution at the positions that ask for them.
+
+    Args: as `VLLMEngine`; `device`: where the output layer runs (default: cuda if present).
+    """
+
+    def __init__(self, path: str, *, k: int, dtype: str = "auto", trust_remote_code: bool = False,
+                 revision: str | None = None, max_model_len: int | None = None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, seed: int = 0,
+                 distributed_executor_backend: str | None = None, device: str | None = None,
+                 chunk_rows: int = 256):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        extra = {"distributed_executor_backend": distributed_executor_backend} if distributed_executor_backend else {}
+        with _llvmlite_hidden():
+            self.llm = LLM(
+                model=path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                seed=seed, enforce_eager=True, runner="pooling", convert="embed",
+                pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False), **extra)
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        weight, self.softcap = output_layer(path)
+        self.weight = weight.to(self.device)
+        self.chunk_rows = chunk_rows
+
+    def close(self) -> None:
+        """Stop the engine core (its worker, sockets and shared memory)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def logits(self, hidden) -> Iterator[tuple[int, object]]:
+        """(first row, logits [n, V] float32) chunks of one sequence's hidden states [T, H]."""
+        torch = self.torch
+        h = hidden.to(self.device, self.weight.dtype)
+        for lo in range(0, h.shape[0], self.chunk_rows):
+            z = (h[lo:lo + self.chunk_rows] @ self.weight.T).float()
+            if self.softcap:
+                z = torch.tanh(z / self.softcap) * self.softcap
+            yield lo, z
+
+    def score(self, seqs: Sequence[Sequence[int]], k: int, cond: Sequence[Requests] | None = None,
+              index: PrefixIndex | None = None) -> list[Scored]:
+        torch = self.torch
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(map(int, s))) for s in seqs]
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        out = []
+        for n, (o, seq) in enumerate(zip(outputs, seqs, strict=True)):
+            hidden = torch.as_tensor(o.outputs.data).clone()[: len(seq) - 1]  # row t predicts t+1
+            gold_ids = torch.as_tensor(list(seq[1:]), dtype=torch.long, device=self.device)
+            ids, lps, gold = [], [], []
+            positions = np.asarray(cond[n][0], dtype=np.int64) if cond is not None else np.zeros(0, np.int64)
+            c_mass = np.full(len(positions), -np.inf, np.float32)
+            c_ids = np.zeros((len(positions), k), np.int32)
+            c_lps = np.full((len(positions), k), -np.inf, np.float32)
+            with torch.inference_mode():
+                for lo, z in self.logits(hidden):
+                    logp = torch.log_softmax(z, dim=-1)
+                    v, i = logp.topk(k, dim=-1)
+                    ids.append(i.int().cpu().numpy())
+                    lps.append(v.cpu().numpy())
+                    gold.append(logp.gather(-1, gold_ids[lo:lo + len(z), None])[:, 0].cpu().numpy())
+                    sel = np.flatnonzero((positions >= lo) & (positions < lo + len(z)))
+                    if len(sel):
+                        rows = torch.as_tensor(positions[sel] - lo, device=logp.device)
+                        m, ci, cl = masses(logp.index_select(0, rows), [cond[n][1][j] for j in sel], index, k)
+                        c_mass[sel], c_ids[sel], c_lps[sel] = m, ci, cl
+            scored = (np.concatenate(ids), np.concatenate(lps), np.concatenate(gold))
+            out.append((*scored, (c_mass, c_ids, c_lps)) if cond is not None else scored)
+        return out
