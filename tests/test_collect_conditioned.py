@@ -72,10 +72,10 @@ def test_a_multibyte_prefix_is_written_in_bytes():
 @pytest.fixture(scope="module")
 def pair(tiny_models):
     """A source (GPT-2-family tokenizer) and the pivot's tokenizer (DeepSeek family), a text each."""
+    from helpers import chat_rows
     from transformers import AutoTokenizer
 
     from fusion_ray.align import vocab
-    from helpers import chat_rows
 
     source = tiny_models("gpt2", "gpt2", vocab_size=600)
     s_tok, p_tok = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
