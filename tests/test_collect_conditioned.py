@@ -78,7 +78,8 @@ def pair(tiny_models):
     from fusion_ray.align import vocab
 
     source = tiny_models("gpt2", "gpt2", vocab_size=600)
-    s_tok, p_tok = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
+    s_tok = AutoTokenizer.from_pretrained(source)
+    p_tok = AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
     texts = [s_tok.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(4)]
     surfaces = vocab.surfaces(s_tok)
     index = C.PrefixIndex(surfaces, s_tok.all_special_ids)
