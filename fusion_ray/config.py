@@ -344,8 +344,10 @@ class AlignConfig(Strict):
     positions: Literal["one_to_one", "spans"] = "spans"
     # `spans`, a pivot token starting inside a source token: the source's candidates that
     # continue the written prefix, divided by their own sum (`renormalize`), or by it plus
-    # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`)
-    prefix: Literal["renormalize", "tail", "skip"] = "renormalize"
+    # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`);
+    # `exact`: collect stores the source's exact mass of the tokens extending the prefix and
+    # their top-k (collect/conditioned.py), and align divides by that mass
+    prefix: Literal["renormalize", "tail", "skip", "exact"] = "renormalize"
     # `spans`, conditioned or expanded positions: add the source's gold token with its exact
     # log-prob (collected as `gold_logprob`) where the top-k lacks it
     gold: bool = True
@@ -368,6 +370,8 @@ class AlignConfig(Strict):
 
     @model_validator(mode="after")
     def _one_semantics(self) -> AlignConfig:
+        if self.prefix == "exact" and self.positions != "spans":
+            raise ValueError("prefix 'exact' conditions split-word positions, which only positions 'spans' reaches")
         if self.positions == "spans" and self.vocab_map != "first_piece":
             raise ValueError(f"vocab_map {self.vocab_map!r} does not go with positions 'spans': spans marginalises "
                              "every source candidate through the pivot's own tokenization of it (first_piece) at "

@@ -51,6 +51,18 @@ LOGITS = pa.schema([
     ("n_bytes", pa.int64()),
 ])
 
+# With `align.prefix: exact`, a source's logits/ rows also hold, for each pivot boundary strictly
+# inside one of its tokens (collect/conditioned.py): the stored row it conditions, the written
+# prefix's length in bytes, log M(prefix) (the source's probability of the tokens extending it)
+# and the top-k of those tokens with their log-probs (-inf padding).
+CONDITIONED = pa.schema([
+    ("cond_rows", _ids),
+    ("cond_prefix", _ids),
+    ("cond_mass", pa.list_(pa.float32())),
+    ("cond_ids", _topk_ids),
+    ("cond_logprobs", pa.list_(pa.list_(pa.float32()))),
+])
+
 # aligned/ and fused/ hold one top-k entry per SCORED pivot position (the True entries
 # of the pivot's loss mask), in the pivot's vocabulary; padding has log-prob -inf.
 ALIGNED = pa.schema([
@@ -78,6 +90,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "prepared": PREPARED,
     "rejected": REJECTED,
     "logits": LOGITS,
+    "conditioned": CONDITIONED,
     "aligned": ALIGNED,
     "fused": FUSED,
 }

@@ -285,3 +285,52 @@ def test_spans_with_a_sentencepiece_pivot_keep_the_one_to_one_positions(spm_pivo
         assert dist(out, pos) == pytest.approx(dist(one, pos), rel=1e-5)
     assert np.all(np.exp(out["topk_logprobs"].astype(np.float64)).sum(1) <= 1 + 1e-5)
     assert first.unspelled == 0
+
+
+def test_the_exact_teacher_divides_by_the_collected_mass_and_keeps_the_tail():
+    """`prefix: exact`: after " comput" is written, the source's stored extenders over its exact
+    M(" comput"), each on the pivot token its reading starts with; the rest of the mass is tail,
+    the written token gets exactly what the source gives it, and without stored entries the
+    position is not transferred."""
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[1, 2, 3], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    log_m = np.log(0.9)  # the source's exact p(" comput…") at row 0: more than the top-k shows
+    source.update({"cond_rows": np.array([0]), "cond_prefix": np.array([len(" comput")]),
+                   "cond_mass": np.array([log_m], np.float32),
+                   "cond_ids": np.array([[1, 2, 0]]), "cond_logprobs": np.array([[-0.5, -1.5, -np.inf]], np.float32)})
+    vmap = first.vocab_map(S, {})
+    out = spans.transfer_spans(pivot, source, text, vmap, first, S, k=4, prefix="exact")
+    ing, er = surf.index("ing"), surf.index("er")
+    assert out["transferred"].tolist() == [True, True, True] and out["kinds"].tolist() == [1, 2, 1]
+    assert dist(out, 1) == pytest.approx({ing: np.exp(-0.5) / 0.9, er: np.exp(-1.5) / 0.9}, rel=1e-5)
+    assert sum(dist(out, 1).values()) < 1 - 0.05  # the mass the top-k did not hold stays in the tail
+    for key in ("cond_rows", "cond_prefix", "cond_mass", "cond_ids", "cond_logprobs"):
+        source[key] = source[key][:0]
+    none = spans.transfer_spans(pivot, source, text, vmap, first, S, k=4, prefix="exact")
+    assert none["transferred"].tolist() == [True, False, True]
+    del source["cond_rows"]
+    with pytest.raises(ValueError, match="rerun collect"):
+        spans.transfer_spans(pivot, source, text, vmap, first, S, k=4, prefix="exact")
+
+
+def test_the_exact_teacher_expands_no_candidate():
+    """Where the source token ends before the pivot token, the gold path alone is not expanded:
+    the exact teacher leaves the position untransferred."""
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computer b"
+    pivot = pivot_row(tok, text)
+    src = ["a", " co", "mputer", " b", "mp"]  # the source: "a" " co" "mputer" " b"
+    source = row([0, 1, 2, 3], np.cumsum([len(src[i]) for i in [0, 1, 2, 3]]),
+                 [[1, 3, 0], [2, 4, 0], [3, 0, 1]], [[-0.2, -2.0, -3.0]] * 3)
+    assert [surf[i] for i in pivot["input_ids"]] == ["a", " comput", "er", " b"]
+    source.update({"cond_rows": np.zeros(0, int), "cond_prefix": np.zeros(0, int), "cond_mass": np.zeros(0),
+                   "cond_ids": np.zeros((0, 3), int), "cond_logprobs": np.zeros((0, 3))})
+    gold = spans.transfer_spans(pivot, source, text, first.vocab_map(src, {}), first, src, k=4)
+    exact = spans.transfer_spans(pivot, source, text, first.vocab_map(src, {}), first, src, k=4, prefix="exact")
+    expanded = [0]  # " comput" starts where " co" does and runs past it
+    assert gold["kinds"][0] == 2 and gold["transferred"][0]
+    assert expanded and not any(exact["transferred"][n] for n in expanded)

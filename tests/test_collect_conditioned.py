@@ -143,3 +143,42 @@ def test_vllm_hidden_state_engine_matches_hf(pair):
         assert np.mean(a[0] == b[0]) > 0.99  # ids (ties may order apart)
         assert np.allclose(a[1], b[1], atol=1e-4) and np.allclose(a[2], b[2], atol=1e-4)
         assert np.allclose(a[3][0], b[3][0], atol=1e-4) and np.allclose(a[3][2], b[3][2], atol=1e-4)
+
+
+# --- the stages: collect stores the entries, align conditions with them -------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_local):
+    """`align.prefix: exact` end to end on local Ray (hf engine): the source's logits/ rows hold
+    the conditioned entries, the pivot's do not, and align conditions with them: every teacher
+    row is a distribution, and at the conditioned positions the mass on each pivot token is the
+    source's exact conditional probability of the tokens it stands for (≤ 1 in all)."""
+    import pyarrow.parquet as pq
+    from helpers import chat_rows, make_config, write_jsonl
+
+    from fusion_ray import io, schema
+    from fusion_ray.align import pipeline as align
+    from fusion_ray.collect import pipeline as collect
+    from fusion_ray.collect import prepare
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(8))
+    cfg = make_config(tmp_path / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")},
+                      [corpus], align={"positions": "spans", "vocab_map": "first_piece", "prefix": "exact"})
+    quiet = lambda *_: None  # noqa: E731
+    prepare.run(cfg, log=quiet)
+    collect.run(cfg, log=quiet)
+    src = io.read_table(io.list_files(cfg.stage_dir("collect", "gpt"))[0])
+    schema.check_table(src, "conditioned", "gpt")
+    assert sum(len(x) for x in src.column("cond_rows").to_pylist()) > 20
+    piv = io.read_table(io.list_files(cfg.stage_dir("collect", "pivot"))[0])
+    assert "cond_rows" not in piv.column_names
+    masses = np.concatenate([np.asarray(x, np.float64) for x in src.column("cond_mass").to_pylist()])
+    assert np.all(masses <= 1e-6) and np.isfinite(masses).mean() > 0.9
+    align.run(cfg, log=quiet)
+    manifest = io.read_manifest(cfg.stage_dir("align", "gpt"))
+    assert manifest["extra"]["transferred_fraction"] > 0.5
+    table = pq.read_table(io.list_files(cfg.stage_dir("align", "gpt"))[0])
+    for lps in table.column("topk_logprobs").to_pylist():
+        total = np.exp(np.asarray(lps, np.float64)).sum(1)
+        assert np.all(total <= 1 + 2e-3)

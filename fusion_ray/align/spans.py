@@ -178,6 +178,46 @@ def _with_gold(ids: np.ndarray, lp: np.ndarray, g: int, gold_lp: np.ndarray | No
     return np.append(ids, g), np.append(lp, np.float32(gold_lp[row]))
 
 
+def _exact_index(source: dict) -> dict[tuple[int, int], tuple[float, np.ndarray, np.ndarray]]:
+    """(stored row, prefix bytes) → (log M(u), extender ids, their log-probs) of a source row
+    collected with `align.prefix: exact` (schema.CONDITIONED)."""
+    if "cond_rows" not in source:
+        raise ValueError("align.prefix exact needs the sources collected with it (schema.CONDITIONED "
+                         "columns missing): rerun collect")
+    rows, lens = np.asarray(source["cond_rows"]), np.asarray(source["cond_prefix"])
+    mass = np.asarray(source["cond_mass"], dtype=np.float64)
+    c_ids, c_lps = np.asarray(source["cond_ids"]), np.asarray(source["cond_logprobs"], dtype=np.float64)
+    return {(int(r), int(n)): (float(m), c_ids[i], c_lps[i])
+            for i, (r, n, m) in enumerate(zip(rows.tolist(), lens.tolist(), mass.tolist(), strict=True))}
+
+
+def _exact(index: dict, row: int, u: str, shorter: bool, first: FirstPiece, s_surf: list[str],
+           k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The exact conditioned teacher at one pivot position: p(s | u) = p(s) / M(u) for the stored
+    extenders s of the written prefix u, each on the pivot token its own tokenization starts at
+    byte len(u) (`FirstPiece.after`); what does not map, and every extender not stored, stays in
+    the tail. None (not transferred) where nothing maps, where u is empty (no conditioning:
+    the 1-1 and vectorised paths hold those), and where the source token ends before the pivot
+    token (`shorter`): no candidate is expanded, the written one no more than the others."""
+    if not u or shorter:
+        return None
+    hit = index.get((row, len(u)))
+    if hit is None or not np.isfinite(hit[0]):
+        return None
+    mass, c_ids, c_lps = hit
+    out_ids, out_lp = [], []
+    for i, v in zip(c_ids.tolist(), c_lps.tolist(), strict=True):
+        if v == -np.inf:
+            continue
+        pid = first.after(s_surf[i], len(u))
+        if pid >= 0:
+            out_ids.append(pid)
+            out_lp.append(v - mass)
+    if not out_ids:
+        return None
+    return merge_duplicates(np.asarray([out_ids]), np.asarray([out_lp], dtype=np.float32), k)
+
+
 def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, first: FirstPiece,
                    s_surf: list[str], *, k: int, fallback: str = "pivot", pivot_scored_only: bool = False,
                    source_scored_only: bool = False, prefix: str = "renormalize", gold: bool = True) -> dict:
@@ -205,6 +245,7 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
     s_ids_all, s_lp_all = np.asarray(source["topk_ids"]), np.asarray(source["topk_logprobs"], dtype=np.float32)
     s_tokens = np.asarray(source["input_ids"])
     s_gold = np.asarray(source["gold_logprob"], dtype=np.float32) if gold and "gold_logprob" in source else None
+    exact = _exact_index(source) if prefix == "exact" else None
     c, e = pe[scored], pe[scored + 1]  # the next pivot token spans [c, e)
     # m: the source token covering char c (first ending after c); it starts at se[m-1]
     m = np.searchsorted(se, c, side="right")
@@ -230,6 +271,12 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             continue
         if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
             continue  # the source token is not the text it covers (a special token, normalisation)
+        if prefix == "exact":
+            got = _exact(exact, ri, u, int(se[mi]) < e[n], first, s_surf, k)
+            if got is not None:
+                ids[n], lp[n] = got
+                kinds[n] = 2
+            continue
         gold_id = int(s_tokens[mi])
         cands = _candidates(*_with_gold(s_ids_all[ri], s_lp_all[ri], gold_id, s_gold, ri), s_surf, u)
         if not cands:

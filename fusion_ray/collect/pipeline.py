@@ -33,21 +33,28 @@ from fusion_ray.placement import collect_placement, ray_data_args
 class ScoreUDF:
     """Ray Data callable class: one engine per actor, batches of prepared rows in, logits rows out."""
 
-    def __init__(self, model: dict, collect: dict, max_length: int):
-        from transformers import AutoTokenizer
-
+    def __init__(self, model: dict, collect: dict, max_length: int, conditioned_on: dict | None = None):
         from fusion_ray.collect import engines
 
         spec, self.cfg = ModelSpec.model_validate(model), collect
         path = locations.local_dir(spec.path, revision=spec.revision)  # once per node, then cached
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            locations.local_dir(spec.tokenizer, revision=spec.revision) if spec.tokenizer else path,
-            trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = prepare_stage.load_tokenizer(spec)
+        self.pivot_tokenizer = self.index = None
+        if conditioned_on is not None:  # a source, with `align.prefix: exact`: the pivot's boundaries too
+            from fusion_ray.align.vocab import surfaces
+            from fusion_ray.collect.conditioned import PrefixIndex
+
+            self.pivot_tokenizer = prepare_stage.load_tokenizer(ModelSpec.model_validate(conditioned_on))
+            self.surfaces = surfaces(self.tokenizer)
+            self.index = PrefixIndex(self.surfaces, self.tokenizer.all_special_ids)
         placement = collect_placement(spec, CollectConfig.model_validate(collect))
         dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
         common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
         if collect["engine"] == "vllm":
-            self.engine = engines.VLLMEngine(
+            # the conditioned masses need the full distribution at some positions: vLLM gives
+            # hidden states and the output layer runs here
+            kind = engines.VLLMHiddenEngine if conditioned_on is not None else engines.VLLMEngine
+            self.engine = kind(
                 path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
@@ -59,14 +66,25 @@ class ScoreUDF:
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
         enc = self.tokenizer(texts, return_offsets_mapping=True)
-        scored = self.engine.score(enc["input_ids"], self.cfg["top_k"])
+        offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"]]
+        reqs = None
+        if self.pivot_tokenizer is not None:
+            from fusion_ray.collect.conditioned import requests
+
+            pivot = self.pivot_tokenizer(texts, return_offsets_mapping=True)
+            reqs = [requests(text, enc["input_ids"][i], offsets[i][:, 1], self.surfaces,
+                             np.asarray(pivot["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)[:, 1],
+                             np.arange(len(offsets[i]) - 1))
+                    for i, text in enumerate(texts)]
+            scored = self.engine.score(enc["input_ids"], self.cfg["top_k"], cond=reqs, index=self.index)
+        else:
+            scored = self.engine.score(enc["input_ids"], self.cfg["top_k"])
         rows = []
         for i, text in enumerate(texts):
-            offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
             rows.append(logits_row(
-                batch.column("sample_id")[i].as_py(), text, enc["input_ids"][i], offsets,
+                batch.column("sample_id")[i].as_py(), text, enc["input_ids"][i], offsets[i],
                 batch.column("span_starts")[i].as_py(), batch.column("span_ends")[i].as_py(),
-                scored[i], scored_only=self.cfg["scored_only"]))
+                scored[i], scored_only=self.cfg["scored_only"], requests=None if reqs is None else reqs[i]))
         table = rows_to_table(rows)
         return table.append_column("path", batch.column("path"))
 
@@ -81,6 +99,12 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
         "nll_sum": pa.array([r["nll_sum"] for r in rows], pa.float64()),
         "n_bytes": pa.array([r["n_bytes"] for r in rows], pa.int64()),
     }
+    if rows and "cond_rows" in rows[0]:
+        columns.update({field.name: ragged([r[field.name] for r in rows], field.type.value_type
+                                           if not pa.types.is_list(field.type.value_type)
+                                           else field.type.value_type.value_type)
+                        for field in schema.CONDITIONED})
+        return pa.Table.from_pydict(columns, schema=pa.schema([*schema.LOGITS, *schema.CONDITIONED]))
     return pa.Table.from_pydict(columns, schema=schema.LOGITS)
 
 
@@ -94,10 +118,22 @@ def preflight(cfg: FusionConfig) -> None:
                              f"{model.name!r} ({len(tokenizer)} tokens)")
 
 
+def conditioned_on(cfg: FusionConfig, model: ModelSpec) -> ModelSpec | None:
+    """The pivot, when `model` is a source whose exact conditioned entries align needs
+    (`align.prefix: exact`, collect/conditioned.py); else None."""
+    if cfg.align.prefix != "exact" or model.name == cfg.pivot.name:
+        return None
+    return cfg.pivot
+
+
 def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> str:
     settings = {k: v for k, v in cfg.to_dict()["collect"].items() if k != "max_concurrent_models"}  # scheduling only
-    return io.fingerprint("collect", model.model_dump(mode="json", exclude={"arch"}), settings,
-                          cfg.data.max_length, locations.fingerprint(model.path, revision=model.revision), prepared_fp)
+    parts = [model.model_dump(mode="json", exclude={"arch"}), settings, cfg.data.max_length,
+             locations.fingerprint(model.path, revision=model.revision), prepared_fp]
+    pivot = conditioned_on(cfg, model)
+    if pivot is not None:  # its boundaries decide which entries are collected
+        parts += ["conditioned", locations.fingerprint(pivot.tokenizer or pivot.path, revision=pivot.revision)]
+    return io.fingerprint("collect", *parts)
 
 
 def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepared_fp: str,
@@ -123,7 +159,9 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
         ds = ds.map_batches(
             ScoreUDF, fn_constructor_kwargs={"model": model.model_dump(mode="json"),
                                              "collect": c.model_dump(mode="json"),
-                                             "max_length": cfg.data.max_length},
+                                             "max_length": cfg.data.max_length,
+                                             "conditioned_on": None if conditioned_on(cfg, model) is None
+                                             else cfg.pivot.model_dump(mode="json")},
             batch_size=c.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
         ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)

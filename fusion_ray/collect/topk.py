@@ -87,7 +87,7 @@ def scored_bytes(text: str, offsets: np.ndarray, mask: np.ndarray) -> int:
 
 def logits_row(
     sample_id: str, text: str, ids: Sequence[int], offsets: np.ndarray, starts: Sequence[int],
-    ends: Sequence[int], scored: tuple[np.ndarray, np.ndarray, np.ndarray], *, scored_only: bool,
+    ends: Sequence[int], scored: tuple, *, scored_only: bool, requests: tuple | None = None,
 ) -> dict[str, Any]:
     """One row of the `logits/` schema.
 
@@ -96,10 +96,24 @@ def logits_row(
         scored: (topk_ids, topk_logprobs, gold) for positions 0..T-2.
         scored_only: keep top-k and gold only at scored positions (in order of the
             True entries of `loss_mask`).
+        requests: (positions [n], prefixes [n]) of the exact conditioned entries in
+            `scored[3]` (`schema.CONDITIONED` columns; positions become stored rows).
     """
-    topk_ids, topk_lp, gold = scored
+    topk_ids, topk_lp, gold = scored[:3]
     mask = loss_mask(offsets, starts, ends)
     keep = mask if scored_only else slice(None)
+    extra = {}
+    if requests is not None:
+        positions, prefixes = requests
+        mass, c_ids, c_lps = scored[3]
+        stored = np.cumsum(mask) - 1 if scored_only else np.arange(len(mask))
+        ok = mask[positions] if scored_only else np.ones(len(positions), bool)
+        pos = np.asarray(positions, dtype=np.int64)[ok]
+        extra = {"cond_rows": stored[pos].astype(np.int32),
+                 "cond_prefix": np.array([len(u) for u, o in zip(prefixes, ok, strict=True) if o], dtype=np.int32),
+                 "cond_mass": np.asarray(mass, np.float32)[ok],
+                 "cond_ids": np.asarray(c_ids, np.int32)[ok].reshape(-1, c_ids.shape[1]),
+                 "cond_logprobs": np.asarray(c_lps, np.float32)[ok].reshape(-1, c_lps.shape[1])}
     return {
         "sample_id": sample_id,
         "input_ids": np.asarray(ids, dtype=np.int32),
@@ -110,4 +124,5 @@ def logits_row(
         "gold_logprob": gold[keep].astype(np.float32),
         "nll_sum": float(-gold[mask].astype(np.float64).sum()),
         "n_bytes": scored_bytes(text, offsets, mask),
+        **extra,
     }
