@@ -334,3 +334,15 @@ def test_the_exact_teacher_expands_no_candidate():
     expanded = [0]  # " comput" starts where " co" does and runs past it
     assert gold["kinds"][0] == 2 and gold["transferred"][0]
     assert expanded and not any(exact["transferred"][n] for n in expanded)
+
+
+def test_the_label_only_ablation_is_one_hot_on_the_written_piece():
+    tok, surf = bpe(WORD)
+    first = spans.FirstPiece(tok, surf)
+    text = "a computing b"
+    pivot = pivot_row(tok, text)
+    source = row([0, 1, 4], ends(S, [0, 1, 4]), [[2, 3, 0], [4, 3, 0]], [[-0.5, -1.5, -2.0], [-0.3, -1.0, -3.0]])
+    out = spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}), first, S, k=4, prefix="label")
+    assert dist(out, 1) == {surf.index("ing"): 1.0}  # " computing" was written: "ing", whatever the source said
+    assert dist(out, 0) == pytest.approx(dist(spans.transfer_spans(pivot, source, text, first.vocab_map(S, {}),
+                                                                   first, S, k=4), 0))

@@ -231,6 +231,10 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
         gold: at conditioned and expanded positions, add the source's gold token with its
             exact log-prob (`gold_logprob`) when the top-k lacks it, so that the conditioned
             distribution always holds what was written.
+        prefix: at a pivot position inside a source token, `renormalize` / `tail` / `skip`
+            (see `align.prefix`), `exact` (the collected exact entries, `_exact`), or `label`:
+            an ablation with no source information, the teacher one-hot on the pivot piece of
+            the written source token (where the source token covers the pivot's).
 
     Returns:
         {"topk_ids" [P, k], "topk_logprobs" [P, k], "transferred" [P], "kinds" [P]} with
@@ -271,6 +275,11 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
             continue
         if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
             continue  # the source token is not the text it covers (a special token, normalisation)
+        if prefix == "label" and u and int(se[mi]) >= e[n]:  # the ablation: the written token only
+            pid = first.after(s_surf[s_tokens[mi]], len(u))
+            if pid >= 0:
+                ids[n, 0], lp[n, 0], kinds[n] = pid, 0.0, 2
+            continue
         if prefix == "exact":
             got = _exact(exact, ri, u, int(se[mi]) < e[n], first, s_surf, k)
             if got is not None:
