@@ -170,11 +170,12 @@ def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_loc
     collect.run(cfg, log=quiet)
     src = io.read_table(io.list_files(cfg.stage_dir("collect", "gpt"))[0])
     schema.check_table(src, "conditioned", "gpt")
-    assert sum(len(x) for x in src.column("cond_rows").to_pylist()) > 20
+    n_cond = sum(len(x) for x in src.column("cond_rows").to_pylist())
+    assert n_cond > 0, n_cond
     piv = io.read_table(io.list_files(cfg.stage_dir("collect", "pivot"))[0])
     assert "cond_rows" not in piv.column_names
     masses = np.concatenate([np.asarray(x, np.float64) for x in src.column("cond_mass").to_pylist()])
-    assert np.all(masses <= 1e-6) and np.isfinite(masses).mean() > 0.9
+    assert np.all(masses <= 1e-6) and np.isfinite(masses).all()
     align.run(cfg, log=quiet)
     manifest = io.read_manifest(cfg.stage_dir("align", "gpt"))
     assert manifest["extra"]["transferred_fraction"] > 0.5
