@@ -19,6 +19,7 @@ Step 2 runs on CPU or, given `--device cuda`, on a GPU machine without Ray (it o
 the bundle, torch and transformers): `python bench/quality.py --bundle B --out R`.
 
 Usage: python bench/quality.py [--seeds 3] [--lambdas 0.7,0.9] [--positions transferred] [--workers 2]
+       [--variants renormalize,label,exact]   (align.prefix of the main bundles; the first is `bundle_main`)
 The last line is one JSON object with `delta_bpb` (per domain: mean, std) and
 `transfer_efficiency`.
 """
@@ -330,23 +331,39 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="arms trained in parallel processes")
     p.add_argument("--from-results", help="only summarise an earlier run's results.jsonl")
     p.add_argument("--main", default="bundle_main", help="with --from-results: the main bundle's name")
+    p.add_argument("--variants", default="renormalize",
+                   help="align.prefix variants of the main bundle, e.g. renormalize,label,exact (step 1)")
     args = p.parse_args()
     if args.from_results:
         results = [json.loads(line) for line in open(args.from_results)]
         return report(summarize(results, args.main, args.control), len({r["seed"] for r in results}))
     grid = settings([float(x) for x in args.lambdas.split(",")], args.positions.split(","),
                     args.tails.split(","), [float(x) for x in args.temperatures.split(",")])
-    bundles = args.bundle or build_bundles(args.out)
+    bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")))
     if args.bundles_only:
         return print(json.dumps({"bundles": bundles}))
-    control = args.control or (Path(bundles[1]).name if len(bundles) > 1 else None)
+    control = args.control or (Path(bundles[-1]).name if len(bundles) > 1 else None)
     results = []
     for bundle in bundles:
         results += sweep(bundle, args.out, list(range(args.seeds)), grid, args.device, args.steps, args.workers)
-    report(summarize(results, Path(bundles[0]).name, control), args.seeds)
+    mains = [b for b in bundles if Path(b).name != control]
+    by_variant = {}
+    for bundle in mains[1:]:  # the other variants, against the same control
+        log_name = Path(bundle).name
+        print(f"--- {log_name}")
+        summary = summarize(results, log_name, control)
+        by_variant[log_name] = {"transfer_efficiency": summary["transfer_efficiency"], "setting": summary["best"],
+                                "delta_bpb": summary["table"][summary["best"]]["delta_bpb"],
+                                "gold_mass": gold_mass(bundle)}
+    print(f"--- {Path(mains[0]).name}")
+    summary = summarize(results, Path(mains[0]).name, control)
+    extra = {"by_variant": by_variant, "gold_mass": gold_mass(mains[0])}
+    if control:
+        extra["control_gold_mass"] = gold_mass(next(b for b in bundles if Path(b).name == control))
+    report(summary, args.seeds, extra)
 
 
-def report(summary: dict, seeds: int) -> None:
+def report(summary: dict, seeds: int, extra: dict | None = None) -> None:
     """The best setting is the one whose fused targets gain most on the domain that gains least."""
     best = summary["table"][summary["best"]]
     print(f"best setting: {summary['best']}")
@@ -355,11 +372,13 @@ def report(summary: dict, seeds: int) -> None:
                       "transfer_efficiency_by_setting": {k: None if v["transfer_efficiency"] is None
                                                          else round(v["transfer_efficiency"], 3)
                                                          for k, v in summary["table"].items()},
-                      "merged_delta_bpb": best["merged"]}))
+                      "merged_delta_bpb": best["merged"], **(extra or {})}))
 
 
-def build_bundles(out: str, log=print) -> list[str]:
-    """Step 1: run the pipeline up to `fuse` for the demo and for the shared-tokenizer control."""
+def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), log=print) -> list[str]:
+    """Step 1: run the pipeline up to `fuse` for the demo, once per `align.prefix` variant (one
+    workdir: only the sources' collect reruns, for `exact`), and for the shared-tokenizer control.
+    Bundles: `bundle_main` (the first variant), `bundle_main_<variant>` (the others), `bundle_control`."""
     import dataclasses
 
     from fusion_ray.cli import default_demo_config
@@ -376,15 +395,37 @@ def build_bundles(out: str, log=print) -> list[str]:
         control = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)
         build_model_once(DEFAULT_SPEC, control, rows, root / "models", log)
         controls.append(root / "models" / control.name)
-    main_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_main"])
     ctrl_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
                            + [f"sources.{i}.path={p}" for i, p in enumerate(controls)])
     bundles = []
-    for name, cfg in (("main", main_cfg), ("control", ctrl_cfg)):
+    runs = [(("main" if i == 0 else f"main_{v}"), load_config(default_demo_config(), [
+        f"workdir={out}/pipeline_main", f"align.prefix={v}"])) for i, v in enumerate(variants)]
+    for name, cfg in [*runs, ("control", ctrl_cfg)]:
         run_stages(cfg, ["prepare", "collect", "align", "fuse"], log=log)
         export_bundle(cfg, f"{out}/bundle_{name}")
         bundles.append(f"{out}/bundle_{name}")
     return bundles
+
+
+def gold_mass(bundle: str) -> dict[str, float]:
+    """pair → the fused teacher's mean probability of the next (gold) pivot token over the
+    positions a source reached: a teacher that leaks the label puts more there than the
+    shared-tokenizer control's does."""
+    import numpy as np
+
+    rows = load_rows(bundle)
+    out = {}
+    for pair, rs in rows.items():
+        total, n = 0.0, 0
+        for r in rs:
+            gold = r["input_ids"][1:][r["loss_mask"]]
+            for g, ids, lps, t in zip(gold, r["topk_ids"], r["topk_logprobs"], r["transferred"], strict=True):
+                if t:
+                    hit = ids == g
+                    total += float(np.exp(lps[hit].astype(np.float64)).sum()) if hit.any() else 0.0
+                    n += 1
+        out[pair] = round(total / max(n, 1), 4)
+    return out
 
 
 if __name__ == "__main__":
