@@ -331,6 +331,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="arms trained in parallel processes")
     p.add_argument("--from-results", help="only summarise an earlier run's results.jsonl")
     p.add_argument("--main", default="bundle_main", help="with --from-results: the main bundle's name")
+    p.add_argument("--no-control", action="store_true", help="step 1 without the shared-tokenizer control")
     p.add_argument("--variants", default="renormalize",
                    help="align.prefix variants of the main bundle, e.g. renormalize,label,exact (step 1)")
     args = p.parse_args()
@@ -339,10 +340,10 @@ def main() -> None:
         return report(summarize(results, args.main, args.control), len({r["seed"] for r in results}))
     grid = settings([float(x) for x in args.lambdas.split(",")], args.positions.split(","),
                     args.tails.split(","), [float(x) for x in args.temperatures.split(",")])
-    bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")))
+    bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")), not args.no_control)
     if args.bundles_only:
         return print(json.dumps({"bundles": bundles}))
-    control = args.control or (Path(bundles[-1]).name if len(bundles) > 1 else None)
+    control = args.control or next((Path(b).name for b in bundles if Path(b).name == "bundle_control"), None)
     results = []
     for bundle in bundles:
         results += sweep(bundle, args.out, list(range(args.seeds)), grid, args.device, args.steps, args.workers)
@@ -375,7 +376,8 @@ def report(summary: dict, seeds: int, extra: dict | None = None) -> None:
                       "merged_delta_bpb": best["merged"], **(extra or {})}))
 
 
-def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), log=print) -> list[str]:
+def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), control: bool = True,
+                  log=print) -> list[str]:
     """Step 1: run the pipeline up to `fuse` for the demo, once per `align.prefix` variant (one
     workdir: only the sources' collect reruns, for `exact`), and for the shared-tokenizer control.
     Bundles: `bundle_main` (the first variant), `bundle_main_<variant>` (the others), `bundle_control`."""
@@ -391,16 +393,16 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), log=pr
     rows = {name: _read_jsonl(root / "corpus" / f"{name}.jsonl") for name in CORPUS_FILES}
     pivot = next(m for m in DEFAULT_SPEC.models if m.name == "pivot")
     controls = []
-    for src in (m for m in DEFAULT_SPEC.models if m.name != "pivot"):  # same arch, mix, steps; pivot's tokenizer
-        control = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)
-        build_model_once(DEFAULT_SPEC, control, rows, root / "models", log)
-        controls.append(root / "models" / control.name)
+    for src in (m for m in DEFAULT_SPEC.models if m.name != "pivot" and control):  # same arch, mix, steps
+        twin = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)  # pivot's tokenizer
+        build_model_once(DEFAULT_SPEC, twin, rows, root / "models", log)
+        controls.append(root / "models" / twin.name)
     ctrl_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
                            + [f"sources.{i}.path={p}" for i, p in enumerate(controls)])
     bundles = []
     runs = [(("main" if i == 0 else f"main_{v}"), load_config(default_demo_config(), [
         f"workdir={out}/pipeline_main", f"align.prefix={v}"])) for i, v in enumerate(variants)]
-    for name, cfg in [*runs, ("control", ctrl_cfg)]:
+    for name, cfg in [*runs, *([("control", ctrl_cfg)] if control else [])]:
         run_stages(cfg, ["prepare", "collect", "align", "fuse"], log=log)
         export_bundle(cfg, f"{out}/bundle_{name}")
         bundles.append(f"{out}/bundle_{name}")
