@@ -17,7 +17,9 @@ def _logits_row() -> dict:
 
 
 def test_every_parquet_stage_has_a_schema():
-    assert set(schema.SCHEMAS) == {"prepared", "rejected", "logits", "aligned", "fused"}
+    assert set(schema.SCHEMAS) == {"prepared", "rejected", "logits", "conditioned", "aligned", "fused"}
+    # the conditioned entries are extra columns of a source's logits/ rows, never a replacement
+    assert not set(schema.CONDITIONED.names) & set(schema.LOGITS.names)
 
 
 def test_logits_contract_types():

