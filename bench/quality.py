@@ -397,12 +397,12 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), contro
         twin = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)  # pivot's tokenizer
         build_model_once(DEFAULT_SPEC, twin, rows, root / "models", log)
         controls.append(root / "models" / twin.name)
-    ctrl_cfg = load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
-                           + [f"sources.{i}.path={p}" for i, p in enumerate(controls)])
+    ctrl = [("control", load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
+                                    + [f"sources.{i}.path={p}" for i, p in enumerate(controls)]))] if control else []
     bundles = []
     runs = [(("main" if i == 0 else f"main_{v}"), load_config(default_demo_config(), [
         f"workdir={out}/pipeline_main", f"align.prefix={v}"])) for i, v in enumerate(variants)]
-    for name, cfg in [*runs, *([("control", ctrl_cfg)] if control else [])]:
+    for name, cfg in [*runs, *ctrl]:
         run_stages(cfg, ["prepare", "collect", "align", "fuse"], log=log)
         export_bundle(cfg, f"{out}/bundle_{name}")
         bundles.append(f"{out}/bundle_{name}")

@@ -1,4 +1,4 @@
-"""`fusion-ray` command line (DESIGN §10). Thin: parse, load the config, call a stage."""
+"""`fusion-ray` command line. Thin: parse, load the config, call a stage."""
 
 from __future__ import annotations
 

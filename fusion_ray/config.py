@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusion_ray import locations
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
-# Output directory of each stage below `workdir` (DESIGN §2).
+# Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -484,7 +484,7 @@ class EvalConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """The OpenAI-compatible chat endpoint (DESIGN §8); `fusion_ray.serve.app.build_app` takes these keys."""
+    """The OpenAI-compatible chat endpoint; `fusion_ray.serve.app.build_app` takes these keys."""
 
     engine: Literal["vllm", "hf"] = "vllm"
     host: str = "127.0.0.1"

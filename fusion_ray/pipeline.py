@@ -1,6 +1,6 @@
 """The stage sequence and what runs each stage.
 
-`STAGE_RUNNERS` maps each stage of DESIGN §2 to the `module:function` that runs it
+`STAGE_RUNNERS` maps each stage to the `module:function` that runs it
 (`run(cfg, force=False) -> dict`), or to None while that stage is not built yet.
 Nothing here fakes a stage: asking to run an unbuilt stage is an error, and the
 demo lists what is not built.

@@ -3,7 +3,7 @@
 A local Ray stays on loopback, with token auth off (Ray 2.60 turns it on by
 default) and the logical CPU count from the config: on a 2-core machine a
 pipeline's actors only all fit with more logical CPUs than cores, or with
-fractional CPU requests (ENVIRONMENT.md: silent starvation otherwise).
+fractional CPU requests (silent starvation otherwise).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `prepared/`  one row per conversation, rendered once with the pivot's chat template.
 `prepared/_rejected/`  corpus rows that could not be used, with the reason.
-`logits/<model>/`  per-token top-k next-token log-probs of one model (DESIGN §3).
+`logits/<model>/`  per-token top-k next-token log-probs of one model.
 `aligned/<source>/`  a source's distributions moved onto pivot positions and ids.
 `fused/<pair>/`  the fused teacher per pivot position, ready for training.
 `train` and `merge` write HF model directories (`MODEL_DIR_FILES`); `eval` writes

@@ -1,4 +1,4 @@
-"""DTW alignment: the DESIGN §4 test vectors row by row, and equality with the plain reference."""
+"""DTW alignment: hand-worked test vectors row by row, and equality with the plain reference."""
 
 import pytest
 from hypothesis import given, settings
@@ -13,7 +13,7 @@ VECTORS = [
     ("Ġknowledge Ġfusion", "▁know ledge ▁fus ion", 15, [[0], [0], [1], [1]], [[0], [0], [1], [1]]),
     ("x", "y z", 2, [[0], [0]], [[0], [0]]),
     ("b bbb b", "bb a bb", 4, [[0], [0], [1, 2]], [[0, 1], [2], [2]]),
-    # DESIGN lists cost 5 here, but the path it gives, (0,0) (1,1) (2,2) (2,3), costs
+    # A hand count gives cost 5 here, but the path it gives, (0,0) (1,1) (2,2) (2,3), costs
     # 0 + ed(world, wor) + ed(!, ld) + 0 = 0 + 2 + 2 + 0 = 4, the minimum: 5 is a typo.
     ("ĠHello Ġworld !", "▁Hello ▁wor ld !", 4, [[0], [1], [2], [2]], [[0], [1], [2], [2]]),
 ]

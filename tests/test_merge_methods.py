@@ -1,4 +1,4 @@
-"""Merge methods on small hand-computed tensors (DESIGN §7) and their invariants."""
+"""Merge methods on small hand-computed tensors and their invariants."""
 
 import pytest
 import torch

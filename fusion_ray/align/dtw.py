@@ -107,7 +107,7 @@ def levenshtein_reference(a: str, b: str) -> int:
 
 def dtw_align_reference(source_tokens, pivot_tokens, *, source_marker="Ġ", pivot_marker="▁",
                         tie_break: TieBreak = "fusechat2"):
-    """The plain-Python DTW, straight from DESIGN §4.2 (slow; for tests and benchmarks).
+    """The plain-Python DTW, written out plainly (slow; for tests and benchmarks).
 
     Returns:
         (pivot_to_source, cost).

@@ -1,4 +1,4 @@
-"""Move one source's top-k distributions onto pivot positions and pivot ids (DESIGN §4.4).
+"""Move one source's top-k distributions onto pivot positions and pivot ids.
 
 The distribution at position t predicts token t+1. Pivot position j takes source
 position i when pivot token j+1 and source token i+1 are a 1-1 pair (the same span

@@ -1,4 +1,4 @@
-"""Per-token top-k next-token log-probs → rows of the `logits/` contract (DESIGN §3).
+"""Per-token top-k next-token log-probs → rows of the `logits/` contract.
 
 Pure numpy/torch: no Ray, no engines. The distribution at position t predicts
 token t+1; log-probs are normalised over the FULL vocabulary. Both engines end

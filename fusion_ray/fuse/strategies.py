@@ -1,4 +1,4 @@
-"""Fusion functions (DESIGN §5): pick or mix the candidates' distributions per sequence.
+"""Fusion functions: pick or mix the candidates' distributions per sequence.
 
 Candidates are the pivot's own distribution and each aligned source, in that order.
 Each is scored on the gold text: `ce` = mean NLL per scored token in the model's own

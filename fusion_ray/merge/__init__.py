@@ -1,4 +1,4 @@
-"""Merging fused targets in parameter space (DESIGN §7).
+"""Merging fused targets in parameter space.
 
 `methods` (pure tensor functions), `spec` (mergekit-style YAML and parameters),
 `streaming` (tensor-at-a-time safetensors I/O), `engine` (check, plan, merge, write a

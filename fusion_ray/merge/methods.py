@@ -1,4 +1,4 @@
-"""Merge methods as pure tensor functions (DESIGN §7): one output tensor from its inputs.
+"""Merge methods as pure tensor functions: one output tensor from its inputs.
 
 Every function takes the tensors of ONE weight (same shape, already in the compute
 dtype) and resolved scalar parameters, and returns the merged tensor. No I/O, no Ray.

@@ -1,4 +1,4 @@
-"""Serving (DESIGN §8): a chat model on Ray Serve behind an OpenAI-compatible endpoint.
+"""Serving: a chat model on Ray Serve behind an OpenAI-compatible endpoint.
 
 `protocol` (request validation, response shapes, errors) and `text` (streamed text and
 stop sequences) are pure; `engines` holds the vLLM and transformers engines; `app` is the

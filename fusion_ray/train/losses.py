@@ -1,4 +1,4 @@
-"""Training losses (DESIGN §6): CLM plus a SPARSE fusion term against the fused teacher.
+"""Training losses: CLM plus a SPARSE fusion term against the fused teacher.
 
 L = λ·L_CLM + (1−λ)·L_fuse, both averaged over scored positions.
 
