@@ -20,6 +20,7 @@ the bundle, torch and transformers): `python bench/quality.py --bundle B --out R
 
 Usage: python bench/quality.py [--seeds 3] [--lambdas 0.7,0.9] [--positions transferred] [--workers 2]
        [--variants renormalize,label,exact]   (align.prefix of the main bundles; the first is `bundle_main`)
+       [--pivot-tokenizer mistral]   (a SentencePiece pivot: a twin of the demo pivot with that tokenizer)
 The last line is one JSON object with `delta_bpb` (per domain: mean, std) and
 `transfer_efficiency`.
 """
@@ -334,13 +335,16 @@ def main() -> None:
     p.add_argument("--no-control", action="store_true", help="step 1 without the shared-tokenizer control")
     p.add_argument("--variants", default="renormalize",
                    help="align.prefix variants of the main bundle, e.g. renormalize,label,exact (step 1)")
+    p.add_argument("--pivot-tokenizer", help="step 1 with a pivot twin of this demo tokenizer family (e.g. mistral: "
+                   "SentencePiece with a dummy prefix) and controls to match")
     args = p.parse_args()
     if args.from_results:
         results = [json.loads(line) for line in open(args.from_results)]
         return report(summarize(results, args.main, args.control), len({r["seed"] for r in results}))
     grid = settings([float(x) for x in args.lambdas.split(",")], args.positions.split(","),
                     args.tails.split(","), [float(x) for x in args.temperatures.split(",")])
-    bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")), not args.no_control)
+    bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")), not args.no_control,
+                                           args.pivot_tokenizer)
     if args.bundles_only:
         return print(json.dumps({"bundles": bundles}))
     control = args.control or next((Path(b).name for b in bundles if Path(b).name == "bundle_control"), None)
@@ -377,10 +381,14 @@ def report(summary: dict, seeds: int, extra: dict | None = None) -> None:
 
 
 def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), control: bool = True,
-                  log=print) -> list[str]:
+                  pivot_tokenizer: str | None = None, log=print) -> list[str]:
     """Step 1: run the pipeline up to `fuse` for the demo, once per `align.prefix` variant (one
     workdir: only the sources' collect reruns, for `exact`), and for the shared-tokenizer control.
-    Bundles: `bundle_main` (the first variant), `bundle_main_<variant>` (the others), `bundle_control`."""
+    Bundles: `bundle_main` (the first variant), `bundle_main_<variant>` (the others), `bundle_control`.
+
+    `pivot_tokenizer` (a demo tokenizer family, e.g. `mistral`: SentencePiece with a dummy prefix)
+    replaces the pivot by a twin with that tokenizer (same architecture, mix and steps), and the
+    control's sources by twins with it; a source that already has it is its own control."""
     import dataclasses
 
     from fusion_ray.cli import default_demo_config
@@ -392,16 +400,25 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), contro
     root = ensure_assets(log=log)
     rows = {name: _read_jsonl(root / "corpus" / f"{name}.jsonl") for name in CORPUS_FILES}
     pivot = next(m for m in DEFAULT_SPEC.models if m.name == "pivot")
+    overrides = []
+    if pivot_tokenizer and pivot_tokenizer != pivot.tokenizer:
+        pivot = dataclasses.replace(pivot, name=f"pivot_{pivot_tokenizer}", tokenizer=pivot_tokenizer)
+        build_model_once(DEFAULT_SPEC, pivot, rows, root / "models", log)
+        overrides = [f"pivot.path={root / 'models' / pivot.name}"]
     controls = []
     for src in (m for m in DEFAULT_SPEC.models if m.name != "pivot" and control):  # same arch, mix, steps
-        twin = dataclasses.replace(src, name=f"control_{src.name}", tokenizer=pivot.tokenizer)  # pivot's tokenizer
+        if src.tokenizer == pivot.tokenizer:
+            controls.append(root / "models" / src.name)
+            continue
+        name = "control_" + ("" if pivot.name == "pivot" else f"{pivot.tokenizer}_") + src.name
+        twin = dataclasses.replace(src, name=name, tokenizer=pivot.tokenizer)  # pivot's tokenizer
         build_model_once(DEFAULT_SPEC, twin, rows, root / "models", log)
         controls.append(root / "models" / twin.name)
-    ctrl = [("control", load_config(default_demo_config(), [f"workdir={out}/pipeline_control"]
+    ctrl = [("control", load_config(default_demo_config(), [f"workdir={out}/pipeline_control", *overrides]
                                     + [f"sources.{i}.path={p}" for i, p in enumerate(controls)]))] if control else []
     bundles = []
     runs = [(("main" if i == 0 else f"main_{v}"), load_config(default_demo_config(), [
-        f"workdir={out}/pipeline_main", f"align.prefix={v}"])) for i, v in enumerate(variants)]
+        f"workdir={out}/pipeline_main", f"align.prefix={v}", *overrides])) for i, v in enumerate(variants)]
     for name, cfg in [*runs, *ctrl]:
         run_stages(cfg, ["prepare", "collect", "align", "fuse"], log=log)
         export_bundle(cfg, f"{out}/bundle_{name}")

@@ -183,3 +183,64 @@ def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_loc
     for lps in table.column("topk_logprobs").to_pylist():
         total = np.exp(np.asarray(lps, np.float64)).sum(1)
         assert np.all(total <= 1 + 2e-3)
+
+
+@pytest.mark.parametrize("prefix", ["exact", "renormalize", "label"])
+def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_does(pair, tiny_models, prefix):
+    """At every pivot position inside a source token (the pivot wrote u of it), the exact teacher's
+    probability of the pivot token g that comes next is at most the source's own probability, from
+    its full distribution, that the text goes on with g after u:
+    Σ_{s starts with u + g} p(s) / Σ_{s extends u} p(s). The gold-inserting teacher (`renormalize`)
+    and the label-only ablation break it at some positions of the same texts."""
+    from helpers import chat_rows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusion_ray.align import spans, vocab
+    from fusion_ray.collect import engines
+
+    source, seqs, reqs, index = pair
+    s_tok = AutoTokenizer.from_pretrained(source)
+    p_tok = AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
+    s_surf, p_surf = vocab.surfaces(s_tok), vocab.surfaces(p_tok)
+    specials = set(s_tok.all_special_ids)
+    first = spans.FirstPiece(p_tok, p_surf)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    scored = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
+    over = []
+    for r, seq, (rows, prefixes), out in zip(chat_rows(4), seqs, reqs, scored, strict=True):
+        text = s_tok.apply_chat_template(r["messages"], tokenize=False)
+        s = s_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        p = p_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert list(s["input_ids"]) == list(seq)
+        s_ends = np.array([e for _, e in s["offset_mapping"]])
+        p_ends = np.array([e for _, e in p["offset_mapping"]])
+        n = len(seq) - 1
+        mass, c_ids, c_lps = out[3]
+        src = {"input_ids": np.array(seq), "offsets": s_ends, "loss_mask": np.ones(n, bool),
+               "topk_ids": out[0], "topk_logprobs": out[1], "gold_logprob": out[2],
+               "cond_rows": np.asarray(rows), "cond_prefix": np.array([len(u) for u in prefixes]),
+               "cond_mass": mass, "cond_ids": c_ids, "cond_logprobs": c_lps}
+        m = len(p_ends) - 1
+        piv = {"input_ids": np.array(p["input_ids"]), "offsets": p_ends, "loss_mask": np.ones(m, bool),
+               "topk_ids": np.zeros((m, 5), int), "topk_logprobs": np.full((m, 5), -np.inf, np.float32)}
+        got = spans.transfer_spans(piv, src, text, first.vocab_map(s_surf, {}), first, s_surf, k=5, prefix=prefix)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1).numpy()
+        for pos in np.flatnonzero(got["kinds"] == 2):
+            c = p_ends[pos]
+            j = int(np.searchsorted(s_ends, c, side="right"))  # the source token the pivot is inside
+            u = spans._bytes(text, int(s_ends[j - 1]), int(c))
+            g = int(p["input_ids"][pos + 1])
+            written = u + p_surf[g]
+            ext = [t for t, x in enumerate(s_surf) if t not in specials and x.startswith(u) and len(x) > len(u)]
+            on = [t for t in ext if s_surf[t].startswith(written)]
+            bound = np.exp(np.logaddexp.reduce(logp[j - 1, on])) / np.exp(np.logaddexp.reduce(logp[j - 1, ext])) \
+                if on else 0.0
+            q = sum(np.exp(float(v)) for i, v in zip(got["topk_ids"][pos], got["topk_logprobs"][pos], strict=True)
+                    if i == g and v > -np.inf)
+            over.append(q > bound + 1e-4)
+    assert len(over) > 10, len(over)
+    if prefix == "exact":
+        assert not any(over), f"{sum(over)} of {len(over)} positions"
+    else:
+        assert sum(over) >= 3, f"{sum(over)} of {len(over)} positions"
