@@ -295,19 +295,23 @@ def summarize(results: list[dict], main: str, control: str | None, log=print) ->
     best, best_eff, table = None, None, {}
     for key, per_domain in d_main.items():
         row = {d: mean_std(v) for d, v in per_domain.items()}
-        eff = None
+        eff, by_domain = None, {}
         if key in d_ctrl:
             ratios = [statistics.fmean(per_domain[d]) / statistics.fmean(d_ctrl[key][d])
                       for d in per_domain if d in d_ctrl[key] and statistics.fmean(d_ctrl[key][d]) < 0]
             eff = statistics.fmean(ratios) if ratios else None
-        table[key] = {"delta_bpb": row, "transfer_efficiency": eff,
+            # per source (its domain): the ratio seed by seed (same seed, same CLM-only), mean ± std
+            by_domain = {d: mean_std([a / b for a, b in zip(per_domain[d], d_ctrl[key][d], strict=True)])
+                         for d in per_domain if d in d_ctrl[key] and len(per_domain[d]) == len(d_ctrl[key][d])}
+        table[key] = {"delta_bpb": row, "transfer_efficiency": eff, "efficiency_by_source": by_domain,
                       "control": {d: mean_std(v) for d, v in d_ctrl.get(key, {}).items()},
                       "merged": {arm: {d: mean_std(v) for d, v in per.items()}
                                  for arm, per in d_merged.get(key, {}).items()}}
         log(f"{key:<36} Δbpb " + "  ".join(f"{d} {s['mean']:+.4f}±{s['std']:.4f}" for d, s in row.items())
             + ("" if key not in d_ctrl else "  | shared tokenizer " + "  ".join(
                 f"{d} {s['mean']:+.4f}" for d, s in table[key]["control"].items()))
-            + ("" if eff is None else f"  | efficiency {eff:.2f}")
+            + ("" if eff is None else f"  | efficiency {eff:.2f} ("
+               + ", ".join(f"{d} {v['mean']:.2f}±{v['std']:.2f}" for d, v in by_domain.items()) + ")")
             + "".join(f"  | {arm} " + " ".join(f"{d} {s['mean']:+.4f}" for d, s in per.items())
                       for arm, per in table[key]["merged"].items()))
         score = max(s["mean"] for s in row.values())  # the domain that gains least
@@ -340,7 +344,9 @@ def main() -> None:
     args = p.parse_args()
     if args.from_results:
         results = [json.loads(line) for line in open(args.from_results)]
-        return report(summarize(results, args.main, args.control), len({r["seed"] for r in results}))
+        names = list(dict.fromkeys(r["bundle"] for r in results))
+        main_first = [args.main] + [n for n in names if n != args.main]
+        return report_all(results, main_first, args.control, args.bundle or [])
     grid = settings([float(x) for x in args.lambdas.split(",")], args.positions.split(","),
                     args.tails.split(","), [float(x) for x in args.temperatures.split(",")])
     bundles = args.bundle or build_bundles(args.out, tuple(args.variants.split(",")), not args.no_control,
@@ -351,21 +357,36 @@ def main() -> None:
     results = []
     for bundle in bundles:
         results += sweep(bundle, args.out, list(range(args.seeds)), grid, args.device, args.steps, args.workers)
-    mains = [b for b in bundles if Path(b).name != control]
+    report_all(results, [Path(b).name for b in bundles], control, bundles)
+
+
+def report_all(results: list[dict], names: list[str], control: str | None, dirs: list[str]) -> None:
+    """The summary of each main bundle (the first is the headline; the others, the other
+    `align.prefix` variants, under `by_variant`), against the control; with the bundle dirs
+    at hand, also the teacher's mass on the gold token per bundle (`gold_mass`)."""
+    where = {Path(d).name: d for d in dirs}
+    mains = [n for n in names if n != control]
+    seeds = len({r["seed"] for r in results})
     by_variant = {}
-    for bundle in mains[1:]:  # the other variants, against the same control
-        log_name = Path(bundle).name
-        print(f"--- {log_name}")
-        summary = summarize(results, log_name, control)
-        by_variant[log_name] = {"transfer_efficiency": summary["transfer_efficiency"], "setting": summary["best"],
-                                "delta_bpb": summary["table"][summary["best"]]["delta_bpb"],
-                                "gold_mass": gold_mass(bundle)}
-    print(f"--- {Path(mains[0]).name}")
-    summary = summarize(results, Path(mains[0]).name, control)
-    extra = {"by_variant": by_variant, "gold_mass": gold_mass(mains[0])}
-    if control:
-        extra["control_gold_mass"] = gold_mass(next(b for b in bundles if Path(b).name == control))
-    report(summary, args.seeds, extra)
+    for name in mains[1:]:
+        print(f"--- {name}")
+        summary = summarize(results, name, control)
+        best = summary["table"][summary["best"]]
+        by_variant[name] = {"transfer_efficiency": summary["transfer_efficiency"], "setting": summary["best"],
+                            "efficiency_by_source": best["efficiency_by_source"], "delta_bpb": best["delta_bpb"],
+                            "by_setting": {k: {"transfer_efficiency": v["transfer_efficiency"],
+                                               "efficiency_by_source": v["efficiency_by_source"]}
+                                           for k, v in summary["table"].items()}}
+        if name in where:
+            by_variant[name]["gold_mass"] = gold_mass(where[name])
+    print(f"--- {mains[0]}")
+    summary = summarize(results, mains[0], control)
+    extra = {"by_variant": by_variant}
+    if mains[0] in where:
+        extra["gold_mass"] = gold_mass(where[mains[0]])
+    if control in where:
+        extra["control_gold_mass"] = gold_mass(where[control])
+    report(summary, seeds, extra)
 
 
 def report(summary: dict, seeds: int, extra: dict | None = None) -> None:
@@ -374,6 +395,7 @@ def report(summary: dict, seeds: int, extra: dict | None = None) -> None:
     print(f"best setting: {summary['best']}")
     print(json.dumps({"delta_bpb": best["delta_bpb"], "transfer_efficiency": summary["transfer_efficiency"],
                       "setting": summary["best"], "seeds": seeds,
+                      "efficiency_by_source": best["efficiency_by_source"],
                       "transfer_efficiency_by_setting": {k: None if v["transfer_efficiency"] is None
                                                          else round(v["transfer_efficiency"], 3)
                                                          for k, v in summary["table"].items()},

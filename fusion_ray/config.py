@@ -347,7 +347,10 @@ class AlignConfig(Strict):
     # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`);
     # `exact`: collect stores the source's exact mass of the tokens extending the prefix and
     # their top-k (collect/conditioned.py), and align divides by that mass
-    # (`label`: an ablation for the quality bench, one-hot on the written token's pivot piece)
+    # (`label`: an ablation for the quality bench, one-hot on the written token's pivot piece).
+    # bench/quality.py, 3 seeds: `renormalize` (with `gold`) gains exactly what `label` does;
+    # `exact` carries the source's information and gains less (efficiency 0.76 vs 0.81), so
+    # it is opt-in (bench/RESULTS.md)
     prefix: Literal["renormalize", "tail", "skip", "exact", "label"] = "renormalize"
     # `spans`, conditioned or expanded positions: add the source's gold token with its exact
     # log-prob (collected as `gold_logprob`) where the top-k lacks it
