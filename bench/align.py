@@ -24,12 +24,12 @@ from fusion_ray.demo import assets
 
 
 def load_pairs(n: int):
-    from transformers import AutoTokenizer
+    from fusion_ray import tokenizer as tokenizers
 
-    pivot = AutoTokenizer.from_pretrained(assets.resolve("demo:pivot"))
+    pivot = tokenizers.from_dir(assets.resolve("demo:pivot"))
     pairs = []
     for source_name in ("source_computing", "source_english"):
-        source = AutoTokenizer.from_pretrained(assets.resolve(f"demo:{source_name}"))
+        source = tokenizers.from_dir(assets.resolve(f"demo:{source_name}"))
         corpus = "computing_train" if source_name.endswith("computing") else "english_train"
         with open(assets.asset_path(corpus)) as fh:
             for line, _ in zip(fh, range(n // 2), strict=False):

@@ -90,10 +90,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from transformers import AutoTokenizer
+    from fusion_ray import tokenizer as tokenizers
 
     model_dir = str(assets.resolve("demo:pivot"))
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = tokenizers.from_dir(model_dir)
     rows = load_rows(args.rows, tok, args.max_length)
     enc = tok([r.text for r in rows], return_offsets_mapping=True)
     seqs = enc["input_ids"]

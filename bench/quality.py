@@ -98,14 +98,15 @@ def train_arm(bundle: str, rows: list[dict], meta: dict, *, lam: float, position
     accumulated to its global batch."""
     from types import SimpleNamespace
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from fusion_ray import tokenizer as tokenizers
     from fusion_ray.train.strategies import Local, lr_lambda
 
     t = SimpleNamespace(**meta["train"])
     micro = getattr(t, "micro_batch_size", t.global_batch_size)  # bundles of before it was exported
     accum = max(1, t.global_batch_size // micro)
-    tok = AutoTokenizer.from_pretrained(f"{bundle}/pivot")
+    tok = tokenizers.from_dir(f"{bundle}/pivot")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(f"{bundle}/pivot", dtype=torch.float32).to(device)
     total = steps or t.max_steps or t.epochs * (len(rows) // t.global_batch_size)
@@ -183,8 +184,9 @@ def setting_key(s: dict) -> str:
 
 def merge_one(bundle: str, pairs: list[str], setting: dict, seed: int, device: str, states: str) -> list[dict]:
     """The pairwise targets merged (plain average, FuseChat-2 SCE, VaRM, all from the pivot), scored."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from fusion_ray import tokenizer as tokenizers
     from fusion_ray.merge import methods
 
     torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
@@ -193,7 +195,7 @@ def merge_one(bundle: str, pairs: list[str], setting: dict, seed: int, device: s
     sds = [torch.load(f"{states}/{Path(bundle).name}-{seed}-{p}-{setting_key(setting)}.pt") for p in pairs]
     model = AutoModelForCausalLM.from_pretrained(f"{bundle}/pivot", dtype=torch.float32)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    tok = AutoTokenizer.from_pretrained(f"{bundle}/pivot")
+    tok = tokenizers.from_dir(f"{bundle}/pivot")
     merges = {"avg": lambda k: sum(sd[k] for sd in sds) / len(sds),
               "sce": lambda k: methods.sce(base[k], [sd[k] for sd in sds], select_topk=1.0, variant="fusechat"),
               "varm": lambda k: methods.varm(base[k], [sd[k] for sd in sds])}

@@ -175,9 +175,11 @@ def baseline_server(model_dir: str, port: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI, Request
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    from fusion_ray import tokenizer as tokenizers
+
+    tok = tokenizers.from_dir(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     lock, app, name = threading.Lock(), FastAPI(), Path(model_dir).name
 

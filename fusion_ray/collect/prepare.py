@@ -171,12 +171,12 @@ def load_tokenizer(model) -> Any:
     Raises:
         ValueError: naming the model and the path when the tokenizer does not load.
     """
-    from transformers import AutoTokenizer
+    from fusion_ray import tokenizer as tokenizers
 
     ref = model.tokenizer or model.path
     try:
         path = locations.local_dir(ref, revision=model.revision)
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+        return tokenizers.from_dir(path, trust_remote_code=model.trust_remote_code)
     except locations.LocationError as err:
         raise ValueError(f"model {model.name!r}: {err}") from err
     except (OSError, ValueError, TypeError) as err:

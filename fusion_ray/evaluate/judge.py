@@ -40,12 +40,13 @@ def read_questions(path: str) -> list[str]:
 
 def answer(model_dir: str, questions: list[str], max_new_tokens: int) -> list[str]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from fusion_ray import locations
+    from fusion_ray import tokenizer as tokenizers
 
     model_dir = locations.local_dir(model_dir)  # a stage dir on a store, a hub id or a demo asset
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = tokenizers.from_dir(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
     out = []
     for q in questions:

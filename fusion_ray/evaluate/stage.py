@@ -65,13 +65,14 @@ def score_model(path: str, conversations: dict[str, list], batch_size: int, max_
                 trust_remote_code: bool = False) -> dict[str, float]:
     """Held-out bpb per domain of the model at `path` (its own tokenizer and template)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from fusion_ray import tokenizer as tokenizers
     from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     path = locations.local_dir(path)  # on this task's node: a store or hub copy made once
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = tokenizers.from_dir(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,

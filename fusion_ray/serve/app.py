@@ -152,10 +152,10 @@ class ChatServer:
     """One replica: tokenizer (chat template) + engine."""
 
     def __init__(self, args: dict):
-        from transformers import AutoTokenizer
+        from fusion_ray import tokenizer as tokenizers
 
         self.args = ServeArgs.model_validate(args).local_model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model_dir)
+        self.tokenizer = tokenizers.from_dir(self.args.model_dir)
         if not self.tokenizer.chat_template:
             raise ValueError(f"{self.args.model_dir} has no chat template")
         self.engine = make_engine(self.args, self.tokenizer)

@@ -84,7 +84,9 @@ def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) ->
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from fusion_ray import tokenizer as tokenizers
 
     cfg = FusionConfig.model_validate(config["cfg"])
     t = cfg.train
@@ -94,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     path = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = tokenizers.from_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
