@@ -73,13 +73,13 @@ def test_a_multibyte_prefix_is_written_in_bytes():
 def pair(tiny_models):
     """A source (GPT-2-family tokenizer) and the pivot's tokenizer (DeepSeek family), a text each."""
     from helpers import chat_rows
-    from transformers import AutoTokenizer
 
+    from fusion_ray import tokenizer as tokenizers
     from fusion_ray.align import vocab
 
     source = tiny_models("gpt2", "gpt2", vocab_size=600)
-    s_tok = AutoTokenizer.from_pretrained(source)
-    p_tok = AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
+    s_tok = tokenizers.from_dir(source)
+    p_tok = tokenizers.from_dir(tiny_models("qwen2", "deepseek"))
     texts = [s_tok.apply_chat_template(r["messages"], tokenize=False) for r in chat_rows(4)]
     surfaces = vocab.surfaces(s_tok)
     index = C.PrefixIndex(surfaces, s_tok.all_special_ids)
@@ -193,17 +193,19 @@ def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_do
     Σ_{s starts with u + g} p(s) / Σ_{s extends u} p(s). The gold-inserting teacher (`renormalize`)
     and the label-only ablation break it at some positions of the same texts."""
     from helpers import chat_rows
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from fusion_ray import tokenizer as tokenizers
     from fusion_ray.align import spans, vocab
     from fusion_ray.collect import engines
 
     source, seqs, reqs, index = pair
-    s_tok = AutoTokenizer.from_pretrained(source)
-    p_tok = AutoTokenizer.from_pretrained(tiny_models("qwen2", "deepseek"))
+    s_tok = tokenizers.from_dir(source)
+    p_tok = tokenizers.from_dir(tiny_models("qwen2", "deepseek"))
     s_surf, p_surf = vocab.surfaces(s_tok), vocab.surfaces(p_tok)
     specials = set(s_tok.all_special_ids)
     first = spans.FirstPiece(p_tok, p_surf)
+    first_map = first.vocab_map(s_surf, {})
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     scored = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
     over = []
@@ -223,7 +225,7 @@ def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_do
         m = len(p_ends) - 1
         piv = {"input_ids": np.array(p["input_ids"]), "offsets": p_ends, "loss_mask": np.ones(m, bool),
                "topk_ids": np.zeros((m, 5), int), "topk_logprobs": np.full((m, 5), -np.inf, np.float32)}
-        got = spans.transfer_spans(piv, src, text, first.vocab_map(s_surf, {}), first, s_surf, k=5, prefix=prefix)
+        got = spans.transfer_spans(piv, src, text, first_map, first, s_surf, k=5, prefix=prefix)
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1).numpy()
         for pos in np.flatnonzero(got["kinds"] == 2):
