@@ -176,7 +176,7 @@ def test_sce_fusechat_eta_is_not_uniform_at_real_update_sizes(rms, select_topk):
     assert torch.allclose(M.sce_eta(deltas * M.variance_mask(deltas, select_topk).unsqueeze(0)),
                           torch.tensor(eta, dtype=torch.float64), rtol=1e-5)
     assert max(eta) / min(eta) > 1.5  # the updates differ in size, so do their weights
-    if len(rms) == 3 and select_topk == 1:  # the example: (.048, .19, .76)
+    if len(rms) == 3 and select_topk == 1:  # the example in docs/design.md (SCE): (.048, .19, .76)
         assert [round(e, 2) for e in eta] == pytest.approx([0.05, 0.19, 0.76], abs=0.02)
 
 
