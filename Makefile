@@ -2,7 +2,7 @@
 #   make demo   -- the whole pipeline on the embedded default (offline, CPU)
 #   make test   -- the test suite (every tier; what CI runs)
 #   make test-fast -- the unit tier only: no Ray, engines or training (about 2 min here)
-# Each creates .venv when absent and are quick the second time (a stamp file records
+# Each creates .venv when absent and is quick the second time (a stamp file records
 # the install; it is redone when pyproject.toml changes).
 PY ?= python3
 VENV := .venv
