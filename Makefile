@@ -1,7 +1,8 @@
-# Two commands do all the set-up on a fresh machine:
+# Two commands do all the set-up on a fresh machine (and `make test-fast` runs the quick tier):
 #   make demo   -- the whole pipeline on the embedded default (offline, CPU)
-#   make test   -- the test suite
-# Both create .venv when absent and are quick the second time (a stamp file records
+#   make test   -- the test suite (every tier; what CI runs)
+#   make test-fast -- the unit tier only: no Ray, engines or training (about 2 min here)
+# Each creates .venv when absent and is quick the second time (a stamp file records
 # the install; it is redone when pyproject.toml changes).
 PY ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ UNAME_M := $(shell uname -m)
 EXTRAS := demo,dev$(if $(filter x86_64,$(UNAME_M)),$(comma)cpu,)
 DICTS := foldoc jargon wn
 
-.PHONY: setup dicts demo test lint clean-venv
+.PHONY: setup dicts demo test test-fast lint clean-venv
 
 setup: $(STAMP) dicts
 
@@ -40,6 +41,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration and not regression"
 
 lint: setup
 	$(BIN)/ruff check fusion_ray jobs tests

@@ -1,4 +1,17 @@
-"""Shared test fixtures: one local Ray per session, tiny model factories, gpu/slow markers.
+"""Shared test fixtures and the test tiers: one local Ray per session, tiny model factories.
+
+Tiers (markers registered in pyproject.toml; `--strict-markers` is on):
+- `integration`: starts Ray, an engine, a server or training. A test is put here automatically
+  when it uses a fixture in `INTEGRATION_FIXTURES` (directly or through another fixture, e.g. a
+  module fixture that asks for `ray_local`), or when it or its module carries the marker
+  (`pytestmark = pytest.mark.integration`: tests that start their own `ray start` cluster or
+  build the demo's trained models).
+- `regression`: quality inequalities between trained arms (e.g. fused vs CLM-only bpb), with a
+  tolerance taken from the seed spread that bench/quality.py measured. They are integration tests too.
+- everything else is the unit tier: `make test-fast` (`pytest -m "not integration and not regression"`).
+  A run that selects no integration test refuses `ray.init` (and so Ray Data / Train / Serve, which
+  start Ray through it): a test that needs Ray but is not classified fails with a message saying so.
+`make test` runs every tier.
 
 Ray: loopback only, auth off, 4 logical CPUs on a 2-core machine (tests request
 fractional CPUs), no dashboard; shut down at the end of the session. Every test
@@ -34,21 +47,66 @@ os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}", "AWS_ACCES
                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
 
 
-def _has_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+# Fixtures that start Ray, a server or an engine: any test that uses one (directly or through
+# another fixture) is an integration test.
+INTEGRATION_FIXTURES = frozenset({"ray_local", "s3_server"})
 
 
+def is_integration(item: pytest.Item) -> bool:
+    return bool(INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ()))) or (
+        item.get_closest_marker("integration") is not None)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if is_integration(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+# Set when the run is the unit tier: Ray's temp root for this run (see `pytest_collection_finish`).
+_UNIT_TIER_RAY_TMP: Path | None = None
+
+
+def pytest_collection_finish(session):
+    """A run without integration tests (the unit tier) must not start Ray.
+
+    In this process `ray.init` raises (Ray Data, Train and Serve start Ray through it too); for
+    subprocesses (the CLI tests), Ray's temp root points to an empty directory, and a test after
+    which a Ray session appears there fails (`_unit_tier_starts_no_ray`).
+    """
+    global _UNIT_TIER_RAY_TMP
+    if not session.items or any(is_integration(item) for item in session.items):
+        return
+    import tempfile
+
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(UNIT_TIER_RAY)
+
+    ray.init = refuse
+    _UNIT_TIER_RAY_TMP = Path(tempfile.mkdtemp(prefix="fr-unit-"))
+    os.environ["RAY_TMPDIR"] = str(_UNIT_TIER_RAY_TMP)
+
+
+UNIT_TIER_RAY = ("a unit-tier test started Ray: use the `ray_local` fixture (which makes the test an integration "
+                 "test) or mark it `pytest.mark.integration` (tests/conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_starts_no_ray():
+    yield
+    if _UNIT_TIER_RAY_TMP is not None:
+        sessions = list(_UNIT_TIER_RAY_TMP.glob("ray/session_*"))
+        if sessions:
+            shutil.rmtree(_UNIT_TIER_RAY_TMP / "ray", ignore_errors=True)
+            pytest.fail(f"{UNIT_TIER_RAY}; a subprocess left {sessions[0]}", pytrace=False)
+
+
+def pytest_sessionfinish(session):
+    if _UNIT_TIER_RAY_TMP is not None:
+        shutil.rmtree(_UNIT_TIER_RAY_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

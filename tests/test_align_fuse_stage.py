@@ -13,7 +13,7 @@ from fusion_ray.collect import pipeline as collect
 from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731
 
 

@@ -91,7 +91,7 @@ print("COLLECTED")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_collect_survives_losing_a_node_and_keeps_every_row_once(cluster, tiny_models, tmp_path):
     # one 2-CPU engine actor fits on each 3-CPU node (the third CPU reads Parquet): one of the two
@@ -176,7 +176,7 @@ def bucket_keys(bucket: str) -> list[str]:
     return [o["Key"] for page in pages.paginate(Bucket=bucket) for o in page.get("Contents", [])]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(2400)
 def test_tiny_cpu_job_on_s3_with_hub_models_matches_a_local_run(cluster, s3_server, tmp_path):
     hf_home = tmp_path / "hf"

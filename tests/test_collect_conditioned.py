@@ -118,7 +118,7 @@ def test_hf_engine_returns_the_exact_conditioned_entries(pair):
         assert np.all(got_mass <= 1e-6) and np.all(got_mass >= got_lps.max(1) - 1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_vllm_hidden_state_engine_matches_hf(pair):
     """vLLM as a pooling model + our output layer: the same top-k, gold and conditioned entries
@@ -147,7 +147,7 @@ def test_vllm_hidden_state_engine_matches_hf(pair):
 
 # --- the stages: collect stores the entries, align conditions with them -------------------------
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_local):
     """`align.prefix: exact` end to end on local Ray (hf engine): the source's logits/ rows hold

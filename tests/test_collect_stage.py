@@ -16,7 +16,7 @@ from helpers import chat_rows, make_config, write_jsonl
 from fusion_ray import io, schema
 from fusion_ray.collect import pipeline, prepare
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 QUIET = lambda *_: None  # noqa: E731
 
 

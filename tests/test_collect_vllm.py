@@ -16,7 +16,7 @@ from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
 from fusion_ray import io  # noqa: E402
 from fusion_ray.collect import engines, pipeline, prepare  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 K = 25  # above vLLM's default max_logprobs (20): the engine must raise it
 
 

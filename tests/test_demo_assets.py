@@ -28,7 +28,7 @@ def small_build(tmp_path_factory):
     mp.undo()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_small_build_is_complete_and_cached(small_build):
     root, first_seconds, _ = small_build
     summary = json.loads((root / "build.json").read_text())
@@ -41,7 +41,7 @@ def test_small_build_is_complete_and_cached(small_build):
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")} == before
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_models_are_real_hf_chat_models_of_three_architectures(small_build):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -67,7 +67,7 @@ def test_models_are_real_hf_chat_models_of_three_architectures(small_build):
     assert seen == {"pivot": "qwen2", "source_computing": "gpt2", "source_english": "mistral"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_tokenizer_families_differ(small_build):
     from transformers import AutoTokenizer
 
@@ -79,7 +79,7 @@ def test_tokenizer_families_differ(small_build):
     assert len({tuple(t) for t in toks.values()}) == 3
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_build_is_deterministic_and_resumes_a_missing_part(small_build, tmp_path, monkeypatch):
     import shutil
 
@@ -109,7 +109,7 @@ def test_spec_hash_changes_with_any_setting():
     assert assets.DemoSpec(seed=1).key() != assets.DemoSpec(seed=0).key()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(1500)
 def test_default_sources_are_specialists_and_pivot_is_a_weaker_generalist(monkeypatch):
     """The full default build (shared with `fusion-ray demo`; built once, then cached)."""

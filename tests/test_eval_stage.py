@@ -10,7 +10,7 @@ from helpers import chat_rows, make_config, write_jsonl
 from fusion_ray import io
 from fusion_ray.evaluate import stage
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731
 
 

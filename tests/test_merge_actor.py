@@ -13,7 +13,7 @@ from fusion_ray.merge import actor, engine
 from fusion_ray.merge.spec import parse_spec
 from tests.helpers import chat_rows, make_config, write_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def perturbed(src: Path, dst: Path, seed: int) -> Path:

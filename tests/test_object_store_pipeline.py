@@ -16,7 +16,7 @@ from fusion_ray import io, locations
 from fusion_ray.config import parse_config
 from fusion_ray.pipeline import PIPELINE_STAGES, run_stages
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 QUIET = lambda *_: None  # noqa: E731
 SECTIONS = {
     "train": {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 4,

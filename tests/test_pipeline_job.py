@@ -4,7 +4,8 @@ A local head is started with `ray start --head` (loopback, auth off, its own tem
 `ray job submit` sends `python -m jobs.pipeline --config jobs/configs/tiny_cpu.yaml`
 with the repo as working dir; the test waits for SUCCEEDED and checks the outputs and
 the report: every pairwise fused target beats the CLM-only arm on its source's domain,
-and the merged model is no worse than the CLM-only arm on any domain.
+and the merged model is no worse than the CLM-only arm on any domain, each beyond
+the seed spread of Δbpb (`BPB_TOLERANCE`; those two tests carry the `regression` marker).
 """
 
 from __future__ import annotations
@@ -23,9 +24,17 @@ import pytest
 
 from fusion_ray import io, locations
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv", "runs", ".git", "*.partial", "__pycache__", ".pytest_cache", ".ruff_cache"]
+# The job trains one seed, so its quality comparisons hold only beyond seed noise. bench/quality.py
+# measured Δbpb against CLM-only over 3 seeds at this config's settings (λ 0.7, spans, `transferred`):
+# the largest per-seed std is 0.0008 bpb (fused:computing −0.0124 ± 0.0008, fused:english −0.0362 ± 0.0004,
+# merged SCE −0.0074 ± 0.0004 / −0.0153 ± 0.0001; bench/results/quality_cpu.jsonl, bench/RESULTS.md).
+# Three times that: a fused arm must beat CLM-only by more than this, and the merged model may not be worse
+# than CLM-only by more than this.
+DELTA_BPB_SEED_STD = 0.0008
+BPB_TOLERANCE = 3 * DELTA_BPB_SEED_STD
 
 
 def free_port() -> int:
@@ -150,19 +159,21 @@ def test_job_ran_every_stage_and_wrote_the_report(job):
     assert set(stats) == {"prepare", "collect", "align", "fuse", "train", "merge", "eval"}
 
 
+@pytest.mark.regression
 def test_fusion_beats_clm_only_on_each_sources_domain(job):
     workdir, _ = job
     report = json.loads((workdir / "report" / "report.json").read_text())
     bpb = report["bpb"]
     for source, domain in report["source_domain"].items():
-        assert bpb[f"fused:{source}"][domain] < bpb["clm_only"][domain], (source, bpb)
+        assert bpb[f"fused:{source}"][domain] < bpb["clm_only"][domain] - BPB_TOLERANCE, (source, bpb)
 
 
+@pytest.mark.regression
 def test_merged_is_no_worse_than_clm_only_anywhere(job):
     workdir, _ = job
     bpb = json.loads((workdir / "report" / "report.json").read_text())["bpb"]
     for domain, value in bpb["clm_only"].items():
-        assert bpb["merged"][domain] <= value, (domain, bpb["merged"], bpb["clm_only"])
+        assert bpb["merged"][domain] <= value + BPB_TOLERANCE, (domain, bpb["merged"], bpb["clm_only"])
 
 
 def test_rerun_skips_every_stage_and_the_demo_prints_the_report(job):

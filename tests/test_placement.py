@@ -93,7 +93,7 @@ def test_serve_replica_with_pipeline_parallel_gets_placement_group_bundles():
     assert cpu["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0} and "placement_group_bundles" not in cpu
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_placement_groups_schedule_the_actor_in_bundle_0_and_are_removed(ray_local):
     from ray.util import placement_group_table
@@ -108,7 +108,7 @@ def test_placement_groups_schedule_the_actor_in_bundle_0_and_are_removed(ray_loc
 
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_ray_data_engine_actors_run_in_their_own_placement_group(ray_local):
     """The Ray Data side of the PP path, with CPU bundles in place of GPUs (none here)."""

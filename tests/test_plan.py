@@ -225,7 +225,7 @@ def test_validate_names_a_hub_id_missing_from_the_offline_cache(offline, tmp_pat
 # --- the live preflight ---------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_run_stages_fails_fast_when_no_node_has_a_gpu(ray_local, tmp_path, monkeypatch):
     from fusion_ray.pipeline import Unplaceable, preflight, run_stages

@@ -3,7 +3,7 @@
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_local_ray_runs_fractional_tasks_and_actors(ray_local):
     ray = ray_local

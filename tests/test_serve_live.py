@@ -20,7 +20,7 @@ from helpers import chat_rows, make_config, write_jsonl
 
 openai = pytest.importorskip("openai")
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 KEY = "test-key-123"
 KEY_ENV = "FUSION_RAY_TEST_SERVE_KEY"
 CAP, CONTEXT = 400, 256

@@ -12,7 +12,7 @@ from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
 from fusion_ray.train import trainer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731
 # 2 arms × 1 worker × 0.5 CPU next to Ray Data's read and shuffle tasks, on 4 logical CPUs
 TRAIN = {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 4,

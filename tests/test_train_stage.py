@@ -17,7 +17,7 @@ from fusion_ray.collect import prepare
 from fusion_ray.fuse import pipeline as fuse
 from fusion_ray.train import trainer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 QUIET = lambda *_: None  # noqa: E731
 
 
