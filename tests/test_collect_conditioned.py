@@ -158,9 +158,9 @@ def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_loc
     from helpers import chat_rows, make_config, write_jsonl
 
     from fusion_ray import io, schema
-    from fusion_ray.align import pipeline as align
-    from fusion_ray.collect import pipeline as collect
-    from fusion_ray.collect import prepare
+    from fusion_ray.align import stage as align
+    from fusion_ray.collect import stage as collect
+    from fusion_ray.prepare import stage as prepare
 
     corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(8))
     cfg = make_config(tmp_path / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")},
