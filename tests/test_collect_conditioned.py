@@ -231,7 +231,7 @@ def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_do
         for pos in np.flatnonzero(got["kinds"] == 2):
             c = p_ends[pos]
             j = int(np.searchsorted(s_ends, c, side="right"))  # the source token the pivot is inside
-            u = spans._bytes(text, int(s_ends[j - 1]), int(c))
+            u = text[int(s_ends[j - 1]):int(c)].encode("utf-8").decode("latin-1")  # written prefix, as surfaces
             g = int(p["input_ids"][pos + 1])
             written = u + p_surf[g]
             ext = [t for t, x in enumerate(s_surf) if t not in specials and x.startswith(u) and len(x) > len(u)]
