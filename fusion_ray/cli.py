@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                        help="larger request bodies are answered 413 (default 4 MiB)")
     serve.set_defaults(fn=cmd_serve)
-    demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every built stage")
+    demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every pipeline stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(fn=cmd_demo)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fusion_ray.config import STAGES
-from fusion_ray.pipeline import STAGE_PACKAGES, runner
+from fusion_ray.pipeline import STAGE_PACKAGES, StageResult, runner
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("fusion_ray", "jobs", "bench", "tests")  # every Python file of the project
@@ -118,6 +118,16 @@ def test_each_stage_exports_run_with_the_contract(stage):
     assert list(params) == ["cfg", "force", "log"], stage
     assert params["force"].default is False and params["log"].default is print, stage
     assert inspect.signature(run).return_annotation in ("StageResult", "-> StageResult"), stage
+
+
+def test_a_stage_of_parts_is_skipped_only_when_every_part_was():
+    done, skipped = StageResult("done", ["/w/a"], {"rows": 3}), StageResult.skipped("/w/b")
+    assert StageResult.of_parts({"a": done, "b": skipped}).status == "done"
+    both = StageResult.of_parts({"a": skipped, "b": StageResult.skipped("/w/c")})
+    assert both.status == "skipped" and both.dirs == ["/w/b", "/w/c"]
+    assert skipped.dir == "/w/b"
+    with pytest.raises(ValueError, match="no single `dir`"):
+        _ = both.dir
 
 
 def test_stage_packages_do_not_import_each_others_stage_module():
