@@ -22,7 +22,7 @@ from fusion_ray.config import CorpusSpec
 RAW_CHARS = 2000  # how much of a rejected row is kept
 MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is rejected without being read whole
 MAX_JSON_DEPTH = 64  # a chat row nests 3-4 levels
-SKIP_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
+_SKIP_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
 
 
 @dataclass
@@ -38,7 +38,7 @@ def iter_rows(spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
     path = locations.corpus_path(spec.path)
     local = Path(path)
     count = 0
-    for item in iter_source(path, local, spec):
+    for item in _iter_source(path, local, spec):
         yield item
         count += 1
         if spec.max_rows and count >= spec.max_rows:
@@ -57,7 +57,7 @@ def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def head(line: bytes) -> str:
+def _head(line: bytes) -> str:
     return line[:RAW_CHARS].decode("utf-8", "backslashreplace")
 
 
@@ -66,7 +66,7 @@ def parse_line(line: bytes, first: bool = False) -> Any:
     try:
         text = line.decode("utf-8-sig" if first else "utf-8")
     except UnicodeDecodeError as err:
-        return BadLine(f"invalid UTF-8 at byte {err.start} of the line", head(line))
+        return BadLine(f"invalid UTF-8 at byte {err.start} of the line", _head(line))
     deep = BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", text[:RAW_CHARS])
     try:
         value = json.loads(text)
@@ -92,17 +92,17 @@ def iter_jsonl(path: str, local: Path) -> Iterator[tuple[str, int, Any]]:
             i += 1
             if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
                 size = len(line)
-                while more := fh.readline(SKIP_CHUNK):
+                while more := fh.readline(_SKIP_CHUNK):
                     size += len(more)
                     if more.endswith(b"\n"):
                         break
                 yield path, i, BadLine(f"line longer than {MAX_LINE_BYTES // 2**20} MiB ({size:,} bytes)",
-                                       head(line))
+                                       _head(line))
             elif line.strip():
                 yield path, i, parse_line(line, first=i == 0)
 
 
-def iter_source(path: str, local: Path, spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
+def _iter_source(path: str, local: Path, spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
     if local.is_file() and local.suffix in (".jsonl", ".json"):
         yield from iter_jsonl(path, local)
     elif local.is_file() and local.suffix == ".parquet" or local.is_dir() and any(local.glob("*.parquet")):
