@@ -64,9 +64,9 @@ def full_tokenizer(family: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from fusion_ray.demo.tokenizers import _original_spec
+    from fusion_ray.demo.tokenizers import original_spec
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(_original_spec(family))))
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(original_spec(family))))
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ def timed_stages(cfg, stages, force: bool = False) -> dict[str, float]:
         started = time.monotonic()
         result = run_stages(cfg, [stage], force=force, log=lambda *_: None)[stage]
         walls[stage] = time.monotonic() - started
-        if result.get("status") == "skipped":
+        if result.status == "skipped":
             raise RuntimeError(f"{stage} was skipped in {cfg.workdir}: a fresh workdir was expected")
     return walls
 

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fusion_ray.collect import engines
-from fusion_ray.collect.pipeline import rows_to_table
 from fusion_ray.collect.prompts import prepare_row
+from fusion_ray.collect.stage import rows_to_table
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.demo import assets
 

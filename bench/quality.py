@@ -415,14 +415,14 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), contro
     control's sources by twins with it; a source that already has it is its own control."""
     import dataclasses
 
-    from fusion_ray.cli import default_demo_config
     from fusion_ray.config import load_config
     from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, ensure_assets
-    from fusion_ray.demo.build import _read_jsonl, build_model_once
+    from fusion_ray.demo.build import build_model_once, read_jsonl
+    from fusion_ray.demo.run import default_demo_config
     from fusion_ray.pipeline import run_stages
 
     root = ensure_assets(log=log)
-    rows = {name: _read_jsonl(root / "corpus" / f"{name}.jsonl") for name in CORPUS_FILES}
+    rows = {name: read_jsonl(root / "corpus" / f"{name}.jsonl") for name in CORPUS_FILES}
     pivot = next(m for m in DEFAULT_SPEC.models if m.name == "pivot")
     overrides = []
     if pivot_tokenizer and pivot_tokenizer != pivot.tokenizer:

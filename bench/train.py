@@ -177,7 +177,7 @@ def synthetic_workdir(root: str, rows: int, length: int, k: int = 10):
 def ray_step_times(steps: int) -> dict:
     from fusion_ray.config import parse_config
     from fusion_ray.ray_env import init_ray
-    from fusion_ray.train import trainer
+    from fusion_ray.train import stage as trainer
 
     root = tempfile.mkdtemp(prefix="bench-train-")
     length, micro, workers = 256, 4, 2

@@ -9,20 +9,8 @@ import sys
 from pathlib import Path
 
 from fusion_ray.config import STAGES, ConfigError, load_config
-from fusion_ray.pipeline import StageNotBuilt
 
 EXIT_BAD_INPUT = 2
-EXIT_NOT_BUILT = 3
-
-
-def default_demo_config() -> Path:
-    """`jobs/configs/tiny_cpu.yaml` of this checkout (or of the installed `jobs` package)."""
-    here = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
-    if here.is_file():
-        return here
-    import jobs
-
-    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -59,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stages.append("serve")
     results = run_stages(cfg, stages, force=args.force)
     if "serve" in results and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        serve_until_interrupted(results["serve"]["url"])  # a local Ray ends with this process
+        serve_until_interrupted(results["serve"].figures["url"])  # a local Ray ends with this process
     return 0
 
 
@@ -131,11 +119,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_built(args: argparse.Namespace) -> int:
-    print(f"fusion-ray {args.command}: not built yet", file=sys.stderr)
-    return EXIT_NOT_BUILT
-
-
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -198,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                        help="larger request bodies are answered 413 (default 4 MiB)")
     serve.set_defaults(fn=cmd_serve)
-    demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every built stage")
+    demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every pipeline stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")
     demo.add_argument("--force", action="store_true")
     demo.set_defaults(fn=cmd_demo)
@@ -211,8 +194,8 @@ INPUT_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirec
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Bad input ends in one line on stderr and exit 2 (3: a stage not built);
-    `--debug` shows the traceback instead."""
+    """Run one command. Bad input ends in one line on stderr and exit 2; `--debug` shows the
+    traceback instead."""
     from pydantic import ValidationError
 
     from fusion_ray.config import format_errors
@@ -230,11 +213,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"invalid config {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except StageNotBuilt as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except ValidationError as err:  # arguments checked by a pydantic model (serve's)
         if args.debug:
             raise

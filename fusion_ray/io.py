@@ -9,6 +9,11 @@ directories cannot be renamed, files go straight to the final directory and the
 manifest, written last, is the commit marker. A stage whose manifest carries the
 current fingerprint is skipped.
 
+Every stage starts the same way: `finished` reads the manifest of each input it needs (and
+names the stage to run first when there is none); `begin` skips an output whose manifest
+carries the current fingerprint (unless forced) and otherwise opens it, resuming a partial
+one left by an interrupted run with the same fingerprint.
+
 Paths are local paths or any URI `pyarrow.fs.FileSystem.from_uri` understands.
 This module imports neither torch, ray nor transformers.
 """
@@ -183,6 +188,30 @@ def is_done(directory: str, expected_fingerprint: str) -> bool:
     """True when `directory` holds a committed output with this fingerprint."""
     manifest = read_manifest(directory)
     return manifest is not None and manifest.get("fingerprint") == expected_fingerprint
+
+
+def finished(directory: str, stage: str) -> dict[str, Any]:
+    """The manifest of a finished input (the output of `stage` at `directory`).
+
+    Raises:
+        FileNotFoundError: there is none, naming the directory and the stage to run first.
+    """
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"no finished {stage} stage at {directory}: run `{stage}` first")
+    return manifest
+
+
+def begin(final: str, fingerprint: str, force: bool = False) -> StageOutput | None:
+    """Open a stage's output, or None when it is done: `final` holds a committed output with
+    this fingerprint and `force` is not set (the stage then skips itself).
+
+    A partial output of an interrupted run with the same fingerprint is resumed (its finished
+    shards kept), one with another fingerprint discarded; see `StageOutput`.
+    """
+    if not force and is_done(final, fingerprint):
+        return None
+    return StageOutput(final, fingerprint)
 
 
 class StageOutput:

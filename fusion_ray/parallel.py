@@ -33,10 +33,6 @@ class Outcome:
     started_at: float | None = None
     finished_at: float | None = None
 
-    def timed(self) -> dict:
-        """The part's result dict with its start and end times added."""
-        return {**self.result, "started_at": self.started_at, "finished_at": self.finished_at}
-
 
 def run_parts(parts: dict[str, Callable[[], Any]], limit: int | None = None, *,
               thread_prefix: str = "part") -> dict[str, Outcome]:

@@ -1,30 +1,68 @@
-"""The stage sequence and what runs each stage.
+"""The stage sequence, the contract every stage keeps, and what runs the stages in order.
 
-`STAGE_RUNNERS` maps each stage to the `module:function` that runs it
-(`run(cfg, force=False) -> dict`), or to None while that stage is not built yet.
-Nothing here fakes a stage: asking to run an unbuilt stage is an error, and the
-demo lists what is not built.
+Each stage (`config.STAGES`) lives in its own package, `fusion_ray/<package>/stage.py`
+(the package is the stage's name, `evaluate` for `eval`), whose
+`run(cfg, force=False, log=print) -> StageResult` skips itself when its output's manifest
+matches the config and inputs (`io.begin`). `runner(stage)` finds that function from the
+stage list; `run_stages` runs stages in order, timing each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fusion_ray.config import STAGES, FusionConfig
 
-STAGE_RUNNERS: dict[str, str | None] = {
-    "prepare": "fusion_ray.collect.prepare:run",
-    "collect": "fusion_ray.collect.pipeline:run",
-    "align": "fusion_ray.align.pipeline:run",
-    "fuse": "fusion_ray.fuse.pipeline:run",
-    "train": "fusion_ray.train.trainer:run",
-    "merge": "fusion_ray.merge.actor:run",
-    "eval": "fusion_ray.evaluate.stage:run",
-    "serve": "fusion_ray.serve.stage:run",
-}
 PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.deploy_after_merge`)
+STAGE_PACKAGES = {"eval": "evaluate"}  # a stage whose package is not named after it
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage's `run` returns.
+
+    Attributes:
+        status: "done", "skipped" (its manifest matched: nothing ran) or "deployed" (serve).
+        dirs: the output directories (or URIs) the stage wrote or found done.
+        figures: what it reports: row counts, metrics, routing, bpb, the report's path, the
+            served URL; a part run side by side also its wall-clock `started_at` / `finished_at`.
+        parts: for a stage of independent parts (collect: per model, align: per source, fuse:
+            per pair, train: per target), each part's own result.
+    """
+
+    status: str = "done"
+    dirs: list[str] = dataclasses.field(default_factory=list)
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parts: dict[str, StageResult] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def skipped(cls, directory: str, **figures: Any) -> StageResult:
+        """A stage (or part) whose output at `directory` was already done."""
+        return cls("skipped", [directory], figures)
+
+    @classmethod
+    def of_parts(cls, parts: dict[str, StageResult]) -> StageResult:
+        """A stage made of parts: `skipped` when every part was, else `done`."""
+        status = "skipped" if parts and all(p.status == "skipped" for p in parts.values()) else "done"
+        return cls(status, [d for p in parts.values() for d in p.dirs], parts=parts)
+
+    @classmethod
+    def of_outcomes(cls, outcomes: dict) -> StageResult:
+        """`of_parts` of parts run side by side (`parallel.run_parts`), each with its wall-clock times."""
+        return cls.of_parts({name: dataclasses.replace(o.result, figures={
+            **o.result.figures, "started_at": o.started_at, "finished_at": o.finished_at})
+            for name, o in outcomes.items()})
+
+    @property
+    def dir(self) -> str:
+        """The output directory of a stage (or part) that has one."""
+        if len(self.dirs) != 1:
+            raise ValueError(f"a result with {len(self.dirs)} output dirs has no single `dir`: {self.dirs}")
+        return self.dirs[0]
 
 
 class MemorySampler:
@@ -88,32 +126,16 @@ def record_stats(cfg: FusionConfig, stage: str, wall_s: float, peak_bytes: int) 
     io.write_json_atomic(path, stats)
 
 
-class StageNotBuilt(RuntimeError):
-    """The stage exists in the design but has no implementation yet."""
-
-
-def overall_status(result: dict) -> str:
-    """A stage's status; one made of parts (models, sources, pairs, targets) is `skipped`
-    when every part was."""
-    parts = [v for key in ("models", "sources", "pairs", "targets") for v in (result.get(key) or {}).values()
-             if isinstance(v, dict) and "status" in v]
-    if parts and all(p["status"] == "skipped" for p in parts):
-        return "skipped"
-    return result.get("status", "done")
-
-
-def built_stages() -> list[str]:
-    return [s for s in STAGES if STAGE_RUNNERS[s]]
-
-
-def runner(stage: str) -> Callable[..., dict]:
-    if stage not in STAGE_RUNNERS:
+def stage_module(stage: str) -> str:
+    """The module that runs `stage`: `fusion_ray.<package>.stage`."""
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    target = STAGE_RUNNERS[stage]
-    if target is None:
-        raise StageNotBuilt(f"stage {stage!r} is not built yet")
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    return f"fusion_ray.{STAGE_PACKAGES.get(stage, stage)}.stage"
+
+
+def runner(stage: str) -> Callable[..., StageResult]:
+    """The stage's `run(cfg, force=False, log=print) -> StageResult`."""
+    return importlib.import_module(stage_module(stage)).run
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -196,34 +218,26 @@ def preflight(cfg: FusionConfig, stages: Sequence[str]) -> None:
 
 
 def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
-               skip_unbuilt: bool = False, log=print) -> dict[str, dict]:
+               log=print) -> dict[str, StageResult]:
     """Run `stages` in order; each skips itself when its manifest matches.
 
-    Args:
-        skip_unbuilt: report unbuilt stages and go on (the demo) instead of failing.
-
     Returns:
-        stage → its result (`{"status": "not built"}` for skipped unbuilt stages).
+        stage → its result.
     """
-    built = [s for s in stages if STAGE_RUNNERS.get(s)]
-    check_stages(cfg, built)
+    check_stages(cfg, stages)
     problems = unreachable(cfg)
     if len(problems) == 1:
         raise ValueError(f"cannot run: {problems[0]}")
     if problems:
         raise ValueError("cannot reach:\n  " + "\n  ".join(problems))
-    preflight(cfg, built)
-    results: dict[str, dict] = {}
+    preflight(cfg, stages)
+    results: dict[str, StageResult] = {}
     for stage in stages:
-        if STAGE_RUNNERS[stage] is None and skip_unbuilt:
-            log(f"[{stage}] not built yet: skipped")
-            results[stage] = {"status": "not built"}
-            continue
         started = time.monotonic()
         with MemorySampler() as mem:
             results[stage] = runner(stage)(cfg, force=force, log=log)
         wall = time.monotonic() - started
-        status = overall_status(results[stage])
+        status = results[stage].status
         if status != "skipped":
             record_stats(cfg, stage, wall, mem.peak)
         log(f"[{stage}] {status} in {wall:.1f}s")

@@ -8,7 +8,9 @@
 `train` and `merge` write HF model directories (`MODEL_DIR_FILES`); `eval` writes
 `report.json`.
 
-`check_table`/`check_file` raise `SchemaError` naming the file and the column.
+`check_table`/`check_file` raise `SchemaError` naming the file and the column; `read_shard`
+reads a shard after checking it. `ShardMismatch`: shards of one name, from different stages,
+that do not hold the same samples in the same order.
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ def check_table(table: pa.Table, expected: pa.Schema | str, source: str) -> pa.T
     return table.select(expected.names)
 
 
+class ShardMismatch(ValueError):
+    """Inputs of one shard that do not belong together (other samples, or in another order)."""
+
+
 def check_file(path: str, expected: pa.Schema | str) -> None:
     """Check a Parquet file's schema from its footer, without reading the data."""
     from fusion_ray.io import resolve
@@ -134,3 +140,11 @@ def check_file(path: str, expected: pa.Schema | str) -> None:
     except (OSError, pa.ArrowInvalid) as err:
         raise SchemaError(f"{path}: not a readable Parquet file ({err})") from None
     check_schema(schema, expected, path)
+
+
+def read_shard(path: str, expected: pa.Schema | str) -> pa.Table:
+    """One stage shard (local or on an object store), its schema checked first (`check_file`)."""
+    from fusion_ray.io import read_table
+
+    check_file(path, expected)
+    return read_table(path)

@@ -8,10 +8,10 @@ import pytest
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
-from fusion_ray.align import pipeline as align
-from fusion_ray.collect import pipeline as collect
-from fusion_ray.collect import prepare
-from fusion_ray.fuse import pipeline as fuse
+from fusion_ray.align import stage as align
+from fusion_ray.collect import stage as collect
+from fusion_ray.fuse import stage as fuse
+from fusion_ray.prepare import stage as prepare
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731
@@ -94,7 +94,7 @@ def test_multi_mode_with_avg_ce(run, tmp_path):
     multi = cfg.model_copy(deep=True)
     multi.fuse.mode, multi.fuse.strategy = "multi", "avg_ce"
     result = fuse.run(multi, log=QUIET)
-    (pair,) = result["pairs"]
+    (pair,) = result.parts
     assert pair == "gpt+mis+twin"
     table = pq.read_table(multi.stage_dir("fuse", pair))
     weights = np.array(table.column("weights").to_pylist())
@@ -106,7 +106,7 @@ def test_multi_mode_with_avg_ce(run, tmp_path):
 
 def test_reruns_are_skipped_and_the_map_is_cached(run):
     cfg = run["cfg"]
-    assert {s: r["status"] for s, r in align.run(cfg, log=QUIET)["sources"].items()} == \
+    assert {s: r.status for s, r in align.run(cfg, log=QUIET).parts.items()} == \
         {"gpt": "skipped", "mis": "skipped", "twin": "skipped"}
     from fusion_ray.demo.assets import cache_root
 
@@ -182,7 +182,7 @@ def test_statistics_map_runs_with_one_to_one_positions_and_prefers_exact_surface
     """FuseChat-2's map (one_to_one positions): built from the corpus, cached; a source token whose
     surface the pivot has maps to that pivot token whatever the co-alignment counts say."""
     from fusion_ray.align import vocab
-    from fusion_ray.align.pipeline import Aligner
+    from fusion_ray.align.stage import Aligner
     from fusion_ray.demo.assets import cache_root
 
     cfg = run["cfg"]

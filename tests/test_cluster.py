@@ -27,7 +27,7 @@ from cluster_helpers import REPO, LocalCluster, demo_hf_cache, lay_out_hf_cache
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
-from fusion_ray.collect import prepare
+from fusion_ray.prepare import stage as prepare
 
 QUIET = lambda *_: None  # noqa: E731
 EXCLUDES = [".venv", "runs", ".git", "*.partial", "__pycache__", ".pytest_cache", ".ruff_cache", "bench/results"]
@@ -78,7 +78,7 @@ DRIVER = """
 import sys
 import ray.data
 from fusion_ray import io
-from fusion_ray.collect import pipeline
+from fusion_ray.collect import stage as collect
 from fusion_ray.config import load_config
 from fusion_ray.ray_env import init_ray
 
@@ -86,7 +86,7 @@ cfg = load_config(sys.argv[1])
 ray.data.DataContext.get_current().use_datasource_v2 = False
 init_ray(cfg.ray)
 prepared = cfg.stage_dir("prepare")
-pipeline.collect_model(cfg, cfg.pivot, io.list_files(prepared), io.read_manifest(prepared)["fingerprint"])
+collect.collect_model(cfg, cfg.pivot, io.list_files(prepared), io.read_manifest(prepared)["fingerprint"])
 print("COLLECTED")
 """
 

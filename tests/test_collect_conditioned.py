@@ -158,9 +158,9 @@ def test_collect_and_align_with_the_exact_teacher(tiny_models, tmp_path, ray_loc
     from helpers import chat_rows, make_config, write_jsonl
 
     from fusion_ray import io, schema
-    from fusion_ray.align import pipeline as align
-    from fusion_ray.collect import pipeline as collect
-    from fusion_ray.collect import prepare
+    from fusion_ray.align import stage as align
+    from fusion_ray.collect import stage as collect
+    from fusion_ray.prepare import stage as prepare
 
     corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(8))
     cfg = make_config(tmp_path / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")},
@@ -231,7 +231,7 @@ def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_do
         for pos in np.flatnonzero(got["kinds"] == 2):
             c = p_ends[pos]
             j = int(np.searchsorted(s_ends, c, side="right"))  # the source token the pivot is inside
-            u = spans._bytes(text, int(s_ends[j - 1]), int(c))
+            u = text[int(s_ends[j - 1]):int(c)].encode("utf-8").decode("latin-1")  # written prefix, as surfaces
             g = int(p["input_ids"][pos + 1])
             written = u + p_surf[g]
             ext = [t for t, x in enumerate(s_surf) if t not in specials and x.startswith(u) and len(x) > len(u)]

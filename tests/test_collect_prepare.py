@@ -8,7 +8,8 @@ import pytest
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
-from fusion_ray.collect import prepare
+from fusion_ray.prepare import corpus as corpus_reading
+from fusion_ray.prepare import stage as prepare
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_prepare_jsonl_with_bad_rows(tmp_path, models):
     write_jsonl(tmp_path / "c2.jsonl", [cut])
     cfg = _config(tmp_path, models, [corpus, tmp_path / "c2.jsonl"])
     result = prepare.run(cfg, log=lambda *_: None)
-    assert result["rows"] == {"in": 32, "out": 26, "rejected": 6, "truncated": 1}
+    assert result.figures["rows"] == {"in": 32, "out": 26, "rejected": 6, "truncated": 1}
     out = cfg.stage_dir("prepare")
     files = io.list_files(out)
     assert len(files) == 3  # shard_rows = 10
@@ -58,10 +59,10 @@ def test_prepare_jsonl_with_bad_rows(tmp_path, models):
 def test_prepare_is_skipped_when_unchanged_and_rerun_when_data_changes(tmp_path, models):
     corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(5))
     cfg = _config(tmp_path, models, [corpus])
-    assert prepare.run(cfg, log=lambda *_: None)["status"] == "done"
-    assert prepare.run(cfg, log=lambda *_: None)["status"] == "skipped"
+    assert prepare.run(cfg, log=lambda *_: None).status == "done"
+    assert prepare.run(cfg, log=lambda *_: None).status == "skipped"
     write_jsonl(corpus, chat_rows(6))
-    assert prepare.run(cfg, log=lambda *_: None)["rows"]["out"] == 6
+    assert prepare.run(cfg, log=lambda *_: None).figures["rows"]["out"] == 6
 
 
 def test_prepare_reads_parquet_sharegpt_and_hf_disk_datasets(tmp_path, models):
@@ -74,7 +75,7 @@ def test_prepare_reads_parquet_sharegpt_and_hf_disk_datasets(tmp_path, models):
     datasets.Dataset.from_list(chat_rows(3, "english")).save_to_disk(str(disk))
     cfg = _config(tmp_path, models, [tmp_path / "share.parquet", disk])
     result = prepare.run(cfg, log=lambda *_: None)
-    assert result["rows"]["out"] == 7 and result["rows"]["rejected"] == 0
+    assert result.figures["rows"]["out"] == 7 and result.figures["rows"]["rejected"] == 0
     ids = pq.read_table(cfg.stage_dir("prepare")).column("sample_id").to_pylist()
     assert ids == ["s0", "s1", "s2", "s3", "english-0", "english-1", "english-2"]
 
@@ -83,7 +84,7 @@ def test_max_rows_caps_a_corpus(tmp_path, models):
     corpus = write_jsonl(tmp_path / "c.jsonl", chat_rows(30))
     cfg = _config(tmp_path, models, [corpus])
     cfg.data.train[0].max_rows = 7
-    assert prepare.run(cfg, log=lambda *_: None)["rows"]["out"] == 7
+    assert prepare.run(cfg, log=lambda *_: None).figures["rows"]["out"] == 7
 
 
 def _good(i: int) -> bytes:
@@ -98,7 +99,7 @@ def test_undecodable_deep_and_overlong_lines_become_rejected_rows(tmp_path, mode
         b'{"id": "latin", "messages": "caf\xe9"}\n',  # 1: not UTF-8
         b"[" * 100_000 + b"\n",  # 2: nested past json's own recursion limit
         json.dumps(nested).encode() + b"\n",  # 3: valid JSON, nested past 64
-        b'{"id": "huge", "pad": "' + b"x" * (prepare.MAX_LINE_BYTES + 10) + b'"}\n',  # 4: over the line bound
+        b'{"id": "huge", "pad": "' + b"x" * (corpus_reading.MAX_LINE_BYTES + 10) + b'"}\n',  # 4: over the line bound
         _good(5),  # read after skipping line 4 to its newline
         b'{"id": 1' + b"1" * 5000 + b", " + json.dumps(chat).encode()[1:] + b"\n",  # 6: 5000-digit int
         json.dumps({"id": "surrogate", "messages": [{"role": "user", "content": "\ud800"},
@@ -110,7 +111,7 @@ def test_undecodable_deep_and_overlong_lines_become_rejected_rows(tmp_path, mode
         json.dumps({"id": "x" * 2000, **chat}).encode() + b"\n",  # 11: id over 1024 chars
         b"\n",
         _good(13),
-        b'{"id": "tail", "pad": "' + b"y" * (prepare.MAX_LINE_BYTES + 10),  # 14: over-long, no newline at all
+        b'{"id": "tail", "pad": "' + b"y" * (corpus_reading.MAX_LINE_BYTES + 10),  # 14: over-long, no newline at all
     ]
     corpus = tmp_path / "hostile.jsonl"
     corpus.write_bytes(b"".join(lines))
@@ -135,9 +136,9 @@ def test_undecodable_deep_and_overlong_lines_become_rejected_rows(tmp_path, mode
     assert reasons[9].startswith("the conversation starts with an assistant turn")
     assert reasons[10] == "row is a list, not an object"
     assert reasons[11] == "sample id longer than 1024 characters"
-    assert len(rejected[4]["raw"]) == prepare.RAW_CHARS and rejected[4]["raw"].startswith('{"id": "huge"')
+    assert len(rejected[4]["raw"]) == corpus_reading.RAW_CHARS and rejected[4]["raw"].startswith('{"id": "huge"')
     assert "caf\\xe9" in rejected[1]["raw"]
-    assert result["rows"] == {"in": 14, "out": 3, "rejected": 11, "truncated": 0}
+    assert result.figures["rows"] == {"in": 14, "out": 3, "rejected": 11, "truncated": 0}
     assert io.read_manifest(out)["rows"]["rejected"] == 11
 
 

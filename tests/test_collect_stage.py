@@ -14,7 +14,8 @@ import yaml
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
-from fusion_ray.collect import pipeline, prepare
+from fusion_ray.collect import stage as collect
+from fusion_ray.prepare import stage as prepare
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 QUIET = lambda *_: None  # noqa: E731
@@ -33,7 +34,7 @@ def setup(tiny_models, tmp_path_factory, ray_local):
 
     cfg = config("main")
     prepare.run(cfg, log=QUIET)
-    pipeline.run(cfg, log=QUIET)
+    collect.run(cfg, log=QUIET)
     return {"cfg": cfg, "config": config, "models": models, "ray": ray_local, "tmp": tmp}
 
 
@@ -79,8 +80,9 @@ def test_rows_match_an_independent_transformers_forward(setup):
 
 
 def test_rerun_is_skipped_by_manifest(setup):
-    result = pipeline.run(setup["cfg"], log=QUIET)
-    statuses = {m: r["status"] for m, r in result["models"].items()}
+    result = collect.run(setup["cfg"], log=QUIET)
+    statuses = {m: r.status for m, r in result.parts.items()}
+    assert result.status == "skipped"
     assert statuses == {"pivot": "skipped", "gpt": "skipped", "mis": "skipped"}
 
 
@@ -92,7 +94,7 @@ def test_bad_tokenizer_or_impossible_k_fails_before_any_work(setup, tmp_path):
     (broken / "tokenizer.json").write_text("{")
     cfg = make_config(tmp_path / "w", setup["models"]["pivot"], {"gpt": broken}, [tmp_path])
     with pytest.raises(ValueError, match=f"model 'gpt': cannot load its tokenizer from {broken}"):
-        pipeline.preflight(cfg)
+        collect.preflight(cfg)
     from fusion_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="top_k=1000 exceeds the vocabulary of model 'pivot'"):
@@ -123,7 +125,7 @@ def test_killed_engine_actor_still_yields_every_row_exactly_once(setup):
 
     thread = threading.Thread(target=killer)
     thread.start()
-    pipeline.collect_model(cfg, cfg.pivot, io.list_files(cfg.stage_dir("prepare")),
+    collect.collect_model(cfg, cfg.pivot, io.list_files(cfg.stage_dir("prepare")),
                            io.read_manifest(cfg.stage_dir("prepare"))["fingerprint"], log=QUIET)
     thread.join()
     assert 0 < killed.get("shards_done", 0) < 30, killed  # killed mid-run
@@ -140,8 +142,8 @@ def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     cfg_file = tmp / "resume.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
     env = {**os.environ, "RAY_ADDRESS": setup["ray"].get_runtime_context().gcs_address}
-    code = ("from fusion_ray.config import load_config\nfrom fusion_ray.collect import pipeline\n"
-            f"cfg = load_config({str(cfg_file)!r})\npipeline.run(cfg)\n")
+    code = ("from fusion_ray.config import load_config\nfrom fusion_ray.collect import stage\n"
+            f"cfg = load_config({str(cfg_file)!r})\nstage.run(cfg)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     partial = cfg.stage_dir("collect", "pivot") + ".partial"
@@ -154,7 +156,7 @@ def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     assert 0 < len(done) < 30, "the run was interrupted part-way"
     assert not io.exists(cfg.stage_dir("collect", "pivot")), "nothing published before completion"
     time.sleep(2)  # let Ray reap the dead driver's actors
-    pipeline.run(cfg, log=QUIET)
+    collect.run(cfg, log=QUIET)
     final = cfg.stage_dir("collect", "pivot")
     for f, mtime in done.items():
         assert os.stat(f.replace(".partial", "")).st_mtime_ns == mtime, "finished shard was not redone"

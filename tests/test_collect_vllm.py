@@ -14,7 +14,9 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the `cpu` or `gpu` ex
 from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
 
 from fusion_ray import io  # noqa: E402
-from fusion_ray.collect import engines, pipeline, prepare  # noqa: E402
+from fusion_ray.collect import engines  # noqa: E402
+from fusion_ray.collect import stage as collect  # noqa: E402
+from fusion_ray.prepare import stage as prepare  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 K = 25  # above vLLM's default max_logprobs (20): the engine must raise it
@@ -68,7 +70,7 @@ def test_collect_stage_on_vllm_matches_hf(tiny_models, tmp_path, ray_local):
         cfg = make_config(tmp_path / engine, pivot, {"src": src}, [corpus], collect={"engine": engine})
         prepare.run(cfg, log=lambda *_: None)
         prep = cfg.stage_dir("prepare")
-        pipeline.collect_model(cfg, cfg.pivot, io.list_files(prep), io.read_manifest(prep)["fingerprint"],
+        collect.collect_model(cfg, cfg.pivot, io.list_files(prep), io.read_manifest(prep)["fingerprint"],
                                log=lambda *_: None)
         runs[engine] = pq.read_table(cfg.stage_dir("collect", "pivot")).to_pylist()
         assert io.read_manifest(cfg.stage_dir("collect", "pivot"))["extra"]["engine"] == engine

@@ -119,7 +119,7 @@ def test_chat_template_renders_chatml(built: dict, family: str) -> None:
 @pytest.mark.parametrize("family", ["gpt2", "deepseek"])
 def test_byte_level_cut_is_a_prefix_of_the_original(built: dict, family: str) -> None:
     tok, _ = built[family]
-    original = demo_tok._original_spec(family)["model"]["vocab"]
+    original = demo_tok.original_spec(family)["model"]["vocab"]
     cut = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
     assert set(cut) <= set(original)
     by_new_id = sorted(cut, key=cut.__getitem__)

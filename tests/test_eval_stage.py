@@ -61,21 +61,21 @@ def test_eval_scores_every_arm_and_writes_the_report(tiny_models, tmp_path, ray_
     cfg.data.heldout = [type(cfg.data.train[0])(path=str(comp), domain="computing"),
                         type(cfg.data.train[0])(path=str(eng), domain="english")]
     result = stage.run(cfg, log=QUIET)
-    report = json.loads(open(f"{result['dir']}/report.json").read())
+    report = json.loads(open(f"{result.dir}/report.json").read())
     assert set(report["bpb"]) == {"source:gpt", "pivot"}, "no trained arms exist yet: only these"
     for values in report["bpb"].values():
         assert set(values) == {"computing", "english"}
         assert all(2.0 < v < 20.0 for v in values.values()), values  # untrained 512-token models
     assert report["bpb"]["pivot"] != report["bpb"]["source:gpt"]
-    assert open(f"{result['dir']}/report.png", "rb").read(4) == b"\x89PNG"
-    assert "| pivot |" in open(f"{result['dir']}/report.md").read()
+    assert open(f"{result.dir}/report.png", "rb").read(4) == b"\x89PNG"
+    assert "| pivot |" in open(f"{result.dir}/report.md").read()
     # the judge: every pivot answer graded over real HTTP with the key; unparseable ratings counted
     assert report["judge"]["pivot"]["mean"] == 7.0 and report["judge"]["pivot"]["n"] == 1
     assert report["judge"]["pivot"]["unrated"] == 1
     assert all(p == "/v1/chat/completions" and auth == "Bearer sekret" for p, auth, _ in Judge.seen)
     assert any("What is a parser (case 0)?" in prompt for *_, prompt in Judge.seen)
     assert io.read_manifest(result["dir"])["rows"] == {"computing": 6, "english": 5}
-    assert stage.run(cfg, log=QUIET)["status"] == "skipped"
+    assert stage.run(cfg, log=QUIET).status == "skipped"
 
 
 def test_bad_heldout_row_is_named(tiny_models, tmp_path):

@@ -49,6 +49,27 @@ def test_partial_stage_resumes_with_same_fingerprint_and_resets_otherwise(tmp_pa
     assert not changed.has("a.parquet")
 
 
+def test_begin_skips_a_done_output_unless_forced_and_resumes_a_partial_one(tmp_path):
+    final = str(tmp_path / "fuse" / "gpt")
+    first = io.begin(final, "fp1")
+    first.write_table("a.parquet", _table(1))
+    resumed = io.begin(final, "fp1")  # the first run died before its commit
+    assert resumed.has("a.parquet")
+    resumed.commit(io.Manifest(stage="fuse", fingerprint="", config_hash="c"))
+    assert io.begin(final, "fp1") is None, "done: the stage skips"
+    forced = io.begin(final, "fp1", force=True)
+    assert forced is not None and not forced.has("a.parquet") and io.is_done(final, "fp1")
+    assert io.begin(final, "fp2") is not None, "another fingerprint runs again"
+
+
+def test_finished_reads_an_inputs_manifest_or_names_the_stage_to_run(tmp_path):
+    final = str(tmp_path / "fused" / "gpt")
+    with pytest.raises(FileNotFoundError, match=f"no finished fuse stage at {final}: run `fuse` first"):
+        io.finished(final, "fuse")
+    io.StageOutput(final, "fp").commit(io.Manifest(stage="fuse", fingerprint="", config_hash="c"))
+    assert io.finished(final, "fuse")["fingerprint"] == "fp"
+
+
 def test_recommit_replaces_a_stale_output(tmp_path):
     final = str(tmp_path / "fuse")
     old = io.StageOutput(final, "old")

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fusion_ray import io
 from fusion_ray.merge import actor, engine
+from fusion_ray.merge import stage as merge_stage
 from fusion_ray.merge.spec import parse_spec
 from tests.helpers import chat_rows, make_config, write_jsonl
 
@@ -55,17 +56,17 @@ def test_merge_stage_merges_pivot_and_trained_targets(ray_local, tiny_models, tm
                       merge={"method": "sce", "variant": "fusechat", "parameters": {"select_topk": 0.5},
                              "num_actors": 2})
     with pytest.raises(FileNotFoundError, match="run `train` first"):
-        actor.run(cfg)
+        merge_stage.run(cfg)
     for i, (_, pair) in enumerate(cfg.pairs()):  # what `train` leaves: HF dirs with a manifest
         out = io.StageOutput(cfg.stage_dir("train", pair), f"fp{i}")
         perturbed(pivot, Path(out.dir), i)
         out.commit(io.Manifest(stage="train", fingerprint=f"fp{i}", config_hash="x"))
-    result = actor.run(cfg, log=lambda *_: None)
+    result = merge_stage.run(cfg, log=lambda *_: None)
     merged = Path(cfg.stage_dir("merge"))
-    assert result["status"] == "done" and (merged / "_manifest.json").exists()
+    assert result.status == "done" and (merged / "_manifest.json").exists()
     assert json.loads((merged / "_manifest.json").read_text())["extra"]["method"] == "sce"
     assert "pivot" in (merged / "README.md").read_text() or str(pivot) in (merged / "README.md").read_text()
-    assert actor.run(cfg)["status"] == "skipped"
+    assert merge_stage.run(cfg).status == "skipped"
 
 
 def test_config_names_an_unknown_merge_parameter(tiny_models, tmp_path):

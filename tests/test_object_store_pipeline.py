@@ -76,7 +76,7 @@ def _local_files() -> list[str]:
 def test_every_stage_dir_is_in_the_bucket_with_its_manifest(runs):
     remote, results, _ = runs
     for stage in PIPELINE_STAGES:
-        assert results[stage]["status"] == "done", stage
+        assert results[stage].status == "done", stage
     for sub in STAGE_DIRS:
         manifest = io.read_manifest(f"{remote.workdir}/{sub}")
         assert manifest is not None, f"no manifest at {remote.workdir}/{sub}"
@@ -109,8 +109,6 @@ def test_no_stage_output_on_local_disk_outside_the_caches(runs):
 
 
 def test_a_rerun_on_the_store_skips_every_stage(runs):
-    from fusion_ray.pipeline import overall_status
-
     remote, _, _ = runs
     again = run_stages(remote, PIPELINE_STAGES, log=QUIET)
-    assert {s: overall_status(r) for s, r in again.items()} == {s: "skipped" for s in PIPELINE_STAGES}
+    assert {s: r.status for s, r in again.items()} == {s: "skipped" for s in PIPELINE_STAGES}

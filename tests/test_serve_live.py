@@ -68,7 +68,7 @@ def server(request, tiny_models, tmp_path_factory, ray_local):
     os.environ[KEY_ENV] = KEY
     try:
         result = stage.run(cfg, log=lambda *_: None)
-        yield result["url"], result["model"], request.param
+        yield result.figures["url"], result.figures["model"], request.param
     finally:
         os.environ.pop(KEY_ENV, None)
         serve.shutdown()

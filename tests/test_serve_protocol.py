@@ -163,10 +163,11 @@ def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):
 
 def test_run_ends_with_serve_when_deploy_after_merge(monkeypatch):
     from fusion_ray import cli, pipeline
+    from fusion_ray.pipeline import StageResult
 
     ran, served = [], []
     monkeypatch.setattr(pipeline, "run_stages", lambda cfg, stages, force=False: ran.extend(stages) or
-                        {s: {"url": "http://x/v1"} for s in stages})
+                        {s: StageResult("deployed", figures={"url": "http://x/v1"}) for s in stages})
     monkeypatch.setattr(cli, "serve_until_interrupted", served.append)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")

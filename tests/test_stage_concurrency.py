@@ -6,11 +6,11 @@ import pytest
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
-from fusion_ray.align import pipeline as align
-from fusion_ray.collect import pipeline as collect
-from fusion_ray.collect import prepare
-from fusion_ray.fuse import pipeline as fuse
-from fusion_ray.train import trainer
+from fusion_ray.align import stage as align
+from fusion_ray.collect import stage as collect
+from fusion_ray.fuse import stage as fuse
+from fusion_ray.prepare import stage as prepare
+from fusion_ray.train import stage as trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 QUIET = lambda *_: None  # noqa: E731
@@ -20,7 +20,9 @@ TRAIN = {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_ba
          "clm_only_arm": True, "bf16": False}
 
 
-def overlap(a: dict, b: dict) -> bool:
+def overlap(a, b) -> bool:
+    """Whether two parts' results (`StageResult`) ran at the same time."""
+    a, b = a.figures, b.figures
     return max(a["started_at"], b["started_at"]) < min(a["finished_at"], b["finished_at"])
 
 
@@ -50,8 +52,8 @@ def with_train(cfg, workdir, **train):
 
 def test_collect_of_two_models_overlaps(fused):
     _, collected = fused
-    models = collected["models"]
-    assert [r["status"] for r in models.values()] == ["done", "done"]
+    models = collected.parts
+    assert [r.status for r in models.values()] == ["done", "done"]
     assert overlap(models["pivot"], models["gpt"]), models
 
 
@@ -61,8 +63,8 @@ def test_training_arms_overlap(fused, tmp_path):
     cfg, _ = fused
     run_cfg = with_train(cfg, tmp_path / "w")
     lines = []
-    targets = trainer.run(run_cfg, log=lines.append)["targets"]
-    assert [t["status"] for t in targets.values()] == ["done", "done"]
+    targets = trainer.run(run_cfg, log=lines.append).parts
+    assert [t.status for t in targets.values()] == ["done", "done"]
     for name in ("gpt", "clm_only"):
         assert io.read_manifest(run_cfg.stage_dir("train", name))["extra"]["metrics"]["step"] == 3
         assert any(line.startswith(f"[train] {name}: ") for line in lines), lines  # each line names its arm

@@ -11,11 +11,11 @@ import pytest
 from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io
-from fusion_ray.align import pipeline as align
-from fusion_ray.collect import pipeline as collect
-from fusion_ray.collect import prepare
-from fusion_ray.fuse import pipeline as fuse
-from fusion_ray.train import trainer
+from fusion_ray.align import stage as align
+from fusion_ray.collect import stage as collect
+from fusion_ray.fuse import stage as fuse
+from fusion_ray.prepare import stage as prepare
+from fusion_ray.train import stage as trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 QUIET = lambda *_: None  # noqa: E731
@@ -64,7 +64,7 @@ def test_targets_are_hf_chat_models_that_moved_from_the_pivot(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, result = trained
-    assert set(result["targets"]) == {"gpt", "clm_only"}
+    assert set(result.parts) == {"gpt", "clm_only"}
     pivot = AutoModelForCausalLM.from_pretrained(cfg.pivot.path)
     for name in ("gpt", "clm_only"):
         path = cfg.stage_dir("train", name)
@@ -93,7 +93,7 @@ def test_metrics_log_and_manifest(trained):
 
 def test_finished_targets_are_skipped(trained):
     cfg, _ = trained
-    statuses = {n: r["status"] for n, r in trainer.run(cfg, log=QUIET)["targets"].items()}
+    statuses = {n: r.status for n, r in trainer.run(cfg, log=QUIET).parts.items()}
     assert statuses == {"gpt": "skipped", "clm_only": "skipped"}
 
 
@@ -106,7 +106,7 @@ def test_deepspeed_zero_on_gloo_trains_a_loadable_target(fused, tmp_path, zero_s
                   offload_optimizer=offload, clm_only_arm=False)
     result = trainer.run(cfg, log=QUIET)
     path = cfg.stage_dir("train", "gpt")
-    assert result["targets"]["gpt"]["status"] == "done"
+    assert result.parts["gpt"].status == "done"
     manifest = io.read_manifest(path)
     assert manifest["extra"]["strategy"] == "deepspeed" and manifest["extra"]["metrics"]["step"] == 4
     log = steps_logged(f"{path}/train_log.jsonl")
@@ -147,7 +147,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(fused, tmp_path, strateg
     result = trainer.run(cfg, log=QUIET)
     thread.join()
     assert "pid" in killed, "no worker was killed"
-    assert result["targets"]["gpt"]["metrics"]["step"] == 6
+    assert result.parts["gpt"].figures["metrics"]["step"] == 6
     lines = [json.loads(line) for line in open(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")]
     restarts = [r for r in lines if r.get("event") == "restarted"]
     assert len(restarts) == 1 and restarts[0]["step"] in (2, 4) and restarts[0]["checkpoint"], lines

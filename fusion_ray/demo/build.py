@@ -27,7 +27,7 @@ from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans
 def build_all(spec: DemoSpec, root: Path, log=print) -> dict:
     """Build every missing part below `root`; return a summary (sizes, times, bpb)."""
     corpus = build_corpus_once(spec, root / "corpus", log)
-    rows = {name: _read_jsonl(corpus / f"{name}.jsonl") for name in CORPUS_FILES}
+    rows = {name: read_jsonl(corpus / f"{name}.jsonl") for name in CORPUS_FILES}
     summary: dict = {"spec_key": spec.key(), "corpus": {}, "models": {}}
     for name, items in rows.items():
         path = corpus / f"{name}.jsonl"
@@ -170,6 +170,7 @@ def heldout_bpb(net, tokenizer, rows: dict) -> dict[str, float]:
     return out
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSONL file (the demo's own corpus files: small, trusted)."""
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]

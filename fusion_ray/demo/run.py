@@ -1,16 +1,26 @@
-"""`fusion-ray demo`: build the embedded default's assets and run every built stage on them."""
+"""`fusion-ray demo`: build the embedded default's assets and run every pipeline stage on them."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fusion_ray.demo.assets import ensure_assets
-from fusion_ray.pipeline import PIPELINE_STAGES, built_stages, run_stages
+from fusion_ray.pipeline import PIPELINE_STAGES, run_stages
+
+
+def default_demo_config() -> Path:
+    """`jobs/configs/tiny_cpu.yaml` of this checkout (or of the installed `jobs` package)."""
+    here = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny_cpu.yaml"
+    if here.is_file():
+        return here
+    import jobs
+
+    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
 
 
 def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
     """Run the tiny CPU pipeline end to end, offline; print what was built and where."""
-    from fusion_ray.cli import default_demo_config
     from fusion_ray.config import load_config
 
     started = time.monotonic()
@@ -19,13 +29,10 @@ def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
     print_assets(root, log)
     overrides = [f"workdir={workdir}"] if workdir else []
     cfg = load_config(default_demo_config(), overrides)
-    results = run_stages(cfg, PIPELINE_STAGES, force=force, skip_unbuilt=True, log=log)
-    pending = [s for s, r in results.items() if r.get("status") == "not built"]
-    log(f"[demo] stages run: {', '.join(s for s in PIPELINE_STAGES if s in built_stages()) or 'none'}")
-    if pending:
-        log(f"[demo] not built yet: {', '.join(pending)}")
+    results = run_stages(cfg, PIPELINE_STAGES, force=force, log=log)
+    log(f"[demo] stages run: {', '.join(results) or 'none'}")
     log(f"[demo] workdir: {cfg.workdir}  ({time.monotonic() - started:.1f}s)")
-    report = results.get("eval", {}).get("report")
+    report = results["eval"].figures.get("report") if "eval" in results else None
     if report:
         log(f"[demo] report: {report}  (also report.json and report.png beside it)")
     return 0

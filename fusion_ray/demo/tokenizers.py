@@ -60,7 +60,7 @@ def _package_dir(package: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _original_spec(family: str) -> dict:
+def original_spec(family: str) -> dict:
     """The family's full tokenizer as a ``tokenizer.json`` dict, from local package files."""
     if family == "deepseek":
         return json.loads(
@@ -170,7 +170,7 @@ def build_tokenizer(family: str, vocab_size: int, out_dir: Path) -> PreTrainedTo
     if family not in FAMILIES:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {FAMILIES}")
     out_dir = Path(out_dir)
-    spec = _original_spec(family)
+    spec = original_spec(family)
     cut = cut_bpe(spec, _base_alphabet(family, spec["model"]["vocab"]), vocab_size)
     _save_atomic(_wrap(Tokenizer.from_str(json.dumps(cut)), family), out_dir)
     return cast(PreTrainedTokenizerFast, AutoTokenizer.from_pretrained(out_dir))

@@ -22,6 +22,7 @@ import time
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
+from fusion_ray.pipeline import StageResult
 
 
 def arms(cfg: FusionConfig) -> dict[str, str]:
@@ -40,8 +41,8 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
 
 def heldout(cfg: FusionConfig) -> dict[str, list[list[dict]]]:
     """domain → conversations (message lists) of the held-out corpora."""
-    from fusion_ray.collect.prepare import BadLine, iter_rows
     from fusion_ray.collect.prompts import to_messages
+    from fusion_ray.prepare.corpus import BadLine, iter_rows
 
     if not cfg.data.heldout:
         raise ValueError("eval needs held-out corpora: set data.heldout (each with a domain)")
@@ -126,7 +127,7 @@ def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
                           {arm: identity(p) for arm, p in models.items()}, cfg.data.max_length)
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import ray
 
     from fusion_ray.evaluate.report import write_report
@@ -135,9 +136,10 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     models = arms(cfg)
     out_dir = cfg.stage_dir("eval")
     fp = fingerprint(cfg, models)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir, "report": f"{out_dir}/report.md"}
     started = time.monotonic()
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir, report=f"{out_dir}/report.md")
     conversations = heldout(cfg)
     init_ray(cfg.ray)
     task = ray.remote(score_model).options(num_cpus=cfg.eval.num_cpus, max_retries=1)
@@ -155,11 +157,10 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
         from fusion_ray.evaluate.judge import judge_arms
 
         report["judge"] = judge_arms(cfg, models, log=log)
-    out = io.StageOutput(out_dir, fp)
     write_report(report, out)
     out.commit(io.Manifest(stage="eval", fingerprint=fp, config_hash=cfg.config_hash(),
                            rows={d: len(c) for d, c in conversations.items()},
                            extra={"arms": sorted(models)}, wall_time_s=time.monotonic() - started),
                config=cfg.to_dict())
     log(f"[eval] report: {out_dir}/report.md")
-    return {"status": "done", "dir": out_dir, "report": f"{out_dir}/report.md", "bpb": bpb}
+    return StageResult("done", [out_dir], {"report": f"{out_dir}/report.md", "bpb": bpb})

@@ -2,6 +2,6 @@
 
 `methods` (pure tensor functions), `spec` (mergekit-style YAML and parameters),
 `streaming` (tensor-at-a-time safetensors I/O), `engine` (check, plan, merge, write a
-model dir), `actor` (the Ray `MergeActor` and the pipeline's merge stage).
+model dir), `actor` (the Ray `MergeActor`, standalone merges), `stage` (the pipeline's merge stage).
 Importing this package loads no torch or ray.
 """

@@ -1,4 +1,4 @@
-"""The Ray side of merging: `MergeActor`, standalone merges, and the pipeline's `merge` stage.
+"""The Ray side of merging: `MergeActor`, standalone merges, and merging on one node for the stage.
 
 The driver checks the inputs and lays out the output shards (headers written, files
 sized); each `MergeActor` then merges a contiguous, byte-balanced share of the tensors
@@ -6,8 +6,7 @@ and writes them straight into their slots, so N actors produce the same bytes as
 (DARE masks are seeded per tensor name). The actors share one node, whose local disk
 holds the output (or its staging copy, uploaded when the output is on an object store).
 
-The stage merges the pivot (base) with the fused targets of `train` (`targets/<pair>/`,
-the CLM-only arm excluded) into `merged/`, with `cfg.merge` as the method and parameters.
+The pipeline's `merge` stage (`merge/stage.py`) runs `merge_into` as one Ray task.
 """
 
 from __future__ import annotations
@@ -17,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fusion_ray import io, locations
-from fusion_ray.config import FusionConfig, MergeConfig
+from fusion_ray import locations
+from fusion_ray.config import MergeConfig
 from fusion_ray.merge.spec import MergeSpec, ModelInput, parse_spec
 from fusion_ray.resources import MERGE_ACTOR_CPUS
 
@@ -139,37 +138,3 @@ def fill_dir_on(spec: MergeSpec, out: Path, merge: MergeConfig, num_cpus: float,
 
     return fill_dir(spec, out, seed=merge.seed, run_parts=ray_parts(spec, merge.seed, num_cpus, node),
                     parts=merge.num_actors)
-
-
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """The `merge` stage: pivot + fused targets → `merged/` (skipped when its manifest matches).
-
-    The merge runs in one Ray task whose actors share that task's node: it copies inputs that
-    live on a store or the hub to that node, merges onto its local disk and, when the workdir is
-    an object store, uploads the result. Its stage dir is committed (manifest last) afterwards.
-    """
-    from fusion_ray.ray_env import init_ray
-
-    targets, fingerprints = [], {}
-    for _, pair in cfg.pairs():
-        path = cfg.stage_dir("train", pair)
-        manifest = io.read_manifest(path)
-        if manifest is None:
-            raise FileNotFoundError(f"no finished train stage at {path}: run `train` first")
-        targets.append(path)
-        fingerprints[pair] = manifest["fingerprint"]
-    out_dir = cfg.stage_dir("merge")
-    pivot_fp = locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision)
-    fp = io.fingerprint("merge", cfg.to_dict()["merge"], fingerprints, pivot_fp)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
-    ray = init_ray(cfg.ray)
-    out = io.StageOutput(out_dir, fp)
-    task = ray.remote(merge_into).options(num_cpus=MERGE_ACTOR_CPUS, max_retries=1)
-    stats = ray.get(task.remote(cfg.merge, cfg.pivot.path, targets, out.dir))
-    out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
-                           inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},
-                           extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
-               config=cfg.to_dict())
-    log(f"[merge] {cfg.merge.method} of {len(targets)} target(s) → {out_dir}")
-    return {"status": "done", "dir": out_dir, **stats}

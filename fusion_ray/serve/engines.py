@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from fusion_ray.collect.engines import _llvmlite_hidden
 from fusion_ray.serve.text import StopText
+from fusion_ray.vllm_import import llvmlite_hidden, set_env_defaults
 
 GREEDY_BELOW = 1e-5  # temperatures this small decode greedily (vLLM's rule too)
 
@@ -91,13 +91,13 @@ class VLLMChatEngine(ChatEngine):
     def __init__(self, path: str, *, dtype: str = "auto", max_model_len: int | None = None,
                  seed: int = 0, options: dict | None = None):
         super().__init__()
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is far larger
+        set_env_defaults()  # a 1 GiB CPU KV cache; the engine core in a child process
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(model=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                disable_log_stats=True, **(options or {}))
-        with _llvmlite_hidden():
+        with llvmlite_hidden():
             self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.llm.model_config.max_model_len
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from fusion_ray.config import FusionConfig
 from fusion_ray.io import exists
+from fusion_ray.pipeline import StageResult
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Deploy `cfg.stage_dir("merge")`; returns `{"status": "deployed", "url": …, "model": …}`.
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Deploy `cfg.stage_dir("merge")`; returns status `deployed`, figures `url` and `model`.
 
     Raises:
         FileNotFoundError: there is no merged model yet.
@@ -24,4 +25,4 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     args = {**cfg.serve.model_dump(), "model_dir": model_dir, "model_id": cfg.serve.model_id or cfg.name}
     url = deploy(args, cfg.ray)
     log(f"[serve] {args['model_id']} ({cfg.serve.engine}) at {url}")
-    return {"status": "deployed", "url": url, "model": args["model_id"]}
+    return StageResult("deployed", [model_dir], {"url": url, "model": args["model_id"]})

@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     path = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
-    tokenizer = tokenizers.from_dir(path)
+    tokenizer = tokenizers.for_model(cfg.pivot)  # `pivot.tokenizer` when set, with its trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)

@@ -23,10 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from fusion_ray import io, locations, schema
+from fusion_ray import tokenizer as tokenizers
 from fusion_ray.arrays import ragged
-from fusion_ray.collect import prepare as prepare_stage
 from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import CollectConfig, FusionConfig, ModelSpec
+from fusion_ray.pipeline import StageResult
 from fusion_ray.placement import collect_placement, ray_data_args
 
 
@@ -38,13 +39,13 @@ class ScoreUDF:
 
         spec, self.cfg = ModelSpec.model_validate(model), collect
         path = locations.local_dir(spec.path, revision=spec.revision)  # once per node, then cached
-        self.tokenizer = prepare_stage.load_tokenizer(spec)
+        self.tokenizer = tokenizers.for_model(spec)
         self.pivot_tokenizer = self.index = None
         if conditioned_on is not None:  # a source, with `align.prefix: exact`: the pivot's boundaries too
             from fusion_ray.align.vocab import surfaces
             from fusion_ray.collect.conditioned import PrefixIndex
 
-            self.pivot_tokenizer = prepare_stage.load_tokenizer(ModelSpec.model_validate(conditioned_on))
+            self.pivot_tokenizer = tokenizers.for_model(ModelSpec.model_validate(conditioned_on))
             self.surfaces = surfaces(self.tokenizer)
             self.index = PrefixIndex(self.surfaces, self.tokenizer.all_special_ids)
         placement = collect_placement(spec, CollectConfig.model_validate(collect))
@@ -112,7 +113,7 @@ def preflight(cfg: FusionConfig) -> None:
     """Fail before any work: every tokenizer loads and `top_k` fits every vocabulary (hub models
     included, whose vocabulary validation cannot see)."""
     for model in cfg.models():
-        tokenizer = prepare_stage.load_tokenizer(model)
+        tokenizer = tokenizers.for_model(model)
         if cfg.collect.top_k > len(tokenizer):
             raise ValueError(f"collect.top_k={cfg.collect.top_k} exceeds the vocabulary of model "
                              f"{model.name!r} ({len(tokenizer)} tokens)")
@@ -137,16 +138,16 @@ def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> 
 
 
 def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepared_fp: str,
-                  force: bool = False, log=print) -> dict:
+                  force: bool = False, log=print) -> StageResult:
     """Collect one model's top-k over every prepared shard; resumes from finished shards."""
     import ray
 
     out_dir = cfg.stage_dir("collect", model.name)
     fp = model_fingerprint(cfg, model, prepared_fp)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
     started = time.monotonic()
-    out = io.StageOutput(out_dir, fp)
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
     todo = [s for s in shards if not out.has(Path(s).name)]
     expected = {Path(s).name: io.read_table(s, columns=["sample_id"])
                 .column("sample_id").to_pylist() for s in todo}
@@ -192,7 +193,7 @@ def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput)
             pending[name] = None
 
 
-def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
+def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> StageResult:
     files = [out.path(Path(s).name) for s in shards]
     meta = [io.parquet_metadata(f) for f in files]
     n_rows = sum(m.num_rows for m in meta)
@@ -206,27 +207,25 @@ def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> dict:
                                   "top_k": cfg.collect.top_k, "scored_only": cfg.collect.scored_only,
                                   "approx_bytes": n_bytes}), config=cfg.to_dict())
     log(f"[collect] {model.name}: {n_rows} rows, {len(files)} shard(s)")
-    return {"status": "done", "dir": out.final, "rows": rows}
+    return StageResult("done", [out.final], {"rows": rows})
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     """Collect top-k log-probs of the pivot and every source over the prepared corpus.
 
     Each model is its own Ray Data pipeline, driven by its own driver thread,
     `collect.max_concurrent_models` at a time (None: all; `fusion_ray.parallel`); each
-    model's result carries its wall-clock `started_at` / `finished_at`.
+    model's result (`parts`) carries its wall-clock `started_at` / `finished_at`.
     """
     from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
 
     prepared = cfg.stage_dir("prepare")
-    manifest = io.read_manifest(prepared)
-    if manifest is None:
-        raise FileNotFoundError(f"no finished prepare stage at {prepared}: run `prepare` first")
+    manifest = io.finished(prepared, "prepare")
     preflight(cfg)
     init_ray(cfg.ray)
     shards = io.list_files(prepared)
     parts = {m.name: functools.partial(collect_model, cfg, m, shards, manifest["fingerprint"], force, log)
              for m in cfg.models()}
     outcomes = run_parts(parts, cfg.collect.max_concurrent_models, thread_prefix="collect")
-    return {"status": "done", "models": {name: o.timed() for name, o in outcomes.items()}}
+    return StageResult.of_outcomes(outcomes)

@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 
 from fusion_ray import io, schema
-from fusion_ray.align.pipeline import ShardMismatch, read_shard
 from fusion_ray.align.project import stored_rows
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.fuse.strategies import STRATEGIES, mix, score
+from fusion_ray.pipeline import StageResult
+from fusion_ray.schema import ShardMismatch, read_shard
 
 
 def pair_sources(pair: str) -> list[str]:
@@ -88,7 +89,7 @@ def routing(paths: list[str], candidates: list[str]) -> dict:
         sums[d] / max(sum(wins[d].values()), 1), 4).tolist(), strict=True))} for d in wins}
 
 
-def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> dict:
+def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> StageResult:
     import ray
 
     sources = pair_sources(pair)
@@ -100,10 +101,10 @@ def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> d
     inputs = {m: v["fingerprint"] for m, v in manifests.items()}
     out_dir = cfg.stage_dir("fuse", pair)
     fp = io.fingerprint("fuse", cfg.to_dict()["fuse"], cfg.collect.top_k, inputs)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
     started = time.monotonic()
-    out = io.StageOutput(out_dir, fp)
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
     names = [Path(s).name for s in io.list_files(cfg.stage_dir("collect", cfg.pivot.name))]
     todo = [n for n in names if not out.has(n)]
     if todo:
@@ -120,12 +121,12 @@ def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> d
                                   "pivot_vocab": manifests[sources[0]]["extra"].get("pivot_vocab")},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[fuse] {pair}: {n_rows} rows; routing {({d: s['wins'] for d, s in stats.items()})}")
-    return {"status": "done", "dir": out_dir, "routing": stats}
+    return StageResult("done", [out_dir], {"routing": stats})
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Fuse the pivot with each source (pairwise) or with all of them (multi)."""
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Fuse the pivot with each source (pairwise) or with all of them (multi); `parts`: one result per pair."""
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    return {"status": "done", "pairs": {pair: fuse_pair(cfg, pair, force, log) for _, pair in cfg.pairs()}}
+    return StageResult.of_parts({pair: fuse_pair(cfg, pair, force, log) for _, pair in cfg.pairs()})

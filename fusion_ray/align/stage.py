@@ -22,19 +22,12 @@ from fusion_ray import io, schema
 from fusion_ray.align import offsets as offsets_lib
 from fusion_ray.align import project, spans, vocab
 from fusion_ray.arrays import ragged, rows_of
-from fusion_ray.collect.prepare import load_tokenizer
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.fuse.strategies import score
 from fusion_ray.locations import cache_root
-
-
-class ShardMismatch(ValueError):
-    """Inputs of one shard that do not belong together."""
-
-
-def read_shard(path: str, kind: str) -> pa.Table:
-    schema.check_file(path, kind)
-    return io.read_table(path)
+from fusion_ray.pipeline import StageResult
+from fusion_ray.schema import ShardMismatch, read_shard
+from fusion_ray.tokenizer import for_model
 
 
 def joined_rows(cfg: FusionConfig, source: str, name: str):
@@ -81,7 +74,7 @@ class Aligner:
 
     def __init__(self, cfg: FusionConfig, source: ModelSpec):
         self.cfg, self.source = cfg, source
-        self.p_tok, self.s_tok = load_tokenizer(cfg.pivot), load_tokenizer(source)
+        self.p_tok, self.s_tok = for_model(cfg.pivot), for_model(source)
         self.p_marker, self.s_marker = vocab.space_marker(self.p_tok), vocab.space_marker(self.s_tok)
         self._first = None
 
@@ -237,7 +230,7 @@ def vocab_map(cfg: FusionConfig, source: ModelSpec, shards: list[str], inputs_fp
     return vocab.cached(path, build)
 
 
-def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=print) -> dict:
+def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=print) -> StageResult:
     manifests = {m: io.read_manifest(cfg.stage_dir("collect", m)) for m in (cfg.pivot.name, source.name)}
     missing = [m for m, v in manifests.items() if v is None]
     if missing:
@@ -250,20 +243,20 @@ def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=
     out_dir = cfg.stage_dir("align", source.name)
     inputs = {m: v["fingerprint"] for m, v in manifests.items()}
     fp = io.fingerprint("align", cfg.to_dict()["align"], cfg.collect.top_k, inputs)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
     started = time.monotonic()
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
     shards = io.list_files(cfg.stage_dir("collect", source.name))
     check_join(cfg, [source.name], [Path(s).name for s in shards])
     vmap = vocab_map(cfg, source, shards, io.fingerprint(inputs), log)
-    out = io.StageOutput(out_dir, fp)
     todo = [Path(s).name for s in shards if not out.has(Path(s).name)]
     if todo:
         over_shards(cfg, source, todo, "align", vmap=vmap, out_dir=out.dir)
     totals = shard_stats([out.path(Path(s).name) for s in shards])
     fraction = totals["transferred"] / max(totals["positions"], 1)
     extra = {"source": source.name, "vocab_map": cfg.align.vocab_map, "fallback": cfg.align.fallback,
-             "pivot_vocab": len(load_tokenizer(cfg.pivot)),
+             "pivot_vocab": len(for_model(cfg.pivot)),
              "transferred_fraction": round(fraction, 4), "mapped_source_ids": int((vmap >= 0).sum()),
              "alignment": {k: totals[k] for k in ("offsets", "spans", "dtw", "none")},
              "resumed_shards": len(shards) - len(todo)}
@@ -272,12 +265,12 @@ def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[align] {source.name}: {fraction:.1%} of scored pivot positions transferred "
         f"({extra['alignment']})")
-    return {"status": "done", "dir": out_dir, "transferred_fraction": fraction}
+    return StageResult("done", [out_dir], {"transferred_fraction": fraction})
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
-    """Align every source onto the pivot."""
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Align every source onto the pivot (`parts`: one result per source)."""
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    return {"status": "done", "sources": {s.name: align_source(cfg, s, force, log) for s in cfg.sources}}
+    return StageResult.of_parts({s.name: align_source(cfg, s, force, log) for s in cfg.sources})

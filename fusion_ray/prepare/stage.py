@@ -1,8 +1,8 @@
 """The `prepare` stage: stream chat corpora, render each conversation once, shard to Parquet.
 
 Reads JSONL, Parquet (a file or a directory of files), an on-disk HF dataset
-(`save_to_disk`) or a hub dataset id (streamed), row by row: the corpus is never
-loaded whole. Each usable row becomes one `prepared/part-*.parquet` row (schema
+(`save_to_disk`) or a hub dataset id (streamed), row by row (`prepare/corpus.py`): the
+corpus is never loaded whole. Each usable row becomes one `prepared/part-*.parquet` row (schema
 `PREPARED`); each unusable one becomes a `prepared/_rejected/part-*.parquet` row
 with its file, row (for JSONL: the 0-based line index) and reason: among them
 duplicate sample ids, and JSONL lines that are not UTF-8, not JSON, nested deeper
@@ -15,130 +15,27 @@ nothing is committed.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusion_ray import io, locations, schema
+from fusion_ray import tokenizer as tokenizers
 from fusion_ray.collect.prompts import Prepared, RowRejected, prepare_row
-from fusion_ray.config import CorpusSpec, FusionConfig
+from fusion_ray.config import FusionConfig
+from fusion_ray.pipeline import StageResult
+from fusion_ray.prepare.corpus import RAW_CHARS, BadLine, iter_rows
 
-RAW_CHARS = 2000  # how much of a rejected row is kept
 REJECTED_DIR = "_rejected"  # prepared/_rejected/: underscore, so readers of prepared/ skip it
-MAX_LINE_BYTES = 8 << 20  # a longer JSONL line is rejected without being read whole
-MAX_JSON_DEPTH = 64  # a chat row nests 3-4 levels
 MAX_REASON_CHARS = 500
 MAX_ID_CHARS = 1024
 EXAMPLE_REASONS = 3  # rejected rows quoted when a corpus has no usable row
-_SKIP_CHUNK = 1 << 20  # the rest of an over-long line is skipped in pieces of this size
 
 
 class EmptyCorpus(ValueError):
     """Training corpora that gave no usable row; the message names each (path, counts, reasons)."""
-
-
-@dataclass
-class BadLine:
-    """A line that is not a JSON value we can use: the reason and the start of its text."""
-
-    reason: str
-    line: str
-
-
-def iter_rows(spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
-    """Yield (file, row index, row) for one corpus; unusable lines come as `BadLine`."""
-    path = locations.corpus_path(spec.path)
-    local = Path(path)
-    count = 0
-    for item in _iter_source(path, local, spec):
-        yield item
-        count += 1
-        if spec.max_rows and count >= spec.max_rows:
-            return
-
-
-def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when lists/dicts nest deeper than `limit` (iterative; stops at the first such path)."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
-
-
-def _head(line: bytes) -> str:
-    return line[:RAW_CHARS].decode("utf-8", "backslashreplace")
-
-
-def parse_line(line: bytes, first: bool = False) -> Any:
-    """One JSONL line → its JSON value, or a `BadLine` saying why not (never raises)."""
-    try:
-        text = line.decode("utf-8-sig" if first else "utf-8")
-    except UnicodeDecodeError as err:
-        return BadLine(f"invalid UTF-8 at byte {err.start} of the line", _head(line))
-    deep = BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", text[:RAW_CHARS])
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        return BadLine(f"invalid JSON: {err.msg} at column {err.colno}", text[:RAW_CHARS])
-    except RecursionError:  # json's decoder stops at the interpreter's recursion limit (~1000)
-        return deep
-    except ValueError as err:  # e.g. an integer of more than 4300 digits
-        return BadLine(f"invalid JSON: {str(err)[:200]}", text[:RAW_CHARS])
-    # the bound is far below json's own: rows are walked (hashed, rendered) by code that recurses
-    if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and isinstance(value, dict | list) \
-            and too_deep(value):
-        return deep
-    return value
-
-
-def iter_jsonl(path: str, local: Path) -> Iterator[tuple[str, int, Any]]:
-    """(file, line index, value or `BadLine`) per non-blank line, read as bytes, at most
-    `MAX_LINE_BYTES` at a time: a longer line is skipped to its end (its start is kept) and rejected."""
-    with open(local, "rb") as fh:
-        i = -1
-        while line := fh.readline(MAX_LINE_BYTES + 1):
-            i += 1
-            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-                size = len(line)
-                while more := fh.readline(_SKIP_CHUNK):
-                    size += len(more)
-                    if more.endswith(b"\n"):
-                        break
-                yield path, i, BadLine(f"line longer than {MAX_LINE_BYTES // 2**20} MiB ({size:,} bytes)",
-                                       _head(line))
-            elif line.strip():
-                yield path, i, parse_line(line, first=i == 0)
-
-
-def _iter_source(path: str, local: Path, spec: CorpusSpec) -> Iterator[tuple[str, int, Any]]:
-    if local.is_file() and local.suffix in (".jsonl", ".json"):
-        yield from iter_jsonl(path, local)
-    elif local.is_file() and local.suffix == ".parquet" or local.is_dir() and any(local.glob("*.parquet")):
-        files = [local] if local.is_file() else sorted(local.glob("*.parquet"))
-        for f in files:
-            i = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                for row in batch.to_pylist():
-                    yield str(f), i, row
-                    i += 1
-    else:
-        import datasets
-
-        if local.is_dir():
-            ds = datasets.load_from_disk(str(local))
-            ds = ds[spec.split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(path, split=spec.split, streaming=True)
-        for i, row in enumerate(ds):
-            yield path, i, row
 
 
 class ShardWriter:
@@ -163,24 +60,6 @@ class ShardWriter:
         self.shards += 1
         self.total += len(self.rows)
         self.rows = []
-
-
-def load_tokenizer(model) -> Any:
-    """The model's tokenizer.
-
-    Raises:
-        ValueError: naming the model and the path when the tokenizer does not load.
-    """
-    from fusion_ray import tokenizer as tokenizers
-
-    ref = model.tokenizer or model.path
-    try:
-        path = locations.local_dir(ref, revision=model.revision)
-        return tokenizers.from_dir(path, trust_remote_code=model.trust_remote_code)
-    except locations.LocationError as err:
-        raise ValueError(f"model {model.name!r}: {err}") from err
-    except (OSError, ValueError, TypeError) as err:
-        raise ValueError(f"model {model.name!r}: cannot load its tokenizer from {path}: {err}") from err
 
 
 def fingerprint(cfg: FusionConfig) -> str:
@@ -241,7 +120,7 @@ class CorpusCount:
         return f"{head}: all {self.rejected} row(s) rejected, e.g. " + "; ".join(self.reasons)
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     """Prepare the training corpora; skipped when the manifest matches.
 
     Raises:
@@ -249,10 +128,10 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
             (the rejected rows stay in the partial output for a look).
     """
     out_dir, fp = cfg.stage_dir("prepare"), fingerprint(cfg)
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
-    tokenizer = load_tokenizer(cfg.pivot)
-    out = io.StageOutput(out_dir, fp)
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
+    tokenizer = tokenizers.for_model(cfg.pivot)
     good = ShardWriter(out, "", schema.PREPARED, cfg.collect.shard_rows)
     bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.collect.shard_rows)
     seen: set[str] = set()
@@ -292,4 +171,4 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
                            extra={"shards": good.shards}), config=cfg.to_dict())
     log(f"[prepare] {rows['out']} rows in {good.shards} shard(s); rejected {rows['rejected']}, "
         f"truncated {truncated}")
-    return {"status": "done", "dir": out_dir, "rows": rows}
+    return StageResult("done", [out_dir], {"rows": rows})

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
+from fusion_ray.pipeline import StageResult
 from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -54,7 +55,8 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
                          f"{pivot} has an embedding of {embedding}: they do not match")
 
 
-def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False, log=print) -> dict:
+def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False,
+              log=print) -> StageResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -62,18 +64,16 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     from fusion_ray.train.loop import train_loop_per_worker
 
     fused_dir = cfg.stage_dir("fuse", dataset)
-    manifest = io.read_manifest(fused_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"no finished fuse stage at {fused_dir}: run `fuse` first")
+    manifest = io.finished(fused_dir, "fuse")
     out_dir = cfg.stage_dir("train", name)
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     check_vocab(fused_dir, manifest, pivot)
     fp = io.fingerprint("train", arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
                         locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
-    if not force and io.is_done(out_dir, fp):
-        return {"status": "skipped", "dir": out_dir}
     started = time.monotonic()
-    out = io.StageOutput(out_dir, fp)
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
     t = cfg.train
     resume = None
     if t.resume_from:
@@ -109,7 +109,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[train] {name}: {result.metrics}")
-    return {"status": "done", "dir": out_dir, "metrics": result.metrics}
+    return StageResult("done", [out_dir], {"metrics": result.metrics})
 
 
 def log_path(out: io.StageOutput) -> str:
@@ -137,12 +137,12 @@ def checkpoint_uri(checkpoint) -> str:
     return f"{scheme}{checkpoint.path}"
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     """Train one target per fused dataset (and the CLM-only arm when enabled).
 
     The arms are independent `TorchTrainer` runs: each `fit()` runs in its own driver thread,
     `train.max_concurrent_arms` at a time (None: all; `fusion_ray.parallel`). Each arm's
-    result carries its wall-clock `started_at` / `finished_at`.
+    result (`parts`) carries its wall-clock `started_at` / `finished_at`.
     """
     from fusion_ray.parallel import run_parts
     from fusion_ray.ray_env import init_ray
@@ -152,4 +152,4 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
     if len(parts) > 1 and cfg.train.max_concurrent_arms != 1:
         log(f"[train] {len(parts)} arms, {cfg.train.max_concurrent_arms or len(parts)} at a time: {', '.join(parts)}")
     outcomes = run_parts(parts, cfg.train.max_concurrent_arms, thread_prefix="train")
-    return {"status": "done", "targets": {name: o.timed() for name, o in outcomes.items()}}
+    return StageResult.of_outcomes(outcomes)
