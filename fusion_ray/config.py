@@ -15,12 +15,9 @@ This module imports neither torch, ray nor transformers.
 
 from __future__ import annotations
 
-import builtins
-import datetime
 import hashlib
 import json
 import os
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,31 +25,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusion_ray import locations
+from fusion_ray.errors import ConfigError, bounded_repr, format_errors, one_line  # noqa: F401 (bounded_repr: re-exported)
+from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, no torch
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
-
-
-MAX_ERRORS_SHOWN = 40  # lines of a ConfigError; the rest are counted
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; `errors` holds one line per bad field.
-
-    One error reads as one line (`source: error`); several as a count and one line each.
-    """
-
-    def __init__(self, source: str, errors: list[str]):
-        self.errors = errors
-        if len(errors) == 1:
-            super().__init__(f"{source}: {errors[0]}")
-            return
-        shown = errors[:MAX_ERRORS_SHOWN]
-        more = [f"... and {len(errors) - len(shown)} more"] if len(errors) > len(shown) else []
-        super().__init__(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(shown + more))
 
 
 # --- YAML, read with bounds ------------------------------------------------------------------
@@ -154,11 +134,6 @@ def _where(mark: yaml.Mark | None) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_yaml(text: str, source: str) -> Any:
     """Parse one YAML document with SafeLoader, within the bounds above.
 
@@ -186,19 +161,19 @@ def load_yaml(text: str, source: str) -> Any:
         if problem.startswith("but ") and context:  # "expected X" + "but found Y"
             problem, context = f"{context}, {problem}", ""
         message = f"{problem} ({context})" if problem and context else problem or context or "unreadable"
-        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {_one_line(message)}"]) from None
+        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {one_line(message)}"]) from None
     except yaml.reader.ReaderError as err:
         char = f"U+{err.character:04X}" if isinstance(err.character, int) else repr(err.character)
         line = text.count("\n", 0, err.position)
         column = err.position - (text.rfind("\n", 0, err.position) + 1)
         raise ConfigError(source, [f"not valid YAML at line {line + 1}, column {column + 1}: "
-                                   f"{_one_line(err.reason)} (character {char})"]) from None
+                                   f"{one_line(err.reason)} (character {char})"]) from None
     except yaml.YAMLError as err:
-        raise ConfigError(source, [f"not valid YAML: {_one_line(str(err))}"]) from None
+        raise ConfigError(source, [f"not valid YAML: {one_line(str(err))}"]) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # a scalar's constructor
         node = loader.last_node if loader is not None else None
         mark = node.start_mark if node is not None else None
-        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {_one_line(str(err))}"]) from None
+        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {one_line(str(err))}"]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -463,10 +438,7 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _known_parameters(self) -> MergeConfig:
-        from fusion_ray.merge.spec import METHODS  # pure Python, no torch
-
-        method = METHODS[self.method]
-        known = set(method.shared) | set(method.per_input)
+        known = MERGE_METHODS[self.method].parameters()
         unknown = sorted(set(self.parameters) - known)
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for merge method {self.method}; "
@@ -605,8 +577,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """
     key, sep, raw = override.partition("=")
     if not sep or not key:
-        raise ConfigError("overrides", [f"{_one_line(repr(override[:200]))}: expected key=value"])
-    value = load_yaml(raw, f"override {_one_line(key, 80)}")
+        raise ConfigError("overrides", [f"{one_line(repr(override[:200]))}: expected key=value"])
+    value = load_yaml(raw, f"override {one_line(key, 80)}")
     node: Any = data
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -624,52 +596,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
                 raise ConfigError("overrides", [f"{key}: {part!r} is not a section"])
-
-
-class _BoundedRepr(reprlib.Repr):
-    """`repr` that never builds more than a few hundred characters, whatever the value: a
-    few items of each container, a few levels deep, the start of each string; other objects
-    by type name only (their own `__repr__` could build anything)."""
-
-    _PLAIN = (float, bool, type(None), complex, datetime.date, datetime.time, datetime.timedelta)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel = 3
-        self.maxstring = self.maxother = 80
-        self.maxlong = 40
-        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 6
-        self.maxdict = 4
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 128:  # str() of a huge int is slow, past 4300 digits an error
-            return f"<int of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        return builtins.repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
-
-    def repr_instance(self, x: Any, level: int) -> str:
-        if isinstance(x, self._PLAIN):
-            return builtins.repr(x)[: self.maxother]
-        return f"<{type(x).__name__}>"
-
-
-bounded_repr = _BoundedRepr().repr
-
-
-def format_errors(err: ValidationError) -> list[str]:
-    """One line per invalid field: dotted path, message, offending value (a bounded repr)."""
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(_one_line(str(p), 80) for p in e["loc"]) or "(top level)"
-        msg = _one_line(e["msg"].removeprefix("Value error, "), 300)
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        shown = e["type"] != "missing" and not isinstance(e["input"], dict)
-        value = f" (got {_one_line(bounded_repr(e['input']), 300)})" if shown else ""
-        lines.append(f"{loc}: {msg}{value}")
-    return lines
 
 
 # --- the config's own size -------------------------------------------------------------------
@@ -729,7 +655,7 @@ def biggest_key(data: Any, budget: int) -> str:
                 break
         if best is None or best[0] * 2 < budget:
             break
-        path.append(_one_line(str(best[1]), 80))
+        path.append(one_line(str(best[1]), 80))
         node = best[2]
     return ".".join(path) or "(top level)"
 
@@ -754,7 +680,7 @@ def _check_serialisable(cfg: FusionConfig, source: str) -> None:
             except (ValueError, TypeError, RecursionError):
                 section = name
                 break
-        raise ConfigError(source, [f"{section}: cannot be written as JSON: {_one_line(str(err), 200)}"]) from None
+        raise ConfigError(source, [f"{section}: cannot be written as JSON: {one_line(str(err), 200)}"]) from None
     if len(blob) > MAX_CONFIG_JSON_BYTES:
         raise _too_large(cfg.to_dict(), source, len(blob))
 
