@@ -2,10 +2,13 @@
 
 `FusionConfig` is a pydantic v2 model that rejects unknown keys. It is loaded from
 YAML plus dotted `a.b=c` overrides (`load_config`), passed whole to every stage and
-written beside every stage output. Values that follow from others (stage
-directories, world size, gradient accumulation) are methods, not keys.
+written beside every stage output. Each section holds the settings of the stage that
+uses them. Values that follow from others (stage directories, world size, gradient
+accumulation, an arm's λ) are methods, not keys. It crosses into Ray one way: whole, as
+the dict `to_wire()` gives, validated again on the worker by `from_wire()`.
 
-Model and corpus paths are one of: a local path (must exist), a hub id
+Model and corpus paths are one of: a local path (must exist; checked once, by
+`load_config` / `parse_config`, never again on a worker), a hub id
 (`org/name`, checked only when loaded or by `fusion-ray validate`), an object-store
 URI (`s3://...`), or `demo:NAME`, an asset of the embedded default; `fusion_ray.locations`
 says which and turns each into a local dir where a library needs one.
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fusion_ray import locations
 from fusion_ray.errors import ConfigError, bounded_repr, format_errors, one_line  # noqa: F401 (bounded_repr: re-exported)
@@ -203,6 +206,18 @@ def read_yaml_file(path: str | os.PathLike[str], what: str = "config file") -> A
     return load_yaml(text, str(path))
 
 
+# Checks that read the file system (a local path exists, a local model's vocabulary) run
+# once, when a config is loaded (`parse_config`, `load_config`): they run only when the
+# validation context holds `CHECK_FILES`. Validating again elsewhere (`FusionConfig.from_wire`
+# on a Ray worker, `FusionConfig(...)` in code) checks the values alone and touches nothing.
+CHECK_FILES = "check_files"
+
+
+def checks_files(info: ValidationInfo) -> bool:
+    """Whether this validation is the load-time one that may read the file system."""
+    return bool(info.context and info.context.get(CHECK_FILES))
+
+
 def check_location(value: str, *, kind: str) -> str:
     """Accept a demo asset, URI or hub id; a local path must exist (`locations.check`).
 
@@ -267,8 +282,8 @@ class ModelSpec(Strict):
 
     @field_validator("path", "tokenizer")
     @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        return None if v is None else check_location(v, kind="model")
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None or not checks_files(info) else check_location(v, kind="model")
 
 
 class CorpusSpec(Strict):
@@ -282,8 +297,8 @@ class CorpusSpec(Strict):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        return check_location(v, kind="corpus")
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_location(v, kind="corpus") if checks_files(info) else v
 
 
 class DataConfig(Strict):
@@ -291,6 +306,9 @@ class DataConfig(Strict):
     heldout: list[CorpusSpec] = []
     max_length: int = Field(2048, ge=16)  # pivot tokens; longer texts are truncated and counted
     seed: int = 0
+    # rows per prepared shard: prepare writes them, and every later stage keeps shard i of its
+    # output to the same samples (the unit of work and of resuming)
+    shard_rows: int = Field(1000, ge=1)
 
 
 class CollectConfig(Strict):
@@ -303,12 +321,21 @@ class CollectConfig(Strict):
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1, gt=0)
     scored_only: bool = False
-    shard_rows: int = Field(1000, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     accelerator_type: str | None = None  # e.g. "A100": engine actors only on nodes of that type
     # models collected at the same time (one Ray Data pipeline each); None: all of them, Ray
     # queues the engine actors that do not fit; 1: one model after the other
     max_concurrent_models: int | None = Field(None, ge=1)
+
+    def check_top_k(self, model: str, vocab: int) -> None:
+        """`top_k` must fit a model's vocabulary (checked at load for local models, by collect's
+        preflight for every tokenizer).
+
+        Raises:
+            ValueError: naming the model and its vocabulary size.
+        """
+        if self.top_k > vocab:
+            raise ValueError(f"collect.top_k={self.top_k} exceeds the vocabulary of model {model!r} ({vocab} tokens)")
 
 
 class AlignConfig(Strict):
@@ -338,7 +365,8 @@ class AlignConfig(Strict):
     # statistics map, source tokens never co-aligned in the corpus: the `mined` choice
     # (default), dropped into the tail, or the pivot's unk/eos (the reference)
     unseen: Literal["mined", "drop", "unk"] = "mined"
-    workers: int = Field(2, ge=1)  # actors that align (and fuse) shards in parallel
+    workers: int = Field(2, ge=1)  # aligner actors (at most) that align shards in parallel
+    num_cpus: float = Field(1, gt=0)  # per aligner actor
 
     @model_validator(mode="before")
     @classmethod
@@ -363,6 +391,7 @@ class FuseConfig(Strict):
     strategy: Literal["min_ce", "avg_ce"] = "min_ce"
     metric: Literal["ce", "bpb"] = "ce"
     mode: Literal["pairwise", "multi"] = "pairwise"
+    num_cpus: float = Field(1, gt=0)  # per fuse task (one shard each; Ray Data runs as many as fit)
 
 
 class TrainConfig(Strict):
@@ -418,16 +447,17 @@ class TrainConfig(Strict):
         """Micro-batches per optimizer step on each worker."""
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
+    def lambda_for(self, arm: str) -> float:
+        """λ of the arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm."""
+        return 1.0 if arm == "clm_only" else self.lambda_clm
 
-MergeMethod = Literal[
-    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
-    "model_stock", "sce", "varm",
-]
+
+MergeMethodName = Literal[tuple(MERGE_METHODS)]  # every method of fusion_ray.merge.registry
 ParamValue = float | int | bool | str | list[float]
 
 
 class MergeConfig(Strict):
-    method: MergeMethod = "sce"
+    method: MergeMethodName = "sce"
     variant: Literal["fusechat", "mergekit"] = "fusechat"
     parameters: dict[str, ParamValue] = {}
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -531,12 +561,12 @@ class FusionConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _top_k_fits_vocab(self) -> FusionConfig:
-        for model in self.models():
-            vocab = local_vocab_size(model.path)
-            if vocab is not None and self.collect.top_k > vocab:
-                raise ValueError(f"collect.top_k={self.collect.top_k} exceeds the vocabulary of model "
-                                 f"{model.name!r} ({vocab} tokens)")
+    def _top_k_fits_vocab(self, info: ValidationInfo) -> FusionConfig:
+        if checks_files(info):  # local models only: reads their config.json
+            for model in self.models():
+                vocab = local_vocab_size(model.path)
+                if vocab is not None:
+                    self.collect.check_top_k(model.name, vocab)
         return self
 
     def models(self) -> list[ModelSpec]:
@@ -560,6 +590,17 @@ class FusionConfig(Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The config as it crosses into Ray (task and actor arguments, Ray Data UDF and Ray Train
+        loop configs): the whole config as a JSON-able dict, turned back by `from_wire`."""
+        return self.to_dict()
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> FusionConfig:
+        """The config `to_wire` sent, validated again where it arrives (a Ray worker); the
+        file-system checks of `load_config` are not repeated (the paths may be the driver's)."""
+        return cls.model_validate(data)
 
     def config_hash(self, *sections: str) -> str:
         """Stable hash of the whole config, or of the named top-level sections only."""
@@ -685,8 +726,12 @@ def _check_serialisable(cfg: FusionConfig, source: str) -> None:
         raise _too_large(cfg.to_dict(), source, len(blob))
 
 
+# keys that moved to another section: a config that still sets one is told where it went
+MOVED_KEYS = {"collect.shard_rows": "data.shard_rows"}
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
-    """Validate a config mapping.
+    """Validate a config mapping, checking its local paths (and local models' vocabularies).
 
     Raises:
         ConfigError: every bad field; or one line when the config is too large or not JSON.
@@ -695,9 +740,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
     if size > MAX_CONFIG_JSON_BYTES:  # before validation walks it
         raise _too_large(data, source, size)
     try:
-        cfg = FusionConfig.model_validate(data)
+        cfg = FusionConfig.model_validate(data, context={CHECK_FILES: True})
     except ValidationError as err:
-        raise ConfigError(source, format_errors(err)) from None
+        raise ConfigError(source, format_errors(err, MOVED_KEYS)) from None
     _check_serialisable(cfg, source)
     return cfg
 

@@ -187,7 +187,7 @@ def fingerprint(cfg: FusionConfig) -> str:
     inputs = [locations.fingerprint(c.path) for c in cfg.data.train]
     pivot = cfg.pivot.tokenizer or cfg.pivot.path
     return io.fingerprint("prepare", cfg.to_dict()["data"], locations.fingerprint(pivot, revision=cfg.pivot.revision),
-                          cfg.collect.shard_rows, inputs)
+                          cfg.data.shard_rows, inputs)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -253,8 +253,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
         return {"status": "skipped", "dir": out_dir}
     tokenizer = load_tokenizer(cfg.pivot)
     out = io.StageOutput(out_dir, fp)
-    good = ShardWriter(out, "", schema.PREPARED, cfg.collect.shard_rows)
-    bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.collect.shard_rows)
+    good = ShardWriter(out, "", schema.PREPARED, cfg.data.shard_rows)
+    bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.data.shard_rows)
     seen: set[str] = set()
     truncated = 0
     counts = [CorpusCount(n, spec.path) for n, spec in enumerate(cfg.data.train)]
