@@ -415,9 +415,8 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), contro
     control's sources by twins with it; a source that already has it is its own control."""
     import dataclasses
 
-    from fusion_ray.cli import default_demo_config
     from fusion_ray.config import load_config
-    from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, ensure_assets
+    from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, default_demo_config, ensure_assets
     from fusion_ray.demo.build import _read_jsonl, build_model_once
     from fusion_ray.pipeline import run_stages
 

@@ -15,16 +15,6 @@ EXIT_BAD_INPUT = 2
 EXIT_NOT_BUILT = 3
 
 
-def default_demo_config() -> Path:
-    """`jobs/configs/tiny_cpu.yaml` of this checkout (or of the installed `jobs` package)."""
-    here = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
-    if here.is_file():
-        return here
-    import jobs
-
-    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     from fusion_ray.pipeline import PIPELINE_STAGES, check_stages, unreachable
 

@@ -228,7 +228,7 @@ def test_a_method_is_declared_only_once():
     assert registry.METHODS["sce"].run.__name__ == "_sce"
 
 
-# --- ConfigError in its own module: no import cycle --------------------------------------------
+# --- ConfigError in its own module: no import cycles --------------------------------------------
 
 def _imports(path: Path) -> set[str]:
     """fusion_ray modules a file imports anywhere in it (module level or inside functions)."""
@@ -248,6 +248,9 @@ def test_config_errors_and_spec_import_no_cycle():
     assert not {m for m in _imports(PACKAGE / "merge" / "registry.py")
                 if m.startswith(("fusion_ray.config", "fusion_ray.merge.spec"))}
     assert "fusion_ray.errors" in _imports(PACKAGE / "merge" / "spec.py")
+    cli = _imports(PACKAGE / "cli.py")  # the CLI runs the demo; the demo needs nothing of the CLI
+    assert "fusion_ray.demo.run" in cli and not any(m.startswith("fusion_ray.cli") for m in _imports(
+        PACKAGE / "demo" / "run.py"))
 
 
 @pytest.mark.parametrize("first", ["fusion_ray.merge.spec", "fusion_ray.config", "fusion_ray.merge.registry"])

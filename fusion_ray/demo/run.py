@@ -10,8 +10,8 @@ from fusion_ray.pipeline import PIPELINE_STAGES, built_stages, run_stages
 
 def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
     """Run the tiny CPU pipeline end to end, offline; print what was built and where."""
-    from fusion_ray.cli import default_demo_config
     from fusion_ray.config import load_config
+    from fusion_ray.demo.assets import default_demo_config
 
     started = time.monotonic()
     root = ensure_assets(log=log)
