@@ -2,10 +2,13 @@
 
 `FusionConfig` is a pydantic v2 model that rejects unknown keys. It is loaded from
 YAML plus dotted `a.b=c` overrides (`load_config`), passed whole to every stage and
-written beside every stage output. Values that follow from others (stage
-directories, world size, gradient accumulation) are methods, not keys.
+written beside every stage output. Each section holds the settings of the stage that
+uses them. Values that follow from others (stage directories, world size, gradient
+accumulation, an arm's λ) are methods, not keys. It crosses into Ray one way: whole, as
+the dict `to_wire()` gives, validated again on the worker by `from_wire()`.
 
-Model and corpus paths are one of: a local path (must exist), a hub id
+Model and corpus paths are one of: a local path (must exist; checked once, by
+`load_config` / `parse_config`, never again on a worker), a hub id
 (`org/name`, checked only when loaded or by `fusion-ray validate`), an object-store
 URI (`s3://...`), or `demo:NAME`, an asset of the embedded default; `fusion_ray.locations`
 says which and turns each into a local dir where a library needs one.
@@ -15,44 +18,24 @@ This module imports neither torch, ray nor transformers.
 
 from __future__ import annotations
 
-import builtins
-import datetime
 import hashlib
 import json
 import os
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fusion_ray import locations
+from fusion_ray.errors import ConfigError, bounded_repr, format_errors, one_line  # noqa: F401 (bounded_repr: re-exported)
+from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, no torch
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
-
-
-MAX_ERRORS_SHOWN = 40  # lines of a ConfigError; the rest are counted
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; `errors` holds one line per bad field.
-
-    One error reads as one line (`source: error`); several as a count and one line each.
-    """
-
-    def __init__(self, source: str, errors: list[str]):
-        self.errors = errors
-        if len(errors) == 1:
-            super().__init__(f"{source}: {errors[0]}")
-            return
-        shown = errors[:MAX_ERRORS_SHOWN]
-        more = [f"... and {len(errors) - len(shown)} more"] if len(errors) > len(shown) else []
-        super().__init__(f"{source}: {len(errors)} invalid field(s)\n  " + "\n  ".join(shown + more))
 
 
 # --- YAML, read with bounds ------------------------------------------------------------------
@@ -154,11 +137,6 @@ def _where(mark: yaml.Mark | None) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_yaml(text: str, source: str) -> Any:
     """Parse one YAML document with SafeLoader, within the bounds above.
 
@@ -186,19 +164,19 @@ def load_yaml(text: str, source: str) -> Any:
         if problem.startswith("but ") and context:  # "expected X" + "but found Y"
             problem, context = f"{context}, {problem}", ""
         message = f"{problem} ({context})" if problem and context else problem or context or "unreadable"
-        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {_one_line(message)}"]) from None
+        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {one_line(message)}"]) from None
     except yaml.reader.ReaderError as err:
         char = f"U+{err.character:04X}" if isinstance(err.character, int) else repr(err.character)
         line = text.count("\n", 0, err.position)
         column = err.position - (text.rfind("\n", 0, err.position) + 1)
         raise ConfigError(source, [f"not valid YAML at line {line + 1}, column {column + 1}: "
-                                   f"{_one_line(err.reason)} (character {char})"]) from None
+                                   f"{one_line(err.reason)} (character {char})"]) from None
     except yaml.YAMLError as err:
-        raise ConfigError(source, [f"not valid YAML: {_one_line(str(err))}"]) from None
+        raise ConfigError(source, [f"not valid YAML: {one_line(str(err))}"]) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as err:  # a scalar's constructor
         node = loader.last_node if loader is not None else None
         mark = node.start_mark if node is not None else None
-        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {_one_line(str(err))}"]) from None
+        raise ConfigError(source, [f"not valid YAML{_where(mark)}: {one_line(str(err))}"]) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -226,6 +204,18 @@ def read_yaml_file(path: str | os.PathLike[str], what: str = "config file") -> A
     except UnicodeDecodeError as err:
         raise ConfigError(str(path), [f"not valid UTF-8 at byte {err.start}"]) from None
     return load_yaml(text, str(path))
+
+
+# Checks that read the file system (a local path exists, a local model's vocabulary) run
+# once, when a config is loaded (`parse_config`, `load_config`): they run only when the
+# validation context holds `CHECK_FILES`. Validating again elsewhere (`FusionConfig.from_wire`
+# on a Ray worker, `FusionConfig(...)` in code) checks the values alone and touches nothing.
+CHECK_FILES = "check_files"
+
+
+def checks_files(info: ValidationInfo) -> bool:
+    """Whether this validation is the load-time one that may read the file system."""
+    return bool(info.context and info.context.get(CHECK_FILES))
 
 
 def check_location(value: str, *, kind: str) -> str:
@@ -292,8 +282,8 @@ class ModelSpec(Strict):
 
     @field_validator("path", "tokenizer")
     @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        return None if v is None else check_location(v, kind="model")
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return v if v is None or not checks_files(info) else check_location(v, kind="model")
 
 
 class CorpusSpec(Strict):
@@ -307,8 +297,8 @@ class CorpusSpec(Strict):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        return check_location(v, kind="corpus")
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_location(v, kind="corpus") if checks_files(info) else v
 
 
 class DataConfig(Strict):
@@ -316,6 +306,9 @@ class DataConfig(Strict):
     heldout: list[CorpusSpec] = []
     max_length: int = Field(2048, ge=16)  # pivot tokens; longer texts are truncated and counted
     seed: int = 0
+    # rows per prepared shard: prepare writes them, and every later stage keeps shard i of its
+    # output to the same samples (the unit of work and of resuming)
+    shard_rows: int = Field(1000, ge=1)
 
 
 class CollectConfig(Strict):
@@ -328,12 +321,21 @@ class CollectConfig(Strict):
     num_gpus_per_actor: float = Field(0, ge=0)
     num_cpus_per_actor: float = Field(1, gt=0)
     scored_only: bool = False
-    shard_rows: int = Field(1000, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     accelerator_type: str | None = None  # e.g. "A100": engine actors only on nodes of that type
     # models collected at the same time (one Ray Data pipeline each); None: all of them, Ray
     # queues the engine actors that do not fit; 1: one model after the other
     max_concurrent_models: int | None = Field(None, ge=1)
+
+    def check_top_k(self, model: str, vocab: int) -> None:
+        """`top_k` must fit a model's vocabulary (checked at load for local models, by collect's
+        preflight for every tokenizer).
+
+        Raises:
+            ValueError: naming the model and its vocabulary size.
+        """
+        if self.top_k > vocab:
+            raise ValueError(f"collect.top_k={self.top_k} exceeds the vocabulary of model {model!r} ({vocab} tokens)")
 
 
 class AlignConfig(Strict):
@@ -363,7 +365,8 @@ class AlignConfig(Strict):
     # statistics map, source tokens never co-aligned in the corpus: the `mined` choice
     # (default), dropped into the tail, or the pivot's unk/eos (the reference)
     unseen: Literal["mined", "drop", "unk"] = "mined"
-    workers: int = Field(2, ge=1)  # actors that align (and fuse) shards in parallel
+    workers: int = Field(2, ge=1)  # aligner actors (at most) that align shards in parallel
+    num_cpus: float = Field(1, gt=0)  # per aligner actor
 
     @model_validator(mode="before")
     @classmethod
@@ -388,6 +391,7 @@ class FuseConfig(Strict):
     strategy: Literal["min_ce", "avg_ce"] = "min_ce"
     metric: Literal["ce", "bpb"] = "ce"
     mode: Literal["pairwise", "multi"] = "pairwise"
+    num_cpus: float = Field(1, gt=0)  # per fuse task (one shard each; Ray Data runs as many as fit)
 
 
 class TrainConfig(Strict):
@@ -443,16 +447,17 @@ class TrainConfig(Strict):
         """Micro-batches per optimizer step on each worker."""
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
+    def lambda_for(self, arm: str) -> float:
+        """λ of the arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm."""
+        return 1.0 if arm == "clm_only" else self.lambda_clm
 
-MergeMethod = Literal[
-    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
-    "model_stock", "sce", "varm",
-]
+
+MergeMethodName = Literal[tuple(MERGE_METHODS)]  # every method of fusion_ray.merge.registry
 ParamValue = float | int | bool | str | list[float]
 
 
 class MergeConfig(Strict):
-    method: MergeMethod = "sce"
+    method: MergeMethodName = "sce"
     variant: Literal["fusechat", "mergekit"] = "fusechat"
     parameters: dict[str, ParamValue] = {}
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -463,10 +468,7 @@ class MergeConfig(Strict):
 
     @model_validator(mode="after")
     def _known_parameters(self) -> MergeConfig:
-        from fusion_ray.merge.spec import METHODS  # pure Python, no torch
-
-        method = METHODS[self.method]
-        known = set(method.shared) | set(method.per_input)
+        known = MERGE_METHODS[self.method].parameters()
         unknown = sorted(set(self.parameters) - known)
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for merge method {self.method}; "
@@ -559,12 +561,12 @@ class FusionConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _top_k_fits_vocab(self) -> FusionConfig:
-        for model in self.models():
-            vocab = local_vocab_size(model.path)
-            if vocab is not None and self.collect.top_k > vocab:
-                raise ValueError(f"collect.top_k={self.collect.top_k} exceeds the vocabulary of model "
-                                 f"{model.name!r} ({vocab} tokens)")
+    def _top_k_fits_vocab(self, info: ValidationInfo) -> FusionConfig:
+        if checks_files(info):  # local models only: reads their config.json
+            for model in self.models():
+                vocab = local_vocab_size(model.path)
+                if vocab is not None:
+                    self.collect.check_top_k(model.name, vocab)
         return self
 
     def models(self) -> list[ModelSpec]:
@@ -589,6 +591,17 @@ class FusionConfig(Strict):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def to_wire(self) -> dict[str, Any]:
+        """The config as it crosses into Ray (task and actor arguments, Ray Data UDF and Ray Train
+        loop configs): the whole config as a JSON-able dict, turned back by `from_wire`."""
+        return self.to_dict()
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> FusionConfig:
+        """The config `to_wire` sent, validated again where it arrives (a Ray worker); the
+        file-system checks of `load_config` are not repeated (the paths may be the driver's)."""
+        return cls.model_validate(data)
+
     def config_hash(self, *sections: str) -> str:
         """Stable hash of the whole config, or of the named top-level sections only."""
         data = self.to_dict()
@@ -605,8 +618,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     """
     key, sep, raw = override.partition("=")
     if not sep or not key:
-        raise ConfigError("overrides", [f"{_one_line(repr(override[:200]))}: expected key=value"])
-    value = load_yaml(raw, f"override {_one_line(key, 80)}")
+        raise ConfigError("overrides", [f"{one_line(repr(override[:200]))}: expected key=value"])
+    value = load_yaml(raw, f"override {one_line(key, 80)}")
     node: Any = data
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -624,52 +637,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
                 raise ConfigError("overrides", [f"{key}: {part!r} is not a section"])
-
-
-class _BoundedRepr(reprlib.Repr):
-    """`repr` that never builds more than a few hundred characters, whatever the value: a
-    few items of each container, a few levels deep, the start of each string; other objects
-    by type name only (their own `__repr__` could build anything)."""
-
-    _PLAIN = (float, bool, type(None), complex, datetime.date, datetime.time, datetime.timedelta)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel = 3
-        self.maxstring = self.maxother = 80
-        self.maxlong = 40
-        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = self.maxarray = 6
-        self.maxdict = 4
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 128:  # str() of a huge int is slow, past 4300 digits an error
-            return f"<int of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-    def repr_bytes(self, x: bytes, level: int) -> str:
-        return builtins.repr(x[: self.maxstring]) + ("..." if len(x) > self.maxstring else "")
-
-    def repr_instance(self, x: Any, level: int) -> str:
-        if isinstance(x, self._PLAIN):
-            return builtins.repr(x)[: self.maxother]
-        return f"<{type(x).__name__}>"
-
-
-bounded_repr = _BoundedRepr().repr
-
-
-def format_errors(err: ValidationError) -> list[str]:
-    """One line per invalid field: dotted path, message, offending value (a bounded repr)."""
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(_one_line(str(p), 80) for p in e["loc"]) or "(top level)"
-        msg = _one_line(e["msg"].removeprefix("Value error, "), 300)
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        shown = e["type"] != "missing" and not isinstance(e["input"], dict)
-        value = f" (got {_one_line(bounded_repr(e['input']), 300)})" if shown else ""
-        lines.append(f"{loc}: {msg}{value}")
-    return lines
 
 
 # --- the config's own size -------------------------------------------------------------------
@@ -729,7 +696,7 @@ def biggest_key(data: Any, budget: int) -> str:
                 break
         if best is None or best[0] * 2 < budget:
             break
-        path.append(_one_line(str(best[1]), 80))
+        path.append(one_line(str(best[1]), 80))
         node = best[2]
     return ".".join(path) or "(top level)"
 
@@ -754,13 +721,17 @@ def _check_serialisable(cfg: FusionConfig, source: str) -> None:
             except (ValueError, TypeError, RecursionError):
                 section = name
                 break
-        raise ConfigError(source, [f"{section}: cannot be written as JSON: {_one_line(str(err), 200)}"]) from None
+        raise ConfigError(source, [f"{section}: cannot be written as JSON: {one_line(str(err), 200)}"]) from None
     if len(blob) > MAX_CONFIG_JSON_BYTES:
         raise _too_large(cfg.to_dict(), source, len(blob))
 
 
+# keys that moved to another section: a config that still sets one is told where it went
+MOVED_KEYS = {"collect.shard_rows": "data.shard_rows"}
+
+
 def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
-    """Validate a config mapping.
+    """Validate a config mapping, checking its local paths (and local models' vocabularies).
 
     Raises:
         ConfigError: every bad field; or one line when the config is too large or not JSON.
@@ -769,9 +740,9 @@ def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
     if size > MAX_CONFIG_JSON_BYTES:  # before validation walks it
         raise _too_large(data, source, size)
     try:
-        cfg = FusionConfig.model_validate(data)
+        cfg = FusionConfig.model_validate(data, context={CHECK_FILES: True})
     except ValidationError as err:
-        raise ConfigError(source, format_errors(err)) from None
+        raise ConfigError(source, format_errors(err, MOVED_KEYS)) from None
     _check_serialisable(cfg, source)
     return cfg
 

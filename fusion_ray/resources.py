@@ -137,8 +137,8 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
     return {
         "prepare": [],
         "collect": collect,
-        "align": [Ask("align", "aligner actor", 1, c.num_cpus_per_actor, upto=cfg.align.workers)],
-        "fuse": [Ask("fuse", "fuse task", 1, c.num_cpus_per_actor)],
+        "align": [Ask("align", "aligner actor", 1, cfg.align.num_cpus, upto=cfg.align.workers)],
+        "fuse": [Ask("fuse", "fuse task", 1, cfg.fuse.num_cpus)],
         "train": [Ask("train", "training rank", t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0,
                       t.accelerator_type, cfg.pivot.name)],
         # one task and its actors, all on the task's node (they share its local disk)

@@ -34,9 +34,9 @@ def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], corpora: l
         "name": "test", "workdir": str(workdir),
         "pivot": {"name": "pivot", "path": str(pivot), "dtype": "float32"},
         "sources": [{"name": n, "path": str(p), "dtype": "float32"} for n, p in sources.items()],
-        "data": {"train": [{"path": str(p)} for p in corpora], "max_length": 128},
-        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "shard_rows": 10,
-                    "num_cpus_per_actor": 0.5, "dtype": "float32"},
+        "data": {"train": [{"path": str(p)} for p in corpora], "max_length": 128, "shard_rows": 10},
+        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "num_cpus_per_actor": 0.5, "dtype": "float32"},
+        "align": {"num_cpus": 0.5}, "fuse": {"num_cpus": 0.5},
         "ray": {"num_cpus": 4},
     }
     for key, value in sections.items():

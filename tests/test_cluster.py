@@ -99,8 +99,8 @@ def test_collect_survives_losing_a_node_and_keeps_every_row_once(cluster, tiny_m
     node = cluster.add_node("n2", num_cpus=3, env={"FUSION_RAY_CACHE": str(tmp_path / "cache-n2")})
     corpus = write_jsonl(tmp_path / "many.jsonl", chat_rows(600))
     cfg = make_config(tmp_path / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")},
-                      [corpus], collect={"batch_size": 2, "shard_rows": 20, "concurrency": 2,
-                                         "num_cpus_per_actor": 2})
+                      [corpus], data={"shard_rows": 20},
+                      collect={"batch_size": 2, "concurrency": 2, "num_cpus_per_actor": 2})
     prepare.run(cfg, log=QUIET)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))

@@ -108,7 +108,7 @@ def test_killed_engine_actor_still_yields_every_row_exactly_once(setup):
     tmp = setup["tmp"]
     corpus = write_jsonl(tmp / "many.jsonl", chat_rows(600))
     cfg = make_config(tmp / "kill", setup["models"]["pivot"], {"gpt": setup["models"]["gpt"]}, [corpus],
-                      collect={"batch_size": 2, "shard_rows": 20})
+                      data={"shard_rows": 20}, collect={"batch_size": 2})
     prepare.run(cfg, log=QUIET)
     partial = cfg.stage_dir("collect", "pivot") + ".partial"
     killed = {}
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     tmp = setup["tmp"]
     corpus = write_jsonl(tmp / "resume.jsonl", chat_rows(600))
     cfg = make_config(tmp / "resume", setup["models"]["pivot"], {"gpt": setup["models"]["gpt"]}, [corpus],
-                      collect={"batch_size": 2, "shard_rows": 20})
+                      data={"shard_rows": 20}, collect={"batch_size": 2})
     prepare.run(cfg, log=QUIET)
     cfg_file = tmp / "resume.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))

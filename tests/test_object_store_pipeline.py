@@ -34,10 +34,10 @@ def config(workdir: str, pivot: str, source: str, train: str, heldout: str):
         "name": "s3test", "workdir": workdir,
         "pivot": {"name": "pivot", "path": pivot, "dtype": "float32"},
         "sources": [{"name": "gpt", "path": source, "dtype": "float32", "domain": "computing"}],
-        "data": {"train": [{"path": train, "domain": "computing"}], "max_length": 128,
+        "data": {"train": [{"path": train, "domain": "computing"}], "max_length": 128, "shard_rows": 10,
                  "heldout": [{"path": heldout, "domain": "computing"}]},
-        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "shard_rows": 10, "num_cpus_per_actor": 0.5,
-                    "dtype": "float32"},
+        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "num_cpus_per_actor": 0.5, "dtype": "float32"},
+        "align": {"num_cpus": 0.5}, "fuse": {"num_cpus": 0.5},
         "ray": {"num_cpus": 4}, **SECTIONS,
     }
     return parse_config(data)

@@ -147,7 +147,7 @@ class ShardUDF:
 
     def __init__(self, cfg: dict, source: str, task: str, vmap: np.ndarray | None = None,
                  out_dir: str | None = None):
-        cfg_obj = FusionConfig.model_validate(cfg)
+        cfg_obj = FusionConfig.from_wire(cfg)
         self.aligner = Aligner(cfg_obj, next(s for s in cfg_obj.sources if s.name == source))
         self.task, self.vmap, self.out_dir = task, vmap, out_dir
 
@@ -165,9 +165,9 @@ def over_shards(cfg: FusionConfig, source: ModelSpec, names: list[str], task: st
 
     ds = ray.data.from_items([{"shard": n} for n in names])
     return ds.map_batches(ShardUDF, batch_size=1, fn_constructor_kwargs={
-        "cfg": cfg.to_dict(), "source": source.name, "task": task, **kw},
+        "cfg": cfg.to_wire(), "source": source.name, "task": task, **kw},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.align.workers),
-        num_cpus=cfg.collect.num_cpus_per_actor).take_all()
+        num_cpus=cfg.align.num_cpus).take_all()
 
 
 def shard_stats(paths: list[str]) -> dict:

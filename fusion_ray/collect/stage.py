@@ -26,7 +26,7 @@ from fusion_ray import io, locations, schema
 from fusion_ray import tokenizer as tokenizers
 from fusion_ray.arrays import ragged
 from fusion_ray.collect.topk import logits_row
-from fusion_ray.config import CollectConfig, FusionConfig, ModelSpec
+from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.pipeline import StageResult
 from fusion_ray.placement import collect_placement, ray_data_args
 
@@ -34,35 +34,38 @@ from fusion_ray.placement import collect_placement, ray_data_args
 class ScoreUDF:
     """Ray Data callable class: one engine per actor, batches of prepared rows in, logits rows out."""
 
-    def __init__(self, model: dict, collect: dict, max_length: int, conditioned_on: dict | None = None):
+    def __init__(self, cfg: dict, model: str):
         from fusion_ray.collect import engines
 
-        spec, self.cfg = ModelSpec.model_validate(model), collect
+        full = FusionConfig.from_wire(cfg)
+        spec = next(m for m in full.models() if m.name == model)
+        collect, max_length, pivot = full.collect, full.data.max_length, conditioned_on(full, spec)
+        self.cfg = collect
         path = locations.local_dir(spec.path, revision=spec.revision)  # once per node, then cached
         self.tokenizer = tokenizers.for_model(spec)
         self.pivot_tokenizer = self.index = None
-        if conditioned_on is not None:  # a source, with `align.prefix: exact`: the pivot's boundaries too
+        if pivot is not None:  # a source, with `align.prefix: exact`: the pivot's boundaries too
             from fusion_ray.align.vocab import surfaces
             from fusion_ray.collect.conditioned import PrefixIndex
 
-            self.pivot_tokenizer = tokenizers.for_model(ModelSpec.model_validate(conditioned_on))
+            self.pivot_tokenizer = tokenizers.for_model(pivot)
             self.surfaces = surfaces(self.tokenizer)
             self.index = PrefixIndex(self.surfaces, self.tokenizer.all_special_ids)
-        placement = collect_placement(spec, CollectConfig.model_validate(collect))
-        dtype = spec.dtype if collect["dtype"] == "auto" else collect["dtype"]
+        placement = collect_placement(spec, collect)
+        dtype = spec.dtype if collect.dtype == "auto" else collect.dtype
         common = dict(dtype=dtype, trust_remote_code=spec.trust_remote_code)
-        if collect["engine"] == "vllm":
+        if collect.engine == "vllm":
             # the conditioned masses need the full distribution at some positions: vLLM gives
             # hidden states and the output layer runs here
-            kind = engines.VLLMHiddenEngine if conditioned_on is not None else engines.VLLMEngine
+            kind = engines.VLLMHiddenEngine if pivot is not None else engines.VLLMEngine
             self.engine = kind(
-                path, k=collect["top_k"], max_model_len=spec.max_model_len or 2 * max_length + 16,
+                path, k=collect.top_k, max_model_len=spec.max_model_len or 2 * max_length + 16,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 pipeline_parallel_size=spec.pipeline_parallel_size,
                 gpu_memory_utilization=spec.gpu_memory_utilization,
                 **placement.engine_options(), **common)
         else:
-            self.engine = engines.HFEngine(path, max_rows=collect["batch_size"], **common)
+            self.engine = engines.HFEngine(path, max_rows=collect.batch_size, **common)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
@@ -77,15 +80,15 @@ class ScoreUDF:
                              np.asarray(pivot["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)[:, 1],
                              np.arange(len(offsets[i]) - 1))
                     for i, text in enumerate(texts)]
-            scored = self.engine.score(enc["input_ids"], self.cfg["top_k"], cond=reqs, index=self.index)
+            scored = self.engine.score(enc["input_ids"], self.cfg.top_k, cond=reqs, index=self.index)
         else:
-            scored = self.engine.score(enc["input_ids"], self.cfg["top_k"])
+            scored = self.engine.score(enc["input_ids"], self.cfg.top_k)
         rows = []
         for i, text in enumerate(texts):
             rows.append(logits_row(
                 batch.column("sample_id")[i].as_py(), text, enc["input_ids"][i], offsets[i],
                 batch.column("span_starts")[i].as_py(), batch.column("span_ends")[i].as_py(),
-                scored[i], scored_only=self.cfg["scored_only"], requests=None if reqs is None else reqs[i]))
+                scored[i], scored_only=self.cfg.scored_only, requests=None if reqs is None else reqs[i]))
         table = rows_to_table(rows)
         return table.append_column("path", batch.column("path"))
 
@@ -113,10 +116,7 @@ def preflight(cfg: FusionConfig) -> None:
     """Fail before any work: every tokenizer loads and `top_k` fits every vocabulary (hub models
     included, whose vocabulary validation cannot see)."""
     for model in cfg.models():
-        tokenizer = tokenizers.for_model(model)
-        if cfg.collect.top_k > len(tokenizer):
-            raise ValueError(f"collect.top_k={cfg.collect.top_k} exceeds the vocabulary of model "
-                             f"{model.name!r} ({len(tokenizer)} tokens)")
+        cfg.collect.check_top_k(model.name, len(tokenizers.for_model(model)))
 
 
 def conditioned_on(cfg: FusionConfig, model: ModelSpec) -> ModelSpec | None:
@@ -158,11 +158,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
             [*schema.PREPARED.names, "path"])
         resources = ray_data_args(collect_placement(model, c))  # TP × PP GPUs per engine actor
         ds = ds.map_batches(
-            ScoreUDF, fn_constructor_kwargs={"model": model.model_dump(mode="json"),
-                                             "collect": c.model_dump(mode="json"),
-                                             "max_length": cfg.data.max_length,
-                                             "conditioned_on": None if conditioned_on(cfg, model) is None
-                                             else cfg.pivot.model_dump(mode="json")},
+            ScoreUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "model": model.name},
             batch_size=c.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
         ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)

@@ -28,6 +28,17 @@ ASSET_NAMES = CORPUS_FILES + MODEL_NAMES
 BUILD_VERSION = 1  # bump when the build code changes what it produces
 
 
+def default_demo_config() -> Path:
+    """The embedded default's config: `jobs/configs/tiny_cpu.yaml` of this checkout (or of the
+    installed `jobs` package)."""
+    here = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny_cpu.yaml"
+    if here.is_file():
+        return here
+    import jobs
+
+    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
+
+
 @dataclass(frozen=True)
 class TinyModel:
     """One tiny chat model of the demo: architecture, tokenizer and training mix."""

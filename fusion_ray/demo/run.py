@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from fusion_ray.demo.assets import ensure_assets
 from fusion_ray.pipeline import PIPELINE_STAGES, run_stages
 
 
-def default_demo_config() -> Path:
-    """`jobs/configs/tiny_cpu.yaml` of this checkout (or of the installed `jobs` package)."""
-    here = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny_cpu.yaml"
-    if here.is_file():
-        return here
-    import jobs
-
-    return Path(jobs.__file__).parent / "configs" / "tiny_cpu.yaml"
-
-
 def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
     """Run the tiny CPU pipeline end to end, offline; print what was built and where."""
     from fusion_ray.config import load_config
+    from fusion_ray.demo.assets import default_demo_config
 
     started = time.monotonic()
     root = ensure_assets(log=log)

@@ -65,6 +65,11 @@ def fuse_shard(cfg: FusionConfig, pair: str, name: str, out_dir: str) -> dict:
     return {"shard": name, "rows": len(rows)}
 
 
+def fuse_row(row: dict, cfg: dict, pair: str, out_dir: str) -> dict:
+    """Ray Data task: fuse the shard a row names; `cfg` as `FusionConfig.to_wire` sent it."""
+    return fuse_shard(FusionConfig.from_wire(cfg), pair, row["shard"], out_dir)
+
+
 def fused_table(rows: list[dict]) -> pa.Table:
     columns = {
         "sample_id": pa.array([r["sample_id"] for r in rows], pa.string()),
@@ -109,8 +114,8 @@ def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> S
     todo = [n for n in names if not out.has(n)]
     if todo:
         ray.data.from_items([{"shard": n} for n in todo]).map(
-            lambda r: fuse_shard(cfg, pair, r["shard"], out.dir),
-            num_cpus=cfg.collect.num_cpus_per_actor).materialize()
+            fuse_row, fn_kwargs={"cfg": cfg.to_wire(), "pair": pair, "out_dir": out.dir},
+            num_cpus=cfg.fuse.num_cpus).materialize()
     paths = [out.path(n) for n in names]
     stats = routing(paths, ["pivot"] + sources)
     n_rows = sum(sum(d["wins"].values()) for d in stats.values())

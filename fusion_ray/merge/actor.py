@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fusion_ray import locations
-from fusion_ray.config import MergeConfig
+from fusion_ray.config import FusionConfig, MergeConfig
 from fusion_ray.merge.spec import MergeSpec, ModelInput, parse_spec
 from fusion_ray.resources import MERGE_ACTOR_CPUS
 
@@ -113,13 +113,18 @@ def spec_from_config(merge: MergeConfig, pivot: str, targets: list[str]) -> Merg
     return parse_spec(data, "merge")
 
 
-def merge_into(merge: MergeConfig, pivot_ref: str, target_refs: list[str], out_dir: str,
-               num_cpus: float = MERGE_ACTOR_CPUS) -> dict:
+def merge_into(cfg: dict, target_refs: list[str], out_dir: str, num_cpus: float = MERGE_ACTOR_CPUS) -> dict:
     """Merge on this node: inputs copied here where they are not local, the result written into
     `out_dir` (a local dir) or, for an object-store `out_dir`, into a local staging dir and
-    uploaded (the stage's manifest, written by the caller, comes last)."""
+    uploaded (the stage's manifest, written by the caller, comes last).
+
+    Args:
+        cfg: the pipeline config as `FusionConfig.to_wire` sends it (its `merge` section and pivot).
+    """
     import ray
 
+    full = FusionConfig.from_wire(cfg)
+    merge, pivot_ref = full.merge, full.pivot.path
     spec = spec_from_config(merge, locations.local_dir(pivot_ref), [locations.local_dir(t) for t in target_refs])
     node = ray.get_runtime_context().get_node_id()
     if not locations.is_remote(out_dir):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fusion_ray.merge import methods
+from fusion_ray.merge.registry import TensorInputs
 from fusion_ray.merge.spec import MergeSpec
 from fusion_ray.merge.streaming import (
     DTYPES,
@@ -51,8 +51,6 @@ MERGE_FILES = frozenset({"config.json", "README.md", MARKER, "model.safetensors"
                          *SIDE_FILES})
 OUTPUT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 LEFTOVER_GRACE_S = 60.0  # an unlocked partial dir younger than this may belong to a merge just starting
-TASK_ARITHMETIC = {"task_arithmetic": (None, False), "ties": ("magnitude", True),
-                   "dare_ties": ("random", True), "dare_linear": ("random", False)}
 
 
 def read_config(model_dir: str) -> dict:
@@ -141,28 +139,13 @@ def output_dtype(spec: MergeSpec, dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 
 def apply_method(spec: MergeSpec, xs: list[torch.Tensor], name: str, t: float, seed: int) -> torch.Tensor:
-    """Resolve the parameters of tensor `name` at layer position t and run the method."""
-    method, b = spec.merge_method, spec.base_index()
-    shared = spec.shared_params(name, t)
-    per = {i: spec.input_params(i, name, t) for i in range(len(xs)) if i != b}
-    if method == "linear":
-        return methods.linear(xs, [per[i]["weight"] for i in range(len(xs))], shared["normalize"])
-    base, idx = xs[b], [i for i in range(len(xs)) if i != b]
-    others = [xs[i] for i in idx]
-    if method in TASK_ARITHMETIC:
-        sparsify, consensus = TASK_ARITHMETIC[method]
-        return methods.task_arithmetic_family(
-            base, others, [per[i]["weight"] for i in idx], [per[i]["density"] for i in idx],
-            sparsify=sparsify, consensus=consensus, normalize=shared["normalize"], rescale=shared["rescale"],
-            lambda_=shared["lambda"], seeds=[methods.stable_seed(seed, name, i) for i in idx],
-            sort=spec.selection == "sort")
-    if method == "slerp":
-        return methods.slerp(shared["t"], base, others[0])
-    if method == "model_stock":
-        return methods.model_stock(base, others, shared["filter_wise"])
-    if method == "sce":
-        return methods.sce(base, others, shared["select_topk"], spec.variant, spec.selection == "sort")
-    return methods.varm(base, others)
+    """Resolve the parameters of tensor `name` at layer position t and run the method's tensor function
+    (`fusion_ray.merge.registry`)."""
+    b = spec.base_index()
+    return spec.method.run(TensorInputs(
+        tensors=xs, base=b, shared=spec.shared_params(name, t),
+        per_input={i: spec.input_params(i, name, t) for i in range(len(xs)) if i != b},
+        name=name, seed=seed, variant=spec.variant, sort=spec.selection == "sort"))
 
 
 def merge_one(spec: MergeSpec, ckpts: Sequence[Checkpoint], name: str, layers: int, seed: int) -> torch.Tensor:

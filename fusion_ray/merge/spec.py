@@ -12,50 +12,22 @@ method or an unknown parameter fails with its name.
 A parameter is a scalar, a gradient (list interpolated over the layer index, t ∈ [0, 1]),
 or `{filter, value}` conditions (first whose filter is a substring of the tensor name);
 a model's own setting wins over the global one, then the method's default (mergekit's
-precedence and defaults). Pure Python: no torch.
+precedence and defaults). The methods themselves, their parameters and defaults are
+declared once in `fusion_ray.merge.registry`. Pure Python: no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-REQUIRED = object()
+from fusion_ray.config import read_yaml_file
+from fusion_ray.errors import ConfigError, format_errors
+from fusion_ray.merge.registry import METHODS, REQUIRED, MergeMethod, unknown_method
+
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A merge method's parameters (name → default or REQUIRED) and input contract."""
-
-    shared: dict[str, Any] = field(default_factory=dict)
-    per_input: dict[str, Any] = field(default_factory=dict)
-    needs_base: bool = True
-    min_inputs: int = 2
-    max_inputs: int | None = None
-
-
-def _task_arithmetic(normalize: bool, rescale: bool) -> MethodSpec:
-    return MethodSpec(shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-                      per_input={"weight": REQUIRED, "density": 1.0})
-
-
-# mergekit 0.1.5 names and defaults; `varm` is FuseChat v1's.
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec(shared={"normalize": True}, per_input={"weight": REQUIRED}, needs_base=False,
-                         min_inputs=1),
-    "task_arithmetic": _task_arithmetic(normalize=False, rescale=False),
-    "ties": _task_arithmetic(normalize=True, rescale=False),
-    "dare_ties": _task_arithmetic(normalize=False, rescale=True),
-    "dare_linear": _task_arithmetic(normalize=False, rescale=True),
-    "slerp": MethodSpec(shared={"t": REQUIRED}, min_inputs=2, max_inputs=2),
-    "model_stock": MethodSpec(shared={"filter_wise": False}, min_inputs=3),
-    "sce": MethodSpec(shared={"int8_mask": False, "select_topk": 1.0}),
-    "varm": MethodSpec(),
-}
 
 
 class _Strict(BaseModel):
@@ -88,11 +60,11 @@ class MergeSpec(_Strict):
     @classmethod
     def _known_method(cls, v: str) -> str:
         if v not in METHODS:
-            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(METHODS)}")
+            raise ValueError(unknown_method(v))
         return v
 
     @property
-    def method(self) -> MethodSpec:
+    def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
 
     def inputs(self) -> list[str]:
@@ -124,7 +96,7 @@ class MergeSpec(_Strict):
         if n < spec.min_inputs or (spec.max_inputs and n > spec.max_inputs):
             want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
             raise ValueError(f"merge_method {self.merge_method} takes {want} models (base included); got {n}")
-        known = set(spec.shared) | set(spec.per_input)
+        known = spec.parameters()
         for where, params in [("parameters", self.parameters)] + [
                 (f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.models)]:
             unknown = sorted(set(params or {}) - known)
@@ -206,8 +178,6 @@ def _resolve(name: str, default: Any, scopes: list[dict | None], tensor: str, t:
 def whole_model_slices(data: dict[str, Any], source: str) -> dict[str, Any]:
     """`slices:` with ONE slice (FuseChat's published SLERP config) → `models:`; the engine
     checks that each layer_range covers all layers. Other slice layouts are refused."""
-    from fusion_ray.config import ConfigError
-
     slices = data.get("slices")
     if "modules" in data or not isinstance(slices, list) or len(slices) != 1 or "models" in data \
             or not isinstance(slices[0], dict) or set(slices[0]) - {"sources"}:
@@ -223,8 +193,6 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
     Raises:
         ConfigError: one line per bad field (unknown keys and methods named).
     """
-    from fusion_ray.config import ConfigError, format_errors  # late: config checks names against METHODS
-
     if isinstance(data, dict) and ("slices" in data or "modules" in data):
         data = whole_model_slices(data, source)
     try:
@@ -237,8 +205,6 @@ def parse_spec(data: dict[str, Any], source: str = "merge config") -> MergeSpec:
 
 def load_spec(path: str | Path) -> MergeSpec:
     """Read a mergekit-style YAML file; model paths relative to the file's directory resolve there."""
-    from fusion_ray.config import ConfigError, read_yaml_file
-
     path = Path(path)
     data = read_yaml_file(path, "merge config") or {}  # bounded; FileNotFoundError when missing
     if not isinstance(data, dict):

@@ -37,7 +37,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
         return StageResult.skipped(out_dir)
     ray = init_ray(cfg.ray)
     task = ray.remote(merge_into).options(num_cpus=MERGE_ACTOR_CPUS, max_retries=1)
-    stats = ray.get(task.remote(cfg.merge, cfg.pivot.path, targets, out.dir))
+    stats = ray.get(task.remote(cfg.to_wire(), targets, out.dir))
     out.commit(io.Manifest(stage="merge", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),

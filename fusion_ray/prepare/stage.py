@@ -66,7 +66,7 @@ def fingerprint(cfg: FusionConfig) -> str:
     inputs = [locations.fingerprint(c.path) for c in cfg.data.train]
     pivot = cfg.pivot.tokenizer or cfg.pivot.path
     return io.fingerprint("prepare", cfg.to_dict()["data"], locations.fingerprint(pivot, revision=cfg.pivot.revision),
-                          cfg.collect.shard_rows, inputs)
+                          cfg.data.shard_rows, inputs)
 
 
 def _clean(text: str, limit: int) -> str:
@@ -132,8 +132,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     if out is None:
         return StageResult.skipped(out_dir)
     tokenizer = tokenizers.for_model(cfg.pivot)
-    good = ShardWriter(out, "", schema.PREPARED, cfg.collect.shard_rows)
-    bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.collect.shard_rows)
+    good = ShardWriter(out, "", schema.PREPARED, cfg.data.shard_rows)
+    bad = ShardWriter(out, f"{REJECTED_DIR}/", schema.REJECTED, cfg.data.shard_rows)
     seen: set[str] = set()
     truncated = 0
     counts = [CorpusCount(n, spec.path) for n, spec in enumerate(cfg.data.train)]

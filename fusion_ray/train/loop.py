@@ -88,11 +88,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     from fusion_ray import tokenizer as tokenizers
 
-    cfg = FusionConfig.model_validate(config["cfg"])
+    cfg = FusionConfig.from_wire(config["cfg"])
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    lam = 1.0 if config["arm"] == "clm_only" else t.lambda_clm
+    lam = t.lambda_for(config["arm"])
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     path = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)

@@ -88,7 +88,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "arm": arm, "rows": manifest["rows"]["out"],
+        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"],
                            "log_path": log_path(out), "fingerprint": fp},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -105,7 +105,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     out.commit(io.Manifest(stage="train", fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={"fused": manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
                            extra={"arm": arm, "dataset": dataset, "metrics": result.metrics,
-                                  "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm,
+                                  "lambda_clm": t.lambda_for(arm),
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     log(f"[train] {name}: {result.metrics}")
