@@ -74,7 +74,7 @@ def test_eval_scores_every_arm_and_writes_the_report(tiny_models, tmp_path, ray_
     assert report["judge"]["pivot"]["unrated"] == 1
     assert all(p == "/v1/chat/completions" and auth == "Bearer sekret" for p, auth, _ in Judge.seen)
     assert any("What is a parser (case 0)?" in prompt for *_, prompt in Judge.seen)
-    assert io.read_manifest(result["dir"])["rows"] == {"computing": 6, "english": 5}
+    assert io.read_manifest(result.dir)["rows"] == {"computing": 6, "english": 5}
     assert stage.run(cfg, log=QUIET).status == "skipped"
 
 
