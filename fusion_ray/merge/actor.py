@@ -171,5 +171,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> dict:
                            inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
                config=cfg.to_dict())
-    log(f"[merge] {cfg.merge.method} of {len(targets)} target(s) → {out_dir}")
+    from fusion_ray.progress import rate
+
+    log(f"[merge] {cfg.merge.method} of {len(targets)} target(s): {rate(stats['tensors'], stats['wall_s'], 'tensors')} "
+        f"→ {out_dir}")
     return {"status": "done", "dir": out_dir, **stats}

@@ -108,7 +108,9 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                                   "lambda_clm": 1.0 if arm == "clm_only" else t.lambda_clm,
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
-    log(f"[train] {name}: {result.metrics}")
+    from fusion_ray.progress import rate
+
+    log(f"[train] {name}: {rate(manifest['rows']['out'] * t.epochs, time.monotonic() - started)}; {result.metrics}")
     return {"status": "done", "dir": out_dir, "metrics": result.metrics}
 
 
