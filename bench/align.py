@@ -5,7 +5,7 @@ cut GPT-2 and cut Mistral tokenizers), times:
   (a) our default aligner (offsets, DTW only where offsets do not meet) vs plain DTW;
   (b) our compiled DTW alone vs plain DTW, checking the outputs are identical;
   (c) the span transfer (`spans.transfer_spans`, `align.positions: spans`) on those pairs,
-      with synthetic top-k rows (the gold token first in 70% of them);
+      with synthetic top-k rows (distinct ids, the gold token first in 70% of them);
 and prints how often offset alignment and DTW agree (same source tokens per pivot
 token). Also times the `mined` vocabulary map between the FULL GPT-2 (50k) and
 Mistral (32k) vocabularies. Usage: python bench/align.py [--pairs 150]
@@ -76,7 +76,9 @@ def spans_samples(n: int, k: int = 10, seed: int = 0) -> list[tuple]:
     def row(tok, text: str, vocab_size: int) -> dict:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.array(enc["input_ids"])
-        topk = rng.integers(0, vocab_size, (len(ids) - 1, k))
+        draw = rng.random((len(ids) - 1, vocab_size))
+        draw[np.arange(len(ids) - 1), ids[1:]] = 2.0  # the gold token is never among the k drawn
+        topk = np.argpartition(draw, k, axis=1)[:, :k]  # k distinct ids per row, as a real top-k
         topk[:, 0] = np.where(rng.random(len(ids) - 1) < 0.7, ids[1:], topk[:, 0])
         logprobs = np.log(np.sort(rng.dirichlet(np.ones(k + 1), len(ids) - 1)[:, :k], axis=1)[:, ::-1])
         return {"input_ids": ids, "offsets": np.array([e for _, e in enc["offset_mapping"]]),
