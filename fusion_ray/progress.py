@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
+QUIET = "FUSION_RAY_QUIET_PROGRESS"
 QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # Ray Data: no bars, nor the report it logs every 10 s off a terminal
     "TQDM_DISABLE": "1",  # tqdm reads `TQDM_*` defaults from the environment: every bar that does not ask
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's bars, and transformers' (it follows the hub's)
     "VLLM_LOGGING_LEVEL": "WARNING",  # vLLM's ~30 start-up INFO lines per engine
+    QUIET: "1",  # ours: Ray Train's INFO lines to its log files only (`train_log_level`, `quiet_train_worker`)
 }
 
 _applied: dict[str, str] = {}  # what `quiet_progress` set in this process
@@ -50,6 +52,27 @@ def quiet_progress(stream=None) -> dict[str, str]:
 def worker_env() -> dict[str, str]:
     """The variables `quiet_progress` set, for the `env_vars` of a Ray runtime environment."""
     return dict(_applied)
+
+
+def train_log_level() -> str:
+    """Ray Train's console log level (`ray.train.LoggingConfig`): WARNING off a terminal, where its
+    INFO lines (worker groups starting, resources requested) go to its log files only."""
+    return "WARNING" if os.environ.get(QUIET) == "1" else "INFO"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker off a terminal: no INFO line per `ray.train.report` (the whole metrics
+    dict, from every rank; the training loop writes its own step line). Ray Train logs it under its
+    module's file name, which its `LoggingConfig` does not reach."""
+    if os.environ.get(QUIET) != "1":
+        return
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: leave it as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _quiet_imported_libraries() -> None:

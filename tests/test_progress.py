@@ -82,3 +82,19 @@ def test_a_tqdm_bar_writes_nothing_once_quieted(quiet):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (out.stderr == "") is quiet, out.stderr
+
+
+def test_off_a_terminal_ray_train_logs_its_info_lines_to_its_files_only(clean):
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    assert progress.train_log_level() == "INFO"
+    reports = logging.getLogger(context.__file__)  # where Ray Train logs each `ray.train.report`
+    clean.setattr(reports, "level", reports.level)  # restored afterwards
+    progress.quiet_train_worker()
+    assert reports.level < logging.WARNING, "at a terminal (no quiet variable) nothing changes"
+    progress.quiet_progress(io.StringIO())
+    assert progress.train_log_level() == "WARNING"
+    progress.quiet_train_worker()
+    assert not reports.isEnabledFor(logging.INFO)

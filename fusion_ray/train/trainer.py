@@ -56,9 +56,10 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
 
 def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False, log=print) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fusion_ray import progress
     from fusion_ray.train.loop import train_loop_per_worker
 
     fused_dir = cfg.stage_dir("fuse", dataset)
@@ -96,7 +97,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                                      accelerator_type=t.accelerator_type),
         run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=progress.train_log_level())),
         datasets={"train": data},
         resume_from_checkpoint=resume,
     )
@@ -110,7 +112,9 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     from fusion_ray.progress import rate
 
-    log(f"[train] {name}: {rate(manifest['rows']['out'] * t.epochs, time.monotonic() - started)}; {result.metrics}")
+    metrics = dict(result.metrics or {})
+    log(f"[train] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
+        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return {"status": "done", "dir": out_dir, "metrics": result.metrics}
 
 
