@@ -4,6 +4,8 @@ On real sequence pairs from the demo corpus (pivot: cut DeepSeek-V3 tokenizer; s
 cut GPT-2 and cut Mistral tokenizers), times:
   (a) our default aligner (offsets, DTW only where offsets do not meet) vs plain DTW;
   (b) our compiled DTW alone vs plain DTW, checking the outputs are identical;
+  (c) the span transfer (`spans.transfer_spans`, `align.positions: spans`) on those pairs,
+      with synthetic top-k rows (distinct ids, the gold token first in 70% of them);
 and prints how often offset alignment and DTW agree (same source tokens per pivot
 token). Also times the `mined` vocabulary map between the FULL GPT-2 (50k) and
 Mistral (32k) vocabularies. Usage: python bench/align.py [--pairs 150]
@@ -60,6 +62,44 @@ def timed(fn, pairs, repeat: int = 1) -> tuple[float, list]:
         gc.enable()
 
 
+def spans_samples(n: int, k: int = 10, seed: int = 0) -> list[tuple]:
+    """(pivot row, source row, text, first-piece map, FirstPiece, source surfaces) of real demo texts
+    whose offsets meet, as `align` passes them to `spans.transfer_spans`; the top-k rows are
+    synthetic (seeded), with the gold token first in 70% of them."""
+    from fusion_ray import tokenizer as tokenizers
+    from fusion_ray.align import spans
+
+    rng = np.random.default_rng(seed)
+    pivot = tokenizers.from_dir(assets.resolve("demo:pivot"))
+    first = spans.FirstPiece(pivot, vocab.surfaces(pivot))
+
+    def row(tok, text: str, vocab_size: int) -> dict:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.array(enc["input_ids"])
+        draw = rng.random((len(ids) - 1, vocab_size))
+        draw[np.arange(len(ids) - 1), ids[1:]] = 2.0  # the gold token is never among the k drawn
+        topk = np.argpartition(draw, k, axis=1)[:, :k]  # k distinct ids per row, as a real top-k
+        topk[:, 0] = np.where(rng.random(len(ids) - 1) < 0.7, ids[1:], topk[:, 0])
+        logprobs = np.log(np.sort(rng.dirichlet(np.ones(k + 1), len(ids) - 1)[:, :k], axis=1)[:, ::-1])
+        return {"input_ids": ids, "offsets": np.array([e for _, e in enc["offset_mapping"]]),
+                "loss_mask": np.ones(len(ids) - 1, bool), "topk_ids": topk,
+                "topk_logprobs": logprobs.astype(np.float32), "gold_logprob": logprobs[:, -1].astype(np.float32)}
+
+    samples = []
+    for source_name in ("source_computing", "source_english"):
+        source = tokenizers.from_dir(assets.resolve(f"demo:{source_name}"))
+        s_surf = vocab.surfaces(source)
+        vmap = first.vocab_map(s_surf, {})
+        corpus = "computing_train" if source_name.endswith("computing") else "english_train"
+        with open(assets.asset_path(corpus)) as fh:
+            for line, _ in zip(fh, range(n // 2), strict=False):
+                text = pivot.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+                p_row, s_row = row(pivot, text, len(pivot)), row(source, text, len(source))
+                if offsets.meet(p_row["offsets"], s_row["offsets"], len(text)):
+                    samples.append((p_row, s_row, text, vmap, first, s_surf))
+    return samples
+
+
 def full_tokenizer(family: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -113,6 +153,13 @@ def main() -> None:
     print(f"offset alignment vs DTW: same source tokens for {agreement:.1%} of pivot tokens; "
           f"DTW finds {one_to_one_agree / max(one_to_one_total, 1):.1%} of the exact 1-1 pairs")
 
+    from fusion_ray.align import spans
+
+    samples = spans_samples(args.pairs)
+    t_spans, _ = timed(lambda a: spans.transfer_spans(*a, k=10), samples, repeat=3)
+    print(f"(c) span transfer:              {t_spans * 1e3 / len(samples):9.3f} ms/pair "
+          f"({len(samples)} pairs whose offsets meet)")
+
     gpt, mistral = full_tokenizer("gpt2"), full_tokenizer("mistral")
     started = time.perf_counter()
     mined = vocab.mined_map(vocab.surfaces(gpt), vocab.surfaces(mistral))
@@ -121,7 +168,8 @@ def main() -> None:
     print(f"mined map GPT-2 ({len(gpt):,}) → Mistral ({len(mistral):,}): {t_mined:.1f} s "
           f"({exact:,} exact hits, {len(mined) - exact:,} by edit distance)")
     print(json.dumps({"aligner_speedup": round(t_ref / t_def, 1), "dtw_speedup": round(t_ref / t_dtw, 1),
-                      "offset_dtw_agreement": round(agreement, 4), "mined_map_seconds": round(t_mined, 2)}))
+                      "offset_dtw_agreement": round(agreement, 4), "mined_map_seconds": round(t_mined, 2),
+                      "spans_ms_per_pair": round(t_spans * 1e3 / len(samples), 3)}))
 
 
 if __name__ == "__main__":

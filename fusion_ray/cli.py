@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     traceback instead."""
     from pydantic import ValidationError
 
+    from fusion_ray import progress
     from fusion_ray.config import format_errors
 
+    progress.quiet_progress()  # off a terminal, no progress bars (before the libraries are imported)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options
     if extra and (not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra)):

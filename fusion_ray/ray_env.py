@@ -4,6 +4,9 @@ A local Ray stays on loopback, with token auth off (Ray 2.60 turns it on by
 default) and the logical CPU count from the config: on a 2-core machine a
 pipeline's actors only all fit with more logical CPUs than cores, or with
 fractional CPU requests (silent starvation otherwise).
+
+Off a terminal (output to a file, a pipe, `ray job submit`), progress bars are off in the
+driver and in every worker (`fusion_ray.progress`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
         cfg: the config's `ray` section; None means a local Ray with defaults.
         kwargs: passed to `ray.init` (e.g. `runtime_env`).
     """
+    from fusion_ray import progress
+
     cfg = cfg or RayConfig()
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
+    progress.quiet_progress()
     import ray
 
     if ray.is_initialized():
@@ -37,8 +43,10 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
     from fusion_ray.locations import worker_env
 
     # Object-store endpoint and keys, hub settings: every worker needs them. A job submitted with
-    # `ray job submit` already hands its runtime env (env_vars included) to its workers.
+    # `ray job submit` already hands its runtime env (env_vars included) to its workers; the
+    # progress settings are added only where the job's env does not set them (merged per key).
     env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else worker_env()
+    env.update(progress.worker_env())
     if env:
         runtime_env = dict(kwargs.pop("runtime_env", None) or {})
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
@@ -48,4 +56,5 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
         ray.init(address=address, **kwargs)
     else:  # "local": never attach by accident to another cluster running on this machine
         ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
+    progress.quiet_ray_data()
     return ray

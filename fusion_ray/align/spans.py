@@ -37,6 +37,8 @@ per position.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from fusion_ray.align.project import fill_fallback, merge_duplicates, stored_rows
@@ -218,6 +220,170 @@ def _exact(index: dict, row: int, u: str, shorter: bool, first: FirstPiece, s_su
     return merge_duplicates(np.asarray([out_ids]), np.asarray([out_lp], dtype=np.float32), k)
 
 
+class _Source:
+    """One source `logits/` row as the span transfer reads it."""
+
+    def __init__(self, source: dict, text: str, surfaces: list[str], scored_only: bool, gold: bool):
+        self.text, self.surfaces = text, surfaces
+        self.tokens = np.asarray(source["input_ids"])
+        self.ends = np.asarray(source["offsets"], dtype=np.int64)  # char end of each source token
+        # top-k row holding the prediction made at each position (of the token after it; -1: not stored)
+        self.rows = stored_rows(np.asarray(source["loss_mask"], bool), scored_only)
+        self.topk_ids = np.asarray(source["topk_ids"])
+        self.topk_logprobs = np.asarray(source["topk_logprobs"], dtype=np.float32)
+        self.gold_logprobs = (np.asarray(source["gold_logprob"], dtype=np.float32)
+                              if gold and "gold_logprob" in source else None)
+
+    def spells(self, token: int, start: int) -> bool:
+        """Whether source token number `token`, starting at char `start`, is the text it covers
+        (not a special token, no normalisation)."""
+        return self.surfaces[self.tokens[token]] == _bytes(self.text, start, int(self.ends[token]))
+
+    def row_with_gold(self, row: int, gold_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k row `row` (ids, log-probs), plus the gold token where `gold` asks for it (`_with_gold`)."""
+        return _with_gold(self.topk_ids[row], self.topk_logprobs[row], gold_id, self.gold_logprobs, row)
+
+
+class _Targets(NamedTuple):
+    """Where each scored pivot position's next token meets the source: the pivot token spans
+    chars [start, end); `covering` is the source token covering `start` (the first ending after
+    it), which starts at `covering_start`; `row` is the source's top-k row predicting that token.
+    `usable`: the position can be transferred at all; `whole`: the vectorised case, the source
+    token starts where the pivot token does and covers it."""
+
+    start: np.ndarray
+    end: np.ndarray
+    covering: np.ndarray
+    covering_start: np.ndarray
+    row: np.ndarray
+    usable: np.ndarray
+    whole: np.ndarray
+
+
+def _locate(pivot_ends: np.ndarray, scored: np.ndarray, source: _Source) -> _Targets:
+    """The source token under each scored pivot position's next token (`_Targets`)."""
+    source_ends = source.ends
+    start, end = pivot_ends[scored], pivot_ends[scored + 1]
+    covering = np.searchsorted(source_ends, start, side="right")
+    usable = (covering >= 1) & (covering < len(source_ends)) & (end > start)
+    covering = np.clip(covering, 1, len(source_ends) - 1)
+    covering_start = source_ends[covering - 1]
+    row = np.where(usable, source.rows[np.maximum(covering - 1, 0)], -1)
+    usable &= row >= 0
+    # pivot tokens whose last byte is shared with the next token (a split char) are left out
+    end_after_next = pivot_ends[np.minimum(scored + 2, len(pivot_ends) - 1)]
+    usable &= (scored + 2 >= len(pivot_ends)) | (end_after_next > end)
+    whole = usable & (covering_start == start) & (source_ends[covering] >= end)
+    return _Targets(start, end, covering, covering_start, row, usable, whole)
+
+
+def _label_teacher(source: _Source, covering: int, written: str, first: FirstPiece,
+                   k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """`prefix: label` (the ablation): all mass on the pivot piece of the written source token
+    that starts at byte len(written); None where the pivot's tokenization has no boundary there."""
+    pivot_id = first.after(source.surfaces[source.tokens[covering]], len(written))
+    if pivot_id < 0:
+        return None
+    ids, logprobs = np.zeros(k, dtype=np.int64), np.full(k, -np.inf, dtype=np.float32)
+    ids[0], logprobs[0] = pivot_id, 0.0
+    return ids, logprobs
+
+
+def _expand_gold(gold_chain: list[tuple[str, float]], source: _Source, covering: int,
+                 pivot_end: int) -> list[tuple[str, float]]:
+    """Continuations of the gold candidate through the next source positions, while the gold
+    path ends before the pivot token does (at most `MAX_EXPAND` tokens): each candidate x of the
+    next position gives (gold text + x, log p(gold) + log p(x | gold)). The gold path not expanded
+    further comes last: the pivot piece it starts with stands for it."""
+    continuations: list[tuple[str, float]] = []
+    depth, at = 0, covering
+    while gold_chain and depth < MAX_EXPAND and at + 1 < len(source.ends):
+        (gold_text, gold_logprob), = gold_chain
+        row = source.rows[at]
+        next_gold = source.tokens[at + 1]
+        if row < 0 or not source.spells(at + 1, int(source.ends[at])):
+            break
+        gold_chain = []
+        ids, logprobs = source.row_with_gold(row, int(next_gold))
+        for x, x_logprob in zip(ids.tolist(), logprobs.tolist(), strict=True):
+            if x_logprob == -np.inf or not source.surfaces[x]:
+                continue
+            path = (gold_text + source.surfaces[x], gold_logprob + x_logprob)
+            if x == next_gold and source.ends[at + 1] < pivot_end:
+                gold_chain = [path]
+            else:
+                continuations.append(path)
+        depth, at = depth + 1, at + 1
+    return continuations + gold_chain
+
+
+def _on_pivot_tokens(continuations: list[tuple[str, float]], first: FirstPiece,
+                     written_len: int) -> tuple[list[int], np.ndarray]:
+    """Each continuation on the pivot token its tokenization starts at byte `written_len`
+    (`FirstPiece.after`); those with no boundary there are dropped."""
+    pivot_ids, logprobs = [], []
+    for surface, logprob in continuations:
+        pivot_id = first.after(surface, written_len)
+        if pivot_id >= 0:
+            pivot_ids.append(pivot_id)
+            logprobs.append(logprob)
+    return pivot_ids, np.asarray(logprobs, dtype=np.float64)
+
+
+def _written_prefix_logmass(kept: list[float], row_logprobs: np.ndarray, prefix: str) -> float:
+    """log p(u) of the written prefix u: the mass of the kept candidates (a lower bound), or with
+    `prefix: tail` that plus the row's tail mass (an upper bound: the rest stays in the tail)."""
+    mass = np.logaddexp.reduce(np.asarray(kept, dtype=np.float64))
+    if prefix == "tail":
+        tail = 1.0 - np.exp(np.logaddexp.reduce(row_logprobs.astype(np.float64)))
+        mass = np.logaddexp(mass, np.log(tail) if tail > 0 else -np.inf)
+    return mass
+
+
+def _conditioned_teacher(source: _Source, covering: int, row: int, written: str, pivot_end: int,
+                         first: FirstPiece, k: int, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The source's distribution over how the text goes on after the written prefix, on pivot
+    tokens: the candidates continuing it, the gold one expanded where it is shorter than the pivot
+    token, conditioned on the prefix (p(s | u) = p(s) / p(u)) when there is one."""
+    gold_id = int(source.tokens[covering])
+    candidates = _candidates(*source.row_with_gold(row, gold_id), source.surfaces, written)
+    if not candidates:
+        return None
+    expand = int(source.ends[covering]) < pivot_end
+    # the gold candidate is expanded while it ends before the pivot token does
+    gold_chain = [(text, logprob) for text, logprob, i in candidates if i == gold_id and expand]
+    continuations = [(text, logprob) for text, logprob, i in candidates if not (i == gold_id and expand)]
+    # what p(u) is made of: the candidates the pivot would split at len(u), and the gold one
+    kept = ([logprob for text, logprob in continuations if first.after(text, len(written)) >= 0]
+            + [logprob for _, logprob in gold_chain])
+    continuations += _expand_gold(gold_chain, source, covering, pivot_end)
+    pivot_ids, logprobs = _on_pivot_tokens(continuations, first, len(written))
+    if not pivot_ids:
+        return None
+    if written:  # condition on the written prefix: p(s | u) = p(s) / p(u)
+        logprobs -= _written_prefix_logmass(kept, source.topk_logprobs[row], prefix)
+    return merge_duplicates(np.asarray([pivot_ids]), logprobs[None].astype(np.float32), k)
+
+
+def _teacher_at(targets: _Targets, n: int, source: _Source, first: FirstPiece, k: int, prefix: str,
+                exact: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The transferred distribution (ids, log-probs) at scored pivot position n, off the
+    vectorised path; None: not transferred."""
+    covering, row = int(targets.covering[n]), int(targets.row[n])
+    token_start, pivot_end = int(targets.covering_start[n]), int(targets.end[n])
+    written = _bytes(source.text, token_start, int(targets.start[n]))  # u: the source token's part before
+    if written and prefix == "skip":
+        return None
+    if not source.spells(covering, token_start):
+        return None  # the source token is not the text it covers (a special token, normalisation)
+    token_end = int(source.ends[covering])
+    if prefix == "label" and written and token_end >= pivot_end:  # the ablation: the written token only
+        return _label_teacher(source, covering, written, first, k)
+    if prefix == "exact":
+        return _exact(exact, row, written, token_end < pivot_end, first, source.surfaces, k)
+    return _conditioned_teacher(source, covering, row, written, pivot_end, first, k, prefix)
+
+
 def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, first: FirstPiece,
                    s_surf: list[str], *, k: int, fallback: str = "pivot", pivot_scored_only: bool = False,
                    source_scored_only: bool = False, prefix: str = "renormalize", gold: bool = True) -> dict:
@@ -241,95 +407,24 @@ def transfer_spans(pivot: dict, source: dict, text: str, first_map: np.ndarray, 
         kinds 0 none, 1 vectorised (the source token starts with the pivot's and covers it),
         2 conditioned on a written prefix or expanded.
     """
-    pe = np.asarray(pivot["offsets"], dtype=np.int64)
-    se = np.asarray(source["offsets"], dtype=np.int64)
-    mask = np.asarray(pivot["loss_mask"], dtype=bool)
-    scored = np.flatnonzero(mask)
-    s_rows = stored_rows(np.asarray(source["loss_mask"], bool), source_scored_only)
-    s_ids_all, s_lp_all = np.asarray(source["topk_ids"]), np.asarray(source["topk_logprobs"], dtype=np.float32)
-    s_tokens = np.asarray(source["input_ids"])
-    s_gold = np.asarray(source["gold_logprob"], dtype=np.float32) if gold and "gold_logprob" in source else None
+    pivot_ends = np.asarray(pivot["offsets"], dtype=np.int64)
+    scored = np.flatnonzero(np.asarray(pivot["loss_mask"], dtype=bool))
+    source_row = _Source(source, text, s_surf, source_scored_only, gold)
     exact = _exact_index(source) if prefix == "exact" else None
-    c, e = pe[scored], pe[scored + 1]  # the next pivot token spans [c, e)
-    # m: the source token covering char c (first ending after c); it starts at se[m-1]
-    m = np.searchsorted(se, c, side="right")
-    ok = (m >= 1) & (m < len(se)) & (e > c)
-    m_c = np.clip(m, 1, len(se) - 1)
-    b = se[m_c - 1]
-    row = np.where(ok, s_rows[np.maximum(m_c - 1, 0)], -1)
-    ok &= row >= 0
-    # pivot tokens whose last byte is shared with the next token (a split char) are left out
-    ok &= (scored + 2 >= len(pe)) | (pe[np.minimum(scored + 2, len(pe) - 1)] > e)
-    simple = ok & (b == c) & (se[m_c] >= e)
-    kinds = np.where(simple, 1, 0)
+    targets = _locate(pivot_ends, scored, source_row)
 
-    P = len(scored)
-    ids = np.zeros((P, k), dtype=np.int64)
-    lp = np.full((P, k), -np.inf, dtype=np.float32)
-    if simple.any():
-        ids[simple], lp[simple] = merge_duplicates(first_map[s_ids_all[row[simple]]], s_lp_all[row[simple]], k)
-    for n in np.flatnonzero(ok & ~simple):
-        mi, ri = int(m_c[n]), int(row[n])
-        u = _bytes(text, int(b[n]), int(c[n]))
-        if u and prefix == "skip":
-            continue
-        if s_surf[s_tokens[mi]] != _bytes(text, int(b[n]), int(se[mi])):
-            continue  # the source token is not the text it covers (a special token, normalisation)
-        if prefix == "label" and u and int(se[mi]) >= e[n]:  # the ablation: the written token only
-            pid = first.after(s_surf[s_tokens[mi]], len(u))
-            if pid >= 0:
-                ids[n, 0], lp[n, 0], kinds[n] = pid, 0.0, 2
-            continue
-        if prefix == "exact":
-            got = _exact(exact, ri, u, int(se[mi]) < e[n], first, s_surf, k)
-            if got is not None:
-                ids[n], lp[n] = got
-                kinds[n] = 2
-            continue
-        gold_id = int(s_tokens[mi])
-        cands = _candidates(*_with_gold(s_ids_all[ri], s_lp_all[ri], gold_id, s_gold, ri), s_surf, u)
-        if not cands:
-            continue
-        expand = int(se[mi]) < e[n]
-        # the gold candidate is expanded while it ends before the pivot token does
-        frontier = [(t, v) for t, v, i in cands if i == gold_id and expand]
-        items = [(t, v) for t, v, i in cands if not (i == gold_id and expand)]
-        level0 = [v for t, v in items if first.after(t, len(u)) >= 0] + [v for _, v in frontier]
-        depth, nxt = 0, mi
-        while frontier and depth < MAX_EXPAND and nxt + 1 < len(se):
-            (gt, gv), = frontier
-            nrow = s_rows[nxt]
-            gold_next = s_tokens[nxt + 1]
-            if nrow < 0 or s_surf[gold_next] != _bytes(text, int(se[nxt]), int(se[nxt + 1])):
-                break
-            frontier = []
-            for x, xv in zip(*(a.tolist() for a in _with_gold(s_ids_all[nrow], s_lp_all[nrow], int(gold_next),
-                                                                s_gold, nrow)), strict=True):
-                if xv == -np.inf or not s_surf[x]:
-                    continue
-                if x == gold_next and se[nxt + 1] < e[n]:
-                    frontier = [(gt + s_surf[x], gv + xv)]
-                else:
-                    items.append((gt + s_surf[x], gv + xv))
-            depth, nxt = depth + 1, nxt + 1
-        items += frontier  # not expanded further: the pivot piece it starts with stands for it
-        out_ids, out_lp = [], []
-        for t, v in items:
-            pid = first.after(t, len(u))
-            if pid >= 0:
-                out_ids.append(pid)
-                out_lp.append(v)
-        if not out_ids:
-            continue
-        vals = np.asarray(out_lp, dtype=np.float64)
-        if u:  # condition on the written prefix: p(s | u) = p(s) / p(u)
-            kept = np.logaddexp.reduce(np.asarray(level0, dtype=np.float64))
-            if prefix == "tail":  # p(u) ≤ kept + the row's tail mass: the rest stays in the tail
-                tail = 1.0 - np.exp(np.logaddexp.reduce(s_lp_all[ri].astype(np.float64)))
-                kept = np.logaddexp(kept, np.log(tail) if tail > 0 else -np.inf)
-            vals -= kept
-        ids[n], lp[n] = merge_duplicates(np.asarray([out_ids]), vals[None].astype(np.float32), k)
-        kinds[n] = 2
+    ids = np.zeros((len(scored), k), dtype=np.int64)
+    lp = np.full((len(scored), k), -np.inf, dtype=np.float32)
+    kinds = np.where(targets.whole, 1, 0)
+    if targets.whole.any():
+        rows = targets.row[targets.whole]
+        ids[targets.whole], lp[targets.whole] = merge_duplicates(first_map[source_row.topk_ids[rows]],
+                                                                 source_row.topk_logprobs[rows], k)
+    for n in np.flatnonzero(targets.usable & ~targets.whole):
+        got = _teacher_at(targets, n, source_row, first, k, prefix, exact)
+        if got is not None:
+            ids[n], lp[n] = got
+            kinds[n] = 2
     done = kinds > 0
     fill_fallback(ids, lp, ~done, pivot, fallback, pivot_scored_only)
     return {"topk_ids": ids.astype(np.int32), "topk_logprobs": lp, "transferred": done, "kinds": kinds}

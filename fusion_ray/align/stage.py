@@ -263,7 +263,10 @@ def align_source(cfg: FusionConfig, source: ModelSpec, force: bool = False, log=
     out.commit(io.Manifest(stage="align", fingerprint=fp, config_hash=cfg.config_hash(), inputs=inputs,
                            rows={"in": totals["rows"], "out": totals["rows"]}, extra=extra,
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
-    log(f"[align] {source.name}: {fraction:.1%} of scored pivot positions transferred "
+    from fusion_ray.progress import rate
+
+    log(f"[align] {source.name}: {rate(totals['rows'], time.monotonic() - started)}; "
+        f"{fraction:.1%} of scored pivot positions transferred "
         f"({extra['alignment']})")
     return StageResult("done", [out_dir], {"transferred_fraction": fraction})
 

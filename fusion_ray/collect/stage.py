@@ -202,7 +202,9 @@ def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> StageResu
                            extra={"model": model.name, "engine": cfg.collect.engine,
                                   "top_k": cfg.collect.top_k, "scored_only": cfg.collect.scored_only,
                                   "approx_bytes": n_bytes}), config=cfg.to_dict())
-    log(f"[collect] {model.name}: {n_rows} rows, {len(files)} shard(s)")
+    from fusion_ray.progress import rate
+
+    log(f"[collect] {model.name}: {rate(n_rows, time.monotonic() - started)}, {len(files)} shard(s)")
     return StageResult("done", [out.final], {"rows": rows})
 
 

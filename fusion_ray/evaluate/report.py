@@ -54,27 +54,59 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict) -> bytes:
+def compared_arms(report: dict) -> list[str]:
+    """The arms set against the CLM-only arm: the fused and merged ones (present when it is)."""
+    if "clm_only" not in report["bpb"]:
+        return []
+    return [arm for arm in sorted(report["bpb"], key=_order) if arm.startswith("fused:") or arm == "merged"]
+
+
+def figure(report: dict):
+    """The report's chart as a matplotlib Figure: per domain, each fused or merged arm's Δ bpb
+    against the CLM-only arm (arm − clm_only; below the zero line fusion helps), each bar labelled
+    with its value. Without a CLM-only arm (or nothing to set against it), absolute bpb per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bpb = report["bpb"]
-    arms = sorted(bpb, key=_order)
     domains = sorted({d for v in bpb.values() for d in v})
+    compared = compared_arms(report)
+    if compared:
+        clm = bpb["clm_only"]
+        arms = compared
+        values = {arm: [bpb[arm].get(d, float("nan")) - clm.get(d, float("nan")) for d in domains] for arm in arms}
+    else:
+        arms = sorted(bpb, key=_order)
+        values = {arm: [bpb[arm].get(d, 0) for d in domains] for arm in arms}
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(arms) * len(domains) / 2, 4), dpi=110)
     width = 0.8 / max(len(arms), 1)
     for i, arm in enumerate(arms):
         xs = [j + (i - (len(arms) - 1) / 2) * width for j in range(len(domains))]
-        ax.bar(xs, [bpb[arm].get(d, 0) for d in domains], width, label=arm)
+        bars = ax.bar(xs, values[arm], width, label=arm)
+        if compared:
+            ax.bar_label(bars, fmt="%+.4f", fontsize=7, padding=2)
     ax.set_xticks(range(len(domains)), domains)
-    ax.set_ylabel("held-out bits per byte (lower is better)")
-    low = min(v for a in bpb.values() for v in a.values())
-    ax.set_ylim(bottom=max(0, low * 0.9))
+    if compared:
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("Δ bits per byte vs CLM-only (below 0: fusion helps)")
+        ax.margins(y=0.2)  # room for the bar labels
+    else:
+        ax.set_ylabel("held-out bits per byte (lower is better)")
+        low = min(v for a in bpb.values() for v in a.values())
+        ax.set_ylim(bottom=max(0, low * 0.9))
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(f"fusion_ray: {report.get('config', '')}")
     fig.tight_layout()
+    return fig
+
+
+def chart(report: dict) -> bytes:
+    """`figure` as PNG bytes."""
+    fig = figure(report)
+    import matplotlib.pyplot as plt
+
     buf = _io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -162,5 +162,9 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                            rows={d: len(c) for d, c in conversations.items()},
                            extra={"arms": sorted(models)}, wall_time_s=time.monotonic() - started),
                config=cfg.to_dict())
-    log(f"[eval] report: {out_dir}/report.md")
+    from fusion_ray.progress import rate
+
+    scored = sum(len(c) for c in conversations.values()) * len(models)
+    log(f"[eval] {len(models)} arms: {rate(scored, time.monotonic() - started, 'conversations')}; "
+        f"report: {out_dir}/report.md")
     return StageResult("done", [out_dir], {"report": f"{out_dir}/report.md", "bpb": bpb})

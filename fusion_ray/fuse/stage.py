@@ -125,7 +125,10 @@ def fuse_pair(cfg: FusionConfig, pair: str, force: bool = False, log=print) -> S
                                   "metric": cfg.fuse.metric, "routing": stats,
                                   "pivot_vocab": manifests[sources[0]]["extra"].get("pivot_vocab")},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
-    log(f"[fuse] {pair}: {n_rows} rows; routing {({d: s['wins'] for d, s in stats.items()})}")
+    from fusion_ray.progress import rate
+
+    log(f"[fuse] {pair}: {rate(n_rows, time.monotonic() - started)}; "
+        f"routing {({d: s['wins'] for d, s in stats.items()})}")
     return StageResult("done", [out_dir], {"routing": stats})
 
 

@@ -42,5 +42,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                            inputs={"pivot": pivot_fp, **fingerprints}, rows={"tensors": stats["tensors"]},
                            extra={"method": cfg.merge.method, "targets": list(fingerprints), **stats}),
                config=cfg.to_dict())
-    log(f"[merge] {cfg.merge.method} of {len(targets)} target(s) → {out_dir}")
+    from fusion_ray.progress import rate
+
+    log(f"[merge] {cfg.merge.method} of {len(targets)} target(s): {rate(stats['tensors'], stats['wall_s'], 'tensors')} "
+        f"→ {out_dir}")
     return StageResult("done", [out_dir], stats)

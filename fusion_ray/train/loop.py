@@ -86,8 +86,10 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM
 
+    from fusion_ray import progress
     from fusion_ray import tokenizer as tokenizers
 
+    progress.quiet_train_worker()  # off a terminal, no Ray Train line per report
     cfg = FusionConfig.from_wire(config["cfg"])
     t = cfg.train
     ctx = ray.train.get_context()

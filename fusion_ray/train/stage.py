@@ -58,9 +58,10 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
 def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False,
               log=print) -> StageResult:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from fusion_ray import progress
     from fusion_ray.train.loop import train_loop_per_worker
 
     fused_dir = cfg.stage_dir("fuse", dataset)
@@ -96,7 +97,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                                      accelerator_type=t.accelerator_type),
         run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=progress.train_log_level())),
         datasets={"train": data},
         resume_from_checkpoint=resume,
     )
@@ -108,7 +110,11 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                                   "lambda_clm": t.lambda_for(arm),
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
-    log(f"[train] {name}: {result.metrics}")
+    from fusion_ray.progress import rate
+
+    metrics = dict(result.metrics or {})
+    log(f"[train] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
+        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return StageResult("done", [out_dir], {"metrics": result.metrics})
 
 
