@@ -42,19 +42,26 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
         return ray
     from fusion_ray.locations import worker_env
 
-    # Object-store endpoint and keys, hub settings: every worker needs them. A job submitted with
-    # `ray job submit` already hands its runtime env (env_vars included) to its workers; the
-    # progress settings are added only where the job's env does not set them (merged per key).
-    env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else worker_env()
-    env.update(progress.worker_env())
-    if env:
-        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
-        kwargs["runtime_env"] = runtime_env
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    # Object-store endpoint and keys, hub settings and the progress settings: every worker needs
+    # them. A local Ray started here inherits this process's environment (they are set by now), and
+    # a job submitted with `ray job submit` hands its own runtime env to its workers: only a driver
+    # joining a running cluster passes them on. (A runtime env makes Ray start workers of their own
+    # for it: on a local Ray the same variables once more cost a pool of idle workers, and time.)
+    if address and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        env = {**worker_env(), **progress.worker_env()}
+        if env:
+            runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+            runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+            kwargs["runtime_env"] = runtime_env
     if address:
         ray.init(address=address, **kwargs)
     else:  # "local": never attach by accident to another cluster running on this machine
+        from ray._private import ray_constants
+
+        # loopback only: Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first
+        # imported, which may have been before LOCAL_ENV was set here
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
     progress.quiet_ray_data()
     return ray

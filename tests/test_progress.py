@@ -44,16 +44,22 @@ def test_a_variable_the_user_set_is_left_as_it_is(clean):
     assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
 
 
-def test_init_ray_hands_the_settings_to_the_workers_and_quiets_ray_data(clean):
-    """What `ray.init` receives off a terminal: the progress variables in the runtime env."""
+@pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
+def test_init_ray_hands_the_settings_to_the_workers_and_quiets_ray_data(clean, address):
+    """What `ray.init` receives off a terminal. Joining a running cluster: the progress variables
+    in the runtime env. A local Ray: no runtime env (its workers inherit this process's environment,
+    where they are set; one more runtime env would start a pool of workers of its own)."""
     import logging
 
     import ray
     from ray.data import DataContext
 
+    from fusion_ray.config import RayConfig
     from fusion_ray.ray_env import init_ray
 
     seen = {}
+    clean.delenv("RAY_ADDRESS", raising=False)
+    clean.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     clean.setattr(sys, "stdout", io.StringIO())
     clean.setattr(ray, "is_initialized", lambda: False)
     clean.setattr(ray, "init", lambda **kw: seen.update(kw))
@@ -62,8 +68,12 @@ def test_init_ray_hands_the_settings_to_the_workers_and_quiets_ray_data(clean):
     handlers = logging.getLogger("ray.data").handlers
     for h in handlers:
         clean.setattr(h, "level", h.level)  # restored afterwards
-    init_ray()
-    assert {k: seen["runtime_env"]["env_vars"][k] for k in progress.QUIET_ENV} == progress.QUIET_ENV
+    init_ray(RayConfig(address=address))
+    if address:
+        assert {k: seen["runtime_env"]["env_vars"][k] for k in progress.QUIET_ENV} == progress.QUIET_ENV
+    else:
+        assert seen["address"] == "local" and "runtime_env" not in seen
+        assert {k: os.environ[k] for k in progress.QUIET_ENV} == progress.QUIET_ENV
     assert ctx.enable_progress_bars is False
     console = [h for h in handlers if type(h).__name__ != "SessionFileHandler"]
     assert console and all(h.level >= logging.WARNING for h in console), "dataset INFO lines go to the file only"
