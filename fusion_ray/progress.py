@@ -7,9 +7,10 @@ process's stdout is not a terminal, `quiet_progress` turns them off here and, th
 variables, in every Ray worker and actor too (a worker's stdout is never a terminal, so the driver
 decides): a local Ray started by `init_ray` inherits them; a driver joining a running cluster hands
 them over in `ray.init`'s runtime env (`worker_env`); a job from `ray job submit` takes its workers'
-variables from the job's runtime env (`env_vars`), where they can be set. Ray Data's progress stays on the dashboard; each stage
-part writes one line with its counts, rate and elapsed time (`rate`). A variable already set in the
-environment is left as it is (the user's choice; on `ray job submit` the job's runtime env).
+variables from the job's runtime env (`env_vars`), where they can be set. Ray Data's progress
+stays on the dashboard; each stage part writes one line with its counts, rate and elapsed time
+(`rate`). A variable already set in the environment is left as it is (the user's choice; on
+`ray job submit` the job's runtime env).
 """
 
 from __future__ import annotations

@@ -48,13 +48,12 @@ def init_ray(cfg: RayConfig | None = None, **kwargs):
     # a job submitted with `ray job submit` hands its own runtime env to its workers: only a driver
     # joining a running cluster passes them on. (A runtime env makes Ray start workers of their own
     # for it: on a local Ray the same variables once more cost a pool of idle workers, and time.)
-    if address and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        env = {**worker_env(), **progress.worker_env()}
+    if address:
+        env = {} if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ else {**worker_env(), **progress.worker_env()}
         if env:
             runtime_env = dict(kwargs.pop("runtime_env", None) or {})
             runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
             kwargs["runtime_env"] = runtime_env
-    if address:
         ray.init(address=address, **kwargs)
     else:  # "local": never attach by accident to another cluster running on this machine
         from ray._private import ray_constants
