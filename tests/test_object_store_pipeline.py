@@ -2,8 +2,8 @@
 
 Models and the corpus are uploaded to the bucket and named by `s3://` URIs; every stage reads
 and writes there; nothing of a stage's output lands on local disk outside the node caches;
-a rerun skips every stage. (The same run on a local workdir gives the same bpb: the 2-node job
-test in test_cluster.py checks that for the demo.)
+a rerun skips every stage; the same run on a local workdir, from the local files, gives the same
+bpb for every arm.
 """
 
 import os
@@ -58,7 +58,7 @@ def runs(tiny_models, tmp_path_factory, ray_local, s3_server):
     before = set(_local_files())
     remote_results = run_stages(remote, PIPELINE_STAGES, log=QUIET)
     new_local = sorted(set(_local_files()) - before)
-    return remote, remote_results, new_local
+    return remote, remote_results, new_local, (pivot, source, train, heldout, tmp)
 
 
 def _local_files() -> list[str]:
@@ -74,7 +74,7 @@ def _local_files() -> list[str]:
 
 
 def test_every_stage_dir_is_in_the_bucket_with_its_manifest(runs):
-    remote, results, _ = runs
+    remote, results, *_ = runs
     for stage in PIPELINE_STAGES:
         assert results[stage].status == "done", stage
     for sub in STAGE_DIRS:
@@ -89,7 +89,7 @@ def test_every_stage_dir_is_in_the_bucket_with_its_manifest(runs):
 
 
 def test_the_train_log_reached_the_bucket(runs):
-    remote, _, _ = runs
+    remote, *_ = runs
     log = io.read_text(remote.stage_dir("train", "gpt") + "/train_log.jsonl").splitlines()
     assert [__import__("json").loads(line)["step"] for line in log] == [1, 2, 3]
 
@@ -99,7 +99,7 @@ def test_no_stage_output_on_local_disk_outside_the_caches(runs):
     under it or /tmp that names the bucket (what a stage treating the URI as a path would make).
     Other processes on the machine may write stage dirs of their own below /tmp, so /tmp is only
     searched for this run's bucket."""
-    _, _, new_local = runs
+    _, _, new_local, _ = runs
     cwd = str(Path.cwd())
     stage_like = [f for f in new_local if f.startswith(cwd) and (
         any(f"/{d}/" in f for d in ("prepared", "logits", "aligned", "fused", "targets", "merged", "report"))
@@ -109,6 +109,21 @@ def test_no_stage_output_on_local_disk_outside_the_caches(runs):
 
 
 def test_a_rerun_on_the_store_skips_every_stage(runs):
-    remote, _, _ = runs
+    remote, *_ = runs
     again = run_stages(remote, PIPELINE_STAGES, log=QUIET)
     assert {s: r.status for s, r in again.items()} == {s: "skipped" for s in PIPELINE_STAGES}
+
+
+def test_a_local_workdir_run_gives_the_same_report(runs):
+    """The store changes where bytes live, not what is computed: same seeds, same bpb per arm."""
+    import json
+
+    remote, *_, (pivot, source, train, heldout, tmp) = runs
+    local = config(str(tmp / "local"), str(pivot), str(source), str(train), str(heldout))
+    run_stages(local, PIPELINE_STAGES, log=QUIET)
+    on_store = json.loads(io.read_text(remote.stage_dir("eval") + "/report.json"))["bpb"]
+    on_disk = json.loads((tmp / "local" / "report" / "report.json").read_text())["bpb"]
+    assert set(on_store) == set(on_disk) >= {"pivot", "clm_only", "fused:gpt", "merged"}
+    for arm, per_domain in on_disk.items():
+        for domain, value in per_domain.items():
+            assert on_store[arm][domain] == pytest.approx(value, abs=1e-4), (arm, domain)

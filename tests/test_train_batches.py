@@ -40,3 +40,15 @@ def test_batch_feeds_the_loss():
                         batch["topk_logprobs"], lambda_clm=0.5)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and logits.grad[1, 2].abs().sum() == 0  # padding: no gradient
+
+
+def test_each_rank_takes_an_equal_disjoint_slice_of_a_global_batch():
+    import pyarrow as pa
+
+    from fusion_ray.train.loop import rank_slice
+
+    batch = pa.table({"sample_id": [f"s{i}" for i in range(7)]})
+    slices = [rank_slice(batch, r, 3).column("sample_id").to_pylist() for r in range(3)]
+    assert slices == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]  # the remainder (s6) is dropped
+    assert rank_slice(pa.table({"sample_id": ["a"]}), 1, 2) is None  # fewer rows than ranks: all skip
+    assert rank_slice(batch, 0, 1).num_rows == 7

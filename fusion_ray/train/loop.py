@@ -82,6 +82,16 @@ def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) ->
         log.publish()
 
 
+def rank_slice(batch, rank: int, world: int):
+    """This rank's rows of one global micro-batch (every rank iterates the same ordered stream).
+
+    A short last batch is split evenly, its remainder dropped, so that all ranks take the same
+    number of micro-steps; one with fewer rows than ranks is skipped by all of them (None).
+    """
+    each = batch.num_rows // world
+    return batch.slice(rank * each, each) if each else None
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM
@@ -123,9 +133,12 @@ def train_loop_per_worker(config: dict) -> None:
     device = next(strategy.module.parameters()).device
     strategy.model.train()
     while step < steps:
-        for table in shard.iter_batches(batch_size=t.micro_batch_size, batch_format="pyarrow"):
+        for whole in shard.iter_batches(batch_size=t.micro_batch_size * world, batch_format="pyarrow"):
             if step >= steps:
                 break
+            table = rank_slice(whole, rank, world)
+            if table is None:
+                continue
             if skip:
                 skip -= 1
                 continue

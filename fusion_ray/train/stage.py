@@ -58,7 +58,8 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
 def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False,
               log=print) -> StageResult:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fusion_ray import progress
@@ -83,9 +84,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
         local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
         check_meta(local, fp, t.strategy, t.num_workers)
         resume = Checkpoint.from_directory(local)
-    data = ray.data.read_parquet(io.list_files(fused_dir))
-    if t.shuffle:  # rows come grouped by corpus (domain); unshuffled, the last domain seen wins
-        data = data.random_shuffle(seed=t.seed)
+    data = training_order(ray.data.read_parquet(io.list_files(fused_dir)), t.shuffle, t.seed)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -100,6 +99,9 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=progress.train_log_level())),
         datasets={"train": data},
+        # every worker reads the whole ordered stream and takes its slice of each global batch
+        # (`loop.rank_slice`): who trains on which row never depends on timing
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         resume_from_checkpoint=resume,
     )
     result = trainer.fit()
@@ -116,6 +118,31 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     log(f"[train] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return StageResult("done", [out_dir], {"metrics": result.metrics})
+
+
+def training_order(data, shuffle: bool, seed: int):
+    """The fused rows in the order every run of this config trains on.
+
+    Shuffled (rows come grouped by corpus, i.e. by domain; unshuffled, the last domain seen
+    wins) by a sort on a hash of (seed, sample_id), not by Ray Data's `random_shuffle`, whose
+    order depends on the block layout (a store and a local disk read the same files into
+    different blocks) and so changed the trained model with where the workdir was. A
+    deterministic order is also what lets a restarted run skip exactly the micro-batches it
+    had consumed.
+    """
+    if not shuffle:
+        return data
+
+    def order_key(batch):
+        import hashlib
+
+        import pyarrow as pa
+
+        keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "big") >> 1
+                for sid in batch.column("sample_id").to_pylist()]
+        return batch.append_column("_order", pa.array(keys, pa.int64()))
+
+    return data.map_batches(order_key, batch_format="pyarrow").sort("_order")
 
 
 def log_path(out: io.StageOutput) -> str:
