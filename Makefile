@@ -40,7 +40,7 @@ demo: setup
 	$(BIN)/fusion-ray demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not regression"
