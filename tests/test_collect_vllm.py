@@ -79,3 +79,24 @@ def test_collect_stage_on_vllm_matches_hf(tiny_models, tmp_path, ray_local):
         assert v["topk_ids"] == h["topk_ids"] and v["loss_mask"] == h["loss_mask"]
         assert np.allclose(v["gold_logprob"], h["gold_logprob"], atol=1e-4)
         assert v["n_bytes"] == h["n_bytes"]
+
+
+def test_vllm_sampler_draws_n_per_prompt_seeded_by_prompt_id(model_dir, vllm_engine):
+    """The `sample` stage's vLLM engine, on this module's running engine (no second start-up)."""
+    from transformers import AutoTokenizer
+
+    from fusion_ray.implicit.generate import SampleSettings, VLLMSampler
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    a, b = (tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                        tokenize=False), add_special_tokens=False)["input_ids"] for q in ("one", "two"))
+    sampler = VLLMSampler(llm=vllm_engine.llm)
+    settings = SampleSettings(n=3, temperature=1.0, top_p=0.95, repetition_penalty=1.05, max_tokens=6, seed=3)
+    together = sampler.sample([a, b], ["a", "b"], settings)
+    alone = sampler.sample([b], ["b"], settings)
+    assert [len(r) for r in together] == [3, 3]
+    assert together[1] == alone[0], "a prompt's draws do not depend on its batch"
+    for s in (s for r in together for s in r):
+        assert 0 < s.tokens <= 6 and s.finish_reason in ("stop", "length")
+        assert s.finish_reason == "stop" or s.tokens == 6
+    assert len({s.text for s in together[0]}) > 1, "three draws at T=1 from a random model differ"
