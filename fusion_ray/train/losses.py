@@ -208,12 +208,212 @@ def combined_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     return {"loss": loss, "clm": clm, "fusion": fuse}
 
 
+HIDDEN_CHUNK_BYTES = 128 << 20  # the hidden-state path's chunk: larger, it is a matmul's M
+
+
+def _chunk_values(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, lam: float,
+                  fw: torch.Tensor, tail: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two losses of `_chunk_terms` (summed over the chunk's rows x [n, V], float32), without the gradient.
+
+    One logsumexp per row (two at T ≠ 1) and gathers of the target and the k ids: no [n, V]
+    temporary beyond `x` itself and the logsumexp's.
+    """
+    lse = torch.logsumexp(x, dim=-1)
+    clm = (lse - x.gather(-1, target[:, None]).squeeze(-1)).sum()
+    if lam >= 1.0:
+        return clm, clm * 0.0
+    lse_t = lse if temperature == 1.0 else torch.logsumexp(x / temperature, dim=-1)
+    student = x.gather(-1, ids) / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
+    q, q_tail = _teacher(lp, tail, temperature)
+    q = torch.where(q > 0, q, torch.zeros_like(q))
+    fuse = -(q * torch.where(q > 0, student, torch.zeros_like(student))).sum(-1)
+    if q_tail is not None:
+        covered = (student.exp() * torch.isfinite(lp)).sum(-1)
+        fuse = fuse - q_tail * torch.log1p(-covered.clamp(max=1 - EPS))
+    return clm, torch.where(fw > 0, fuse, torch.zeros_like(fuse)).sum()
+
+
+def _head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's logits [n, V] in float32, computed in the head's dtype as the model's lm_head computes them."""
+    return torch.nn.functional.linear(h, weight, bias).float()
+
+
+class _HiddenChunkedLoss(torch.autograd.Function):
+    """λ·CLM + (1−λ)·fusion from the final hidden states and the LM head, chunk by chunk of positions.
+
+    Forward: each chunk's logits are computed, reduced to its losses and dropped. Backward:
+    each chunk's logits are computed again, turned into d(loss)/d(logits) (`_chunk_terms`)
+    and pushed through the head: d/dh = g·W for the chunk's rows, d/dW += gᵀ·h (and
+    d/db += Σ g), accumulated in float32. Neither [N, V] logits nor their gradient ever
+    exist; the cost is one more head matmul per chunk (the recomputation).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, targets, ids, lp, lam, fmask, tail, temperature, chunk):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        n = rows.numel()
+        n_fuse = int(fmask.sum()) if fmask is not None else n
+        fw = torch.full((n,), (1 - lam) * temperature**2 * n / max(n_fuse, 1), dtype=torch.float32,
+                        device=flat.device)  # as in _ChunkedLoss: × T², relative to the 1/n of every row
+        if fmask is not None:
+            fw = torch.where(fmask, fw, torch.zeros_like(fw))
+        clm = torch.zeros((), dtype=torch.float64, device=flat.device)
+        fuse = torch.zeros((), dtype=torch.float64, device=flat.device)
+        for lo in range(0, n, chunk):
+            sl = slice(lo, lo + chunk)
+            c, f = _chunk_values(_head(flat[rows[sl]], weight, bias), targets[sl], ids[sl], lp[sl], lam, fw[sl],
+                                 tail, temperature)
+            clm += c
+            fuse += f
+        clm, fuse = (clm / max(n, 1)).float(), (fuse / max(n_fuse, 1)).float()
+        ctx.save_for_backward(hidden, weight, bias, rows, targets, ids, lp, fw)
+        ctx.settings = (lam, tail, temperature, chunk)
+        ctx.mark_non_differentiable(clm, fuse)
+        return lam * clm + (1 - lam) * temperature**2 * fuse if lam < 1.0 else clm.clone(), clm, fuse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _clm, _fuse):
+        hidden, weight, bias, rows, targets, ids, lp, fw = ctx.saved_tensors
+        lam, tail, temperature, chunk = ctx.settings
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        n = rows.numel()
+        grad_h = torch.zeros_like(flat) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        scale = grad_loss.float() / max(n, 1)
+        for lo in range(0, n, chunk):
+            sl = slice(lo, lo + chunk)
+            idx = rows[sl]
+            h = flat[idx]
+            _, _, g = _chunk_terms(_head(h, weight, bias), targets[sl], ids[sl], lp[sl], lam, fw[sl], tail,
+                                   temperature)
+            g.mul_(scale)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            g = g.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[idx] = (g @ weight).to(grad_h.dtype)
+            if grad_w is not None:
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h.float())
+                else:  # the product in the head's dtype (fp32 accumulation inside the matmul), summed in fp32
+                    grad_w += g.t() @ h.to(weight.dtype)
+        return (grad_h.view_as(hidden) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(bias.dtype) if grad_b is not None else None) + (None,) * 9
+
+
+def combined_loss_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, input_ids: torch.Tensor,
+                              loss_mask: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
+                              lambda_clm: float, tail: str = "bucket", temperature: float = 1.0,
+                              lm_head_bias: torch.Tensor | None = None, chunk: int | None = None,
+                              chunk_bytes: int = HIDDEN_CHUNK_BYTES,
+                              fusion_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """`combined_loss` from the final hidden states and the LM head: the student's logits are
+    computed chunk by chunk of scored positions inside the loss, forward and backward, so
+    neither the [B, L, V] logits nor an [N, V] block of them is ever held whole.
+
+    Equal in value and gradients (w.r.t. `hidden`, `lm_head_weight` and `lm_head_bias`) to
+    `combined_loss(hidden @ lm_head_weightᵀ + lm_head_bias, ...)`. Memory beyond the model:
+    one chunk's [chunk, V] float32 temporaries, and in backward a float32 [V, H] accumulator
+    for the head's gradient (when it needs one). Models whose logits are not a plain linear
+    head of the last hidden state (Gemma-2's `final_logit_softcapping`, Cohere's
+    `logit_scale`, Granite's `logits_scaling`) are not supported by this path.
+
+    Args:
+        hidden: [B, L, H] the base model's last hidden state (after its final norm).
+        lm_head_weight: [V, H] the output layer's weight (tied or not); lm_head_bias: [V] or None.
+        input_ids, loss_mask, topk_ids, topk_logprobs, fusion_mask: as in `combined_loss`.
+        chunk: rows per chunk; default: rows worth `chunk_bytes` of float32 [V] logits.
+
+    Returns:
+        {"loss", "clm", "fusion"} scalars.
+    """
+    vocab = lm_head_weight.shape[0]
+    chunk = chunk or max(16, chunk_bytes // (4 * vocab))
+    full = torch.zeros(input_ids.shape, dtype=torch.bool, device=loss_mask.device)
+    full[:, :-1] = loss_mask
+    rows = full.view(-1).nonzero().squeeze(-1).to(hidden.device)
+    targets = input_ids[:, 1:][loss_mask].long()
+    loss, clm, fuse = _HiddenChunkedLoss.apply(hidden, lm_head_weight, lm_head_bias, rows, targets,
+                                               topk_ids.long(), topk_logprobs.float(), float(lambda_clm),
+                                               fusion_mask, tail, float(temperature), chunk)
+    return {"loss": loss, "clm": clm, "fusion": fuse}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face causal LM inside a training wrapper (DDP, a DeepSpeed engine, a PEFT model)."""
+    while True:
+        if hasattr(model, "get_base_model"):  # peft.PeftModel: the LM with its adapters injected
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, DeepSpeed
+            model = model.module
+        else:
+            return model
+
+
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def hidden_path(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """(the base module whose output is the last hidden state, the LM head) when `batch_loss`
+    can take the loss from hidden states; None when it must fall back to the logits:
+
+    - logits that are not a plain linear head of that hidden state (a config with any of
+      `SCALED_LOGITS` set, e.g. Gemma-2's soft-capping);
+    - a head that is not a plain `nn.Linear` (a LoRA-wrapped head: its `.weight` would miss
+      the adapter), or whose weight is partitioned (DeepSpeed ZeRO-3: `ds_id`);
+    - a forward without `logits_to_keep` (it keeps the model from building [B, L, V] logits).
+    """
+    import inspect
+
+    core = _unwrap(model)
+    config = getattr(core, "config", None)
+    if config is None or any(getattr(config, key, None) not in (None, 1.0) for key in SCALED_LOGITS):
+        return None
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    base = getattr(core, getattr(core, "base_model_prefix", ""), None)
+    if type(head) is not torch.nn.Linear or not isinstance(base, torch.nn.Module) or hasattr(head.weight, "ds_id"):
+        return None
+    if "logits_to_keep" not in inspect.signature(core.forward).parameters:
+        return None
+    return base, head
+
+
 def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, temperature: float,
-               fusion_positions: str) -> dict[str, torch.Tensor]:
+               fusion_positions: str, loss_from: str = "logits") -> dict[str, torch.Tensor]:
     """The training step's forward: the model on a collated batch (`fusion_ray.train.batches`),
-    then `combined_loss` with its gradient written over the fresh logits (nothing else reads
-    them). `fusion_positions`: "transferred" puts the fusion term only where a source reached."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return combined_loss(logits, batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"],
-                         lambda_clm=lam, tail=tail, temperature=temperature, inplace=True,
-                         fusion_mask=batch["transferred"] if fusion_positions == "transferred" else None)
+    then the loss. `fusion_positions`: "transferred" puts the fusion term only where a source reached.
+
+    `loss_from="logits"` (default): `combined_loss` on the model's [B, L, V] logits, with its
+    gradient written over them (nothing else reads them).
+    `loss_from="hidden"`: `combined_loss_from_hidden` on the base model's last hidden state
+    and the LM head's weight, so the [B, L, V] logits are never built. The model is still
+    called through `model` (its DDP / DeepSpeed / PEFT wrapper's forward runs as usual) with
+    `logits_to_keep=1`; a forward hook on the base module takes its output. Models this path
+    cannot serve (`hidden_path` is None: soft-capped logits as Gemma-2's, ZeRO-3) fall back to
+    the logits path.
+    """
+    fusion_mask = batch["transferred"] if fusion_positions == "transferred" else None
+    args = (batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"])
+    if loss_from not in ("hidden", "logits"):
+        raise ValueError(f"loss_from must be 'hidden' or 'logits', not {loss_from!r}")
+    found = hidden_path(model) if loss_from == "hidden" else None
+    if found is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return combined_loss(logits, *args, lambda_clm=lam, tail=tail, temperature=temperature, inplace=True,
+                             fusion_mask=fusion_mask)
+    base, head = found
+    seen: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output) -> None:
+        seen.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = base.register_forward_hook(keep)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    finally:
+        handle.remove()
+    return combined_loss_from_hidden(seen[-1], head.weight, *args, lambda_clm=lam, tail=tail,
+                                     temperature=temperature, lm_head_bias=head.bias, fusion_mask=fusion_mask)
