@@ -8,23 +8,24 @@ import os
 import sys
 from pathlib import Path
 
-from fusion_ray.config import STAGES, ConfigError, load_config
+from fusion_ray.config import ALL_STAGES, ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import PIPELINE_STAGES, check_stages, unreachable
+    from fusion_ray.pipeline import check_stages, pipeline_stages, unreachable
 
     cfg = load_config(args.config, args.overrides)
-    check_stages(cfg, PIPELINE_STAGES)
+    check_stages(cfg, pipeline_stages(cfg))
     problems = unreachable(cfg)
     for line in problems:
         print(f"{args.config}: {line}", file=sys.stderr)
     if problems:
         return EXIT_BAD_INPUT
     print(f"{args.config}: OK ({cfg.name}: pivot {cfg.pivot.name}, "
-          f"{len(cfg.sources)} source(s), {len(cfg.data.train)} training corpus file(s))")
+          f"{len(cfg.sources)} source(s), " + (f"{len(cfg.data.train)} training corpus file(s))"
+          if cfg.method == "explicit" else f"{len(cfg.implicit.prompts)} prompt corpus file(s), implicit)"))
     return 0
 
 
@@ -42,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fusion_ray.pipeline import parse_stages, run_stages
 
     cfg = load_config(args.config, args.overrides)
-    stages = [args.command] if args.command in STAGES else parse_stages(args.stages)
+    stages = [args.command] if args.command in ALL_STAGES else parse_stages(args.stages, cfg)
     if args.stages is None and args.command == "run" and cfg.serve.deploy_after_merge:
         stages.append("serve")
     results = run_stages(cfg, stages, force=args.force)
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", help="comma-separated subset, e.g. collect,align")
     run.add_argument("--force", action="store_true", help="rerun stages even if finished")
     run.set_defaults(fn=cmd_run)
-    for stage in ("prepare", "collect", "align", "fuse", "train", "eval"):
+    for stage in ("prepare", "collect", "align", "fuse", "train", "eval", "sample"):
         p = with_config(stage, f"run the {stage} stage alone")
         p.add_argument("--force", action="store_true")
         p.set_defaults(fn=cmd_run, stages=None)

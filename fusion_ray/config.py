@@ -32,9 +32,15 @@ from fusion_ray.errors import ConfigError, bounded_repr, format_errors, one_line
 from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, no torch
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
+# Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
+# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`.
+IMPLICIT_STAGES = ("sample",)
+METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
+ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
-              "train": "targets", "merge": "merged", "eval": "report", "serve": "serve"}
+              "train": "targets", "merge": "merged", "eval": "report", "serve": "serve",
+              "sample": "samples"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -264,6 +270,15 @@ class ModelArch(Strict):
     max_position_embeddings: int | None = Field(None, ge=1)
 
 
+class SamplingSpec(Strict):
+    """How a source samples (FuseChat-3.0: 0.8 / 0.95; Qwen 0.7 / 0.8 with repetition penalty 1.05)."""
+
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    max_tokens: int = Field(1024, ge=1, le=1 << 17)
+
+
 class ModelSpec(Strict):
     """A chat model: the pivot or one source."""
 
@@ -279,6 +294,7 @@ class ModelSpec(Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, ge=16)
     arch: ModelArch | None = None  # planning only: not part of any stage's fingerprint
+    sampling: SamplingSpec | None = None  # implicit fusion: this source's sampling (default: implicit.sampling)
 
     @field_validator("path", "tokenizer")
     @classmethod
@@ -302,7 +318,7 @@ class CorpusSpec(Strict):
 
 
 class DataConfig(Strict):
-    train: list[CorpusSpec] = Field(min_length=1)
+    train: list[CorpusSpec] = []  # the explicit pipeline needs at least one (`FusionConfig` checks)
     heldout: list[CorpusSpec] = []
     max_length: int = Field(2048, ge=16)  # pivot tokens; longer texts are truncated and counted
     seed: int = 0
@@ -535,14 +551,55 @@ class RayConfig(Strict):
     num_cpus: float | None = Field(None, gt=0)  # logical CPUs of a local Ray
 
 
+class PromptCorpus(Strict):
+    """Prompts for implicit fusion: JSONL or Parquet rows `{id, messages | prompt, answer?, tests?}`.
+
+    `verify` says how a response to these prompts is checked before the reward model counts:
+    `math` (its final answer against `answer`), `code` (run against `tests` in the sandbox) or
+    `none` (open prompts: the reward model alone).
+    """
+
+    path: str
+    domain: str = "general"
+    verify: Literal["none", "math", "code"] = "none"
+    max_rows: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1, le=64)  # responses per prompt and source; None: implicit.samples
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_location(v, kind="corpus") if checks_files(info) else v
+
+
+class ImplicitConfig(Strict):
+    """Implicit fusion (`method: implicit`): what the sources sample, and how."""
+
+    prompts: list[PromptCorpus] = Field(min_length=1)
+    heldout: list[PromptCorpus] = []  # held-out prompts for the evaluation
+    engine: Literal["vllm", "hf"] = "vllm"
+    samples: int = Field(5, ge=1, le=64)  # responses per prompt and source (FuseChat-3.0: 5; 8 for code)
+    sampling: SamplingSpec = SamplingSpec()  # each source's default; `sources[i].sampling` overrides
+    seed: int = 0
+    shard_rows: int = Field(256, ge=1)  # prompts per shard: the unit of work and of resuming
+    batch_size: int = Field(32, ge=1)  # prompts per engine call
+    concurrency: int = Field(1, ge=1)  # engine actors per source
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    max_concurrent_models: int | None = Field(None, ge=1)  # sources sampled side by side; None: all
+
+
 class FusionConfig(Strict):
     """The whole pipeline: models, data and every stage's settings."""
 
     name: Name
     workdir: str  # local path or pyarrow filesystem URI; every stage writes below it
-    pivot: ModelSpec
+    # explicit: FuseLLM / FuseChat (distil the sources' aligned distributions, then merge);
+    # implicit: FuseChat-3.0 (sample the sources, score, SFT then DPO; `implicit` section)
+    method: Literal["explicit", "implicit"] = "explicit"
+    pivot: ModelSpec  # the target model; in implicit fusion, the model trained
     sources: list[ModelSpec] = Field(min_length=1)
-    data: DataConfig
+    data: DataConfig = DataConfig()
+    implicit: ImplicitConfig | None = None
     collect: CollectConfig = CollectConfig()
     align: AlignConfig = AlignConfig()
     fuse: FuseConfig = FuseConfig()
@@ -551,6 +608,14 @@ class FusionConfig(Strict):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _method_has_its_inputs(self) -> FusionConfig:
+        if self.method == "explicit" and not self.data.train:
+            raise ValueError("data.train: the explicit method needs at least one training corpus")
+        if self.method == "implicit" and self.implicit is None:
+            raise ValueError("implicit: the implicit method needs this section (at least implicit.prompts)")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> FusionConfig:
@@ -573,10 +638,14 @@ class FusionConfig(Strict):
         """The pivot first, then the sources (collect runs over all of them)."""
         return [self.pivot, *self.sources]
 
+    def stages(self) -> tuple[str, ...]:
+        """This config's method's stages, in order (`serve` last)."""
+        return METHOD_STAGES[self.method]
+
     def stage_dir(self, stage: str, *parts: str) -> str:
         """Directory (or URI) of a stage's output: `stage_dir("collect", "pivot")` → `…/logits/pivot`."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        if stage not in STAGE_DIRS:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_DIRS)}")
         return "/".join([self.workdir.rstrip("/"), STAGE_DIRS[stage], *parts])
 
     def world_size(self) -> int:

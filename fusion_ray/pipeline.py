@@ -1,6 +1,7 @@
 """The stage sequence, the contract every stage keeps, and what runs the stages in order.
 
-Each stage (`config.STAGES`) lives in its own package, `fusion_ray/<package>/stage.py`
+Each stage (`config.ALL_STAGES`: the explicit method's `STAGES` and the implicit method's
+`IMPLICIT_STAGES`) lives in its own package, `fusion_ray/<package>/stage.py`
 (the package is the stage's name, `evaluate` for `eval`), whose
 `run(cfg, force=False, log=print) -> StageResult` skips itself when its output's manifest
 matches the config and inputs (`io.begin`). `runner(stage)` finds that function from the
@@ -15,9 +16,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fusion_ray.config import STAGES, FusionConfig
+from fusion_ray.config import ALL_STAGES, STAGES, FusionConfig
 
 PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.deploy_after_merge`)
+
+
+def pipeline_stages(cfg: FusionConfig) -> list[str]:
+    """What `fusion-ray run` runs for this config's method: its stages but `serve`."""
+    return [s for s in cfg.stages() if s != "serve"]
 STAGE_PACKAGES = {"eval": "evaluate"}  # a stage whose package is not named after it
 
 
@@ -128,8 +134,8 @@ def record_stats(cfg: FusionConfig, stage: str, wall_s: float, peak_bytes: int) 
 
 def stage_module(stage: str) -> str:
     """The module that runs `stage`: `fusion_ray.<package>.stage`."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage not in ALL_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(ALL_STAGES)}")
     return f"fusion_ray.{STAGE_PACKAGES.get(stage, stage)}.stage"
 
 
@@ -138,15 +144,24 @@ def runner(stage: str) -> Callable[..., StageResult]:
     return importlib.import_module(stage_module(stage)).run
 
 
-def parse_stages(text: str | None) -> list[str]:
-    """`a,b` → ["a", "b"] in pipeline order; None → every pipeline stage."""
+def parse_stages(text: str | None, cfg: FusionConfig | None = None) -> list[str]:
+    """`a,b` → ["a", "b"] in pipeline order; None → every pipeline stage (of `cfg`'s method).
+
+    Raises:
+        ValueError: naming stages that are unknown, or not of `cfg`'s method.
+    """
+    order = cfg.stages() if cfg is not None else STAGES
     if not text:
-        return list(PIPELINE_STAGES)
+        return pipeline_stages(cfg) if cfg is not None else list(PIPELINE_STAGES)
     wanted = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in STAGES]
+    unknown = [s for s in wanted if s not in ALL_STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    return [s for s in STAGES if s in wanted]
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(order)}")
+    other = [s for s in wanted if s not in order]
+    if other:
+        raise ValueError(f"stage(s) {', '.join(other)} are not of method {cfg.method}; its stages: "
+                         f"{', '.join(order)}")
+    return [s for s in order if s in wanted]
 
 
 def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
@@ -155,7 +170,8 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
     Raises:
         ValueError: naming the config fields that disagree.
     """
-    problems = []
+    problems = [f"{s}: not a stage of method {cfg.method} (its stages: {', '.join(cfg.stages())})"
+                for s in stages if s not in cfg.stages()]
     if "eval" in stages and not cfg.data.heldout:
         problems.append("data.heldout: the eval stage needs held-out corpora (each with a domain)")
     if "merge" in stages:
@@ -188,6 +204,10 @@ def unreachable(cfg: FusionConfig) -> list[str]:
     for i, corpus in enumerate(cfg.data.heldout):
         if why := locations.reachable(corpus.path, what="corpus"):
             lines.append(f"data.heldout.{i}: {why}")
+    for split in ("prompts", "heldout") if cfg.implicit else ():
+        for i, corpus in enumerate(getattr(cfg.implicit, split)):
+            if why := locations.reachable(corpus.path, what="corpus"):
+                lines.append(f"implicit.{split}.{i}: {why}")
     return lines
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion_ray.config import STAGES
+from fusion_ray.config import ALL_STAGES as STAGES
 from fusion_ray.pipeline import STAGE_PACKAGES, StageResult, runner
 
 REPO = Path(__file__).resolve().parents[1]
