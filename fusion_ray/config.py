@@ -33,14 +33,14 @@ from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, n
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
-# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`.
-IMPLICIT_STAGES = ("sample",)
+# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`.
+IMPLICIT_STAGES = ("sample", "reward")
 METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
 ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve",
-              "sample": "samples"}
+              "sample": "samples", "reward": "rewards"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -571,6 +571,35 @@ class PromptCorpus(Strict):
         return check_location(v, kind="corpus") if checks_files(info) else v
 
 
+class RewardModelConfig(Strict):
+    """The reward model of implicit fusion (FuseChat-3.0: ArmoRM-Llama3-8B-v0.1)."""
+
+    path: str
+    revision: str | None = None
+    trust_remote_code: bool = False  # ArmoRM's own head needs it: turn on only for a model you trust
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(4096, ge=16)  # tokens of prompt + response scored (the end kept)
+    batch_size: int = Field(8, ge=1)
+    concurrency: int = Field(1, ge=1)  # scorer actors
+    num_cpus_per_actor: float = Field(1, gt=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_location(v, kind="model") if checks_files(info) else v
+
+
+class SandboxConfig(Strict):
+    """Limits of one sandboxed run of a code response against its tests (`implicit/verify.py`)."""
+
+    cpu_seconds: int = Field(5, ge=1, le=600)
+    wall_seconds: float = Field(10, gt=0, le=1200)
+    memory_mb: int = Field(512, ge=64, le=65536)
+    file_mb: int = Field(1, ge=1, le=1024)
+    output_kb: int = Field(64, ge=1, le=65536)
+
+
 class ImplicitConfig(Strict):
     """Implicit fusion (`method: implicit`): what the sources sample, and how."""
 
@@ -586,6 +615,17 @@ class ImplicitConfig(Strict):
     num_cpus_per_actor: float = Field(1, gt=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     max_concurrent_models: int | None = Field(None, ge=1)  # sources sampled side by side; None: all
+    # scores open prompts' responses; None: only verifiable corpora (reward = 1 if correct, else 0)
+    reward: RewardModelConfig | None = None
+    sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _open_prompts_need_a_reward_model(self) -> ImplicitConfig:
+        open_ = [i for i, c in enumerate(self.prompts) if c.verify == "none"]
+        if open_ and self.reward is None:
+            raise ValueError(f"implicit.reward: prompts {', '.join(f'implicit.prompts.{i}' for i in open_)} "
+                             "are open (verify: none): they need a reward model")
+        return self
 
 
 class FusionConfig(Strict):

@@ -204,6 +204,10 @@ def unreachable(cfg: FusionConfig) -> list[str]:
     for i, corpus in enumerate(cfg.data.heldout):
         if why := locations.reachable(corpus.path, what="corpus"):
             lines.append(f"data.heldout.{i}: {why}")
+    if cfg.implicit and cfg.implicit.reward:
+        rm = cfg.implicit.reward
+        if why := locations.reachable(rm.path, revision=rm.revision, what="model"):
+            lines.append(f"implicit.reward: {why}")
     for split in ("prompts", "heldout") if cfg.implicit else ():
         for i, corpus in enumerate(getattr(cfg.implicit, split)):
             if why := locations.reachable(corpus.path, what="corpus"):

@@ -5,6 +5,8 @@
 `logits/<model>/`  per-token top-k next-token log-probs of one model.
 `aligned/<source>/`  a source's distributions moved onto pivot positions and ids.
 `fused/<pair>/`  the fused teacher per pivot position, ready for training.
+Implicit fusion: `samples/_prompts/` the prompts, checked; `samples/<source>/` n responses
+per prompt; `rewards/` every response with its reward and verdict.
 `train` and `merge` write HF model directories (`MODEL_DIR_FILES`); `eval` writes
 `report.json`.
 
@@ -102,6 +104,20 @@ MODEL_DIR_FILES = ("config.json", "tokenizer_config.json")  # plus *.safetensors
 
 class SchemaError(ValueError):
     """A stage input that does not match its declared schema."""
+
+
+# --- implicit fusion ------------------------------------------------------------------------
+
+PROMPTS_DIR = "_prompts"  # below samples/: the checked prompt shards (a source may not take this name)
+PROMPTS = pa.schema([("prompt_id", pa.string()), ("domain", pa.string()), ("verify", pa.string()),
+                     ("messages", pa.string()),  # the chat as JSON: [{role, content}], the user's turn last
+                     ("answer", pa.string()), ("tests", pa.string()), ("samples", pa.int32())])
+SAMPLES = pa.schema([("prompt_id", pa.string()), ("source", pa.string()), ("sample_index", pa.int32()),
+                     ("response", pa.string()), ("tokens", pa.int32()), ("finish_reason", pa.string())])
+REWARDS = pa.schema([("prompt_id", pa.string()), ("domain", pa.string()), ("verify", pa.string()),
+                     ("verifiable", pa.bool_()), ("source", pa.string()), ("sample_index", pa.int32()),
+                     ("response", pa.string()), ("tokens", pa.int32()), ("finish_reason", pa.string()),
+                     ("reward", pa.float64()), ("correct", pa.bool_()), ("verdict", pa.string())])
 
 
 def check_schema(actual: pa.Schema, expected: pa.Schema | str, source: str) -> None:

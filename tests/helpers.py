@@ -42,3 +42,21 @@ def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], corpora: l
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config(data)
+
+
+def tiny_reward_model(base: Path, out: Path, seed: int = 0) -> Path:
+    """A randomly initialised one-output sequence-classification model on `base`'s architecture and
+    tokenizer (chat template included), saved as an HF model dir (safetensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(base)
+    config = AutoConfig.from_pretrained(base, num_labels=1)
+    config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

@@ -5,22 +5,25 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import tiny_reward_model
 
 from fusion_ray import io
-from fusion_ray.config import parse_config
+from fusion_ray.config import IMPLICIT_STAGES, parse_config
 from fusion_ray.pipeline import parse_stages, pipeline_stages
 from fusion_ray.sample import stage as sample
+from fusion_ray.schema import PROMPTS_DIR
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 QUIET = lambda *_: None  # noqa: E731
 
 
-def implicit_config(workdir, pivot, sources, prompts, **implicit):
+def implicit_config(workdir, pivot, sources, prompts, reward, **implicit):
     return parse_config({
         "name": "implicit-test", "workdir": str(workdir), "method": "implicit",
         "pivot": {"name": "target", "path": str(pivot), "dtype": "float32"},
         "sources": [{"name": n, "path": str(p), "dtype": "float32", **extra} for n, (p, extra) in sources.items()],
-        "implicit": {"prompts": prompts, "engine": "hf", "samples": 2, "shard_rows": 2, "batch_size": 2,
+        "implicit": {"prompts": prompts, "reward": {"path": str(reward)}, "engine": "hf", "samples": 2,
+                     "shard_rows": 2, "batch_size": 2,
                      "num_cpus_per_actor": 0.5, "sampling": {"max_tokens": 5, "temperature": 1.0}, **implicit},
         "ray": {"num_cpus": 4},
     })
@@ -36,7 +39,8 @@ def sampled(tiny_models, tmp_path_factory, ray_local):
                {"path": str(tmp / "open.jsonl"), "domain": "open", "samples": 3}]
     sources = {"qwen": (tiny_models("qwen2", "gpt2"), {}),
                "gpt": (tiny_models("gpt2", "gpt2"), {"sampling": {"temperature": 0.0, "max_tokens": 3}})}
-    cfg = implicit_config(tmp / "w", tiny_models("qwen2", "deepseek"), sources, prompts)
+    rm = tiny_reward_model(tiny_models("qwen2", "gpt2"), tmp / "rm")
+    cfg = implicit_config(tmp / "w", tiny_models("qwen2", "deepseek"), sources, prompts, rm)
     return cfg, sample.run(cfg, log=QUIET)
 
 
@@ -70,7 +74,7 @@ def test_each_source_samples_with_its_own_settings(sampled):
 
 def test_prompts_are_checked_into_shards_with_a_manifest(sampled):
     cfg, _ = sampled
-    prompts = cfg.stage_dir("sample", sample.PROMPTS_DIR)
+    prompts = cfg.stage_dir("sample", PROMPTS_DIR)
     manifest = io.read_manifest(prompts)
     assert manifest["rows"] == {"in": 5, "out": 5} and manifest["extra"]["per_domain"] == {"arith": 4, "open": 1}
     rows = pq.read_table(prompts).to_pylist()
@@ -89,7 +93,7 @@ def test_a_rerun_skips_and_a_changed_setting_resamples_only_that_source(sampled)
 
 def test_the_implicit_method_has_its_own_stage_list(sampled):
     cfg, _ = sampled
-    assert pipeline_stages(cfg) == ["sample"]
-    assert parse_stages(None, cfg) == ["sample"]
+    assert pipeline_stages(cfg) == parse_stages(None, cfg) == list(IMPLICIT_STAGES)
+    assert parse_stages("reward,sample", cfg) == ["sample", "reward"]
     with pytest.raises(ValueError, match="not of method implicit"):
         parse_stages("collect", cfg)

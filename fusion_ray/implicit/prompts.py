@@ -20,12 +20,10 @@ import json
 import pyarrow as pa
 
 from fusion_ray.config import CorpusSpec, PromptCorpus
+from fusion_ray.schema import PROMPTS
 
 ROLES = ("system", "user", "assistant")
 MAX_SHOWN = 10
-PROMPTS = pa.schema([("prompt_id", pa.string()), ("domain", pa.string()), ("verify", pa.string()),
-                     ("messages", pa.string()), ("answer", pa.string()), ("tests", pa.string()),
-                     ("samples", pa.int32())])
 
 
 class BadPrompts(ValueError):

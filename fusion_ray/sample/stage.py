@@ -28,10 +28,7 @@ from fusion_ray import tokenizer as tokenizers
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.pipeline import StageResult
 from fusion_ray.placement import ray_data_args
-
-PROMPTS_DIR = "_prompts"
-SAMPLES = pa.schema([("prompt_id", pa.string()), ("source", pa.string()), ("sample_index", pa.int32()),
-                     ("response", pa.string()), ("tokens", pa.int32()), ("finish_reason", pa.string())])
+from fusion_ray.schema import PROMPTS_DIR, SAMPLES
 
 
 def settings_for(cfg: FusionConfig, spec: ModelSpec, n: int):

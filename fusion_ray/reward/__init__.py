@@ -1,0 +1,1 @@
+"""The `reward` stage of implicit fusion: verifiers and a reward model score every sampled response."""
