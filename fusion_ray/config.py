@@ -33,14 +33,14 @@ from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, n
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
-# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`.
-IMPLICIT_STAGES = ("sample", "reward")
+# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`.
+IMPLICIT_STAGES = ("sample", "reward", "pairs")
 METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
 ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve",
-              "sample": "samples", "reward": "rewards"}
+              "sample": "samples", "reward": "rewards", "pairs": "pairs"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -600,6 +600,22 @@ class SandboxConfig(Strict):
     output_kb: int = Field(64, ge=1, le=65536)
 
 
+class PairsConfig(Strict):
+    """How scored samples become SFT rows and DPO pairs (`implicit/pairs.py` says the rules)."""
+
+    dpo_fraction: float = Field(0.5, ge=0, le=1)  # prompts that go to DPO; the rest to SFT
+    min_gap: float = Field(0.01, ge=0)  # open prompts: reward(chosen) − reward(rejected) within [min, max]
+    max_gap: float = Field(0.1, ge=0)  # (FuseChat-3.0 with ArmoRM: [0.01, 0.1])
+    per_prompt: Literal["one", "all"] = "one"  # one pair per prompt (the best source's), or one per source
+    seed: int = 0  # of the SFT/DPO prompt split
+
+    @model_validator(mode="after")
+    def _gap_range(self) -> PairsConfig:
+        if self.min_gap > self.max_gap:
+            raise ValueError(f"min_gap {self.min_gap} is above max_gap {self.max_gap}")
+        return self
+
+
 class ImplicitConfig(Strict):
     """Implicit fusion (`method: implicit`): what the sources sample, and how."""
 
@@ -618,6 +634,7 @@ class ImplicitConfig(Strict):
     # scores open prompts' responses; None: only verifiable corpora (reward = 1 if correct, else 0)
     reward: RewardModelConfig | None = None
     sandbox: SandboxConfig = SandboxConfig()
+    pairs: PairsConfig = PairsConfig()
 
     @model_validator(mode="after")
     def _open_prompts_need_a_reward_model(self) -> ImplicitConfig:
