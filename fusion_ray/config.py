@@ -33,14 +33,14 @@ from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, n
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
-# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`.
-IMPLICIT_STAGES = ("sample", "reward", "pairs")
+# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`, `sft`.
+IMPLICIT_STAGES = ("sample", "reward", "pairs", "sft")
 METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
 ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve",
-              "sample": "samples", "reward": "rewards", "pairs": "pairs"}
+              "sample": "samples", "reward": "rewards", "pairs": "pairs", "sft": "sft"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -464,8 +464,9 @@ class TrainConfig(Strict):
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
     def lambda_for(self, arm: str) -> float:
-        """λ of the arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm."""
-        return 1.0 if arm == "clm_only" else self.lambda_clm
+        """λ of the arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm and for
+        implicit fusion's `sft` (CLM on the chosen responses)."""
+        return 1.0 if arm in ("clm_only", "sft") else self.lambda_clm
 
 
 MergeMethodName = Literal[tuple(MERGE_METHODS)]  # every method of fusion_ray.merge.registry

@@ -57,6 +57,20 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
 
 def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool = False,
               log=print) -> StageResult:
+    """One arm of the `train` stage: the pivot trained on the fused dataset `dataset` into `targets/<name>`."""
+    fused_dir = cfg.stage_dir("fuse", dataset)
+    manifest = io.finished(fused_dir, "fuse")
+    return fit_target(cfg, name=name, arm=arm, data_dir=fused_dir, manifest=manifest,
+                      out_dir=cfg.stage_dir("train", name), stage="train", input_name="fused",
+                      extra={"dataset": dataset}, force=force, log=log)
+
+
+def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifest: dict, out_dir: str,
+               stage: str, input_name: str, extra: dict | None = None, force: bool = False,
+               log=print) -> StageResult:
+    """Train the pivot on rows of the FUSED schema at `data_dir` (Ray Train, `cfg.train`'s strategy)
+    into the HF model dir `out_dir`; skipped when its manifest matches. λ is `train.lambda_for(arm)`:
+    the `train` stage's arms, and implicit fusion's `sft` (λ = 1: CLM on the response tokens)."""
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -65,12 +79,9 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     from fusion_ray import progress
     from fusion_ray.train.loop import train_loop_per_worker
 
-    fused_dir = cfg.stage_dir("fuse", dataset)
-    manifest = io.finished(fused_dir, "fuse")
-    out_dir = cfg.stage_dir("train", name)
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
-    check_vocab(fused_dir, manifest, pivot)
-    fp = io.fingerprint("train", arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
+    check_vocab(data_dir, manifest, pivot)
+    fp = io.fingerprint(stage, arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
                         locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
     started = time.monotonic()
     out = io.begin(out_dir, fp, force)
@@ -84,7 +95,7 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
         local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
         check_meta(local, fp, t.strategy, t.num_workers)
         resume = Checkpoint.from_directory(local)
-    data = training_order(ray.data.read_parquet(io.list_files(fused_dir)), t.shuffle, t.seed)
+    data = training_order(ray.data.read_parquet(io.list_files(data_dir)), t.shuffle, t.seed)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -106,16 +117,16 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     )
     result = trainer.fit()
     copy_target(result.checkpoint, pivot, out)
-    out.commit(io.Manifest(stage="train", fingerprint=fp, config_hash=cfg.config_hash(),
-                           inputs={"fused": manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
-                           extra={"arm": arm, "dataset": dataset, "metrics": result.metrics,
+    out.commit(io.Manifest(stage=stage, fingerprint=fp, config_hash=cfg.config_hash(),
+                           inputs={input_name: manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
+                           extra={"arm": arm, **(extra or {}), "metrics": result.metrics,
                                   "lambda_clm": t.lambda_for(arm),
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     from fusion_ray.progress import rate
 
     metrics = dict(result.metrics or {})
-    log(f"[train] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
+    log(f"[{stage}] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return StageResult("done", [out_dir], {"metrics": result.metrics})
 

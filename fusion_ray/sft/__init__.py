@@ -1,0 +1,1 @@
+"""The `sft` stage of implicit fusion: the target fine-tuned on the best responses."""
