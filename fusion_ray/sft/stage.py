@@ -95,7 +95,7 @@ def encode(cfg: FusionConfig, force: bool, log=print) -> dict:
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     """Encode the SFT rows, then train the target on them (arm `sft`, λ = 1)."""
     from fusion_ray.ray_env import init_ray
-    from fusion_ray.train.stage import fit_target
+    from fusion_ray.train.fit import fit_target
 
     if cfg.implicit is None:
         raise ValueError("the sft stage needs the `implicit` section (method: implicit)")

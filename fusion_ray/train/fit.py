@@ -1,0 +1,154 @@
+"""Training a target on rows of the FUSED schema with Ray Train: what the `train` stage's arms and
+implicit fusion's `sft` stage share (`fit_target`).
+
+One `TorchTrainer` per target: every worker reads the rows in one deterministic order
+(`training_order`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
+(`train/loop.py`), checkpoints go below `<workdir>/_ray_train/`, and the final weights, config,
+log and the pivot's tokenizer files become an HF model dir, committed atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fusion_ray import io, locations
+from fusion_ray.config import FusionConfig, local_vocab_size
+from fusion_ray.pipeline import StageResult
+from fusion_ray.train.strategies import META, STATE, check_meta
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def result_fields(cfg: FusionConfig) -> dict:
+    """The train settings that change what is trained (not where it resumes or how often it reports)."""
+    return {k: v for k, v in cfg.to_dict()["train"].items()
+            if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
+                         "max_concurrent_arms")}
+
+
+def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
+    """The fused teacher's pivot vocabulary must fit the model's embedding."""
+    vocab, embedding = manifest["extra"].get("pivot_vocab"), local_vocab_size(pivot)
+    if vocab is not None and embedding is not None and vocab > embedding:
+        raise ValueError(f"{fused_dir} was built for a pivot vocabulary of {vocab} tokens, but the model at "
+                         f"{pivot} has an embedding of {embedding}: they do not match")
+
+
+def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifest: dict, out_dir: str,
+               stage: str, input_name: str, extra: dict | None = None, force: bool = False,
+               log=print) -> StageResult:
+    """Train the pivot on rows of the FUSED schema at `data_dir` (Ray Train, `cfg.train`'s strategy)
+    into the HF model dir `out_dir`; skipped when its manifest matches. λ is `train.lambda_for(arm)`:
+    the `train` stage's arms, and implicit fusion's `sft` (λ = 1: CLM on the response tokens)."""
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from fusion_ray import progress
+    from fusion_ray.train.loop import train_loop_per_worker
+
+    pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
+    check_vocab(data_dir, manifest, pivot)
+    fp = io.fingerprint(stage, arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
+                        locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
+    started = time.monotonic()
+    out = io.begin(out_dir, fp, force)
+    if out is None:
+        return StageResult.skipped(out_dir)
+    t = cfg.train
+    resume = None
+    if t.resume_from:
+        from ray.train import Checkpoint
+
+        local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
+        check_meta(local, fp, t.strategy, t.num_workers)
+        resume = Checkpoint.from_directory(local)
+    data = training_order(ray.data.read_parquet(io.list_files(data_dir)), t.shuffle, t.seed)
+    storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"],
+                           "log_path": log_path(out), "fingerprint": fp},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     accelerator_type=t.accelerator_type),
+        run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level=progress.train_log_level())),
+        datasets={"train": data},
+        # every worker reads the whole ordered stream and takes its slice of each global batch
+        # (`loop.rank_slice`): who trains on which row never depends on timing
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        resume_from_checkpoint=resume,
+    )
+    result = trainer.fit()
+    copy_target(result.checkpoint, pivot, out)
+    out.commit(io.Manifest(stage=stage, fingerprint=fp, config_hash=cfg.config_hash(),
+                           inputs={input_name: manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
+                           extra={"arm": arm, **(extra or {}), "metrics": result.metrics,
+                                  "lambda_clm": t.lambda_for(arm),
+                                  "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
+                           wall_time_s=time.monotonic() - started), config=cfg.to_dict())
+    from fusion_ray.progress import rate
+
+    metrics = dict(result.metrics or {})
+    log(f"[{stage}] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
+        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return StageResult("done", [out_dir], {"metrics": result.metrics})
+
+
+def training_order(data, shuffle: bool, seed: int):
+    """The fused rows in the order every run of this config trains on.
+
+    Shuffled (rows come grouped by corpus, i.e. by domain; unshuffled, the last domain seen
+    wins) by a sort on a hash of (seed, sample_id), not by Ray Data's `random_shuffle`, whose
+    order depends on the block layout (a store and a local disk read the same files into
+    different blocks) and so changed the trained model with where the workdir was. A
+    deterministic order is also what lets a restarted run skip exactly the micro-batches it
+    had consumed.
+    """
+    if not shuffle:
+        return data
+
+    def order_key(batch):
+        import hashlib
+
+        import pyarrow as pa
+
+        keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "big") >> 1
+                for sid in batch.column("sample_id").to_pylist()]
+        return batch.append_column("_order", pa.array(keys, pa.int64()))
+
+    return data.map_batches(order_key, batch_format="pyarrow").sort("_order")
+
+
+def log_path(out: io.StageOutput) -> str:
+    """Where rank 0 republishes the log: the output dir (a URI on stores, an absolute local path)."""
+    path = out.path("train_log.jsonl")
+    return path if locations.is_remote(path) else str(Path(path).expanduser().absolute())
+
+
+def copy_target(checkpoint, pivot: str, out: io.StageOutput) -> None:
+    """The final checkpoint's weights, config and log, and the pivot's tokenizer files, into the
+    output dir (uploaded on object stores); optimizer state and partitions stay behind."""
+    with checkpoint.as_directory() as ckpt:  # a local copy when the checkpoint is on a store
+        for item in sorted(Path(ckpt).iterdir()):
+            if item.is_file() and item.name not in (STATE, META):
+                locations.upload(item, out.path(item.name))
+    for name_ in TOKENIZER_FILES:
+        if (Path(pivot) / name_).exists():
+            locations.upload(Path(pivot) / name_, out.path(name_))
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """The checkpoint's location as a URI when it lives on an object store."""
+    fs = checkpoint.filesystem
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(getattr(fs, "type_name", ""), "")
+    return f"{scheme}{checkpoint.path}"
+
+
