@@ -33,14 +33,14 @@ from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, n
 
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
-# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`, `sft`.
-IMPLICIT_STAGES = ("sample", "reward", "pairs", "sft")
+# make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`, `sft`, `dpo`.
+IMPLICIT_STAGES = ("sample", "reward", "pairs", "sft", "dpo")
 METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
 ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
 STAGE_DIRS = {"prepare": "prepared", "collect": "logits", "align": "aligned", "fuse": "fused",
               "train": "targets", "merge": "merged", "eval": "report", "serve": "serve",
-              "sample": "samples", "reward": "rewards", "pairs": "pairs", "sft": "sft"}
+              "sample": "samples", "reward": "rewards", "pairs": "pairs", "sft": "sft", "dpo": "dpo"}
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
 
 
@@ -617,6 +617,22 @@ class PairsConfig(Strict):
         return self
 
 
+class PreferenceConfig(Strict):
+    """The `dpo` stage's loss (`train/preference.py`) and the training settings it changes.
+
+    FuseChat-3.0: length-normalised DPO with β = 10 for Llama-3.1-8B targets; plain (sigmoid)
+    DPO with β = 0.01 for Qwen-2.5 and Gemma-2 targets. Everything else comes from `train`.
+    """
+
+    loss: Literal["sigmoid", "length_normalized", "ipo", "simpo"] = "sigmoid"
+    beta: float = Field(0.01, gt=0, le=1000)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    gamma_beta_ratio: float = Field(0.5, ge=0)  # SimPO's target margin γ / β
+    lr: float | None = Field(None, gt=0)  # None: train.lr
+    epochs: int | None = Field(None, ge=1)  # None: train.epochs
+    max_steps: int | None = Field(None, ge=1)  # None: train.max_steps
+
+
 class ImplicitConfig(Strict):
     """Implicit fusion (`method: implicit`): what the sources sample, and how."""
 
@@ -636,6 +652,7 @@ class ImplicitConfig(Strict):
     reward: RewardModelConfig | None = None
     sandbox: SandboxConfig = SandboxConfig()
     pairs: PairsConfig = PairsConfig()
+    dpo: PreferenceConfig = PreferenceConfig()
 
     @model_validator(mode="after")
     def _open_prompts_need_a_reward_model(self) -> ImplicitConfig:

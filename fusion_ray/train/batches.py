@@ -46,3 +46,25 @@ def collate(rows: Sequence[dict], pad_id: int, max_length: int | None = None) ->
         "topk_logprobs": torch.from_numpy(np.concatenate(teacher_lp)),
         "transferred": torch.from_numpy(np.concatenate(reached)),  # [N] a source reached it
     }
+
+
+def collate_pairs(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad B preference rows (`dpo_data/`: chosen and rejected tokens with their response masks and
+    the reference log-probs) into one batch of 2B sequences, the chosen first:
+
+        input_ids [2B, L] · attention_mask [2B, L] · loss_mask [2B, L-1] · ref_chosen [B] · ref_rejected [B]
+    """
+    seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+    masks = [r["chosen_mask"] for r in rows] + [r["rejected_mask"] for r in rows]
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    attn = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros((len(seqs), width - 1), dtype=bool)
+    for b, (seq, m) in enumerate(zip(seqs, masks, strict=True)):
+        ids[b, : len(seq)] = seq
+        attn[b, : len(seq)] = 1
+        mask[b, : len(seq) - 1] = np.asarray(m, dtype=bool)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+            "loss_mask": torch.from_numpy(mask),
+            "ref_chosen": torch.tensor([float(r["ref_chosen"]) for r in rows], dtype=torch.float32),
+            "ref_rejected": torch.tensor([float(r["ref_rejected"]) for r in rows], dtype=torch.float32)}

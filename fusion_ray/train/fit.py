@@ -38,10 +38,13 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
 
 def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifest: dict, out_dir: str,
                stage: str, input_name: str, extra: dict | None = None, force: bool = False,
-               log=print) -> StageResult:
+               loop: dict | None = None, fingerprint_parts: tuple = (), log=print) -> StageResult:
     """Train the pivot on rows of the FUSED schema at `data_dir` (Ray Train, `cfg.train`'s strategy)
     into the HF model dir `out_dir`; skipped when its manifest matches. λ is `train.lambda_for(arm)`:
-    the `train` stage's arms, and implicit fusion's `sft` (λ = 1: CLM on the response tokens)."""
+    the `train` stage's arms, and implicit fusion's `sft` (λ = 1: CLM on the response tokens).
+    `loop`: more settings for the training loop (`objective`: "dpo" for preference rows,
+    `init_path`: weights to start from instead of the pivot's); `fingerprint_parts`: what else
+    decides the result (they join the fingerprint)."""
     import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -53,7 +56,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     check_vocab(data_dir, manifest, pivot)
     fp = io.fingerprint(stage, arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
-                        locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision))
+                        locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision), *fingerprint_parts)
     started = time.monotonic()
     out = io.begin(out_dir, fp, force)
     if out is None:
@@ -71,7 +74,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"],
-                           "log_path": log_path(out), "fingerprint": fp},
+                           "log_path": log_path(out), "fingerprint": fp, **(loop or {})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},

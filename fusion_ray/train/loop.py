@@ -92,6 +92,56 @@ def rank_slice(batch, rank: int, world: int):
     return batch.slice(rank * each, each) if each else None
 
 
+class FusionObjective:
+    """λ·CLM + (1−λ)·fusion on rows of the FUSED schema (the `train` stage's arms; `sft` at λ = 1)."""
+
+    def __init__(self, cfg: FusionConfig, arm: str, pad_id: int, device):
+        self.cfg, self.lam, self.pad_id, self.device = cfg, cfg.train.lambda_for(arm), pad_id, device
+        self.reached = self.scored = 0
+
+    def loss(self, model, rows: list[dict]) -> dict:
+        t = self.cfg.train
+        batch = collate(rows, self.pad_id, self.cfg.data.max_length)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
+                         fusion_positions=t.fusion_positions)
+        self.reached += int(batch["transferred"].sum())
+        self.scored += len(batch["transferred"])
+        return {**out, "tokens": int(batch["attention_mask"].sum())}
+
+    def metrics(self, out: dict) -> dict:
+        return {"clm": out["clm"].item(), "fusion": out["fusion"].item(),
+                "transferred": self.reached / max(self.scored, 1)}
+
+
+class PreferenceObjective:
+    """A preference loss (`implicit.dpo`) on rows of chosen/rejected tokens with the reference
+    model's log-probs precomputed (implicit fusion's `dpo`): no reference model in training memory."""
+
+    def __init__(self, cfg: FusionConfig, arm: str, pad_id: int, device):
+        self.cfg, self.pad_id, self.device = cfg, pad_id, device
+
+    def loss(self, model, rows: list[dict]) -> dict:
+        from fusion_ray.train.batches import collate_pairs
+        from fusion_ray.train.preference import preference_loss, sequence_logps
+
+        d = self.cfg.implicit.dpo
+        batch = {k: v.to(self.device) for k, v in collate_pairs(rows, self.pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        n = len(rows)
+        loss, stats = preference_loss(logps[:n], logps[n:], batch["ref_chosen"], batch["ref_rejected"],
+                                      lengths[:n], lengths[n:], kind=d.loss, beta=d.beta,
+                                      label_smoothing=d.label_smoothing, gamma_beta_ratio=d.gamma_beta_ratio)
+        return {"loss": loss, **stats, "tokens": int(batch["attention_mask"].sum())}
+
+    def metrics(self, out: dict) -> dict:
+        return {k: float(v.mean()) for k, v in out.items() if k not in ("loss", "tokens")}
+
+
+OBJECTIVES = {"fusion": FusionObjective, "dpo": PreferenceObjective}
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from transformers import AutoModelForCausalLM
@@ -104,10 +154,11 @@ def train_loop_per_worker(config: dict) -> None:
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    lam = t.lambda_for(config["arm"])
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-    path = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
+    # the weights trained: the pivot's, or (implicit fusion's dpo) the model `init_path` names
+    path = locations.local_dir(config.get("init_path") or cfg.pivot.path,
+                               revision=None if config.get("init_path") else cfg.pivot.revision)
     tokenizer = tokenizers.for_model(cfg.pivot)  # `pivot.tokenizer` when set, with its trust_remote_code
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=cfg.pivot.trust_remote_code)
@@ -128,9 +179,10 @@ def train_loop_per_worker(config: dict) -> None:
     accum = t.grad_accum_steps()
     skip = start * accum  # micro-batches this worker consumed before the checkpoint
     shard = ray.train.get_dataset_shard("train")
-    step, micro, started, tokens, reached, scored = start, 0, time.monotonic(), 0, 0, 0
+    step, micro, started, tokens = start, 0, time.monotonic(), 0
     last = started
     device = next(strategy.module.parameters()).device
+    objective = OBJECTIVES[config.get("objective", "fusion")](cfg, config["arm"], tokenizer.pad_token_id, device)
     strategy.model.train()
     while step < steps:
         for whole in shard.iter_batches(batch_size=t.micro_batch_size * world, batch_format="pyarrow"):
@@ -142,25 +194,18 @@ def train_loop_per_worker(config: dict) -> None:
             if skip:
                 skip -= 1
                 continue
-            batch = collate(rows_of(table), tokenizer.pad_token_id, cfg.data.max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = batch_loss(strategy.model, batch, lam=lam, tail=t.tail, temperature=t.temperature,
-                             fusion_positions=t.fusion_positions)
+            out = objective.loss(strategy.model, rows_of(table))
             strategy.backward(out["loss"])
             micro += 1
-            tokens += int(batch["attention_mask"].sum())
-            reached += int(batch["transferred"].sum())
-            scored += len(batch["transferred"])
+            tokens += out["tokens"]
             if micro % accum:
                 continue
             strategy.step()
             step += 1
             now = time.monotonic()
             step_s, last = now - last, now
-            metrics = {"step": step, "loss": out["loss"].item(), "clm": out["clm"].item(),
-                       "fusion": out["fusion"].item(), "lr": strategy.lr(),
-                       "tokens_per_s": tokens / max(now - started, 1e-9), "step_s": step_s,
-                       "transferred": reached / max(scored, 1)}
+            metrics = {"step": step, "loss": out["loss"].item(), **objective.metrics(out), "lr": strategy.lr(),
+                       "tokens_per_s": tokens / max(now - started, 1e-9), "step_s": step_s}
             if log is not None:
                 log.add({"arm": config["arm"], "strategy": t.strategy, **metrics})
             if step % t.checkpoint_every == 0 or step == steps:

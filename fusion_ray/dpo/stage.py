@@ -1,0 +1,190 @@
+"""The `dpo` stage (implicit fusion): the SFT model trained with a preference loss on `pairs/dpo/`,
+against itself frozen as the reference.
+
+1. The reference pass: Ray Data streams the pairs through engine actors (`RefScoreUDF`, the
+   `collect` stage's scoring engines: vLLM, or transformers with `implicit.engine: hf`) holding
+   the SFT model. Each pair's chosen and rejected responses are encoded with the target's chat
+   template (`implicit/encode.py`) and scored; the reference log-prob of a response is the sum
+   of its tokens' log-probs. Rows go to `dpo_data/part-*.parquet` (one shard per pairs shard,
+   written atomically once complete, the first copy of each pair kept; a rerun redoes only
+   missing shards). No reference model is held in training memory.
+2. Training: the `train` stage's trainer (`train/fit.py`: Ray Train, DeepSpeed ZeRO or DDP,
+   checkpoints, restarts, deterministic row order) starts from the SFT weights and minimises
+   `implicit.dpo.loss` (sigmoid DPO, length-normalised DPO, IPO or SimPO; β, label smoothing)
+   with `implicit.dpo.lr` / `epochs` / `max_steps` in place of `train`'s where set → `dpo/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fusion_ray import io, locations
+from fusion_ray import tokenizer as tokenizers
+from fusion_ray.arrays import ragged
+from fusion_ray.config import FusionConfig
+from fusion_ray.pipeline import StageResult
+
+PAIR_ROWS = pa.schema([("sample_id", pa.string()), ("domain", pa.string()), ("source", pa.string()),
+                       ("chosen_ids", pa.list_(pa.int32())), ("chosen_mask", pa.list_(pa.bool_())),
+                       ("rejected_ids", pa.list_(pa.int32())), ("rejected_mask", pa.list_(pa.bool_())),
+                       ("ref_chosen", pa.float64()), ("ref_rejected", pa.float64()),
+                       ("chosen_len", pa.int32()), ("rejected_len", pa.int32())])
+
+
+def data_dir(cfg: FusionConfig) -> str:
+    """Where the encoded, reference-scored pairs live: beside `dpo/` (the model dir is swapped in whole)."""
+    return cfg.stage_dir("dpo") + "_data"
+
+
+class RefScoreUDF:
+    """Ray Data callable class: pairs in, encoded pairs with the reference's log-probs out."""
+
+    def __init__(self, cfg: dict, reference: str):
+        from fusion_ray.collect import engines
+
+        self.cfg = FusionConfig.from_wire(cfg)
+        self.tokenizer = tokenizers.for_model(self.cfg.pivot)
+        path = locations.local_dir(reference)
+        dtype = self.cfg.pivot.dtype
+        if self.cfg.implicit.engine == "vllm":
+            self.engine = engines.VLLMEngine(path, k=1, dtype=dtype, max_model_len=self.cfg.data.max_length + 16,
+                                             trust_remote_code=self.cfg.pivot.trust_remote_code)
+        else:
+            self.engine = engines.HFEngine(path, dtype=dtype, trust_remote_code=self.cfg.pivot.trust_remote_code)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from fusion_ray.collect.prompts import RowRejected
+        from fusion_ray.implicit.encode import encode_response
+
+        kept, seqs = [], []
+        for r in batch.to_pylist():
+            chat = json.loads(r["messages"])
+            try:
+                chosen = encode_response(self.tokenizer, chat, r["chosen"], self.cfg.data.max_length)
+                rejected = encode_response(self.tokenizer, chat, r["rejected"], self.cfg.data.max_length)
+            except RowRejected:
+                chosen = rejected = None
+            kept.append((r, chosen, rejected))
+            if chosen is not None and rejected is not None:
+                seqs += [chosen[0], rejected[0]]
+        scored = iter(self.engine.score(seqs, 1)) if seqs else iter(())
+        out = {k: [] for k in [*PAIR_ROWS.names, "path", "dropped"]}
+        for r, chosen, rejected in kept:
+            ok = chosen is not None and rejected is not None
+            refs = []
+            for enc in (chosen, rejected) if ok else ():
+                gold = np.asarray(next(scored)[2], dtype=np.float64)
+                refs.append(float(gold[enc[1]].sum()))
+            empty = (np.zeros(0, np.int32), np.zeros(0, bool))
+            c, j = (chosen, rejected) if ok else (empty, empty)
+            for key, value in (("sample_id", f"{r['prompt_id']}/{r['source']}"), ("domain", r["domain"]),
+                               ("source", r["source"]), ("chosen_ids", c[0]), ("chosen_mask", c[1]),
+                               ("rejected_ids", j[0]), ("rejected_mask", j[1]),
+                               ("ref_chosen", refs[0] if ok else 0.0), ("ref_rejected", refs[1] if ok else 0.0),
+                               ("chosen_len", int(c[1].sum())), ("rejected_len", int(j[1].sum())),
+                               ("path", r["path"]), ("dropped", not ok)):
+                out[key].append(value)
+        return pa.Table.from_pydict({
+            **{k: pa.array(out[k], PAIR_ROWS.field(k).type) for k in ("sample_id", "domain", "source", "ref_chosen",
+                                                                      "ref_rejected", "chosen_len", "rejected_len")},
+            **{k: ragged(out[k], t) for k, t in (("chosen_ids", pa.int32()), ("chosen_mask", pa.bool_()),
+                                                 ("rejected_ids", pa.int32()), ("rejected_mask", pa.bool_()))},
+            "path": pa.array(out["path"], pa.string()), "dropped": pa.array(out["dropped"], pa.bool_())})
+
+
+def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: bool, log=print) -> dict:
+    """Encode and reference-score `pairs/dpo/` into `dpo_data/`; its manifest (as a dict)."""
+    import ray
+
+    from fusion_ray.placement import engine_placement, ray_data_args
+
+    pairs_dir = cfg.stage_dir("pairs")
+    pairs = io.finished(pairs_dir, "pairs")
+    imp = cfg.implicit
+    fp = io.fingerprint("dpo_data", pairs["fingerprint"], reference_fp, cfg.data.max_length, imp.engine,
+                        locations.fingerprint(cfg.pivot.tokenizer or cfg.pivot.path, revision=cfg.pivot.revision))
+    out = io.begin(data_dir(cfg), fp, force)
+    if out is None:
+        return io.read_manifest(data_dir(cfg))
+    started = time.monotonic()
+    shards = io.list_files(f"{pairs_dir}/dpo")
+    todo = [s for s in shards if not out.has(Path(s).name)]
+    expected = {Path(s).name: [f"{p}/{s_}" for p, s_ in zip(*(io.read_table(s, columns=["prompt_id", "source"])
+                                                               .column(c).to_pylist() for c in ("prompt_id", "source")),
+                                                             strict=True)] for s in todo}
+    pending: dict[str, dict | None] = {}
+    for name, keys in expected.items():
+        if keys:
+            pending[name] = {}
+        else:
+            out.write_table(name, PAIR_ROWS.empty_table())
+    dropped = 0
+    if pending:
+        resources = ray_data_args(engine_placement(tensor_parallel=1, pipeline_parallel=1,
+                                                   gpus=imp.num_gpus_per_actor, cpus=imp.num_cpus_per_actor,
+                                                   accelerator_type=None))
+        ds = ray.data.read_parquet([s for s in todo if Path(s).name in pending], include_paths=True)
+        ds = ds.map_batches(RefScoreUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "reference": reference},
+                            batch_size=imp.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=imp.concurrency), **resources)
+        ds.set_name("dpo_reference")
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                names = [Path(p).name for p in batch.column("path").to_pylist()]
+                ids, gone = batch.column("sample_id").to_pylist(), batch.column("dropped").to_pylist()
+                table = batch.drop_columns(["path", "dropped"])
+                for i, name in enumerate(names):
+                    rows = pending[name]
+                    if rows is None or ids[i] in rows:
+                        continue
+                    rows[ids[i]] = None if gone[i] else table.slice(i, 1)
+                    if len(rows) == len(expected[name]):
+                        kept = [rows[k] for k in expected[name] if rows[k] is not None]
+                        out.write_table(name, pa.concat_tables(kept).combine_chunks() if kept
+                                        else PAIR_ROWS.empty_table())
+                        dropped += len(expected[name]) - len(kept)
+                        pending[name] = None
+        finally:
+            if "ray_remote_args_fn" in resources:
+                resources["ray_remote_args_fn"].remove()
+    missing = [n for n, rows in pending.items() if rows is not None]
+    if missing:
+        raise RuntimeError(f"dpo: reference pass incomplete for shard(s) {missing}")
+    n_out = sum(io.parquet_metadata(out.path(Path(s).name)).num_rows for s in shards)
+    if n_out == 0:
+        raise ValueError(f"dpo: no preference pair to train on in {pairs_dir}/dpo")
+    n_in = pairs["rows"].get("dpo", n_out)
+    manifest = out.commit(io.Manifest(stage="dpo", fingerprint=fp, config_hash=cfg.config_hash(),
+                                      rows={"in": n_in, "out": n_out},
+                                      inputs={"pairs": pairs["fingerprint"], "reference": reference_fp},
+                                      extra={"dropped_this_run": dropped}, wall_time_s=time.monotonic() - started),
+                          config=cfg.to_dict())
+    log(f"[dpo] reference log-probs of {n_out} pair(s) ({time.monotonic() - started:.0f}s)")
+    return json.loads(json.dumps(manifest.__dict__))
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Reference pass with the SFT model, then preference training from it (arm `dpo`)."""
+    from fusion_ray.ray_env import init_ray
+    from fusion_ray.train.fit import fit_target
+
+    if cfg.implicit is None:
+        raise ValueError("the dpo stage needs the `implicit` section (method: implicit)")
+    sft_dir = cfg.stage_dir("sft")
+    sft = io.finished(sft_dir, "sft")
+    init_ray(cfg.ray)
+    manifest = reference_pass(cfg, sft_dir, sft["fingerprint"], force, log)
+    d = cfg.implicit.dpo
+    train = cfg.train.model_copy(update={k: v for k, v in (("lr", d.lr), ("epochs", d.epochs),
+                                                           ("max_steps", d.max_steps)) if v is not None})
+    dpo_cfg = cfg.model_copy(update={"train": train})
+    return fit_target(dpo_cfg, name="dpo", arm="dpo", data_dir=data_dir(cfg), manifest=manifest,
+                      out_dir=cfg.stage_dir("dpo"), stage="dpo", input_name="dpo_data",
+                      extra={"loss": d.loss, "beta": d.beta},
+                      loop={"objective": "dpo", "init_path": sft_dir},
+                      fingerprint_parts=(d.model_dump(mode="json"), sft["fingerprint"]), force=force, log=log)
