@@ -295,33 +295,46 @@ def logit_store_section(cfg: FusionConfig, rows: int, rows_from: str, tokens: in
 
 
 def collect_units(cfg: FusionConfig, asks: list[Ask], sized: dict[str, Sized]) -> list[Unit]:
+    return engine_units(asks, cfg.models(), sized, cfg.collect.dtype, cfg.collect.batch_size,
+                        2 * cfg.data.max_length + 16)
+
+
+def engine_units(asks: list[Ask], specs: list[ModelSpec], sized: dict[str, Sized], dtype_asked: str,
+                 batch_size: int, default_length: int) -> list[Unit]:
+    """One unit per engine actor ask (collect's, or the implicit method's sampling engines), with the
+    GPU memory one sequence of the model's context needs."""
     units = []
-    for ask, spec in zip(asks, cfg.models(), strict=True):
+    for ask, spec in zip(asks, specs, strict=True):
         s = sized[spec.name]
         unit = Unit(ask, f"TP {ask.tp} × PP {ask.pp}")
         units.append(unit)
         if not ask.gpus or s.arch is None:
             continue
-        dtype, _ = dtype_of(spec.dtype if cfg.collect.dtype == "auto" else cfg.collect.dtype, s)
-        length = spec.max_model_len or 2 * cfg.data.max_length + 16
+        dtype, _ = dtype_of(spec.dtype if dtype_asked == "auto" else dtype_asked, s)
+        length = spec.max_model_len or default_length
         one = engine_memory(s.arch, s.params, DTYPE_BYTES[dtype], ask.tp, ask.pp, length)
         unit.need, unit.budget = one["total"], (lambda t, u=spec.gpu_memory_utilization: u * t.gpu_bytes)
         unit.why = f"weights {gb(one['weights'])} + KV {gb(one['kv'])} for one {length}-token sequence, {dtype}"
         unit.hint = "raise its tensor_parallel_size (or pipeline_parallel_size), or use GPUs with more memory"
-        batch = engine_memory(s.arch, s.params, DTYPE_BYTES[dtype], ask.tp, ask.pp, cfg.collect.batch_size * length)
+        batch = engine_memory(s.arch, s.params, DTYPE_BYTES[dtype], ask.tp, ask.pp, batch_size * length)
         unit.batch = batch
     return units
 
 
 def engines_section(units: list[Unit], cfg: FusionConfig, sized: dict[str, Sized]) -> list[str]:
+    """The engines' GPU memory per model: collect's (every model), or the implicit method's sampling
+    engines (the sources)."""
+    implicit = cfg.method == "implicit"
+    specs, dtype_asked = (cfg.sources, "auto") if implicit else (cfg.models(), cfg.collect.dtype)
+    batch_size = cfg.implicit.batch_size if implicit else cfg.collect.batch_size
     rows = [["model", "dtype", "TP × PP", "max_model_len", "weights/GPU", "KV/token/GPU", "1 sequence",
-             f"batch of {cfg.collect.batch_size}"]]
-    for unit, spec in zip(units, cfg.models(), strict=True):
+             f"batch of {batch_size}"]]
+    for unit, spec in zip(units, specs, strict=True):
         s = sized[spec.name]
         if not unit.need:
             rows.append([spec.name, "", unit.parallel, "", "", "", "not on GPUs" if s.arch else "size unknown", ""])
             continue
-        dtype, how = dtype_of(spec.dtype if cfg.collect.dtype == "auto" else cfg.collect.dtype, s)
+        dtype, how = dtype_of(spec.dtype if dtype_asked == "auto" else dtype_asked, s)
         length = spec.max_model_len or 2 * cfg.data.max_length + 16
         kv = kv_bytes_per_token(s.arch, DTYPE_BYTES[dtype], unit.ask.tp, unit.ask.pp)
         rows.append([spec.name, dtype + how, unit.parallel, str(length), gb(unit.batch["weights"]),
@@ -426,6 +439,8 @@ def make_plan(cfg: FusionConfig, *, source: str = "config", cluster_path: str | 
     for s in sized.values():
         plan.notes.extend(s.notes)
     asks = resource_asks(cfg)
+    if cfg.method == "implicit":
+        return implicit_plan(cfg, plan, asks, sized, types, cluster, cluster_path)
     n_rows, rows_from = row_count(cfg, rows)
     collect = collect_units(cfg, asks["collect"], sized)
     train, train_lines = train_unit(cfg, asks["train"][0], sized[cfg.pivot.name])
@@ -447,6 +462,34 @@ def make_plan(cfg: FusionConfig, *, source: str = "config", cluster_path: str | 
                                                             logit_store_section(cfg, n_rows, rows_from, tokens)]))
     plan.sections.append(("collect engines (vLLM, per GPU)", engines_section(collect, cfg, sized)))
     plan.sections.append((f"training (per rank, {cfg.train.num_workers} ranks)", train_lines))
+    if serve_lines:
+        plan.sections.append(("serve (per replica GPU)", serve_lines))
+    return plan
+
+
+def implicit_plan(cfg: FusionConfig, plan: Plan, asks: dict, sized: dict[str, Sized], types, cluster: str,
+                  cluster_path: str | None) -> Plan:
+    """The implicit method's plan: sampling engines per source, reward scorers, SFT and DPO ranks."""
+    imp = cfg.implicit
+    sample = engine_units(asks["sample"], cfg.sources, sized, "auto", imp.batch_size,
+                          2 * cfg.data.max_length + 16)
+    sft, train_lines = train_unit(cfg, asks["sft"][0], sized[cfg.pivot.name])
+    dpo, _ = train_unit(cfg, asks["dpo"][1], sized[cfg.pivot.name])
+    serve, serve_lines = serve_unit(cfg, asks["serve"][0], sized[cfg.pivot.name])
+    units = [*sample, *(Unit(a) for a in asks["reward"]), sft, Unit(asks["dpo"][0]), dpo, serve]
+    for unit in units:
+        model = unit.ask.model
+        if unit.ask.gpus and model and sized[model].arch is None:
+            plan.problems.append(f"{unit.ask.stage} {model}: cannot size the model (no readable config.json, "
+                                 f"no `arch` in the config), so its GPU memory cannot be checked")
+    plan.sections.append(("models (parameters counted from the shape)", models_section(cfg, sized)))
+    if types is not None:
+        plan.sections.append((f"node types ({cluster_path})", node_section(types)))
+        plan.notes.extend(n for t in types for n in t.notes)
+    plan.sections.append(("stages (each unit; pairs runs in the driver; GB = 10^9 bytes)",
+                          stage_rows(units, types, cluster, plan)))
+    plan.sections.append(("sampling engines (vLLM, per GPU)", engines_section(sample, cfg, sized)))
+    plan.sections.append((f"training: sft and dpo (per rank, {cfg.train.num_workers} ranks)", train_lines))
     if serve_lines:
         plan.sections.append(("serve (per replica GPU)", serve_lines))
     return plan

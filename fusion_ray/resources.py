@@ -147,7 +147,29 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
         "eval": [Ask("eval", "arm-scoring task", 1, cfg.eval.num_cpus, upto=arms)],
         "serve": [Ask("serve", "replica", max(1, s.min_replicas), s.num_cpus, serve_gpus, s.accelerator_type,
                       cfg.pivot.name, tp, pp, upto=s.max_replicas)],
+        **(implicit_asks(cfg) if cfg.implicit else {}),
     }
+
+
+def implicit_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
+    """The implicit method's stages: sampling engines per source, the reward scorers, SFT and DPO
+    training ranks (DPO also its reference-pass engine actors); `pairs` runs in the driver."""
+    imp, t = cfg.implicit, cfg.train
+    vllm = imp.engine == "vllm"
+    sample = [Ask("sample", f"engine actor ({m.name})", imp.concurrency, imp.num_cpus_per_actor,
+                  engine_gpus(imp.num_gpus_per_actor, m.tensor_parallel_size, m.pipeline_parallel_size)
+                  if vllm else imp.num_gpus_per_actor, None, m.name,
+                  m.tensor_parallel_size if vllm else 1, m.pipeline_parallel_size if vllm else 1)
+              for m in cfg.sources]
+    rm = imp.reward
+    reward = [Ask("reward", "scorer actor (verifiers" + (" + reward model)" if rm else ")"),
+                  rm.concurrency if rm else 1, rm.num_cpus_per_actor if rm else 1,
+                  rm.num_gpus_per_actor if rm else 0.0)]
+    ranks = lambda stage: Ask(stage, "training rank", t.num_workers, t.cpus_per_worker,  # noqa: E731
+                              1.0 if t.use_gpu else 0.0, t.accelerator_type, cfg.pivot.name)
+    reference = Ask("dpo", "reference-pass engine actor", imp.concurrency, imp.num_cpus_per_actor,
+                    imp.num_gpus_per_actor)
+    return {"sample": sample, "reward": reward, "pairs": [], "sft": [ranks("sft")], "dpo": [reference, ranks("dpo")]}
 
 
 # --- node types of a cluster launcher YAML -----------------------------------------------------

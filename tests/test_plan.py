@@ -196,6 +196,21 @@ def test_plan_names_mixtral_at_tp2_and_training_without_checkpointing(offline):
     assert out.returncode == 2 and "train openchat: needs 76.2 GB per GPU" in out.stdout
 
 
+def test_plan_sizes_the_implicit_recipe_stage_by_stage(offline):
+    out = cli("plan", "jobs/configs/fusechat3_8b.yaml", "--cluster", "cluster.yaml", env=offline)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[-1] == "plan: OK, every stage fits"
+    stages = out.stdout.split("\nstages ")[1].split("\n\n")[0].splitlines()[2:]
+    assert [line.split()[0] for line in stages] == ["sample"] * 4 + ["reward", "sft", "dpo", "dpo", "serve"]
+    assert "logit store" not in out.stdout and "collect" not in out.stdout  # no explicit-method stage
+    # Qwen2.5-72B at TP 4: 72.7B × 2 B / 4 = 36.4 GB of weights per GPU, over 0.9 × 40 GB
+    out = cli("plan", "jobs/configs/fusechat3_8b.yaml", "--cluster", "cluster.yaml",
+              "sources.2.tensor_parallel_size=4", env=offline)
+    assert out.returncode == 2, out.stdout + out.stderr
+    problems = out.stdout.split("\ncannot fit\n")[1].splitlines()[:-2]
+    assert len(problems) == 1 and problems[0].startswith("  sample qwen25_72b: needs 36.7 GB per GPU"), problems
+
+
 def test_plan_bad_input_is_one_line_not_a_traceback(offline, tmp_path):
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", str(tmp_path / "nope.yaml"), env=offline)
     assert out.returncode == 2 and "cluster config not found" in out.stderr and "Traceback" not in out.stderr
