@@ -447,6 +447,19 @@ def make_plan(cfg: FusionConfig, *, source: str = "config", cluster_path: str | 
     serve, serve_lines = serve_unit(cfg, asks["serve"][0], sized[cfg.pivot.name])
     units = [*collect, *(Unit(a) for s in ("align", "fuse") for a in asks[s]), train,
              *(Unit(a) for s in ("merge", "eval") for a in asks[s]), serve]
+    head_sections(plan, cfg, units, sized, types, cluster, cluster_path, driver_stage="prepare")
+    plan.sections.append(("logit store (logits/<model>/)", ["  " + x for x in
+                                                            logit_store_section(cfg, n_rows, rows_from, tokens)]))
+    plan.sections.append(("collect engines (vLLM, per GPU)", engines_section(collect, cfg, sized)))
+    plan.sections.append((f"training (per rank, {cfg.train.num_workers} ranks)", train_lines))
+    if serve_lines:
+        plan.sections.append(("serve (per replica GPU)", serve_lines))
+    return plan
+
+
+def head_sections(plan: Plan, cfg: FusionConfig, units: list[Unit], sized: dict[str, Sized], types, cluster: str,
+                  cluster_path: str | None, driver_stage: str) -> None:
+    """The models, node types and stage placement sections, and the models that cannot be sized."""
     for unit in units:
         model = unit.ask.model
         if unit.ask.gpus and model and sized[model].arch is None:
@@ -456,15 +469,8 @@ def make_plan(cfg: FusionConfig, *, source: str = "config", cluster_path: str | 
     if types is not None:
         plan.sections.append((f"node types ({cluster_path})", node_section(types)))
         plan.notes.extend(n for t in types for n in t.notes)
-    plan.sections.append(("stages (each unit; prepare runs in the driver; GB = 10^9 bytes)",
+    plan.sections.append((f"stages (each unit; {driver_stage} runs in the driver; GB = 10^9 bytes)",
                           stage_rows(units, types, cluster, plan)))
-    plan.sections.append(("logit store (logits/<model>/)", ["  " + x for x in
-                                                            logit_store_section(cfg, n_rows, rows_from, tokens)]))
-    plan.sections.append(("collect engines (vLLM, per GPU)", engines_section(collect, cfg, sized)))
-    plan.sections.append((f"training (per rank, {cfg.train.num_workers} ranks)", train_lines))
-    if serve_lines:
-        plan.sections.append(("serve (per replica GPU)", serve_lines))
-    return plan
 
 
 def implicit_plan(cfg: FusionConfig, plan: Plan, asks: dict, sized: dict[str, Sized], types, cluster: str,
@@ -477,17 +483,7 @@ def implicit_plan(cfg: FusionConfig, plan: Plan, asks: dict, sized: dict[str, Si
     dpo, _ = train_unit(cfg, asks["dpo"][1], sized[cfg.pivot.name])
     serve, serve_lines = serve_unit(cfg, asks["serve"][0], sized[cfg.pivot.name])
     units = [*sample, *(Unit(a) for a in asks["reward"]), sft, Unit(asks["dpo"][0]), dpo, serve]
-    for unit in units:
-        model = unit.ask.model
-        if unit.ask.gpus and model and sized[model].arch is None:
-            plan.problems.append(f"{unit.ask.stage} {model}: cannot size the model (no readable config.json, "
-                                 f"no `arch` in the config), so its GPU memory cannot be checked")
-    plan.sections.append(("models (parameters counted from the shape)", models_section(cfg, sized)))
-    if types is not None:
-        plan.sections.append((f"node types ({cluster_path})", node_section(types)))
-        plan.notes.extend(n for t in types for n in t.notes)
-    plan.sections.append(("stages (each unit; pairs runs in the driver; GB = 10^9 bytes)",
-                          stage_rows(units, types, cluster, plan)))
+    head_sections(plan, cfg, units, sized, types, cluster, cluster_path, driver_stage="pairs")
     plan.sections.append(("sampling engines (vLLM, per GPU)", engines_section(sample, cfg, sized)))
     plan.sections.append((f"training: sft and dpo (per rank, {cfg.train.num_workers} ranks)", train_lines))
     if serve_lines:

@@ -29,6 +29,7 @@ from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.pipeline import StageResult
 from fusion_ray.placement import collect_placement, ray_data_args
+from fusion_ray.shards import columns_key, gather
 
 
 class ScoreUDF:
@@ -164,7 +165,7 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
         ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                _gather(batch, pending, expected, out)
+                gather(batch, pending, expected, out, columns_key("sample_id"))
         finally:
             if "ray_remote_args_fn" in resources:  # the engines' placement groups outlive their actors
                 resources["ray_remote_args_fn"].remove()
@@ -172,21 +173,6 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     if missing:
         raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
     return _commit(cfg, model, out, shards, fp, prepared_fp, started, log)
-
-
-def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput) -> None:
-    """Add a batch's rows to their shards; write each shard once it is complete."""
-    names = [Path(p).name for p in batch.column("path").to_pylist()]
-    table = batch.drop_columns(["path"])
-    for i, name in enumerate(names):
-        rows = pending[name]
-        if rows is None:
-            continue  # shard already written; a retried task sent this row again
-        rows.setdefault(table.column("sample_id")[i].as_py(), table.slice(i, 1))
-        if len(rows) == len(expected[name]):
-            ordered = [rows[sid] for sid in expected[name]]
-            out.write_table(name, pa.concat_tables(ordered).combine_chunks())
-            pending[name] = None
 
 
 def _commit(cfg, model, out, shards, fp, prepared_fp, started, log) -> StageResult:

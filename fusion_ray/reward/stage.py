@@ -31,6 +31,7 @@ from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
 from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import PROMPTS_DIR, REWARDS
+from fusion_ray.shards import columns_key, gather
 
 UNSCORED = ("prompt_too_long",)
 
@@ -154,7 +155,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
         ds.set_name("reward")
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                _gather(batch, pending, expected, out)
+                gather(batch, pending, expected, out, columns_key("source", "prompt_id", "sample_index"))
         finally:
             if "ray_remote_args_fn" in resources:
                 resources["ray_remote_args_fn"].remove()
@@ -189,16 +190,3 @@ def summarize(table: pa.Table) -> dict:
     return {"per_source": by("source"), "per_domain": by("domain")}
 
 
-def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput) -> None:
-    """Add a batch's rows to their shards; write each shard once complete, in (source, prompt, sample) order."""
-    names = [Path(p).name for p in batch.column("path").to_pylist()]
-    table = batch.drop_columns(["path"])
-    keys = list(zip(*(table.column(c).to_pylist() for c in ("source", "prompt_id", "sample_index")), strict=True))
-    for i, name in enumerate(names):
-        rows = pending[name]
-        if rows is None:
-            continue
-        rows.setdefault(keys[i], table.slice(i, 1))
-        if len(rows) == len(expected[name]):
-            out.write_table(name, pa.concat_tables([rows[k] for k in expected[name]]).combine_chunks())
-            pending[name] = None

@@ -29,6 +29,7 @@ from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.pipeline import StageResult
 from fusion_ray.placement import ray_data_args
 from fusion_ray.schema import PROMPTS_DIR, SAMPLES
+from fusion_ray.shards import columns_key, gather
 
 
 def settings_for(cfg: FusionConfig, spec: ModelSpec, n: int):
@@ -159,7 +160,7 @@ def sample_source(cfg: FusionConfig, spec: ModelSpec, shards: list[str], prompts
         ds.set_name(f"sample_{spec.name}")
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                _gather(batch, pending, expected, out)
+                gather(batch, pending, expected, out, columns_key("prompt_id", "sample_index"))
         finally:
             if "ray_remote_args_fn" in resources:
                 resources["ray_remote_args_fn"].remove()
@@ -191,21 +192,6 @@ def _placement(spec: ModelSpec, imp):
     return engine_placement(tensor_parallel=spec.tensor_parallel_size if vllm else 1,
                             pipeline_parallel=spec.pipeline_parallel_size if vllm else 1,
                             gpus=imp.num_gpus_per_actor, cpus=imp.num_cpus_per_actor, accelerator_type=None)
-
-
-def _gather(batch: pa.Table, pending: dict, expected: dict, out: io.StageOutput) -> None:
-    """Add a batch's rows to their shards; write each shard once it is complete, in prompt order."""
-    names = [Path(p).name for p in batch.column("path").to_pylist()]
-    table = batch.drop_columns(["path"])
-    pids, idx = table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist()
-    for i, name in enumerate(names):
-        rows = pending[name]
-        if rows is None:
-            continue  # shard already written; a retried task sent this row again
-        rows.setdefault((pids[i], idx[i]), table.slice(i, 1))
-        if len(rows) == len(expected[name]):
-            out.write_table(name, pa.concat_tables([rows[key] for key in expected[name]]).combine_chunks())
-            pending[name] = None
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
