@@ -26,11 +26,13 @@ class RewardScorer:
     def __init__(self, path: str, *, dtype: str = "auto", trust_remote_code: bool = False, max_length: int = 4096,
                  batch_size: int = 8, device: str | None = None):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from fusion_ray.tokenizer import from_dir
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.tokenizer = from_dir(path, trust_remote_code=trust_remote_code)
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"reward model {path}: its tokenizer has no chat template")
         self.model = AutoModelForSequenceClassification.from_pretrained(

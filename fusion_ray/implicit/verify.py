@@ -212,7 +212,9 @@ class Verdict:
     seconds: float
     stderr_tail: str = ""  # the last 2 KiB of stderr
     stdout_head: str = ""  # the first 2 KiB of stdout
-    max_rss_bytes: int | None = None  # the child's peak resident memory, when known
+    # the child's peak resident memory as the kernel reports it: an upper bound that includes the
+    # parent's pages it was forked with (so not used to classify), None when unknown
+    max_rss_bytes: int | None = None
 
 
 TAIL = 2048
@@ -467,7 +469,7 @@ def _decode_tail(data: bytes, limit: int = TAIL) -> str:
     return data[-limit:].decode("utf-8", errors="replace")
 
 
-def _classify(status: int, timed_out: bool, over: bool, stderr: str, cpu_used: float, max_rss: int | None,
+def _classify(status: int, timed_out: bool, over: bool, stderr: str, cpu_used: float,
               limits: SandboxLimits, completed: bool) -> tuple[bool, str]:
     if timed_out:
         return False, "timeout"
@@ -477,7 +479,9 @@ def _classify(status: int, timed_out: bool, over: bool, stderr: str, cpu_used: f
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits.cpu_seconds - 0.5):
             return False, "timeout"
-        if "MemoryError" in stderr or (max_rss is not None and max_rss >= 0.9 * limits.memory_bytes):
+        # not from ru_maxrss: a forked child's peak counts its parent's pages before exec (a Ray
+        # actor holding a reward model would make every killed run look like a memory hog)
+        if "MemoryError" in stderr:
             return False, "memory"
         return False, "killed"
     code = os.WEXITSTATUS(status)
@@ -559,7 +563,7 @@ def run_code(code: str, tests: str, *, limits: SandboxLimits = SandboxLimits()) 
         stderr_text = _decode_tail(bytes(err.data), 8 * TAIL)
         cpu_used = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
         max_rss = rusage.ru_maxrss * 1024 if rusage is not None else None  # KiB on Linux
-        passed, reason = _classify(status, timed_out, out.over or err.over, stderr_text, cpu_used, max_rss,
+        passed, reason = _classify(status, timed_out, out.over or err.over, stderr_text, cpu_used,
                                    limits, completed)
         return Verdict(passed, reason, proc.returncode, time.monotonic() - start,
                        stderr_tail=stderr_text[-TAIL:], stdout_head=bytes(out.data[:TAIL]).decode("utf-8", "replace"),
