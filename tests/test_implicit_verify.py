@@ -88,14 +88,26 @@ def sandbox_dirs() -> set[str]:
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("fr_sandbox_")}
 
 
+def sandbox_processes() -> list[psutil.Process]:
+    """Live descendants of this process that a sandbox run started (their command line names its
+    `fr_sandbox_` dir). Other descendants (a session's Ray, started by other test modules) are not ours."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and any("fr_sandbox_" in a for a in p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers():
-    """Every sandbox test: no sandbox dir and no child process of this one left afterwards."""
+    """Every sandbox test: no sandbox dir and no sandbox process left afterwards."""
     before = sandbox_dirs()
     yield
     assert sandbox_dirs() <= before
-    alive = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-             and p.status() != psutil.STATUS_ZOMBIE]
+    alive = sandbox_processes()
     assert not alive, alive
 
 
