@@ -16,6 +16,7 @@ against itself frozen as the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -165,7 +166,7 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
                                       extra={"dropped_this_run": dropped}, wall_time_s=time.monotonic() - started),
                           config=cfg.to_dict())
     log(f"[dpo] reference log-probs of {n_out} pair(s) ({time.monotonic() - started:.0f}s)")
-    return json.loads(json.dumps(manifest.__dict__))
+    return dataclasses.asdict(manifest)
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:

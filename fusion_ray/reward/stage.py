@@ -162,7 +162,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     missing = {n: len(expected[n]) - len(rows) for n, rows in pending.items() if rows is not None}
     if missing:
         raise RuntimeError(f"reward: shards incomplete after the run: {missing}")
-    table = pa.concat_tables([io.read_table(out.path(n)) for n in names])
+    table = pa.concat_tables([io.read_table(out.path(n), columns=["source", "domain", "reward", "verifiable",
+                                                                  "correct", "verdict"]) for n in names])
     summary = summarize(table)
     out.commit(io.Manifest(stage="reward", fingerprint=fp, config_hash=cfg.config_hash(),
                            rows={"in": table.num_rows + sum(skipped.values()), "out": table.num_rows},

@@ -16,6 +16,7 @@ shards; sources run side by side (`implicit.max_concurrent_models`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -67,6 +68,7 @@ class SampleUDF:
             self.engine = generate.HFSampler(path, self.tokenizer, dtype=dtype,
                                              trust_remote_code=self.spec.trust_remote_code)
             self.context = self.spec.max_model_len or self.engine.model.config.max_position_embeddings
+        self.max_tokens = settings_for(self.cfg, self.spec, 1).max_tokens  # the same for every n
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -76,15 +78,12 @@ class SampleUDF:
             text = self.tokenizer.apply_chat_template(json.loads(row["messages"]), add_generation_prompt=True,
                                                       tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            settings = settings_for(self.cfg, self.spec, row["samples"])
-            room = min(settings.max_tokens, self.context - len(ids))
+            room = min(self.max_tokens, self.context - len(ids))
             if room < 1:  # recorded, not fatal: the prompt leaves no room for a response
                 out += [self._row(row, i, "", 0, "prompt_too_long") for i in range(row["samples"])]
                 continue
             groups.setdefault((row["samples"], room), []).append((row, ids))
         for (n, room), items in groups.items():
-            import dataclasses
-
             settings = dataclasses.replace(settings_for(self.cfg, self.spec, n), max_tokens=room)
             drawn = self.engine.sample([ids for _, ids in items], [r["prompt_id"] for r, _ in items], settings)
             for (row, _), samples in zip(items, drawn, strict=True):

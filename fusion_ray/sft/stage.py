@@ -12,6 +12,7 @@ All `train.*` settings apply (lr, epochs or max_steps, batch sizes, bf16, gradie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def encode(cfg: FusionConfig, force: bool, log=print) -> dict:
                                       rows={"in": n_in, "out": n_out}, inputs={"pairs": pairs["fingerprint"]},
                                       extra={"dropped": dropped}), config=cfg.to_dict())
     log(f"[sft] {n_out} training row(s) of {n_in}" + (f"; dropped {dropped}" if any(dropped.values()) else ""))
-    return json.loads(json.dumps(manifest.__dict__))
+    return dataclasses.asdict(manifest)
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
