@@ -448,6 +448,9 @@ class TrainConfig(Strict):
     clm_only_arm: bool = False
     resume_from: str | None = None  # a checkpoint dir of an earlier run of this config
     shuffle: bool = True  # a seeded random shuffle of the fused rows (they come grouped by corpus)
+    # rows shuffled together (files in a seeded order, then rows inside windows of this many):
+    # a worker holds one file plus window/num_workers rows of it (train/order.py)
+    shuffle_window_rows: int = Field(8192, ge=1)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

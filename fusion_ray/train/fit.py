@@ -1,8 +1,8 @@
 """Training a target on rows of the FUSED schema with Ray Train: what the `train` stage's arms and
 implicit fusion's `sft` stage share (`fit_target`).
 
-One `TorchTrainer` per target: every worker reads the rows in one deterministic order
-(`training_order`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
+One `TorchTrainer` per target: every worker reads its micro-batches of one deterministic row
+order itself (`train/order.py`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
 (`train/loop.py`), checkpoints go below `<workdir>/_ray_train/`, and the final weights, config,
 log and the pivot's tokenizer files become an HF model dir, committed atomically.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
 from fusion_ray.pipeline import StageResult
+from fusion_ray.train.order import RowPlan
 from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -45,9 +46,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     `loop`: more settings for the training loop (`objective`: "dpo" for preference rows,
     `init_path`: weights to start from instead of the pivot's); `fingerprint_parts`: what else
     decides the result (they join the fingerprint)."""
-    import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from fusion_ray import progress
@@ -69,11 +68,11 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
         local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
         check_meta(local, fp, t.strategy, t.num_workers)
         resume = Checkpoint.from_directory(local)
-    data = training_order(ray.data.read_parquet(io.list_files(data_dir)), t.shuffle, t.seed)
+    plan = RowPlan.of(data_dir, t.seed, t.shuffle, t.shuffle_window_rows)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"],
+        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"], "plan": plan.to_wire(),
                            "log_path": log_path(out), "fingerprint": fp, **(loop or {})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -83,10 +82,6 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=progress.train_log_level())),
-        datasets={"train": data},
-        # every worker reads the whole ordered stream and takes its slice of each global batch
-        # (`loop.rank_slice`): who trains on which row never depends on timing
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         resume_from_checkpoint=resume,
     )
     result = trainer.fit()
@@ -103,31 +98,6 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     log(f"[{stage}] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return StageResult("done", [out_dir], {"metrics": result.metrics})
-
-
-def training_order(data, shuffle: bool, seed: int):
-    """The fused rows in the order every run of this config trains on.
-
-    Shuffled (rows come grouped by corpus, i.e. by domain; unshuffled, the last domain seen
-    wins) by a sort on a hash of (seed, sample_id), not by Ray Data's `random_shuffle`, whose
-    order depends on the block layout (a store and a local disk read the same files into
-    different blocks) and so changed the trained model with where the workdir was. A
-    deterministic order is also what lets a restarted run skip exactly the micro-batches it
-    had consumed.
-    """
-    if not shuffle:
-        return data
-
-    def order_key(batch):
-        import hashlib
-
-        import pyarrow as pa
-
-        keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{sid}".encode(), digest_size=8).digest(), "big") >> 1
-                for sid in batch.column("sample_id").to_pylist()]
-        return batch.append_column("_order", pa.array(keys, pa.int64()))
-
-    return data.map_batches(order_key, batch_format="pyarrow").sort("_order")
 
 
 def log_path(out: io.StageOutput) -> str:

@@ -32,6 +32,7 @@ from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import batch_loss
+from fusion_ray.train.order import RowPlan, rank_batches
 from fusion_ray.train.strategies import STRATEGIES, lr_lambda
 
 
@@ -80,16 +81,6 @@ def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) ->
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
     if log is not None:
         log.publish()
-
-
-def rank_slice(batch, rank: int, world: int):
-    """This rank's rows of one global micro-batch (every rank iterates the same ordered stream).
-
-    A short last batch is split evenly, its remainder dropped, so that all ranks take the same
-    number of micro-steps; one with fewer rows than ranks is skipped by all of them (None).
-    """
-    each = batch.num_rows // world
-    return batch.slice(rank * each, each) if each else None
 
 
 class FusionObjective:
@@ -178,19 +169,18 @@ def train_loop_per_worker(config: dict) -> None:
         log = TrainLog(config["log_path"])
     accum = t.grad_accum_steps()
     skip = start * accum  # micro-batches this worker consumed before the checkpoint
-    shard = ray.train.get_dataset_shard("train")
+    plan, epoch = RowPlan.from_wire(config["plan"]), 0
     step, micro, started, tokens = start, 0, time.monotonic(), 0
     last = started
     device = next(strategy.module.parameters()).device
     objective = OBJECTIVES[config.get("objective", "fusion")](cfg, config["arm"], tokenizer.pad_token_id, device)
     strategy.model.train()
     while step < steps:
-        for whole in shard.iter_batches(batch_size=t.micro_batch_size * world, batch_format="pyarrow"):
+        batches = 0
+        for table in rank_batches(plan, epoch, t.micro_batch_size, rank, world):
+            batches += 1
             if step >= steps:
                 break
-            table = rank_slice(whole, rank, world)
-            if table is None:
-                continue
             if skip:
                 skip -= 1
                 continue
@@ -216,3 +206,7 @@ def train_loop_per_worker(config: dict) -> None:
                     log.publish()
                     print(f"[train] {config['arm']} step {step}/{steps} loss {metrics['loss']:.4f} "
                           f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
+        if not batches:
+            raise ValueError(f"{plan.rows} training rows cannot fill one micro-batch of {t.micro_batch_size} rows "
+                             f"on each of {world} workers")
+        epoch += 1
