@@ -61,7 +61,8 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_full_global_micro_batc
     from fusion_ray.train.order import RowPlan, rank_batches
 
     plan = RowPlan.of(_shards(tmp_path, [10, 10, 10, 7]), seed=3, shuffle=True, window_rows=window)
-    per_rank = [[b.column("sample_id").to_pylist() for b in rank_batches(plan, 0, micro, r, world)] for r in range(world)]
+    per_rank = [[b.column("sample_id").to_pylist() for b in rank_batches(plan, 0, micro, r, world)]
+                for r in range(world)]
     span = micro * world
     assert all(len(b) == micro for batches in per_rank for b in batches)
     assert len({len(batches) for batches in per_rank}) == 1  # the same number of micro-steps on every rank

@@ -87,7 +87,7 @@ def rank_batches(plan: RowPlan, epoch: int, micro: int, rank: int, world: int) -
             continue
         ascending = np.sort(wanted)
         parts, offset = [], 0
-        for i, size in zip(files, sizes):
+        for i, size in zip(files, sizes, strict=True):
             lo, hi = np.searchsorted(ascending, [offset, offset + size])
             if hi > lo:
                 parts.append(io.read_table(plan.files[i]).take(pa.array(ascending[lo:hi] - offset)))
