@@ -201,3 +201,40 @@ def s3_server():
     yield bucket
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_leaves_the_session_ray_free(request):
+    """After each module, the session's Ray must get back every CPU it lent: an actor or a
+    placement group a module forgets (an engine, a trainer) would starve every later module's
+    work, which then waits for resources until its timeout. Fails the module's teardown,
+    naming what is still held."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    import time
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + 30  # actors and placement groups are torn down asynchronously
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    free = ray.available_resources().get("CPU", 0)
+    if free < total:
+        from ray.util import placement_group_table
+
+        alive = [f"{a.get('ActorClassName') or a.get('class_name')}" for a in _alive_actors()]
+        groups = [g.get("name") or pg_id for pg_id, g in placement_group_table().items() if g.get("state") == "CREATED"]
+        pytest.fail(f"{request.module.__name__} left {total - free:g} of {total:g} CPUs of the session's Ray held: "
+                    f"actors {alive}, placement groups {groups}", pytrace=False)
+
+
+def _alive_actors() -> list[dict]:
+    import ray
+
+    try:
+        table = ray._private.state.actors()  # the GCS's actor table (no dashboard needed)
+    except Exception:  # noqa: BLE001 - only for the failure message
+        return []
+    return [a for a in table.values() if a.get("State") in ("ALIVE", 2, "PENDING_CREATION")]
