@@ -34,7 +34,7 @@ from fusion_ray.merge.registry import METHODS as MERGE_METHODS  # pure Python, n
 STAGES = ("prepare", "collect", "align", "fuse", "train", "merge", "eval", "serve")
 # Implicit fusion (FuseChat-3.0, `method: implicit`): the sources' sampled responses, scored,
 # make SFT rows and DPO pairs for the target (the pivot). Built so far: `sample`, `reward`, `pairs`, `sft`, `dpo`.
-IMPLICIT_STAGES = ("sample", "reward", "pairs", "sft", "dpo")
+IMPLICIT_STAGES = ("sample", "reward", "pairs", "sft", "dpo", "eval")
 METHOD_STAGES = {"explicit": STAGES, "implicit": IMPLICIT_STAGES}
 ALL_STAGES = tuple(dict.fromkeys(STAGES + IMPLICIT_STAGES))
 # Output directory of each stage below `workdir`.
@@ -506,6 +506,8 @@ class EvalConfig(Strict):
     judge_api_key_env: str | None = None  # env var holding the judge's key
     judge_max_new_tokens: int = Field(128, ge=1)
     judge_arms: list[str] = ["pivot", "clm_only", "merged"]
+    # implicit fusion: the longest greedy answer an arm gives a held-out prompt
+    max_new_tokens: int = Field(512, ge=1, le=1 << 17)
 
 
 class ServeConfig(Strict):

@@ -475,14 +475,19 @@ def head_sections(plan: Plan, cfg: FusionConfig, units: list[Unit], sized: dict[
 
 def implicit_plan(cfg: FusionConfig, plan: Plan, asks: dict, sized: dict[str, Sized], types, cluster: str,
                   cluster_path: str | None) -> Plan:
-    """The implicit method's plan: sampling engines per source, reward scorers, SFT and DPO ranks."""
+    """The implicit method's plan: sampling engines per source, reward scorers, SFT and DPO ranks,
+    the evaluation's answering engines and scorers."""
     imp = cfg.implicit
     sample = engine_units(asks["sample"], cfg.sources, sized, "auto", imp.batch_size,
                           2 * cfg.data.max_length + 16)
     sft, train_lines = train_unit(cfg, asks["sft"][0], sized[cfg.pivot.name])
     dpo, _ = train_unit(cfg, asks["dpo"][1], sized[cfg.pivot.name])
     serve, serve_lines = serve_unit(cfg, asks["serve"][0], sized[cfg.pivot.name])
-    units = [*sample, *(Unit(a) for a in asks["reward"]), sft, Unit(asks["dpo"][0]), dpo, serve]
+    # eval: an engine of the target's size per arm answers the held-out prompts, then the scorers
+    answers = engine_units(asks["eval"][:1], [cfg.pivot], sized, "auto", imp.batch_size,
+                           2 * cfg.data.max_length + 16)
+    units = [*sample, *(Unit(a) for a in asks["reward"]), sft, Unit(asks["dpo"][0]), dpo, *answers,
+             *(Unit(a) for a in asks["eval"][1:]), serve]
     head_sections(plan, cfg, units, sized, types, cluster, cluster_path, driver_stage="pairs")
     plan.sections.append(("sampling engines (vLLM, per GPU)", engines_section(sample, cfg, sized)))
     plan.sections.append((f"training: sft and dpo (per rank, {cfg.train.num_workers} ranks)", train_lines))

@@ -201,7 +201,8 @@ def test_plan_sizes_the_implicit_recipe_stage_by_stage(offline):
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines()[-1] == "plan: OK, every stage fits"
     stages = out.stdout.split("\nstages ")[1].split("\n\n")[0].splitlines()[2:]
-    assert [line.split()[0] for line in stages] == ["sample"] * 4 + ["reward", "sft", "dpo", "dpo", "serve"]
+    assert [line.split()[0] for line in stages] == ["sample"] * 4 + ["reward", "sft", "dpo", "dpo", "eval", "eval",
+                                                                 "serve"]
     assert "logit store" not in out.stdout and "collect" not in out.stdout  # no explicit-method stage
     # Qwen2.5-72B at TP 4: 72.7B × 2 B / 4 = 36.4 GB of weights per GPU, over 0.9 × 40 GB
     out = cli("plan", "jobs/configs/fusechat3_8b.yaml", "--cluster", "cluster.yaml",

@@ -97,3 +97,42 @@ def test_the_implicit_method_has_its_own_stage_list(sampled):
     assert parse_stages("reward,sample", cfg) == ["sample", "reward"]
     with pytest.raises(ValueError, match="not of method implicit"):
         parse_stages("collect", cfg)
+
+
+def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_and_win_rate(sampled, tmp_path):
+    """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config),
+    the verifiers and the reward model score the answers. Arm `sft` here is a copy of the pivot,
+    so greedy answers, accuracy and rewards are the pivot's and the win rate is exactly one half."""
+    import shutil
+
+    from fusion_ray.evaluate import stage as evaluate
+
+    cfg, _ = sampled
+    from fusion_ray.config import PromptCorpus
+
+    (tmp_path / "times.jsonl").write_text("".join(
+        json.dumps({"id": f"h{i}", "prompt": f"What is {i} times 3?", "answer": 3 * i}) + "\n" for i in range(3)))
+    (tmp_path / "open.jsonl").write_text(json.dumps({"id": "ho", "prompt": "Greet me."}) + "\n")
+    cfg = cfg.model_copy(deep=True)
+    cfg.workdir = str(tmp_path / "w")
+    cfg.implicit.heldout = [PromptCorpus(path=str(tmp_path / "times.jsonl"), domain="times", verify="math"),
+                            PromptCorpus(path=str(tmp_path / "open.jsonl"), domain="open")]
+    sft = cfg.stage_dir("sft")
+    shutil.copytree(cfg.pivot.path, sft)
+    io.write_json_atomic(f"{sft}/_manifest.json", {"stage": "sft", "fingerprint": "x"})
+    result = evaluate.run(cfg, log=QUIET)
+    assert result.status == "done"
+    report = json.loads(open(f"{cfg.stage_dir('eval')}/report.json").read())
+    assert list(report["models"]) == ["pivot", "sft"] and report["labels"]["sft"] == "SFT"
+    rows = pq.read_table(f"{cfg.workdir}/_eval/rewards").to_pylist()
+    assert sorted((r["source"], r["prompt_id"]) for r in rows) == sorted(
+        (arm, p) for arm in ("pivot", "sft") for p in ("h0", "h1", "h2", "ho"))
+    answers = {(r["source"], r["prompt_id"]): r["response"] for r in rows}
+    assert all(answers[("pivot", p)] == answers[("sft", p)] for p in ("h0", "h1", "h2", "ho"))  # greedy, same weights
+    for arm in ("pivot", "sft"):
+        mine = [r for r in rows if r["source"] == arm and r["domain"] == "times"]
+        assert report["accuracy"][arm]["times"] == sum(bool(r["correct"]) for r in mine) / 3
+    assert report["win_rate_vs_pivot"] == {"sft": 0.5} and report["by"] == "reward_model"
+    assert report["mean_reward"]["pivot"] == report["mean_reward"]["sft"]
+    assert "| SFT |" in open(f"{cfg.stage_dir('eval')}/report.md").read()
+    assert evaluate.run(cfg, log=QUIET).status == "skipped"

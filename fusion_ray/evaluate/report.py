@@ -122,6 +122,62 @@ def write_report(report: dict, out) -> None:
     io.write_bytes_atomic(out.path("report.png"), chart(report))
 
 
+def implicit_markdown(report: dict) -> str:
+    """Implicit fusion's report: accuracy per verifiable domain, mean reward, win rate vs the pivot."""
+    arms, labels = list(report["models"]), report["labels"]
+    verifiable = sorted({d for per in report["accuracy"].values() for d in per})
+    domains = sorted({d for per in report["mean_reward"].values() for d in per})
+    lines = [f"# Implicit fusion: {report.get('config', '')}", "",
+             "Held-out accuracy (correct / prompts), greedy answers:", "",
+             "| arm | " + " | ".join(verifiable) + " |", "|---|" + "---|" * len(verifiable)]
+    lines += [f"| {labels[a]} | " + " | ".join(f"{report['accuracy'][a][d]:.1%}" for d in verifiable) + " |"
+              for a in arms]
+    by = "the reward model" if report["by"] == "reward_model" else "the verifiers (1 correct, 0 not)"
+    lines += ["", f"Mean reward per domain (scored by {by}) and win rate against the pivot "
+              "(share of held-out prompts where the arm's reward beats the pivot's; ties count half):", "",
+              "| arm | " + " | ".join(domains) + " | win rate vs pivot |", "|---|" + "---|" * (len(domains) + 1)]
+    for a in arms:
+        win = f"{report['win_rate_vs_pivot'][a]:.1%}" if a in report["win_rate_vs_pivot"] else "—"
+        lines.append(f"| {labels[a]} | " + " | ".join(f"{report['mean_reward'][a][d]:.4g}" for d in domains)
+                     + f" | {win} |")
+    lines += ["", "Models: " + ", ".join(f"{labels[a]} `{p}`" for a, p in report["models"].items()), ""]
+    return "\n".join(lines)
+
+
+def implicit_chart(report: dict) -> bytes:
+    """Accuracy per verifiable domain, one bar group per domain, a bar per arm (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(report["models"])
+    domains = sorted({d for per in report["accuracy"].values() for d in per})
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(domains) * len(arms) / 2), 3.6))
+    width = 0.8 / max(len(arms), 1)
+    for i, arm in enumerate(arms):
+        ax.bar([k + i * width for k in range(len(domains))], [report["accuracy"][arm].get(d, 0) for d in domains],
+               width, label=report["labels"][arm])
+    ax.set_xticks([k + width * (len(arms) - 1) / 2 for k in range(len(domains))], domains)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"fusion_ray (implicit): {report.get('config', '')}")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_implicit_report(report: dict, out) -> None:
+    from fusion_ray import io
+
+    io.write_json_atomic(out.path("report.json"), report)
+    io.write_bytes_atomic(out.path("report.md"), implicit_markdown(report).encode())
+    io.write_bytes_atomic(out.path("report.png"), implicit_chart(report))
+
+
 def load(path: str) -> dict:
     """A report.json, local or on an object store."""
     from fusion_ray import io

@@ -104,7 +104,7 @@ def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
     """Wall time (summed over each stage's manifests) and peak memory (sampled while it ran)."""
     sampled = read_stats(cfg)
     stats: dict[str, dict] = {}
-    for stage in ("prepare", "collect", "align", "fuse", "train", "merge"):
+    for stage in (s for s in cfg.stages() if s not in ("eval", "serve")):
         manifests = stage_manifests(cfg.stage_dir(stage))
         if manifests:
             wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
@@ -128,6 +128,10 @@ def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    if cfg.method == "implicit":  # accuracy, reward and win rate of the arms' answers (evaluate/implicit.py)
+        from fusion_ray.evaluate import implicit
+
+        return implicit.run(cfg, force, log)
     import ray
 
     from fusion_ray.evaluate.report import write_report

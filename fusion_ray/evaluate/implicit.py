@@ -1,0 +1,133 @@
+"""The `eval` stage of implicit fusion: every arm answers the held-out prompts, the verifiers and
+the reward model judge the answers → `report/report.{json,md,png}`.
+
+Arms: `pivot` (the untrained target), `sft` and `dpo` (SFT then DPO), each once its stage has
+finished. The answers are the `sample` stage run again, on a config of its own below
+`<workdir>/_eval/`: the arms as its sources, `implicit.heldout` as its prompts, one greedy answer
+per prompt (`eval.max_new_tokens`); then the `reward` stage scores them with the same verifiers,
+sandbox and reward model as the training data. Both are resumable stages with manifests, so an
+interrupted evaluation redoes only what is missing.
+
+The report, per arm: accuracy on each verifiable domain (correct / held-out prompts, a prompt the
+arm could not answer counting as wrong), mean reward per domain, and the win rate against the
+pivot: over the held-out prompts, the share where the arm's reward beats the pivot's (ties half).
+The reward is the reward model's score where there is one, else 1 for a correct answer, 0
+otherwise (`by` in the report says which).
+"""
+
+from __future__ import annotations
+
+import time
+
+from fusion_ray import io
+from fusion_ray.config import FusionConfig, SamplingSpec
+from fusion_ray.pipeline import StageResult
+
+ARM_STAGES = ("sft", "dpo")  # trained arms, in the order they are made
+LABELS = {"pivot": "pivot", "sft": "SFT", "dpo": "SFT+DPO"}
+
+
+def arms(cfg: FusionConfig) -> dict[str, str]:
+    """Arm → model location: the pivot, and every trained arm whose stage has finished."""
+    out = {"pivot": cfg.pivot.path}
+    for stage in ARM_STAGES:
+        if io.read_manifest(cfg.stage_dir(stage)) is not None:
+            out[stage] = cfg.stage_dir(stage)
+    return out
+
+
+def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
+    """The sample/reward config that answers the held-out prompts: the arms as sources, greedy."""
+    greedy = SamplingSpec(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_tokens=cfg.eval.max_new_tokens)
+    sources = [cfg.pivot.model_copy(update={"name": arm, "path": path, "domain": None, "sampling": greedy,
+                                            # trained arms carry the pivot's tokenizer files in their dir
+                                            "tokenizer": cfg.pivot.tokenizer if arm == "pivot" else None,
+                                            "revision": cfg.pivot.revision if arm == "pivot" else None})
+               for arm, path in models.items()]
+    implicit = cfg.implicit.model_copy(update={"prompts": cfg.implicit.heldout, "heldout": [], "samples": 1,
+                                               "sampling": greedy})
+    return cfg.model_copy(update={"workdir": f"{cfg.workdir.rstrip('/')}/_eval", "sources": sources,
+                                  "implicit": implicit})
+
+
+def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_reward_model: bool) -> dict:
+    """The report's numbers from scored answer rows (one per arm and answered prompt).
+
+    `prompts`: every held-out prompt id → its domain (an arm with no row for a prompt did not
+    answer it: wrong, reward 0). Verifiable domains are those with a verdict on some row."""
+    answers = {(r["source"], r["prompt_id"]): r for r in rows}
+    domains = sorted(set(prompts.values()))
+    verifiable = {r["domain"] for r in rows if r["verifiable"]}
+    accuracy, mean_reward, counts, win = {}, {}, {}, {}
+    for arm in arm_names:
+        accuracy[arm], mean_reward[arm], counts[arm] = {}, {}, {}
+        for domain in domains:
+            ids = [p for p, d in prompts.items() if d == domain]
+            got = [answers.get((arm, p)) for p in ids]
+            correct = sum(1 for a in got if a is not None and a["correct"])
+            counts[arm][domain] = {"prompts": len(ids), "answered": sum(a is not None for a in got),
+                                   "correct": correct if domain in verifiable else None}
+            if domain in verifiable:
+                accuracy[arm][domain] = correct / len(ids)
+            mean_reward[arm][domain] = sum(a["reward"] for a in got if a is not None) / len(ids)
+    for arm in arm_names:
+        if arm == "pivot" or "pivot" not in arm_names:
+            continue
+        score = 0.0
+        for p in prompts:
+            mine, base = answers.get((arm, p)), answers.get(("pivot", p))
+            a = mine["reward"] if mine else 0.0
+            b = base["reward"] if base else 0.0
+            score += 1.0 if a > b else 0.5 if a == b else 0.0
+        win[arm] = score / max(len(prompts), 1)
+    return {"accuracy": accuracy, "mean_reward": mean_reward, "win_rate_vs_pivot": win, "counts": counts,
+            "by": "reward_model" if by_reward_model else "verifier"}
+
+
+def fingerprint(cfg: FusionConfig, rewards_fp: str, models: dict[str, str]) -> str:
+    return io.fingerprint("eval-implicit", rewards_fp, sorted(models.items()))
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    import pyarrow as pa
+
+    from fusion_ray.evaluate.report import write_implicit_report
+    from fusion_ray.evaluate.stage import stage_stats
+    from fusion_ray.pipeline import runner  # the sample and reward stages, run as stages on their own config
+    from fusion_ray.schema import PROMPTS_DIR
+
+    if not cfg.implicit.heldout:
+        raise ValueError("eval: implicit fusion is evaluated on `implicit.heldout` prompts, and there are none")
+    started = time.monotonic()
+    models = arms(cfg)
+    sub = eval_config(cfg, models)
+    tagged = lambda line: log(line.replace("[sample]", "[eval] answers:").replace("[reward]", "[eval] scores:"))  # noqa: E731
+    runner("sample")(sub, force=force, log=tagged)
+    runner("reward")(sub, force=force, log=tagged)
+    rewards_dir = sub.stage_dir("reward")
+    out_dir = cfg.stage_dir("eval")
+    out = io.begin(out_dir, fingerprint(cfg, io.read_manifest(rewards_dir)["fingerprint"], models), force)
+    if out is None:
+        return StageResult.skipped(out_dir, report=f"{out_dir}/report.md")
+    prompt_table = pa.concat_tables([io.read_table(f, columns=["prompt_id", "domain"])
+                                     for f in io.list_files(f"{sub.stage_dir('sample')}/{PROMPTS_DIR}")])
+    prompts = dict(zip(prompt_table.column("prompt_id").to_pylist(), prompt_table.column("domain").to_pylist(),
+                       strict=True))
+    rows = pa.concat_tables([io.read_table(f) for f in io.list_files(rewards_dir)]).to_pylist()
+    report = {"method": "implicit", **tally(rows, prompts, list(models), cfg.implicit.reward is not None),
+              "labels": {arm: LABELS[arm] for arm in models}, "models": models,
+              "stages": stage_stats(cfg), "config": cfg.name}
+    for arm in models:
+        log(f"[eval] {LABELS[arm]:<8} " + "  ".join(
+            [f"{d} {v:.1%}" for d, v in report["accuracy"][arm].items()]
+            + ([f"win rate vs pivot {report['win_rate_vs_pivot'][arm]:.1%}"] if arm in report["win_rate_vs_pivot"]
+               else [])))
+    write_implicit_report(report, out)
+    out.commit(io.Manifest(stage="eval", fingerprint=out.fingerprint, config_hash=cfg.config_hash(),
+                           inputs={"rewards": io.read_manifest(rewards_dir)["fingerprint"]},
+                           rows={"in": len(prompts), "out": len(rows)}, wall_time_s=time.monotonic() - started,
+                           extra={"arms": list(models)}), config=cfg.to_dict())
+    return StageResult("done", [out_dir], {"accuracy": report["accuracy"],
+                                           "win_rate_vs_pivot": report["win_rate_vs_pivot"],
+                                           "report": f"{out_dir}/report.md"})
+
