@@ -99,6 +99,7 @@ def test_the_implicit_method_has_its_own_stage_list(sampled):
         parse_stages("collect", cfg)
 
 
+@pytest.mark.timeout(600)  # run alone, it also builds the module's samples
 def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_and_win_rate(sampled, tmp_path):
     """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config),
     the verifiers and the reward model score the answers. Arm `sft` here is a copy of the pivot,
