@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fusion_ray.evaluate.implicit import eval_config, tally
-from fusion_ray.evaluate.report import implicit_chart, implicit_markdown
+from fusion_ray.evaluate.report import chart, implicit_markdown
 
 PROMPTS = {"m1": "math", "m2": "math", "m3": "math", "m4": "math", "c1": "code", "c2": "code",
            "o1": "chat", "o2": "chat"}
@@ -48,12 +48,13 @@ def test_the_report_files_show_every_arm():
     rows = [row("pivot", "m1", False), row("dpo", "m1", True), row("pivot", "o1", reward=0.1),
             row("dpo", "o1", reward=0.3)]
     prompts = {"m1": "math", "o1": "chat"}
-    report = {**tally(rows, prompts, ["pivot", "dpo"], True), "labels": {"pivot": "pivot", "dpo": "SFT+DPO"},
-              "models": {"pivot": "demo:x", "dpo": "/w/dpo"}, "config": "t"}
+    report = {"method": "implicit", **tally(rows, prompts, ["pivot", "dpo"], True),
+              "labels": {"pivot": "pivot", "dpo": "SFT+DPO"}, "models": {"pivot": "demo:x", "dpo": "/w/dpo"},
+              "config": "t"}
     md = implicit_markdown(report)
     assert "| SFT+DPO | 100.0% |" in md and "| pivot | 0.0% |" in md
     assert "| SFT+DPO | 0.3 | 1 | 100.0% |" in md and "| pivot | 0.1 | 0 | — |" in md
-    png = implicit_chart(report)
+    png = chart(report)
     assert png.startswith(b"\x89PNG") and len(png) > 3000
     json.dumps(report)  # the report is JSON as it stands
 

@@ -91,7 +91,7 @@ def fingerprint(cfg: FusionConfig, rewards_fp: str, models: dict[str, str]) -> s
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import pyarrow as pa
 
-    from fusion_ray.evaluate.report import write_implicit_report
+    from fusion_ray.evaluate.report import write_report
     from fusion_ray.evaluate.stage import stage_stats
     from fusion_ray.pipeline import runner  # the sample and reward stages, run as stages on their own config
     from fusion_ray.schema import PROMPTS_DIR
@@ -122,7 +122,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
             [f"{d} {v:.1%}" for d, v in report["accuracy"][arm].items()]
             + ([f"win rate vs pivot {report['win_rate_vs_pivot'][arm]:.1%}"] if arm in report["win_rate_vs_pivot"]
                else [])))
-    write_implicit_report(report, out)
+    write_report(report, out)
     out.commit(io.Manifest(stage="eval", fingerprint=out.fingerprint, config_hash=cfg.config_hash(),
                            inputs={"rewards": io.read_manifest(rewards_dir)["fingerprint"]},
                            rows={"in": len(prompts), "out": len(rows)}, wall_time_s=time.monotonic() - started,

@@ -103,8 +103,8 @@ def figure(report: dict):
 
 
 def chart(report: dict) -> bytes:
-    """`figure` as PNG bytes."""
-    fig = figure(report)
+    """The report's figure (`figure`, or `implicit_figure` for implicit fusion) as PNG bytes."""
+    fig = implicit_figure(report) if report.get("method") == "implicit" else figure(report)
     import matplotlib.pyplot as plt
 
     buf = _io.BytesIO()
@@ -117,8 +117,9 @@ def write_report(report: dict, out) -> None:
     """Write the three files into a `StageOutput` (atomically, each)."""
     from fusion_ray import io
 
+    text = implicit_markdown(report) if report.get("method") == "implicit" else markdown(report)
     io.write_json_atomic(out.path("report.json"), report)
-    io.write_bytes_atomic(out.path("report.md"), markdown(report).encode())
+    io.write_bytes_atomic(out.path("report.md"), text.encode())
     io.write_bytes_atomic(out.path("report.png"), chart(report))
 
 
@@ -144,8 +145,8 @@ def implicit_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def implicit_chart(report: dict) -> bytes:
-    """Accuracy per verifiable domain, one bar group per domain, a bar per arm (PNG)."""
+def implicit_figure(report: dict):
+    """Accuracy per verifiable domain: a bar group per domain, a bar per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,18 +165,7 @@ def implicit_chart(report: dict) -> bytes:
     ax.legend()
     ax.set_title(f"fusion_ray (implicit): {report.get('config', '')}")
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def write_implicit_report(report: dict, out) -> None:
-    from fusion_ray import io
-
-    io.write_json_atomic(out.path("report.json"), report)
-    io.write_bytes_atomic(out.path("report.md"), implicit_markdown(report).encode())
-    io.write_bytes_atomic(out.path("report.png"), implicit_chart(report))
+    return fig
 
 
 def load(path: str) -> dict:
