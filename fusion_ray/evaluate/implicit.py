@@ -84,10 +84,6 @@ def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_re
             "by": "reward_model" if by_reward_model else "verifier"}
 
 
-def fingerprint(cfg: FusionConfig, rewards_fp: str, models: dict[str, str]) -> str:
-    return io.fingerprint("eval-implicit", rewards_fp, sorted(models.items()))
-
-
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import pyarrow as pa
 
@@ -105,8 +101,9 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     runner("sample")(sub, force=force, log=tagged)
     runner("reward")(sub, force=force, log=tagged)
     rewards_dir = sub.stage_dir("reward")
+    rewards_fp = io.read_manifest(rewards_dir)["fingerprint"]
     out_dir = cfg.stage_dir("eval")
-    out = io.begin(out_dir, fingerprint(cfg, io.read_manifest(rewards_dir)["fingerprint"], models), force)
+    out = io.begin(out_dir, io.fingerprint("eval-implicit", rewards_fp, sorted(models.items())), force)
     if out is None:
         return StageResult.skipped(out_dir, report=f"{out_dir}/report.md")
     prompt_table = pa.concat_tables([io.read_table(f, columns=["prompt_id", "domain"])
@@ -124,7 +121,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                else [])))
     write_report(report, out)
     out.commit(io.Manifest(stage="eval", fingerprint=out.fingerprint, config_hash=cfg.config_hash(),
-                           inputs={"rewards": io.read_manifest(rewards_dir)["fingerprint"]},
+                           inputs={"rewards": rewards_fp},
                            rows={"in": len(prompts), "out": len(rows)}, wall_time_s=time.monotonic() - started,
                            extra={"arms": list(models)}), config=cfg.to_dict())
     return StageResult("done", [out_dir], {"accuracy": report["accuracy"],

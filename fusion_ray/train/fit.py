@@ -72,7 +72,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "rows": manifest["rows"]["out"], "plan": plan.to_wire(),
+        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
                            "log_path": log_path(out), "fingerprint": fp, **(loop or {})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,

@@ -156,7 +156,8 @@ def train_loop_per_worker(config: dict) -> None:
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    steps = total_steps(cfg, config["rows"])
+    plan, epoch = RowPlan.from_wire(config["plan"]), 0  # the rows (their count read from the files' footers)
+    steps = total_steps(cfg, plan.rows)
     strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)
     start, log = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -169,7 +170,6 @@ def train_loop_per_worker(config: dict) -> None:
         log = TrainLog(config["log_path"])
     accum = t.grad_accum_steps()
     skip = start * accum  # micro-batches this worker consumed before the checkpoint
-    plan, epoch = RowPlan.from_wire(config["plan"]), 0
     step, micro, started, tokens = start, 0, time.monotonic(), 0
     last = started
     device = next(strategy.module.parameters()).device
