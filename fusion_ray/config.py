@@ -658,6 +658,9 @@ class ImplicitConfig(Strict):
     sandbox: SandboxConfig = SandboxConfig()
     pairs: PairsConfig = PairsConfig()
     dpo: PreferenceConfig = PreferenceConfig()
+    # sources that also get an arm of their own: SFT then DPO on that source's samples only (the
+    # baseline the fused arm is compared against in `eval`); each costs one more SFT and DPO run
+    single_source_arms: list[Name] = []
 
     @model_validator(mode="after")
     def _open_prompts_need_a_reward_model(self) -> ImplicitConfig:
@@ -695,6 +698,18 @@ class FusionConfig(Strict):
             raise ValueError("data.train: the explicit method needs at least one training corpus")
         if self.method == "implicit" and self.implicit is None:
             raise ValueError("implicit: the implicit method needs this section (at least implicit.prompts)")
+        return self
+
+    @model_validator(mode="after")
+    def _single_source_arms_are_sources(self) -> FusionConfig:
+        if self.implicit is not None and self.implicit.single_source_arms:
+            arms, names = self.implicit.single_source_arms, [s.name for s in self.sources]
+            unknown = [a for a in arms if a not in names]
+            if unknown:
+                raise ValueError(f"implicit.single_source_arms: {', '.join(unknown)} not among the sources "
+                                 f"({', '.join(names)})")
+            if len(set(arms)) < len(arms):
+                raise ValueError("implicit.single_source_arms: a source is named twice")
         return self
 
     @model_validator(mode="after")

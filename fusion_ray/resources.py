@@ -170,12 +170,13 @@ def implicit_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
                               1.0 if t.use_gpu else 0.0, t.accelerator_type, cfg.pivot.name)
     reference = Ask("dpo", "reference-pass engine actor", imp.concurrency, imp.num_cpus_per_actor,
                     imp.num_gpus_per_actor)
-    # eval: the arms (pivot, SFT, SFT+DPO) answer the held-out prompts on the sampling engines, then the scorers
+    # eval: the arms (pivot, SFT, SFT+DPO, single-source arms) answer the held-out prompts on the sampling
+    # engines, then the scorers
     answers = Ask("eval", "engine actor (per arm)", imp.concurrency, imp.num_cpus_per_actor,
                   engine_gpus(imp.num_gpus_per_actor, cfg.pivot.tensor_parallel_size, cfg.pivot.pipeline_parallel_size)
                   if vllm else imp.num_gpus_per_actor, None, cfg.pivot.name,
                   cfg.pivot.tensor_parallel_size if vllm else 1, cfg.pivot.pipeline_parallel_size if vllm else 1,
-                  upto=3 * imp.concurrency)
+                  upto=(3 + len(imp.single_source_arms)) * imp.concurrency)
     return {"sample": sample, "reward": reward, "pairs": [], "sft": [ranks("sft")], "dpo": [reference, ranks("dpo")],
             "eval": [answers, *[dataclasses.replace(a, stage="eval") for a in reward]]}
 

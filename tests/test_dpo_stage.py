@@ -35,9 +35,10 @@ def trained(tiny_models, tmp_path_factory, ray_local):
     cfg = parse_config({
         "name": "dpo-test", "workdir": str(tmp / "w"), "method": "implicit",
         "pivot": {"name": "target", "path": str(target), "dtype": "float32"},
-        "sources": [{"name": "a", "path": str(target)}],
+        "sources": [{"name": "a", "path": str(target)}, {"name": "b", "path": str(target)}],
         "data": {"max_length": 64},
         "implicit": {"prompts": [{"path": str(tmp / "p.jsonl"), "verify": "math"}], "engine": "hf",
+                     "single_source_arms": ["b"],
                      "num_cpus_per_actor": 0.5, "dpo": {"loss": "sigmoid", "beta": 0.5, "lr": 3e-3, "max_steps": 4}},
         "train": {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 4,
                   "micro_batch_size": 4, "max_steps": 99, "bf16": False, "checkpoint_every": 4, "report_every": 1,
@@ -46,10 +47,28 @@ def trained(tiny_models, tmp_path_factory, ray_local):
     })
     pairs = io.begin(cfg.stage_dir("pairs"), "handmade")
     pairs.write_table("dpo/part-00000.parquet", pa.Table.from_pylist([pair(i) for i in range(8)], schema=DPO))
+    pairs.write_table("only-b/dpo/part-00000.parquet",
+                      pa.Table.from_pylist([{**pair(i), "source": "b"} for i in range(4)], schema=DPO))
     pairs.commit(io.Manifest(stage="pairs", fingerprint="handmade", config_hash="-", rows={"dpo": 8}))
     shutil.copytree(target, cfg.stage_dir("sft"))  # the SFT model: here the target itself
     io.write_json_atomic(f"{cfg.stage_dir('sft')}/_manifest.json", {"stage": "sft", "fingerprint": "handmade-sft"})
+    perturbed_copy(target, f"{cfg.stage_dir('sft')}-only-b")  # the single-source arm's own SFT model
+    io.write_json_atomic(f"{cfg.stage_dir('sft')}-only-b/_manifest.json", {"stage": "sft", "fingerprint": "b-sft"})
     return cfg, target, dpo.run(cfg, log=QUIET)
+
+
+def perturbed_copy(model_dir, out):
+    """The model with noise on every weight (its tokenizer files too): another SFT model to score with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def response_logp(model, tok, chat, response):
@@ -109,3 +128,27 @@ def test_training_starts_at_log_2_and_moves_the_policy_towards_the_chosen(traine
     manifest = io.read_manifest(cfg.stage_dir("dpo"))
     assert manifest["stage"] == "dpo" and manifest["extra"]["loss"] == "sigmoid"
     assert dpo.run(cfg, log=QUIET).status == "skipped"
+
+
+def test_a_single_source_arm_is_scored_by_its_own_sft_model_and_trained_from_it(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusion_ray.tokenizer import from_dir
+
+    cfg, target, result = trained
+    assert set(result.parts) == {"fused", "only-b"}
+    tok = from_dir(target)
+    own = AutoModelForCausalLM.from_pretrained(f"{cfg.stage_dir('sft')}-only-b", dtype=torch.float32).eval()
+    rows = pq.read_table(dpo.data_dir(cfg, "only-b")).to_pylist()
+    fused = pq.read_table(dpo.data_dir(cfg)).to_pylist()
+    assert [r["sample_id"] for r in rows] == [f"p{i}/b" for i in range(4)]
+    for i, r in enumerate(rows):
+        chat = json.loads(pair(i)["messages"])
+        assert r["ref_chosen"] == pytest.approx(response_logp(own, tok, chat, pair(i)["chosen"]), abs=1e-3)
+        assert abs(r["ref_chosen"] - fused[i]["ref_chosen"]) > 1e-2  # not the fused arm's reference
+    log = [json.loads(line) for line in open(f"{cfg.stage_dir('dpo')}-only-b/train_log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    trained_b = AutoModelForCausalLM.from_pretrained(f"{cfg.stage_dir('dpo')}-only-b", dtype=torch.float32)
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(trained_b.parameters(), own.parameters()))
+    assert moved > 0  # trained from its own SFT weights, which it left

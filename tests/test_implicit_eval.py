@@ -44,6 +44,19 @@ def test_without_the_pivot_there_is_no_win_rate():
     assert out["win_rate_vs_pivot"] == {} and out["accuracy"] == {"sft": {"math": 1.0}} and out["by"] == "verifier"
 
 
+def test_the_fused_arm_is_compared_with_the_best_single_source_arm_over_all_verifiable_prompts():
+    rows = [row("dpo", "m1", True), row("dpo", "m2", True), row("dpo", "c1", True),  # 3 of 6
+            row("only-a", "m1", True), row("only-a", "m2", True), row("only-a", "m3", True),
+            row("only-a", "m4", True),  # 4 of 6, all math
+            row("only-b", "c1", True), row("only-b", "c2", True), row("only-b", "o1", reward=1.0)]  # 2 of 6
+    out = tally(rows, PROMPTS, ["dpo", "only-a", "only-b"], by_reward_model=False)
+    assert out["accuracy_all"] == {"dpo": 0.5, "only-a": pytest.approx(4 / 6), "only-b": pytest.approx(2 / 6)}
+    assert out["best_single"] == "only-a"
+    assert out["fused_vs_best_single"] == pytest.approx(0.5 - 4 / 6)
+    none = tally(rows[:3], PROMPTS, ["dpo"], by_reward_model=False)
+    assert none["best_single"] is None and none["fused_vs_best_single"] is None
+
+
 def test_the_report_files_show_every_arm():
     rows = [row("pivot", "m1", False), row("dpo", "m1", True), row("pivot", "o1", reward=0.1),
             row("dpo", "o1", reward=0.3)]
@@ -60,7 +73,7 @@ def test_the_report_files_show_every_arm():
 
 
 def test_the_answering_config_makes_the_arms_its_greedy_sources_on_the_heldout_prompts(tmp_path):
-    from fusion_ray.config import parse_config
+    from fusion_ray.config import FusionConfig, parse_config
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}) + "\n")
@@ -72,13 +85,14 @@ def test_the_answering_config_makes_the_arms_its_greedy_sources_on_the_heldout_p
         "name": "t", "workdir": str(tmp_path / "w"), "method": "implicit",
         "pivot": {"name": "target", "path": str(model), "tokenizer": str(model)},
         "sources": [{"name": "s", "path": str(model)}],
-        "implicit": {"prompts": [{"path": str(prompts), "verify": "math"}],
+        "implicit": {"prompts": [{"path": str(prompts), "verify": "math"}], "single_source_arms": ["s"],
                      "heldout": [{"path": str(held), "verify": "math", "domain": "arith"}], "samples": 4},
         "eval": {"max_new_tokens": 33}}, source="test")
-    sub = eval_config(cfg, {"pivot": str(model), "sft": "/w/sft", "dpo": "/w/dpo"})
-    assert [s.name for s in sub.sources] == ["pivot", "sft", "dpo"]
-    assert [s.path for s in sub.sources] == [str(model), "/w/sft", "/w/dpo"]
-    assert [s.tokenizer for s in sub.sources] == [str(model), None, None]  # trained arms carry their tokenizer
+    sub = eval_config(cfg, {"pivot": str(model), "sft": "/w/sft", "dpo": "/w/dpo", "only-s": "/w/dpo-only-s"})
+    assert [s.name for s in sub.sources] == ["pivot", "sft", "dpo", "only-s"]
+    assert [s.path for s in sub.sources] == [str(model), "/w/sft", "/w/dpo", "/w/dpo-only-s"]
+    assert [s.tokenizer for s in sub.sources] == [str(model), None, None, None]  # trained arms carry their tokenizer
+    assert sub.implicit.single_source_arms == [] and FusionConfig.from_wire(sub.to_wire()) == sub  # valid on a worker
     assert all(s.sampling.temperature == 0 and s.sampling.max_tokens == 33 for s in sub.sources)
     assert sub.implicit.samples == 1 and [c.path for c in sub.implicit.prompts] == [str(held)]
     assert sub.workdir == f"{tmp_path}/w/_eval" and cfg.workdir == f"{tmp_path}/w"  # the run's own config unchanged

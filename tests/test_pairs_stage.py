@@ -41,12 +41,14 @@ SHARDS = {
 }
 
 
-def setup_workdir(tmp_path, dpo_fraction):
+def setup_workdir(tmp_path, dpo_fraction, single_source_arms=()):
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "x", "prompt": "q", "answer": "1"}) + "\n")
     cfg = parse_config({"name": "pairs-test", "workdir": str(tmp_path / "w"), "method": "implicit",
-                        "pivot": {"name": "t", "path": "org/target"}, "sources": [{"name": "a", "path": "org/a"}],
+                        "pivot": {"name": "t", "path": "org/target"},
+                        "sources": [{"name": "a", "path": "org/a"}, {"name": "b", "path": "org/b"}],
                         "implicit": {"prompts": [{"path": str(tmp_path / "p.jsonl"), "verify": "math"}],
-                                     "pairs": {"dpo_fraction": dpo_fraction}}})
+                                     "pairs": {"dpo_fraction": dpo_fraction},
+                                     "single_source_arms": list(single_source_arms)}})
     prompts = io.begin(f"{cfg.stage_dir('sample')}/{PROMPTS_DIR}", "handmade")
     rewards = io.begin(cfg.stage_dir("reward"), "handmade")
     for name, rows in SHARDS.items():
@@ -106,3 +108,30 @@ def test_bad_gap_range_is_refused_by_the_config(tmp_path):
                       "pivot": {"name": "t", "path": "org/t"}, "sources": [{"name": "a", "path": "org/a"}],
                       "implicit": {"prompts": [{"path": str(tmp_path / "p.jsonl"), "verify": "math"}],
                                    "pairs": {"min_gap": 0.5, "max_gap": 0.1}}})
+
+
+@pytest.mark.parametrize("dpo_fraction", [0.0, 1.0])
+def test_single_source_arms_pair_each_sources_samples_alone(tmp_path, dpo_fraction):
+    cfg = setup_workdir(tmp_path, dpo_fraction, single_source_arms=["a", "b"])
+    result = pairs_stage.run(cfg, log=QUIET)
+    read = lambda arm, part: [(r["prompt_id"], r["source"], r.get("sample_index", r.get("chosen")))  # noqa: E731
+                              for r in pq.read_table(f"{cfg.stage_dir('pairs')}/{arm}{part}").to_pylist()]
+    if dpo_fraction == 0.0:
+        # a alone: its only correct m1 answer (reward 0.2) and its best o1 answer; b alone: what fusing picked
+        assert read("", "sft") == [("m1", "b", 0), ("o1", "b", 0)]
+        assert read("only-a/", "sft") == [("m1", "a", 0), ("o1", "a", 1)]
+        assert read("only-b/", "sft") == [("m1", "b", 0), ("o1", "b", 0)]
+    else:
+        assert read("only-a/", "dpo") == [("m1", "a", "The answer is 5."), ("o1", "a", "hello")]
+        assert read("only-b/", "dpo") == [("m1", "b", "The answer is 5!")]  # o1: b's gap 0.7 is out of range
+    arms = io.read_manifest(cfg.stage_dir("pairs"))["extra"]["arms"]
+    assert set(arms) == {"only-a", "only-b"} and set(arms["only-a"]["by_source"]) == {"a"}
+    assert result.figures["rows"]["in"] == 10
+    assert pairs_stage.run(cfg, log=QUIET).status == "skipped"
+    fewer = parse_config({**cfg.to_dict(), "implicit": {**cfg.to_dict()["implicit"], "single_source_arms": ["a"]}})
+    assert pairs_stage.run(fewer, log=QUIET).status == "done"  # the arms decide what is written
+
+
+def test_single_source_arms_must_name_sources(tmp_path):
+    with pytest.raises(Exception, match=r"single_source_arms: c not among the sources \(a, b\)"):
+        setup_workdir(tmp_path, 0.5, single_source_arms=["a", "c"])

@@ -103,7 +103,8 @@ def test_the_implicit_method_has_its_own_stage_list(sampled):
 def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_and_win_rate(sampled, tmp_path):
     """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config),
     the verifiers and the reward model score the answers. Arm `sft` here is a copy of the pivot,
-    so greedy answers, accuracy and rewards are the pivot's and the win rate is exactly one half."""
+    so greedy answers, accuracy and rewards are the pivot's and the win rate is exactly one half (the
+    single-source arm `only-qwen` too)."""
     import shutil
 
     from fusion_ray.evaluate import stage as evaluate
@@ -118,16 +119,21 @@ def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_an
     cfg.workdir = str(tmp_path / "w")
     cfg.implicit.heldout = [PromptCorpus(path=str(tmp_path / "times.jsonl"), domain="times", verify="math"),
                             PromptCorpus(path=str(tmp_path / "open.jsonl"), domain="open")]
-    sft = cfg.stage_dir("sft")
-    shutil.copytree(cfg.pivot.path, sft)
-    io.write_json_atomic(f"{sft}/_manifest.json", {"stage": "sft", "fingerprint": "x"})
+    cfg.implicit.single_source_arms = ["qwen"]
+    sft, alone = cfg.stage_dir("sft"), f"{cfg.stage_dir('dpo')}-only-qwen"  # the single-source arm's SFT+DPO
+    for arm_dir in (sft, alone):
+        shutil.copytree(cfg.pivot.path, arm_dir)
+        io.write_json_atomic(f"{arm_dir}/_manifest.json", {"stage": "x", "fingerprint": "x"})
     result = evaluate.run(cfg, log=QUIET)
     assert result.status == "done"
     report = json.loads(open(f"{cfg.stage_dir('eval')}/report.json").read())
-    assert list(report["models"]) == ["pivot", "sft"] and report["labels"]["sft"] == "SFT"
+    assert sorted(report["models"]) == ["only-qwen", "pivot", "sft"] and report["labels"]["sft"] == "SFT"
+    assert report["labels"]["only-qwen"] == "qwen only" and report["best_single"] == "only-qwen"
+    assert report["win_rate_vs_pivot"]["only-qwen"] == 0.5  # the pivot's weights again
+    del report["win_rate_vs_pivot"]["only-qwen"]
     rows = pq.read_table(f"{cfg.workdir}/_eval/rewards").to_pylist()
     assert sorted((r["source"], r["prompt_id"]) for r in rows) == sorted(
-        (arm, p) for arm in ("pivot", "sft") for p in ("h0", "h1", "h2", "ho"))
+        (arm, p) for arm in ("pivot", "sft", "only-qwen") for p in ("h0", "h1", "h2", "ho"))
     answers = {(r["source"], r["prompt_id"]): r["response"] for r in rows}
     assert all(answers[("pivot", p)] == answers[("sft", p)] for p in ("h0", "h1", "h2", "ho"))  # greedy, same weights
     for arm in ("pivot", "sft"):

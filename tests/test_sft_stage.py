@@ -24,9 +24,9 @@ def trained(tiny_models, tmp_path_factory, ray_local):
     cfg = parse_config({
         "name": "sft-test", "workdir": str(tmp / "w"), "method": "implicit",
         "pivot": {"name": "target", "path": str(target), "dtype": "float32"},
-        "sources": [{"name": "a", "path": str(target)}],
+        "sources": [{"name": "a", "path": str(target)}, {"name": "b", "path": str(target)}],
         "data": {"max_length": 64},
-        "implicit": {"prompts": [{"path": str(tmp / "p.jsonl"), "verify": "math"}]},
+        "implicit": {"prompts": [{"path": str(tmp / "p.jsonl"), "verify": "math"}], "single_source_arms": ["b"]},
         "train": {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 4,
                   "micro_batch_size": 2, "max_steps": 3, "lr": 1e-3, "bf16": False, "checkpoint_every": 3},
         "ray": {"num_cpus": 4},
@@ -37,6 +37,8 @@ def trained(tiny_models, tmp_path_factory, ray_local):
     out = io.begin(cfg.stage_dir("pairs"), "handmade")
     out.write_table("sft/part-00000.parquet", pa.Table.from_pylist(rows[:6], schema=SFT))
     out.write_table("sft/part-00001.parquet", pa.Table.from_pylist(rows[6:], schema=SFT))
+    only_b = [{**r, "source": "b", "response": f"It is {2 * i}."} for i, r in enumerate(rows[:4])]
+    out.write_table("only-b/sft/part-00000.parquet", pa.Table.from_pylist(only_b, schema=SFT))
     out.commit(io.Manifest(stage="pairs", fingerprint="handmade", config_hash="-"))
     return cfg, target, rows, sft.run(cfg, log=QUIET)
 
@@ -72,3 +74,18 @@ def test_the_target_is_trained_on_them_into_a_chat_model_dir(trained):
     assert sum((a - b).abs().sum() for a, b in zip(model.parameters(), base.parameters())) > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert (pq.read_table(sft.data_dir(cfg)).num_rows, sft.run(cfg, log=QUIET).status) == (10, "skipped")
+
+
+def test_a_single_source_arm_is_trained_beside_the_fused_one_on_its_own_rows(trained):
+    from transformers import AutoModelForCausalLM
+
+    cfg, _, _, result = trained
+    assert set(result.parts) == {"fused", "only-b"}
+    data = pq.read_table(sft.data_dir(cfg, "only-b")).to_pylist()
+    assert [r["sample_id"] for r in data] == ["p0", "p1", "p2", "p3"]
+    manifest = io.read_manifest(f"{cfg.stage_dir('sft')}-only-b")
+    assert manifest["rows"] == {"in": 4} and manifest["inputs"]["sft_data"] != io.read_manifest(
+        cfg.stage_dir("sft"))["inputs"]["sft_data"]
+    fused = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft"))
+    alone = AutoModelForCausalLM.from_pretrained(f"{cfg.stage_dir('sft')}-only-b")
+    assert sum((a - b).abs().sum() for a, b in zip(fused.parameters(), alone.parameters())) > 0

@@ -12,6 +12,9 @@ against itself frozen as the reference.
    checkpoints, restarts, deterministic row order) starts from the SFT weights and minimises
    `implicit.dpo.loss` (sigmoid DPO, length-normalised DPO, IPO or SimPO; β, label smoothing)
    with `implicit.dpo.lr` / `epochs` / `max_steps` in place of `train`'s where set → `dpo/`.
+
+Single-source arms (`implicit.single_source_arms`) do both steps from their own SFT model and
+pairs: `pairs/only-<source>/dpo/` → `dpo-only-<source>_data/` → `dpo-only-<source>/`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fusion_ray import io, locations
 from fusion_ray import tokenizer as tokenizers
 from fusion_ray.arrays import ragged
 from fusion_ray.config import FusionConfig
+from fusion_ray.implicit.arms import FUSED_ARM, arm_dir, arm_name, run_arms
 from fusion_ray.pipeline import StageResult
 
 PAIR_ROWS = pa.schema([("sample_id", pa.string()), ("domain", pa.string()), ("source", pa.string()),
@@ -37,9 +41,9 @@ PAIR_ROWS = pa.schema([("sample_id", pa.string()), ("domain", pa.string()), ("so
                        ("chosen_len", pa.int32()), ("rejected_len", pa.int32())])
 
 
-def data_dir(cfg: FusionConfig) -> str:
-    """Where the encoded, reference-scored pairs live: beside `dpo/` (the model dir is swapped in whole)."""
-    return cfg.stage_dir("dpo") + "_data"
+def data_dir(cfg: FusionConfig, arm: str = FUSED_ARM) -> str:
+    """Where an arm's encoded, reference-scored pairs live: beside its model dir (swapped in whole)."""
+    return arm_dir(cfg, "dpo", arm) + "_data"
 
 
 class RefScoreUDF:
@@ -98,8 +102,9 @@ class RefScoreUDF:
             "path": pa.array(out["path"], pa.string()), "dropped": pa.array(out["dropped"], pa.bool_())})
 
 
-def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: bool, log=print) -> dict:
-    """Encode and reference-score `pairs/dpo/` into `dpo_data/`; its manifest (as a dict)."""
+def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: bool, log=print,
+                   arm: str = FUSED_ARM) -> dict:
+    """Encode and reference-score an arm's `pairs/…/dpo/` into its `dpo…_data/`; its manifest (as a dict)."""
     import ray
 
     from fusion_ray.placement import engine_placement, ray_data_args
@@ -108,12 +113,14 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
     pairs = io.finished(pairs_dir, "pairs")
     imp = cfg.implicit
     fp = io.fingerprint("dpo_data", pairs["fingerprint"], reference_fp, cfg.data.max_length, imp.engine,
-                        locations.fingerprint(cfg.pivot.tokenizer or cfg.pivot.path, revision=cfg.pivot.revision))
-    out = io.begin(data_dir(cfg), fp, force)
+                        locations.fingerprint(cfg.pivot.tokenizer or cfg.pivot.path, revision=cfg.pivot.revision),
+                        *([arm] if arm != FUSED_ARM else []))
+    out = io.begin(data_dir(cfg, arm), fp, force)
     if out is None:
-        return io.read_manifest(data_dir(cfg))
+        return io.read_manifest(data_dir(cfg, arm))
     started = time.monotonic()
-    shards = io.list_files(f"{pairs_dir}/dpo")
+    rows_dir = arm_dir(cfg, "pairs", arm)
+    shards = io.list_files(f"{rows_dir}/dpo")
     todo = [s for s in shards if not out.has(Path(s).name)]
     expected = {Path(s).name: [f"{p}/{s_}" for p, s_ in zip(*(io.read_table(s, columns=["prompt_id", "source"])
                                                                .column(c).to_pylist() for c in ("prompt_id", "source")),
@@ -133,7 +140,7 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
         ds = ds.map_batches(RefScoreUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "reference": reference},
                             batch_size=imp.batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=imp.concurrency), **resources)
-        ds.set_name("dpo_reference")
+        ds.set_name(f"{arm_name('dpo', arm)}_reference")
         try:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 names = [Path(p).name for p in batch.column("path").to_pylist()]
@@ -158,34 +165,40 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
         raise RuntimeError(f"dpo: reference pass incomplete for shard(s) {missing}")
     n_out = sum(io.parquet_metadata(out.path(Path(s).name)).num_rows for s in shards)
     if n_out == 0:
-        raise ValueError(f"dpo: no preference pair to train on in {pairs_dir}/dpo")
-    n_in = pairs["rows"].get("dpo", n_out)
+        raise ValueError(f"dpo: no preference pair to train on in {rows_dir}/dpo")
+    n_in = sum(io.parquet_metadata(s).num_rows for s in shards)
     manifest = out.commit(io.Manifest(stage="dpo", fingerprint=fp, config_hash=cfg.config_hash(),
                                       rows={"in": n_in, "out": n_out},
                                       inputs={"pairs": pairs["fingerprint"], "reference": reference_fp},
                                       extra={"dropped_this_run": dropped}, wall_time_s=time.monotonic() - started),
                           config=cfg.to_dict())
-    log(f"[dpo] reference log-probs of {n_out} pair(s) ({time.monotonic() - started:.0f}s)")
+    log(f"[dpo] {arm_name('dpo', arm)}: reference log-probs of {n_out} pair(s) ({time.monotonic() - started:.0f}s)")
     return dataclasses.asdict(manifest)
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
-    """Reference pass with the SFT model, then preference training from it (arm `dpo`)."""
-    from fusion_ray.ray_env import init_ray
+def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> StageResult:
+    """One arm: the reference pass with its SFT model, then preference training from it."""
     from fusion_ray.train.fit import fit_target
 
-    if cfg.implicit is None:
-        raise ValueError("the dpo stage needs the `implicit` section (method: implicit)")
-    sft_dir = cfg.stage_dir("sft")
+    sft_dir = arm_dir(cfg, "sft", arm)
     sft = io.finished(sft_dir, "sft")
-    init_ray(cfg.ray)
-    manifest = reference_pass(cfg, sft_dir, sft["fingerprint"], force, log)
+    manifest = reference_pass(cfg, sft_dir, sft["fingerprint"], force, log, arm)
     d = cfg.implicit.dpo
     train = cfg.train.model_copy(update={k: v for k, v in (("lr", d.lr), ("epochs", d.epochs),
                                                            ("max_steps", d.max_steps)) if v is not None})
     dpo_cfg = cfg.model_copy(update={"train": train})
-    return fit_target(dpo_cfg, name="dpo", arm="dpo", data_dir=data_dir(cfg), manifest=manifest,
-                      out_dir=cfg.stage_dir("dpo"), stage="dpo", input_name="dpo_data",
+    return fit_target(dpo_cfg, name=arm_name("dpo", arm), arm="dpo", data_dir=data_dir(cfg, arm), manifest=manifest,
+                      out_dir=arm_dir(cfg, "dpo", arm), stage="dpo", input_name="dpo_data",
                       extra={"loss": d.loss, "beta": d.beta},
                       loop={"objective": "dpo", "init_path": sft_dir},
                       fingerprint_parts=(d.model_dump(mode="json"), sft["fingerprint"]), force=force, log=log)
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Every arm (`implicit/arms.py`): reference pass with its SFT model, then preference training."""
+    from fusion_ray.ray_env import init_ray
+
+    if cfg.implicit is None:
+        raise ValueError("the dpo stage needs the `implicit` section (method: implicit)")
+    init_ray(cfg.ray)
+    return run_arms(cfg, "dpo", train_arm, force, log)

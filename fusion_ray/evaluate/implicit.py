@@ -1,8 +1,9 @@
 """The `eval` stage of implicit fusion: every arm answers the held-out prompts, the verifiers and
 the reward model judge the answers → `report/report.{json,md,png}`.
 
-Arms: `pivot` (the untrained target), `sft` and `dpo` (SFT then DPO), each once its stage has
-finished. The answers are the `sample` stage run again, on a config of its own below
+Arms: `pivot` (the untrained target), `sft` and `dpo` (SFT then DPO), and `only-<source>` for
+each single-source arm (SFT then DPO on that source's samples only, `implicit/arms.py`), each
+once its stage has finished. The answers are the `sample` stage run again, on a config of its own below
 `<workdir>/_eval/`: the arms as its sources, `implicit.heldout` as its prompts, one greedy answer
 per prompt (`eval.max_new_tokens`); then the `reward` stage scores them with the same verifiers,
 sandbox and reward model as the training data. Both are resumable stages with manifests, so an
@@ -21,6 +22,7 @@ import time
 
 from fusion_ray import io
 from fusion_ray.config import FusionConfig, SamplingSpec
+from fusion_ray.implicit.arms import SINGLE, arm_dir, arm_source, training_arms
 from fusion_ray.pipeline import StageResult
 
 ARM_STAGES = ("sft", "dpo")  # trained arms, in the order they are made
@@ -28,12 +30,22 @@ LABELS = {"pivot": "pivot", "sft": "SFT", "dpo": "SFT+DPO"}
 
 
 def arms(cfg: FusionConfig) -> dict[str, str]:
-    """Arm → model location: the pivot, and every trained arm whose stage has finished."""
+    """Arm → model location: the pivot, and every trained arm whose stage has finished (a
+    single-source arm once its DPO model has)."""
     out = {"pivot": cfg.pivot.path}
     for stage in ARM_STAGES:
         if io.read_manifest(cfg.stage_dir(stage)) is not None:
             out[stage] = cfg.stage_dir(stage)
+    for arm in training_arms(cfg)[1:]:
+        if io.read_manifest(arm_dir(cfg, "dpo", arm)) is not None:
+            out[arm] = arm_dir(cfg, "dpo", arm)
     return out
+
+
+def label(arm: str) -> str:
+    """How the report names an arm."""
+    source = arm_source(arm) if arm.startswith(SINGLE) else None
+    return f"{source} only" if source else LABELS[arm]
 
 
 def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
@@ -45,7 +57,7 @@ def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
                                             "revision": cfg.pivot.revision if arm == "pivot" else None})
                for arm, path in models.items()]
     implicit = cfg.implicit.model_copy(update={"prompts": cfg.implicit.heldout, "heldout": [], "samples": 1,
-                                               "sampling": greedy})
+                                               "sampling": greedy, "single_source_arms": []})
     return cfg.model_copy(update={"workdir": f"{cfg.workdir.rstrip('/')}/_eval", "sources": sources,
                                   "implicit": implicit})
 
@@ -80,8 +92,16 @@ def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_re
             b = base["reward"] if base else 0.0
             score += 1.0 if a > b else 0.5 if a == b else 0.0
         win[arm] = score / max(len(prompts), 1)
-    return {"accuracy": accuracy, "mean_reward": mean_reward, "win_rate_vs_pivot": win, "counts": counts,
-            "by": "reward_model" if by_reward_model else "verifier"}
+    overall = {arm: sum(c["correct"] for d, c in counts[arm].items() if d in verifiable)
+               / max(sum(c["prompts"] for d, c in counts[arm].items() if d in verifiable), 1)
+               for arm in arm_names} if verifiable else {}
+    singles = [arm for arm in arm_names if arm.startswith(SINGLE)]
+    best = max(singles, key=lambda a: (overall[a], a)) if singles and overall else None
+    return {"accuracy": accuracy, "accuracy_all": overall, "mean_reward": mean_reward, "win_rate_vs_pivot": win,
+            "counts": counts, "by": "reward_model" if by_reward_model else "verifier",
+            # the fused SFT+DPO arm against the best single-source arm, over every verifiable prompt
+            "best_single": best,
+            "fused_vs_best_single": overall["dpo"] - overall[best] if best and "dpo" in overall else None}
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
@@ -112,10 +132,10 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                        strict=True))
     rows = pa.concat_tables([io.read_table(f) for f in io.list_files(rewards_dir)]).to_pylist()
     report = {"method": "implicit", **tally(rows, prompts, list(models), cfg.implicit.reward is not None),
-              "labels": {arm: LABELS[arm] for arm in models}, "models": models,
+              "labels": {arm: label(arm) for arm in models}, "models": models,
               "stages": stage_stats(cfg), "config": cfg.name}
     for arm in models:
-        log(f"[eval] {LABELS[arm]:<8} " + "  ".join(
+        log(f"[eval] {label(arm):<8} " + "  ".join(
             [f"{d} {v:.1%}" for d, v in report["accuracy"][arm].items()]
             + ([f"win rate vs pivot {report['win_rate_vs_pivot'][arm]:.1%}"] if arm in report["win_rate_vs_pivot"]
                else [])))

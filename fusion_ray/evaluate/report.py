@@ -128,11 +128,15 @@ def implicit_markdown(report: dict) -> str:
     arms, labels = list(report["models"]), report["labels"]
     verifiable = sorted({d for per in report["accuracy"].values() for d in per})
     domains = sorted({d for per in report["mean_reward"].values() for d in per})
+    overall = report.get("accuracy_all", {})
     lines = [f"# Implicit fusion: {report.get('config', '')}", "",
              "Held-out accuracy (correct / prompts), greedy answers:", "",
-             "| arm | " + " | ".join(verifiable) + " |", "|---|" + "---|" * len(verifiable)]
-    lines += [f"| {labels[a]} | " + " | ".join(f"{report['accuracy'][a][d]:.1%}" for d in verifiable) + " |"
-              for a in arms]
+             "| arm | " + " | ".join(verifiable) + " | all |", "|---|" + "---|" * (len(verifiable) + 1)]
+    lines += [f"| {labels[a]} | " + " | ".join(f"{report['accuracy'][a][d]:.1%}" for d in verifiable)
+              + (f" | {overall[a]:.1%} |" if a in overall else " | — |") for a in arms]
+    if report.get("fused_vs_best_single") is not None:
+        lines += ["", f"Fused SFT+DPO against the best single-source arm ({labels[report['best_single']]}): "
+                  f"{report['fused_vs_best_single']:+.1%} accuracy over all verifiable prompts."]
     by = "the reward model" if report["by"] == "reward_model" else "the verifiers (1 correct, 0 not)"
     lines += ["", f"Mean reward per domain (scored by {by}) and win rate against the pivot "
               "(share of held-out prompts where the arm's reward beats the pivot's; ties count half):", "",

@@ -9,6 +9,10 @@ reward-gap range for open ones, one pair per prompt or one per source) are in
 redoes only missing shards. Rows carry the prompt's chat (`messages`, JSON) for training.
 The manifest holds the counts: prompts, SFT rows, DPO pairs and drop reasons, in total, per
 source and per domain.
+
+Each single-source arm (`implicit.single_source_arms`, `implicit/arms.py`) gets the same below
+`pairs/only-<source>/` from that source's samples alone (same split, same rules); its counts
+are in the manifest's `extra.arms`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pyarrow as pa
 
 from fusion_ray import io
 from fusion_ray.config import FusionConfig
+from fusion_ray.implicit.arms import FUSED_ARM, arm_source, training_arms
 from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import PROMPTS_DIR
 
@@ -42,13 +47,17 @@ def add_counts(total: dict, more: dict) -> dict:
     return total
 
 
-def pair_shard(rewards: pa.Table, prompts: pa.Table, cfg: FusionConfig) -> tuple[pa.Table, pa.Table, dict]:
-    """(SFT rows, DPO pairs, counts) of one reward shard and its prompt shard."""
+def pair_shard(rewards: pa.Table, prompts: pa.Table, cfg: FusionConfig,
+               source: str | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """(SFT rows, DPO pairs, counts) of one reward shard and its prompt shard (of one source's
+    samples only, when `source` is given)."""
     from fusion_ray.implicit import pairs
 
     p = cfg.implicit.pairs
     messages = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("messages").to_pylist(), strict=True))
     rows = rewards.select(list(pairs.COLUMNS)).to_pylist()
+    if source is not None:
+        rows = [r for r in rows if r["source"] == source]
     split = pairs.split_prompts(messages, p.dpo_fraction, p.seed)
     gaps = {"min_gap": p.min_gap, "max_gap": p.max_gap, "per_prompt": p.per_prompt}
     sft = [{**r, "messages": messages[r["prompt_id"]]} for r in pairs.build_sft(rows, split)]
@@ -64,31 +73,44 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     rewards_dir = cfg.stage_dir("reward")
     rewards = io.finished(rewards_dir, "reward")
     prompts_dir = f"{cfg.stage_dir('sample')}/{PROMPTS_DIR}"
-    fp = io.fingerprint("pairs", cfg.implicit.pairs.model_dump(mode="json"), rewards["fingerprint"])
+    arms = training_arms(cfg)
+    fp = io.fingerprint("pairs", cfg.implicit.pairs.model_dump(mode="json"), rewards["fingerprint"],
+                        *([arms] if len(arms) > 1 else []))
     started = time.monotonic()
     out_dir = cfg.stage_dir("pairs")
     out = io.begin(out_dir, fp, force)
     if out is None:
         return StageResult.skipped(out_dir)
     names = [Path(f).name for f in io.list_files(rewards_dir)]
+    prefix = {arm: "" if arm == FUSED_ARM else f"{arm}/" for arm in arms}
     for name in names:
-        if out.has(f"sft/{name}") and out.has(f"dpo/{name}") and out.has(f"counts/{name}.json"):
+        todo = [arm for arm in arms if not all(out.has(f"{prefix[arm]}{part}") for part in
+                                               (f"sft/{name}", f"dpo/{name}", f"counts/{name}.json"))]
+        if not todo:
             continue
-        sft, dpo, counted = pair_shard(io.read_table(f"{rewards_dir}/{name}"),
-                                       io.read_table(f"{prompts_dir}/{name}", columns=["prompt_id", "messages"]), cfg)
-        out.write_table(f"sft/{name}", sft)
-        out.write_table(f"dpo/{name}", dpo)
-        io.write_json_atomic(out.path(f"counts/{name}.json"), counted)  # last: the shard is done
+        rewards_shard = io.read_table(f"{rewards_dir}/{name}")
+        prompts_shard = io.read_table(f"{prompts_dir}/{name}", columns=["prompt_id", "messages"])
+        for arm in todo:
+            sft, dpo, counted = pair_shard(rewards_shard, prompts_shard, cfg, arm_source(arm))
+            out.write_table(f"{prefix[arm]}sft/{name}", sft)
+            out.write_table(f"{prefix[arm]}dpo/{name}", dpo)
+            io.write_json_atomic(out.path(f"{prefix[arm]}counts/{name}.json"), counted)  # last: the shard is done
     import json
 
-    counted: dict = {}
-    for name in names:
-        add_counts(counted, json.loads(io.read_text(out.path(f"counts/{name}.json"))))
+    per_arm: dict = {}
+    for arm in arms:
+        per_arm[arm] = {}
+        for name in names:
+            add_counts(per_arm[arm], json.loads(io.read_text(out.path(f"{prefix[arm]}counts/{name}.json"))))
+    counted = per_arm.pop(FUSED_ARM)
     total = counted.get("total", {})
     rows = {"in": rewards["rows"]["out"], "sft": total.get("sft_rows", 0), "dpo": total.get("dpo_pairs", 0)}
     out.commit(io.Manifest(stage="pairs", fingerprint=fp, config_hash=cfg.config_hash(), rows=rows,
                            inputs={"rewards": rewards["fingerprint"]}, wall_time_s=time.monotonic() - started,
-                           extra={"counts": counted}), config=cfg.to_dict())
+                           extra={"counts": counted, "arms": per_arm}), config=cfg.to_dict())
+    for arm, c in per_arm.items():
+        log(f"[pairs] {arm}: {c.get('total', {}).get('sft_rows', 0)} SFT row(s), "
+            f"{c.get('total', {}).get('dpo_pairs', 0)} DPO pair(s)")
     drops = {k: v for k, v in total.get("drops", {}).items() if v}
     log(f"[pairs] {total.get('prompts', 0)} prompt(s): {rows['sft']} SFT row(s), {rows['dpo']} DPO pair(s)"
         + (f"; dropped {', '.join(f'{k} {v}' for k, v in drops.items())}" if drops else ""))

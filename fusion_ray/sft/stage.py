@@ -8,6 +8,10 @@ trainer (`train.stage.fit_target`: Ray Train, `train.strategy` DeepSpeed ZeRO or
 checkpoints, restarts, the same deterministic row order) trains arm `sft` with λ = 1, i.e. plain
 cross-entropy on the response tokens, into `sft/` (an HF model dir with the target's tokenizer).
 All `train.*` settings apply (lr, epochs or max_steps, batch sizes, bf16, gradient checkpointing).
+
+Single-source arms (`implicit.single_source_arms`) are trained the same way from
+`pairs/only-<source>/sft/` into `sft-only-<source>/`, beside the fused arm,
+`train.max_concurrent_arms` at a time.
 """
 
 from __future__ import annotations
@@ -24,13 +28,14 @@ from fusion_ray import io, locations
 from fusion_ray import tokenizer as tokenizers
 from fusion_ray.arrays import ragged
 from fusion_ray.config import FusionConfig
+from fusion_ray.implicit.arms import FUSED_ARM, arm_dir, arm_name, run_arms
 from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import FUSED
 
 
-def data_dir(cfg: FusionConfig) -> str:
-    """Where the encoded SFT rows live: beside `sft/`, not in it (the model dir is swapped in whole)."""
-    return cfg.stage_dir("sft") + "_data"
+def data_dir(cfg: FusionConfig, arm: str = FUSED_ARM) -> str:
+    """Where an arm's encoded SFT rows live: beside its model dir, not in it (that is swapped in whole)."""
+    return arm_dir(cfg, "sft", arm) + "_data"
 
 
 def training_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[pa.Table, dict[str, int]]:
@@ -65,19 +70,21 @@ def training_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[pa.Tabl
     return table, dropped
 
 
-def encode(cfg: FusionConfig, force: bool, log=print) -> dict:
-    """Encode `pairs/sft/` into `sft_data/` (once per pairs output, tokenizer and max_length)."""
+def encode(cfg: FusionConfig, force: bool, log=print, arm: str = FUSED_ARM) -> dict:
+    """Encode an arm's `pairs/…/sft/` into its `sft…_data/` (once per pairs output, tokenizer and max_length)."""
     pairs_dir = cfg.stage_dir("pairs")
     pairs = io.finished(pairs_dir, "pairs")
     fp = io.fingerprint("sft_data", pairs["fingerprint"], cfg.data.max_length,
-                        locations.fingerprint(cfg.pivot.tokenizer or cfg.pivot.path, revision=cfg.pivot.revision))
-    out = io.begin(data_dir(cfg), fp, force)
+                        locations.fingerprint(cfg.pivot.tokenizer or cfg.pivot.path, revision=cfg.pivot.revision),
+                        *([arm] if arm != FUSED_ARM else []))
+    out = io.begin(data_dir(cfg, arm), fp, force)
     if out is None:
-        return io.read_manifest(data_dir(cfg))
+        return io.read_manifest(data_dir(cfg, arm))
     tokenizer = tokenizers.for_model(cfg.pivot)
     dropped: dict[str, int] = {}
     n_in = n_out = 0
-    for f in io.list_files(f"{pairs_dir}/sft"):
+    rows_dir = arm_dir(cfg, "pairs", arm)
+    for f in io.list_files(f"{rows_dir}/sft"):
         name = Path(f).name
         rows = io.read_table(f).to_pylist()
         table, why = training_rows(rows, tokenizer, cfg.data.max_length)
@@ -85,25 +92,33 @@ def encode(cfg: FusionConfig, force: bool, log=print) -> dict:
         n_in, n_out = n_in + len(rows), n_out + table.num_rows
         dropped = {k: dropped.get(k, 0) + v for k, v in why.items()}
     if n_out == 0:
-        raise ValueError(f"sft: no training row: {n_in} SFT row(s) in {pairs_dir}/sft, dropped {dropped}")
+        raise ValueError(f"sft: no training row: {n_in} SFT row(s) in {rows_dir}/sft, dropped {dropped}")
     manifest = out.commit(io.Manifest(stage="sft", fingerprint=fp, config_hash=cfg.config_hash(),
                                       rows={"in": n_in, "out": n_out}, inputs={"pairs": pairs["fingerprint"]},
                                       extra={"dropped": dropped}), config=cfg.to_dict())
-    log(f"[sft] {n_out} training row(s) of {n_in}" + (f"; dropped {dropped}" if any(dropped.values()) else ""))
+    log(f"[sft] {arm_name('sft', arm)}: {n_out} training row(s) of {n_in}"
+        + (f"; dropped {dropped}" if any(dropped.values()) else ""))
     return dataclasses.asdict(manifest)
 
 
-def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
-    """Encode the SFT rows, then train the target on them (arm `sft`, λ = 1)."""
-    from fusion_ray.ray_env import init_ray
+def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> StageResult:
+    """Encode one arm's SFT rows, then train the target on them (λ = 1)."""
     from fusion_ray.train.fit import fit_target
+
+    started = time.monotonic()
+    manifest = encode(cfg, force, log, arm)
+    result = fit_target(cfg, name=arm_name("sft", arm), arm="sft", data_dir=data_dir(cfg, arm), manifest=manifest,
+                        out_dir=arm_dir(cfg, "sft", arm), stage="sft", input_name="sft_data", force=force, log=log)
+    result.figures["wall_s"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
+    """Train every arm (`implicit/arms.py`): the fused one, then each single-source arm."""
+    from fusion_ray.ray_env import init_ray
 
     if cfg.implicit is None:
         raise ValueError("the sft stage needs the `implicit` section (method: implicit)")
-    started = time.monotonic()
-    manifest = encode(cfg, force, log)
     init_ray(cfg.ray)
-    result = fit_target(cfg, name="sft", arm="sft", data_dir=data_dir(cfg), manifest=manifest,
-                        out_dir=cfg.stage_dir("sft"), stage="sft", input_name="sft_data", force=force, log=log)
-    result.figures["wall_s"] = round(time.monotonic() - started, 1)
-    return result
+    return run_arms(cfg, "sft", train_arm, force, log)
+
