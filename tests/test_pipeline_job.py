@@ -1,4 +1,4 @@
-"""The whole embedded default as a real Ray job, and what its report must show.
+"""The embedded defaults as real Ray jobs, and what their reports must show.
 
 A local head is started with `ray start --head` (loopback, auth off, its own temp dir);
 `ray job submit` sends `python -m jobs.pipeline --config jobs/configs/tiny_cpu.yaml`
@@ -6,6 +6,10 @@ with the repo as working dir; the test waits for SUCCEEDED and checks the output
 the report: every pairwise fused target beats the CLM-only arm on its source's domain,
 and the merged model is no worse than the CLM-only arm on any domain, each beyond
 the seed spread of Δbpb (`BPB_TOLERANCE`; those two tests carry the `regression` marker).
+
+The implicit method's default (`jobs/configs/fusechat3_tiny.yaml`) goes to the same head: every
+stage runs, and its report must show held-out accuracy pivot < SFT < SFT+DPO and the fused arm at
+least as good as the best single-source arm, each beyond `ACCURACY_TOLERANCE` (`regression`).
 """
 
 from __future__ import annotations
@@ -105,17 +109,16 @@ def head(tmp_path_factory):
         subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-@pytest.fixture(scope="module")
-def job(head, tmp_path_factory):
+def run_job(head, config: str, workdir: Path) -> str:
+    """`ray job submit` of `jobs.pipeline` on `config` with `workdir`; its logs once it SUCCEEDED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, env = head
-    workdir = tmp_path_factory.mktemp("job") / "tiny_cpu"
     for _ in range(30):  # the job server answers before its agent is ready: "try again later"
         submit = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
              "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
-             "python", "-m", "jobs.pipeline", "--config", "jobs/configs/tiny_cpu.yaml", f"workdir={workdir}"],
+             "python", "-m", "jobs.pipeline", "--config", config, f"workdir={workdir}"],
             env=env, capture_output=True, text=True, cwd=REPO)
         if submit.returncode == 0 or "No available agent" not in submit.stderr:
             break
@@ -130,7 +133,13 @@ def job(head, tmp_path_factory):
     logs = client.get_job_logs(job_id)
     status = client.get_job_status(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    return workdir, logs
+    return logs
+
+
+@pytest.fixture(scope="module")
+def job(head, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("job") / "tiny_cpu"
+    return workdir, run_job(head, "jobs/configs/tiny_cpu.yaml", workdir)
 
 
 def test_job_ran_every_stage_and_wrote_the_report(job):
@@ -184,3 +193,51 @@ def test_rerun_skips_every_stage_and_the_demo_prints_the_report(job):
     for stage in ("prepare", "collect", "align", "fuse", "train", "merge", "eval"):
         assert f"[{stage}] skipped" in out.stdout, (stage, out.stdout[-3000:])
     assert f"{workdir}/report/report.md" in out.stdout
+
+
+# --- the implicit method's embedded default ---------------------------------------------------------
+
+IMPLICIT_ARMS = {"pivot", "sft", "dpo", "only-add", "only-sub", "only-mul"}
+
+
+@pytest.fixture(scope="module")
+def implicit_job(head, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("job") / "fusechat3_tiny"
+    logs = run_job(head, "jobs/configs/fusechat3_tiny.yaml", workdir)
+    return workdir, logs, json.loads((workdir / "report" / "report.json").read_text())
+
+
+def test_implicit_job_ran_every_stage_and_every_arm_answered_every_heldout_prompt(implicit_job):
+    workdir, logs, report = implicit_job
+    for stage in ("sample", "reward", "pairs", "sft", "dpo", "eval"):
+        assert f"[{stage}] done" in logs, stage
+    for out in ("samples/add", "samples/sub", "samples/mul", "rewards", "pairs", "sft", "dpo", "report",
+                *(f"{stage}-only-{s}" for stage in ("sft", "dpo") for s in ("add", "sub", "mul"))):
+        assert io.read_manifest(str(workdir / out)) is not None, out
+    assert set(report["models"]) == IMPLICIT_ARMS
+    for arm, per_domain in report["counts"].items():
+        assert all(c["answered"] == c["prompts"] > 0 for c in per_domain.values()), (arm, per_domain)
+    assert set(report["accuracy"]["pivot"]) == {"arith"} and set(report["mean_reward"]["pivot"]) == {"arith", "open"}
+    assert (workdir / "report" / "report.png").read_bytes().startswith(b"\x89PNG")
+    assert "| SFT+DPO |" in (workdir / "report" / "report.md").read_text()
+
+
+@pytest.mark.regression
+def test_implicit_sft_beats_the_pivot_and_dpo_beats_sft(implicit_job):
+    acc = implicit_job[2]["accuracy_all"]
+    assert acc["pivot"] + ACCURACY_TOLERANCE < acc["sft"] and acc["sft"] + ACCURACY_TOLERANCE < acc["dpo"], acc
+
+
+@pytest.mark.regression
+def test_implicit_fusing_the_sources_is_at_least_as_good_as_the_best_single_source(implicit_job):
+    report = implicit_job[2]
+    assert report["fused_vs_best_single"] >= -ACCURACY_TOLERANCE, (report["best_single"], report["accuracy_all"])
+
+
+def test_implicit_rerun_with_fusion_ray_run_skips_every_stage(implicit_job):
+    workdir = implicit_job[0]
+    out = subprocess.run([sys.executable, "-m", "fusion_ray.cli", "run", "jobs/configs/fusechat3_tiny.yaml",
+                          f"workdir={workdir}"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("sample", "reward", "pairs", "sft", "dpo", "eval"):
+        assert f"[{stage}] skipped" in out.stdout, (stage, out.stdout[-3000:])
