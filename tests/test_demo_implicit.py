@@ -107,8 +107,8 @@ def test_small_build_is_complete_cached_and_loadable(small_build):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fusion_ray.implicit.prompts import read_corpus
     from fusion_ray.config import PromptCorpus
+    from fusion_ray.implicit.prompts import read_corpus
     from fusion_ray.implicit.reward_model import RewardScorer
     from fusion_ray.tokenizer import from_dir
 

@@ -248,7 +248,8 @@ def build_model_once(spec: ImplicitSpec, model: TinyModel, chat_train: list[dict
     net.save_pretrained(tmp)
     measured = time.monotonic()
     accuracy = arith_accuracy(net, tokenizer, spec, heldout, spec.seed)
-    log(f"[demo-implicit] {model.name}: trained in {train_seconds:.1f}s, measured in {time.monotonic() - measured:.1f}s")
+    log(f"[demo-implicit] {model.name}: trained in {train_seconds:.1f}s, "
+        f"measured in {time.monotonic() - measured:.1f}s")
     card = {"name": model.name, "architecture": model.architecture, "tokenizer": model.tokenizer,
             "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in net.parameters()),
             "steps": model.steps, "mix": dict(model.mix), "final_loss": round(losses[-1], 4),
