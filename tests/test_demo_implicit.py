@@ -142,6 +142,28 @@ def test_small_build_is_complete_cached_and_loadable(small_build):
     assert len(scores) == 2 and all(s == s for s in scores)
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_build_is_deterministic_and_resumes_a_missing_part(small_build, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    def digest(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name not in ("build.json", "demo_card.json") and not p.name.startswith(".")}
+
+    monkeypatch.setenv("FUSION_RAY_CACHE", str(tmp_path))
+    again = implicit.assets_dir(SMALL)
+    shutil.copytree(small_build, again)
+    (again / "build.json").unlink()
+    shutil.rmtree(again / "models" / "implicit_source_sub")
+    shutil.rmtree(again / "models" / "reward_tiny")
+    kept = (again / "models" / "implicit_pivot" / "model.safetensors").stat().st_mtime_ns
+    implicit.ensure_assets(SMALL, log=lambda *_: None)
+    assert (again / "models" / "implicit_pivot" / "model.safetensors").stat().st_mtime_ns == kept
+    assert digest(again) == digest(small_build), "same spec and seed → byte-identical assets"
+
+
 # --- the full default (shared with configs that name demo:implicit_*; built once, then cached) ---
 
 EVAL_PER_OP = 40
