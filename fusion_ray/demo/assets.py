@@ -24,8 +24,13 @@ from fusion_ray.locations import cache_root, file_lock
 
 CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")
 MODEL_NAMES = ("pivot", "source_computing", "source_english")
-ASSET_NAMES = CORPUS_FILES + MODEL_NAMES
-BUILD_VERSION = 1  # bump when the build code changes what it produces
+# The implicit-fusion default (fusion_ray.demo.implicit): its own spec, build and cache dir.
+IMPLICIT_CORPUS_FILES = ("arith_train", "arith_heldout", "open_train", "open_heldout")
+IMPLICIT_MODEL_NAMES = ("implicit_pivot", "implicit_source_add", "implicit_source_sub",
+                        "implicit_source_mul", "reward_tiny")
+IMPLICIT_NAMES = IMPLICIT_CORPUS_FILES + IMPLICIT_MODEL_NAMES
+ASSET_NAMES = CORPUS_FILES + MODEL_NAMES + IMPLICIT_NAMES
+BUILD_VERSION = 1  # bump when the build code changes what it produces (the explicit assets)
 
 
 def default_demo_config() -> Path:
@@ -95,7 +100,11 @@ def assets_dir(spec: DemoSpec = DEFAULT_SPEC) -> Path:
 
 
 def asset_path(name: str, spec: DemoSpec = DEFAULT_SPEC) -> Path:
-    """Where asset `name` lives (built or not)."""
+    """Where asset `name` lives (built or not); implicit-fusion names live in their own dir."""
+    if name in IMPLICIT_NAMES:
+        from fusion_ray.demo import implicit
+
+        return implicit.asset_path(name)
     root = assets_dir(spec)
     if name in CORPUS_FILES:
         return root / "corpus" / f"{name}.jsonl"
@@ -108,8 +117,14 @@ def resolve(location: str, spec: DemoSpec = DEFAULT_SPEC) -> str:
     """Map `demo:NAME` to its local path, building the assets if needed; others unchanged."""
     if not location.startswith("demo:"):
         return location
+    name = location.removeprefix("demo:")
+    if name in IMPLICIT_NAMES:
+        from fusion_ray.demo import implicit
+
+        implicit.ensure_assets()
+        return str(implicit.asset_path(name))
     ensure_assets(spec)
-    return str(asset_path(location.removeprefix("demo:"), spec))
+    return str(asset_path(name, spec))
 
 
 def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:

@@ -1,0 +1,113 @@
+"""The embedded default of implicit fusion: arithmetic prompts, three specialist sources, a weak
+pivot and a tiny reward model, built offline and deterministically from an `ImplicitSpec`.
+
+- Prompts (PromptCorpus JSONL rows): `arith_train` / `arith_heldout` (`{id, prompt, answer, op}`;
+  the skill family and its split are in `fusion_ray.demo.arith`) and `open_train` /
+  `open_heldout` (`{id, prompt, domain}`: questions of the demo's dictionary chat corpus, no gold).
+- Sources, one per operation, each of another architecture and tokenizer family and trained
+  mostly on its operation: `implicit_source_add` (GPT-2), `implicit_source_sub` (Qwen2 with a
+  DeepSeek-V3 tokenizer), `implicit_source_mul` (Mistral). The pivot `implicit_pivot`
+  (Qwen2, DeepSeek-V3 tokenizer) sees every operation, briefly. Every model also learns to
+  answer a share of chat rows, so that it says something for open prompts.
+- `reward_tiny`: a one-output sequence classifier (Qwen2, chat template, safetensors) trained
+  Bradley–Terry on (real answer, corrupted answer) pairs of the chat corpus.
+
+Built under `$FUSION_RAY_CACHE/demo-implicit-<spec hash>` (separate from the explicit demo's
+dir), each part published atomically, the whole under a file lock; `build.json` holds each
+model's held-out accuracy per operation (greedy and sampled) and the reward model's held-out
+pair accuracy. Importing this module is cheap: torch and transformers load only when building.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion_ray.demo.assets import IMPLICIT_CORPUS_FILES, IMPLICIT_MODEL_NAMES, IMPLICIT_NAMES, TinyModel
+from fusion_ray.io import fingerprint
+from fusion_ray.locations import cache_root, file_lock
+
+BUILD_VERSION = 1  # bump when the implicit build code changes what it produces
+PARTS = ("add", "sub", "mul", "chat")  # what a model's training mix draws from
+
+
+@dataclass(frozen=True)
+class ImplicitSpec:
+    """Everything that determines the implicit assets; its hash names the cache dir."""
+
+    seed: int = 0
+    train_per_op: int = 160  # arith_train prompts per operation
+    heldout_per_op: int = 80  # arith_heldout prompts per operation (facts of arith_train, other wording)
+    open_train: int = 100  # open prompts (half per chat domain)
+    open_heldout: int = 50
+    chat_rows: int = 1500  # chat corpus rows per domain (models' chat share, reward-model pairs)
+    chat_heldout: int = 150  # held-out chat rows per domain (reward-model held-out pairs, open_heldout)
+    chat_words: int = 20  # cap on a chat answer's words
+    batch_size: int = 64  # examples per training step
+    max_len: int = 96  # tokens per training example
+    eval_per_op: int = 60  # held-out prompts per operation the build card measures
+    eval_samples: int = 4  # sampled responses per prompt in the card
+    temperature: float = 0.8  # the sample stage's default sampling
+    top_p: float = 0.95
+    models: tuple[TinyModel, ...] = field(default_factory=lambda: IMPLICIT_MODELS)
+    reward: TinyModel = field(default_factory=lambda: REWARD_MODEL)
+
+    def key(self) -> str:
+        return fingerprint(dataclasses.asdict(self), BUILD_VERSION, "implicit")
+
+    def scaled(self, steps: int) -> ImplicitSpec:
+        """A smaller build with the same structure (for fast tests)."""
+        models = tuple(dataclasses.replace(m, steps=steps) for m in self.models)
+        return dataclasses.replace(self, models=models, reward=dataclasses.replace(self.reward, steps=steps),
+                                   chat_rows=200, chat_heldout=40, eval_per_op=8, eval_samples=2,
+                                   open_train=20, open_heldout=10)
+
+
+IMPLICIT_MODELS = (
+    TinyModel("implicit_pivot", "qwen2", "deepseek", 2048,
+              (("add", 0.25), ("sub", 0.25), ("mul", 0.25), ("chat", 0.25)), steps=120),
+    TinyModel("implicit_source_add", "gpt2", "gpt2", 2048,
+              (("add", 0.8), ("sub", 0.05), ("mul", 0.05), ("chat", 0.1)),
+              steps=360, lr=6e-3),
+    TinyModel("implicit_source_sub", "qwen2", "deepseek", 2048,
+              (("sub", 0.8), ("add", 0.05), ("mul", 0.05), ("chat", 0.1)),
+              steps=300, lr=6e-3),
+    TinyModel("implicit_source_mul", "mistral", "mistral", 2048,
+              (("mul", 0.8), ("add", 0.05), ("sub", 0.05), ("chat", 0.1)),
+              steps=300, lr=6e-3),
+)
+REWARD_MODEL = TinyModel("reward_tiny", "qwen2", "deepseek", 2048, (("chat", 1.0),), steps=200)
+DEFAULT_SPEC = ImplicitSpec()
+
+
+def assets_dir(spec: ImplicitSpec = DEFAULT_SPEC) -> Path:
+    return cache_root() / f"demo-implicit-{spec.key()}"
+
+
+def asset_path(name: str, spec: ImplicitSpec = DEFAULT_SPEC) -> Path:
+    """Where implicit asset `name` lives (built or not)."""
+    root = assets_dir(spec)
+    if name in IMPLICIT_CORPUS_FILES:
+        return root / "corpus" / f"{name}.jsonl"
+    if name in IMPLICIT_MODEL_NAMES:
+        return root / "models" / name
+    raise ValueError(f"unknown implicit demo asset {name!r}; known: {', '.join(IMPLICIT_NAMES)}")
+
+
+def ensure_assets(spec: ImplicitSpec = DEFAULT_SPEC, log=print) -> Path:
+    """Build whatever implicit assets are missing (under a file lock) and return their root."""
+    root = assets_dir(spec)
+    if (root / "build.json").exists():
+        return root
+    from fusion_ray.demo.build_implicit import build_all  # heavy: torch, transformers
+
+    with file_lock(root):
+        if not (root / "build.json").exists():
+            started = time.monotonic()
+            summary = build_all(spec, root, log=log)
+            summary["build_seconds"] = round(time.monotonic() - started, 1)
+            (root / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return root
