@@ -83,7 +83,7 @@ def test_the_answering_config_makes_the_arms_its_greedy_sources_on_the_heldout_p
     model.mkdir()
     cfg = parse_config({
         "name": "t", "workdir": str(tmp_path / "w"), "method": "implicit",
-        "pivot": {"name": "target", "path": str(model), "tokenizer": str(model)},
+        "pivot": {"name": "pivot", "path": str(model), "tokenizer": str(model)},  # the arm's name too
         "sources": [{"name": "s", "path": str(model)}],
         "implicit": {"prompts": [{"path": str(prompts), "verify": "math"}], "single_source_arms": ["s"],
                      "heldout": [{"path": str(held), "verify": "math", "domain": "arith"}], "samples": 4},

@@ -58,8 +58,10 @@ def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
                for arm, path in models.items()]
     implicit = cfg.implicit.model_copy(update={"prompts": cfg.implicit.heldout, "heldout": [], "samples": 1,
                                                "sampling": greedy, "single_source_arms": []})
+    # the sub-config's own pivot is never run; renamed so that an arm (`pivot`) cannot clash with it
+    pivot = cfg.pivot.model_copy(update={"name": "eval-pivot" if "eval-pivot" not in models else "eval-pivot-"})
     return cfg.model_copy(update={"workdir": f"{cfg.workdir.rstrip('/')}/_eval", "sources": sources,
-                                  "implicit": implicit})
+                                  "pivot": pivot, "implicit": implicit})
 
 
 def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_reward_model: bool) -> dict:
