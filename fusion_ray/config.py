@@ -633,6 +633,9 @@ class PreferenceConfig(Strict):
     beta: float = Field(0.01, gt=0, le=1000)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     gamma_beta_ratio: float = Field(0.5, ge=0)  # SimPO's target margin γ / β
+    # α of an NLL term on the chosen responses (RPO; Llama 3's DPO): the chosen likelihood rises, not
+    # only the margin. 0: the plain loss.
+    nll_weight: float = Field(0.0, ge=0, le=100)
     lr: float | None = Field(None, gt=0)  # None: train.lr
     epochs: int | None = Field(None, ge=1)  # None: train.epochs
     max_steps: int | None = Field(None, ge=1)  # None: train.max_steps

@@ -253,3 +253,30 @@ def test_oracle_trl(seed):
         got, _ = preference_loss(pc, pr, None, None, lc, lr, kind="simpo", beta=beta, gamma_beta_ratio=ratio,
                                  label_smoothing=eps)
         assert got.item() == pytest.approx(want.item(), abs=1e-6), (beta, ratio, eps)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "simpo"])
+def test_nll_weight_adds_the_chosen_responses_mean_token_nll(kind):
+    beta, alpha = 0.1, 0.7
+    plain, _ = _call(kind, beta=beta)
+    loss, m = _call(kind, beta=beta, nll_weight=alpha)
+    nll = np.mean([10.0 / 5, 30.0 / 20])  # −πc/|c| per pair: 10/5 and 30/20
+    assert loss.item() == pytest.approx(plain.item() + alpha * nll, abs=1e-12)
+    assert m["nll/chosen"].item() == pytest.approx(nll, abs=1e-12)
+    assert "nll/chosen" not in _call(kind, beta=beta)[1]
+
+
+def test_nll_weight_raises_the_chosen_log_prob_where_plain_dpo_does_not():
+    # at policy = reference, plain sigmoid DPO pushes chosen up and rejected down by the same amount;
+    # the NLL term adds 1/|c| to the chosen gradient
+    pc = torch.tensor([-10.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-12.0], dtype=torch.float64, requires_grad=True)
+    ref_c, ref_r, n = torch.tensor([-10.0], dtype=torch.float64), torch.tensor([-12.0], dtype=torch.float64), _t(4)
+    loss, _ = preference_loss(pc, pr, ref_c, ref_r, n, n, kind="sigmoid", beta=1.0, nll_weight=2.0)
+    loss.backward()
+    assert pc.grad.item() == pytest.approx(-0.5 - 2.0 / 4, abs=1e-12)  # −β·σ(0) − α/|c|
+    assert pr.grad.item() == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(ValueError, match="nll_weight"):
+        preference_loss(pc, pr, ref_c, ref_r, n, n, kind="sigmoid", beta=1.0, nll_weight=-1.0)
+    with pytest.raises(ValueError, match="chosen_len"):
+        preference_loss(pc, pr, ref_c, ref_r, kind="sigmoid", beta=1.0, nll_weight=1.0)

@@ -95,8 +95,9 @@ def training_examples(op: str, seed: int) -> list[tuple[str, str]]:
 def prompt_sets(seed: int, train_per_op: int, heldout_per_op: int) -> tuple[list[dict], list[dict]]:
     """(arith_train, arith_heldout) prompt rows for the implicit pipeline.
 
-    Per op, `train_per_op` facts are drawn with the seed; each becomes one training prompt under
-    one of its training templates. The first `heldout_per_op` of them also become a held-out
+    Per op, `train_per_op` facts are drawn with the seed; each becomes a training prompt under
+    each of its training templates (so the SFT:DPO prompt split of the pairs stage puts some
+    phrasings of a fact on each side). The first `heldout_per_op` of them also become a held-out
     prompt under their held-out template (a phrasing of that fact no model was built on).
     """
     train, heldout = [], []
@@ -105,7 +106,7 @@ def prompt_sets(seed: int, train_per_op: int, heldout_per_op: int) -> tuple[list
         rng = random.Random(f"{seed}:prompts:{op}")
         chosen = rng.sample(pool, min(train_per_op, len(pool)))
         for i, fact in enumerate(chosen):
-            train.append(row(fact, rng.choice(train_templates(fact, seed))))
+            train += [row(fact, t) for t in train_templates(fact, seed)]
             if i < heldout_per_op:
                 heldout.append(row(fact, heldout_template(fact, seed)))
     return train, heldout

@@ -30,7 +30,7 @@ from fusion_ray.demo.assets import IMPLICIT_CORPUS_FILES, IMPLICIT_MODEL_NAMES, 
 from fusion_ray.io import fingerprint
 from fusion_ray.locations import cache_root, file_lock
 
-BUILD_VERSION = 1  # bump when the implicit build code changes what it produces
+BUILD_VERSION = 2  # bump when the implicit build code changes what it produces (2: every training phrasing)
 PARTS = ("add", "sub", "mul", "chat")  # what a model's training mix draws from
 
 
@@ -39,7 +39,7 @@ class ImplicitSpec:
     """Everything that determines the implicit assets; its hash names the cache dir."""
 
     seed: int = 0
-    train_per_op: int = 160  # arith_train prompts per operation
+    train_per_op: int = 100  # arith_train facts per operation (each under its 3 training phrasings)
     heldout_per_op: int = 80  # arith_heldout prompts per operation (facts of arith_train, other wording)
     open_train: int = 100  # open prompts (half per chat domain)
     open_heldout: int = 50

@@ -123,7 +123,8 @@ class PreferenceObjective:
         n = len(rows)
         loss, stats = preference_loss(logps[:n], logps[n:], batch["ref_chosen"], batch["ref_rejected"],
                                       lengths[:n], lengths[n:], kind=d.loss, beta=d.beta,
-                                      label_smoothing=d.label_smoothing, gamma_beta_ratio=d.gamma_beta_ratio)
+                                      label_smoothing=d.label_smoothing, gamma_beta_ratio=d.gamma_beta_ratio,
+                                      nll_weight=d.nll_weight)
         return {"loss": loss, **stats, "tokens": int(batch["attention_mask"].sum())}
 
     def metrics(self, out: dict) -> dict:

@@ -24,6 +24,12 @@ the two pure pieces of that second step:
     loss = −(1−ε)·logσ(β·h − γ) − ε·logσ(−(β·h − γ)) with γ = gamma_beta_ratio·β;
     the reference log-probs are not used (None is accepted).
 
+Any kind can add an NLL term on the chosen responses, `nll_weight`·mean(−πc/|c|) (the mean
+per-token negative log-likelihood of each chosen response, averaged over pairs): RPO (Pang et
+al., "Iterative Reasoning Preference Optimization") and Llama 3's DPO add it so that the chosen
+responses' likelihood rises rather than only the margin (TRL's `rpo_alpha` averages over all chosen
+tokens of the batch instead of per response). The metrics then include "nll/chosen".
+
 The metrics report the implicit rewards β·score of each kind, where score is the chosen
 (rejected) term of h: β·(π − ref) for "sigmoid", β·(π − ref)/len for the normalised
 kinds, β·π/len for "simpo"; so that the margin is β·h and the accuracy is the fraction
@@ -121,7 +127,8 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor | None = None, ref_rejected: torch.Tensor | None = None,
                     chosen_len: torch.Tensor | None = None, rejected_len: torch.Tensor | None = None, *,
                     kind: str, beta: float, label_smoothing: float = 0.0,
-                    gamma_beta_ratio: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    gamma_beta_ratio: float = 0.5,
+                    nll_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean pairwise preference loss over a batch of B pairs (see the module docstring).
 
     Args:
@@ -132,6 +139,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         beta: β > 0.
         label_smoothing: ε in [0, 0.5), the assumed rate of flipped labels (sigmoid kinds and simpo).
         gamma_beta_ratio: SimPO's target margin γ divided by β.
+        nll_weight: α ≥ 0 of the chosen responses' NLL term (needs chosen_len when > 0).
 
     Returns:
         (loss scalar, metrics): metrics are detached scalars "rewards/chosen",
@@ -156,7 +164,9 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
             raise ValueError(f"kind {kind!r} needs ref_chosen and ref_rejected")
         _check("ref_chosen", ref_chosen, shape)
         _check("ref_rejected", ref_rejected, shape)
-    if kind in _NEEDS_LEN:
+    if not (isinstance(nll_weight, (int, float)) and math.isfinite(nll_weight) and nll_weight >= 0):
+        raise ValueError(f"nll_weight must be a finite number >= 0, got {nll_weight!r}")
+    if kind in _NEEDS_LEN or nll_weight:
         if chosen_len is None or rejected_len is None:
             raise ValueError(f"kind {kind!r} needs chosen_len and rejected_len (response token counts)")
         _check("chosen_len", chosen_len, shape)
@@ -183,6 +193,10 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         if label_smoothing:
             losses = losses - label_smoothing * F.logsigmoid(-z)
 
+    if nll_weight:
+        nll = (-policy_chosen / chosen_len).mean()
+        losses = losses + nll_weight * nll
+
     with torch.no_grad():
         rc, rr = beta * chosen.detach(), beta * rejected.detach()
         metrics = {
@@ -193,4 +207,6 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }
+        if nll_weight:
+            metrics["nll/chosen"] = nll.detach()
     return losses.mean(), metrics
