@@ -133,11 +133,17 @@ def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
     Each part (corpus, each model) is published atomically, so an interrupted build
     resumes with the parts it finished. `build.json` records sizes and timings.
     """
-    root = assets_dir(spec)
+    return build_once(assets_dir(spec), "fusion_ray.demo.build", spec, log)
+
+
+def build_once(root: Path, builder: str, spec, log=print) -> Path:
+    """`<builder>.build_all(spec, root)` unless `root/build.json` exists, under a file lock; its
+    summary, with the build's wall time, becomes `build.json` (written last: the build is done)."""
     if (root / "build.json").exists():
         return root
-    from fusion_ray.demo.build import build_all  # heavy: torch, transformers
+    import importlib
 
+    build_all = importlib.import_module(builder).build_all  # heavy: torch, transformers
     with file_lock(root):
         if not (root / "build.json").exists():
             started = time.monotonic()

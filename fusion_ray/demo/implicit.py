@@ -21,14 +21,12 @@ pair accuracy. Importing this module is cheap: torch and transformers load only 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_ray.demo.assets import IMPLICIT_CORPUS_FILES, IMPLICIT_MODEL_NAMES, IMPLICIT_NAMES, TinyModel
 from fusion_ray.io import fingerprint
-from fusion_ray.locations import cache_root, file_lock
+from fusion_ray.locations import cache_root
 
 BUILD_VERSION = 2  # bump when the implicit build code changes what it produces (2: every training phrasing)
 PARTS = ("add", "sub", "mul", "chat")  # what a model's training mix draws from
@@ -99,15 +97,6 @@ def asset_path(name: str, spec: ImplicitSpec = DEFAULT_SPEC) -> Path:
 
 def ensure_assets(spec: ImplicitSpec = DEFAULT_SPEC, log=print) -> Path:
     """Build whatever implicit assets are missing (under a file lock) and return their root."""
-    root = assets_dir(spec)
-    if (root / "build.json").exists():
-        return root
-    from fusion_ray.demo.build_implicit import build_all  # heavy: torch, transformers
+    from fusion_ray.demo.assets import build_once
 
-    with file_lock(root):
-        if not (root / "build.json").exists():
-            started = time.monotonic()
-            summary = build_all(spec, root, log=log)
-            summary["build_seconds"] = round(time.monotonic() - started, 1)
-            (root / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return root
+    return build_once(assets_dir(spec), "fusion_ray.demo.build_implicit", spec, log)
