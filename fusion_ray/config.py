@@ -410,6 +410,79 @@ class FuseConfig(Strict):
     num_cpus: float = Field(1, gt=0)  # per fuse task (one shard each; Ray Data runs as many as fit)
 
 
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# tracking settings that belong to one backend (the others are shared)
+_MLFLOW_ONLY = ("tracking_uri", "tracking_uri_env")
+_WANDB_ONLY = ("entity", "mode", "dir")
+_SECRET_QUERY = ("token", "key", "secret", "password", "passwd", "auth", "signature", "credential")
+
+
+class TrackingConfig(Strict):
+    """Experiment tracking of every training run (`train/tracking.py`): one run per arm, through
+    Ray Train's MLflow or W&B integration on rank 0. `train.tracking: mlflow` is short for
+    `train.tracking: {backend: mlflow}`. Secrets never come from here: MLflow reads its token,
+    user and password (MLFLOW_TRACKING_TOKEN, _USERNAME, _PASSWORD) and W&B its key
+    (WANDB_API_KEY) from the environment, and a URI that is itself secret comes from the env
+    var `tracking_uri_env` names. Not part of any fingerprint: tracking does not change what
+    is trained."""
+
+    backend: Literal["none", "mlflow", "wandb"] = "none"
+    # MLflow experiment / W&B project; default: the config's `name`
+    experiment: str | None = Field(None, min_length=1, max_length=256)
+    # each arm's run is `<run_name>-<stage>-<target>`; default: the config's `name`
+    run_name: str | None = Field(None, min_length=1, max_length=200)
+    tags: dict[str, str] = {}  # on every run (MLflow tags, W&B tags as `key:value`)
+    # MLflow: a server URL, `sqlite:///…`, `databricks`, or a local dir (MLflow's file store),
+    # without credentials; default: the URI in `tracking_uri_env`, else MLFLOW_TRACKING_URI in
+    # the worker's environment, else `<workdir>/mlruns` when the workdir is local
+    tracking_uri: str | None = Field(None, min_length=1, max_length=2048)
+    tracking_uri_env: str | None = Field(None, pattern=ENV_NAME, max_length=128)
+    entity: str | None = Field(None, min_length=1, max_length=128)  # W&B team or user
+    # W&B: online, or offline (files under `dir`, uploaded later with `wandb sync`)
+    mode: Literal["online", "offline"] = "online"
+    dir: str | None = None  # W&B's local files; default: `<workdir>/wandb` when the workdir is local
+    # one request to the tracking server; an unreachable one costs at most about
+    # timeout_s × (max_retries + 1) once, then tracking is off for the run
+    timeout_s: int = Field(10, ge=1, le=600)
+    max_retries: int = Field(1, ge=0, le=10)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"backend": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _settings_of_the_backend(self) -> TrackingConfig:
+        # settings away from their defaults (not `model_fields_set`: the wire form sets every field)
+        given = {k for k, f in type(self).model_fields.items()
+                 if k != "backend" and getattr(self, k) != f.get_default(call_default_factory=True)}
+        if self.backend == "none" and given:
+            raise ValueError(f"{', '.join(sorted(given))} set, but backend is none (tracking off): set "
+                             f"train.tracking.backend to mlflow or wandb")
+        foreign = [k for k in (_WANDB_ONLY if self.backend == "mlflow" else _MLFLOW_ONLY if self.backend == "wandb"
+                               else ()) if k in given]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not a setting of backend {self.backend}")
+        if self.tracking_uri and self.tracking_uri_env:
+            raise ValueError("tracking_uri and tracking_uri_env both set: give one")
+        if self.tracking_uri and _has_credentials(self.tracking_uri):  # checked here: the error shows no value
+            raise ValueError("tracking_uri must not carry credentials (user:password@ or a token in the query): "
+                             "put the URI in an env var named by tracking_uri_env, or the credentials in "
+                             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN")
+        return self
+
+
+def _has_credentials(uri: str) -> bool:
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(uri)
+    try:
+        userinfo = parts.username is not None or parts.password is not None
+    except ValueError:  # a malformed authority
+        userinfo = "@" in parts.netloc
+    return userinfo or any(w in k.lower() for k, _ in parse_qsl(parts.query) for w in _SECRET_QUERY)
+
+
 class TrainConfig(Strict):
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[2, 3] = 2
@@ -451,6 +524,8 @@ class TrainConfig(Strict):
     # rows shuffled together (files in a seeded order, then rows inside windows of this many):
     # a worker holds one file plus window/num_workers rows of it (train/order.py)
     shuffle_window_rows: int = Field(8192, ge=1)
+    # experiment tracking (MLflow or W&B) of every arm's run; never changes or stops training
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

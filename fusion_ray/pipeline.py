@@ -186,6 +186,11 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
             problems.append(f"merge.method: {cfg.merge.method} takes {want} models (pivot included), but "
                             f"fuse.mode={cfg.fuse.mode} with {len(cfg.sources)} source(s) trains "
                             f"{len(cfg.pairs())} target(s)")
+    if {"train", "sft", "dpo"} & set(stages):
+        from fusion_ray.train.tracking import missing_package
+
+        if why := missing_package(cfg.train.tracking.backend):
+            problems.append(f"train.tracking: {why}")
     if problems:
         raise ValueError("config stages disagree:\n  " + "\n  ".join(problems))
 

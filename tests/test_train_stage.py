@@ -1,8 +1,10 @@
 """The train stage: Ray Train with DDP and DeepSpeed ZeRO on gloo, one target per source plus the CLM-only arm."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -50,13 +52,25 @@ def variant(cfg, workdir: Path, **train):
     return out
 
 
+@contextlib.contextmanager
+def silent_server():
+    """A loopback port whose connections are accepted (by the kernel's backlog) and never answered."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
 def steps_logged(path) -> list[dict]:
     return [r for r in map(json.loads, open(path)) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
-def trained(fused):
-    return fused, trainer.run(fused, log=QUIET)
+def trained(fused, tmp_path_factory):
+    """Both arms trained, each tracked in MLflow (a file store in a tmp dir)."""
+    cfg = fused.model_copy(deep=True)
+    cfg.train.tracking = {"backend": "mlflow", "tracking_uri": str(tmp_path_factory.mktemp("mlruns"))}
+    return cfg, trainer.run(cfg, log=QUIET)
 
 
 def test_targets_are_hf_chat_models_that_moved_from_the_pivot(trained):
@@ -91,6 +105,36 @@ def test_metrics_log_and_manifest(trained):
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0], "cosine decay after a 1-step warmup"
 
 
+def test_each_arm_is_one_mlflow_run_with_every_step_and_the_fingerprints(trained, monkeypatch):
+    from mlflow import MlflowClient
+
+    cfg, _ = trained
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when asked
+    client = MlflowClient(cfg.train.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.name)  # the experiment defaults to the config's name
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"test-train-gpt", "test-train-clm_only"}, "one run per arm, `<name>-<stage>-<target>`"
+    fused_fp = io.read_manifest(cfg.stage_dir("fuse", "gpt"))["fingerprint"]
+    for name, run in runs.items():
+        target = name.removeprefix("test-train-")
+        path = cfg.stage_dir("train", target)
+        assert run.info.status == "FINISHED"
+        logged = steps_logged(f"{path}/train_log.jsonl")
+        for key in ("loss", "clm", "fusion", "lr", "tokens_per_s"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == [1, 2, 3, 4], (key, history)  # one value per optimizer step
+            assert [m.value for m in history] == pytest.approx([r[key] for r in logged], rel=1e-6), key
+        params = run.data.params
+        assert params["fingerprint"] == io.read_manifest(path)["fingerprint"]
+        assert params["data_fingerprint.fused"] == fused_fp
+        assert params["config.train.lr"] == str(cfg.train.lr) and params["config.sources.0.name"] == "gpt"
+        assert params["arm"] == ("fused" if target == "gpt" else "clm_only")
+        assert run.data.tags["fusion_ray.target"] == target
+        events = [r for r in map(json.loads, open(f"{path}/train_log.jsonl")) if r.get("event") == "tracking"]
+        assert [e["run_id"] for e in events] == [run.info.run_id], "the log names the run it went to"
+    assert client.get_metric_history(runs["test-train-clm_only"].info.run_id, "fusion")[0].value == 0.0
+
+
 def test_finished_targets_are_skipped(trained):
     cfg, _ = trained
     statuses = {n: r.status for n, r in trainer.run(cfg, log=QUIET).parts.items()}
@@ -104,9 +148,17 @@ def test_deepspeed_zero_on_gloo_trains_a_loadable_target(fused, tmp_path, zero_s
 
     cfg = variant(fused, tmp_path / "w", strategy="deepspeed", zero_stage=zero_stage, bf16=bf16,
                   offload_optimizer=offload, clm_only_arm=False)
-    result = trainer.run(cfg, log=QUIET)
+    with silent_server() as port:
+        if zero_stage == 3:  # tracking to a server that accepts and never answers: training goes on
+            cfg.train.tracking = {"backend": "mlflow", "tracking_uri": f"http://127.0.0.1:{port}",
+                                  "timeout_s": 1, "max_retries": 0}
+        result = trainer.run(cfg, log=QUIET)
     path = cfg.stage_dir("train", "gpt")
     assert result.parts["gpt"].status == "done"
+    if zero_stage == 3:
+        events = [r for r in map(json.loads, open(f"{path}/train_log.jsonl")) if "event" in r]
+        assert len(events) == 1 and events[0]["event"] == "tracking_off", events
+        assert f"mlflow at http://127.0.0.1:{port} could not start" in events[0]["reason"]
     manifest = io.read_manifest(path)
     assert manifest["extra"]["strategy"] == "deepspeed" and manifest["extra"]["metrics"]["step"] == 4
     log = steps_logged(f"{path}/train_log.jsonl")

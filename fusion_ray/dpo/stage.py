@@ -190,7 +190,8 @@ def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> St
     return fit_target(dpo_cfg, name=arm_name("dpo", arm), arm="dpo", data_dir=data_dir(cfg, arm), manifest=manifest,
                       out_dir=arm_dir(cfg, "dpo", arm), stage="dpo", input_name="dpo_data",
                       extra={"loss": d.loss, "beta": d.beta},
-                      loop={"objective": "dpo", "init_path": sft_dir},
+                      loop={"objective": "dpo", "init_path": sft_dir,
+                            "tracking_params": {"sft_fingerprint": sft["fingerprint"]}},
                       fingerprint_parts=(d.model_dump(mode="json"), sft["fingerprint"]), force=force, log=log)
 
 

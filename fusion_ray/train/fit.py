@@ -26,7 +26,7 @@ def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
     return {k: v for k, v in cfg.to_dict()["train"].items()
             if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
-                         "max_concurrent_arms")}
+                         "max_concurrent_arms", "tracking")}
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
@@ -54,8 +54,9 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
 
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     check_vocab(data_dir, manifest, pivot)
+    pivot_fp = locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision)
     fp = io.fingerprint(stage, arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
-                        locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision), *fingerprint_parts)
+                        pivot_fp, *fingerprint_parts)
     started = time.monotonic()
     out = io.begin(out_dir, fp, force)
     if out is None:
@@ -73,7 +74,11 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
-                           "log_path": log_path(out), "fingerprint": fp, **(loop or {})},
+                           "log_path": log_path(out), "fingerprint": fp,
+                           "tracking": tracking_run(cfg, stage, name, arm, {
+                               "fingerprint": fp, f"data_fingerprint.{input_name}": manifest["fingerprint"],
+                               "pivot_fingerprint": pivot_fp, **(loop or {}).get("tracking_params", {})}),
+                           **(loop or {})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
@@ -98,6 +103,14 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     log(f"[{stage}] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return StageResult("done", [out_dir], {"metrics": result.metrics})
+
+
+def tracking_run(cfg: FusionConfig, stage: str, name: str, arm: str, fingerprints: dict) -> dict:
+    """What the training loop's tracker (`train/tracking.py`) names its run and logs as parameters
+    besides the config: the run's fingerprint and those of its data, its pivot and what the stage adds."""
+    prefix = cfg.train.tracking.run_name or cfg.name
+    return {"run_name": f"{prefix}-{stage}-{name}", "stage": stage, "target": name, "arm": arm,
+            "params": {**fingerprints, "config_hash": cfg.config_hash()}}
 
 
 def log_path(out: io.StageOutput) -> str:

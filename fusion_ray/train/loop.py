@@ -34,6 +34,7 @@ from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import batch_loss
 from fusion_ray.train.order import RowPlan, rank_batches
 from fusion_ray.train.strategies import STRATEGIES, lr_lambda
+from fusion_ray.train.tracking import Tracker
 
 
 def total_steps(cfg: FusionConfig, n_rows: int) -> int:
@@ -169,6 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
                 log = TrainLog.from_checkpoint(config["log_path"], ckpt, start, checkpoint.path)
     if rank == 0 and log is None:
         log = TrainLog(config["log_path"])
+    tracker = Tracker.start(cfg, config.get("tracking"), rank, log, start)  # rank 0; a no-op when off
     accum = t.grad_accum_steps()
     skip = start * accum  # micro-batches this worker consumed before the checkpoint
     step, micro, started, tokens = start, 0, time.monotonic(), 0
@@ -199,6 +201,7 @@ def train_loop_per_worker(config: dict) -> None:
                        "tokens_per_s": tokens / max(now - started, 1e-9), "step_s": step_s}
             if log is not None:
                 log.add({"arm": config["arm"], "strategy": t.strategy, **metrics})
+            tracker.log_step(metrics)
             if step % t.checkpoint_every == 0 or step == steps:
                 save_checkpoint(strategy, step, metrics, log)
             elif step % t.report_every == 0:
@@ -211,3 +214,4 @@ def train_loop_per_worker(config: dict) -> None:
             raise ValueError(f"{plan.rows} training rows cannot fill one micro-batch of {t.micro_batch_size} rows "
                              f"on each of {world} workers")
         epoch += 1
+    tracker.finish(step=step)
