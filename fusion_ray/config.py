@@ -440,7 +440,7 @@ class TrackingConfig(Strict):
     entity: str | None = Field(None, min_length=1, max_length=128)  # W&B team or user
     # W&B: online, or offline (files under `dir`, uploaded later with `wandb sync`)
     mode: Literal["online", "offline"] = "online"
-    dir: str | None = None  # W&B's local files; default: `<workdir>/wandb` when the workdir is local
+    dir: str | None = None  # W&B writes its `wandb/` dir here; default: the workdir when it is local
     # one request to the tracking server; an unreachable one costs at most about
     # timeout_s × (max_retries + 1) once, then tracking is off for the run
     timeout_s: int = Field(10, ge=1, le=600)

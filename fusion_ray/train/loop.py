@@ -16,6 +16,8 @@ The log never lives on a worker's local disk only: rank 0 keeps it in memory, pu
 every checkpoint (Ray Train stores checkpoints under the run's `storage_path`: the workdir,
 local or an object store) and republishes it to `log_path` (in the stage's output dir, local
 or an object store) at every report, so it can be followed while the run goes on.
+
+With `train.tracking`, rank 0 also sends every step's metrics to MLflow or W&B (`tracking.py`).
 """
 
 from __future__ import annotations

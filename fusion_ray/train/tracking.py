@@ -99,6 +99,7 @@ class Tracker:
         self.run_name, self.log = run_name, log  # log: rank 0's TrainLog, which records the events
         self.backend: str | None = None
         self.where = ""  # the backend and where it writes, for the warning (never a URI from an env var)
+        self.secret: str | None = None  # the env var a secret URI came from: library messages are not shown
         self.run_id: str | None = None
         self._log_metrics = self._end = None
 
@@ -113,7 +114,7 @@ class Tracker:
         try:
             tracker._start(cfg, s, run, resume)
         except Exception as e:  # noqa: BLE001 (whatever fails, training goes on)
-            tracker.off(f"{tracker.where or s.backend} could not start: {e}", step)
+            tracker.off(f"{tracker.where or s.backend} could not start: {tracker.describe(e)}", step)
             return tracker
         tracker.backend = s.backend
         tracker.record({"event": "tracking", "step": step, "backend": s.backend, "run_id": tracker.run_id,
@@ -146,6 +147,7 @@ class Tracker:
 
         uri = mlflow_uri(s, cfg.workdir)
         self.where = f"mlflow at {'$' + s.tracking_uri_env if s.tracking_uri_env else uri}"
+        self.secret = s.tracking_uri_env
         # this worker process serves this run only: hold MLflow's HTTP client to the settings
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(s.timeout_s)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(s.max_retries)
@@ -176,7 +178,8 @@ class Tracker:
         from ray.air.integrations.wandb import setup_wandb
 
         os.environ["WANDB_MODE"] = s.mode  # before setup_wandb: offline needs no API key
-        where = s.dir or (None if locations.is_remote(cfg.workdir) else str(Path(cfg.workdir).expanduser() / "wandb"))
+        # W&B writes a `wandb/` dir below this one
+        where = s.dir or (None if locations.is_remote(cfg.workdir) else str(Path(cfg.workdir).expanduser().absolute()))
         self.where = f"wandb ({s.mode}, project {s.experiment or cfg.name})"
         if where:
             Path(where).mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,7 @@ class Tracker:
         try:
             self._log_metrics(values, step)
         except Exception as e:  # noqa: BLE001
-            self.off(f"{self.where or self.backend}: logging step {step} failed: {e}", step)
+            self.off(f"{self.where or self.backend}: logging step {step} failed: {self.describe(e)}", step)
 
     def finish(self, ok: bool = True, step: int = 0) -> None:
         if self.backend is None:
@@ -206,8 +209,14 @@ class Tracker:
         try:
             self._end(ok)
         except Exception as e:  # noqa: BLE001
-            self.off(f"closing the run failed: {e}", step)
+            self.off(f"closing the run failed: {self.describe(e)}", step)
         self.backend = None
+
+    def describe(self, error: Exception) -> str:
+        """The error's message, or only its type where the message may quote a secret URI."""
+        if self.secret and not isinstance(error, TrackingOff):
+            return f"{type(error).__name__} (its message is not shown: it may quote the URI in ${self.secret})"
+        return str(error)
 
     def off(self, reason: str, step: int) -> None:
         """Tracking off for the rest of this run: one line on stderr, one event in the log."""
