@@ -188,7 +188,7 @@ def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", clm_only_arm=False,
+    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", clm_only_arm=False, max_steps=2,
                   peft={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save_merged": True})
     assert trainer.run(cfg, log=QUIET).parts["gpt"].status == "done"
     path = Path(cfg.stage_dir("train", "gpt"))
@@ -198,7 +198,7 @@ def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tm
     factors = load_file(str(path / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in factors.items()), "B left zero: nothing trained"
     assert AutoTokenizer.from_pretrained(path).chat_template
-    assert [r["step"] for r in steps_logged(path / "train_log.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in steps_logged(path / "train_log.jsonl")] == [1, 2]
     pivot = AutoModelForCausalLM.from_pretrained(cfg.pivot.path, dtype=torch.float32)
     oracle = peft.PeftModel.from_pretrained(pivot, str(path)).merge_and_unload().state_dict()
     dense = AutoModelForCausalLM.from_pretrained(path / "merged", dtype=torch.float32).state_dict()
@@ -210,3 +210,13 @@ def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tm
             changed.add(name.rsplit(".", 2)[-2])
     assert changed == {"q_proj", "v_proj"}
     assert AutoTokenizer.from_pretrained(path / "merged").chat_template
+    # the merge stage takes the adapter target as it is: the same merge as of its dense weights
+    from fusion_ray.merge import engine
+    from fusion_ray.merge import stage as merger
+    from fusion_ray.merge.actor import spec_from_config
+
+    merger.run(cfg, log=QUIET)
+    want = engine.run_merge(spec_from_config(cfg.merge, cfg.pivot.path, [str(path / "merged")]), str(tmp_path / "m"))
+    got = load_file(str(Path(cfg.stage_dir("merge")) / "model.safetensors"))
+    for name, tensor in load_file(str(Path(want["dir"]) / "model.safetensors")).items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
