@@ -483,6 +483,29 @@ def _has_credentials(uri: str) -> bool:
     return userinfo or any(w in k.lower() for k, _ in parse_qsl(parts.query) for w in _SECRET_QUERY)
 
 
+class PeftSettings(Strict):
+    """`train.peft`: LoRA adapters (peft) instead of full fine-tuning. Only the adapters train; the
+    target is an adapter dir (plus, with `save_merged`, a dense HF model dir in `merged/` below it)."""
+
+    rank: int = Field(16, ge=1, le=4096)  # r: the inner dimension of B @ A
+    alpha: float = Field(32, gt=0)  # the update is (alpha / rank) · B @ A
+    # names of the modules that get adapters (the last part of a module's name, e.g. q_proj, or a
+    # dotted suffix); "all-linear": every linear layer but the output head. Checked at model load.
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$", max_length=128)]] | Literal[
+        "all-linear"] = "all-linear"
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapters' input
+    save_merged: bool = False  # also write base + adapter as ordinary dense weights (`merged/`)
+    # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA GPUs only; strategy ddp)
+    quantize: Literal["4bit"] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v):
+        if isinstance(v, list) and (not v or len(set(v)) < len(v)):
+            raise ValueError("name at least one module, each once (or \"all-linear\")")
+        return v
+
+
 class TrainConfig(Strict):
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"
     zero_stage: Literal[2, 3] = 2
@@ -526,6 +549,14 @@ class TrainConfig(Strict):
     shuffle_window_rows: int = Field(8192, ge=1)
     # experiment tracking (MLflow or W&B) of every arm's run; never changes or stops training
     tracking: TrackingConfig = TrackingConfig()
+    peft: PeftSettings | None = None  # None: full fine-tuning; else LoRA adapters (see PeftSettings)
+
+    @model_validator(mode="after")
+    def _qlora_on_ddp(self) -> TrainConfig:
+        if self.peft is not None and self.peft.quantize and (self.strategy != "ddp" or not self.use_gpu):
+            raise ValueError("peft.quantize: 4bit (QLoRA) needs strategy ddp and use_gpu: true "
+                             f"(this config: strategy {self.strategy}, use_gpu {str(self.use_gpu).lower()})")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

@@ -230,3 +230,45 @@ def test_fused_data_for_another_vocabulary_fails_naming_both_sizes(trained, tmp_
     with pytest.raises(ValueError, match="pivot vocabulary of 32000 tokens, but the model .* embedding of 515"):
         trainer.train_arm(bad, "gpt", "fused", "gpt", log=QUIET)
     assert not (tmp_path / "w" / "targets").exists()
+
+
+def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tmp_path):
+    """train.peft on DeepSpeed ZeRO-2 (2 gloo workers): only the adapters moved, the target is an adapter
+    dir naming the pivot, and merged/ holds base + adapter as peft's own merge computes it."""
+    import peft
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", clm_only_arm=False, max_steps=2,
+                  peft={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save_merged": True})
+    assert trainer.run(cfg, log=QUIET).parts["gpt"].status == "done"
+    path = Path(cfg.stage_dir("train", "gpt"))
+    assert (path / "adapter_config.json").is_file() and not (path / "model.safetensors").exists()
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(Path(cfg.pivot.path).resolve()) and adapter["r"] == 4
+    factors = load_file(str(path / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in factors.items()), "B left zero: nothing trained"
+    assert AutoTokenizer.from_pretrained(path).chat_template
+    assert [r["step"] for r in steps_logged(path / "train_log.jsonl")] == [1, 2]
+    pivot = AutoModelForCausalLM.from_pretrained(cfg.pivot.path, dtype=torch.float32)
+    oracle = peft.PeftModel.from_pretrained(pivot, str(path)).merge_and_unload().state_dict()
+    dense = AutoModelForCausalLM.from_pretrained(path / "merged", dtype=torch.float32).state_dict()
+    base = load_file(str(Path(cfg.pivot.path) / "model.safetensors"))
+    changed = set()
+    for name, want in oracle.items():
+        torch.testing.assert_close(dense[name], want, rtol=0, atol=1e-6, msg=name)
+        if name in base and not torch.equal(base[name], want):
+            changed.add(name.rsplit(".", 2)[-2])
+    assert changed == {"q_proj", "v_proj"}
+    assert AutoTokenizer.from_pretrained(path / "merged").chat_template
+    # the merge stage takes the adapter target as it is: the same merge as of its dense weights
+    from fusion_ray.merge import engine
+    from fusion_ray.merge import stage as merger
+    from fusion_ray.merge.actor import spec_from_config
+
+    merger.run(cfg, log=QUIET)
+    want = engine.run_merge(spec_from_config(cfg.merge, cfg.pivot.path, [str(path / "merged")]), str(tmp_path / "m"))
+    got = load_file(str(Path(cfg.stage_dir("merge")) / "model.safetensors"))
+    for name, tensor in load_file(str(Path(want["dir"]) / "model.safetensors")).items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)

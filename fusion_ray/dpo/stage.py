@@ -182,6 +182,9 @@ def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> St
 
     sft_dir = arm_dir(cfg, "sft", arm)
     sft = io.finished(sft_dir, "sft")
+    from fusion_ray.train.lora import dense_start
+
+    sft_dir = dense_start(sft_dir)  # a LoRA SFT target: its merged/ weights are the reference and the start
     manifest = reference_pass(cfg, sft_dir, sft["fingerprint"], force, log, arm)
     d = cfg.implicit.dpo
     train = cfg.train.model_copy(update={k: v for k, v in (("lr", d.lr), ("epochs", d.epochs),

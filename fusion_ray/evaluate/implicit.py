@@ -39,7 +39,9 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
     for arm in training_arms(cfg)[1:]:
         if io.read_manifest(arm_dir(cfg, "dpo", arm)) is not None:
             out[arm] = arm_dir(cfg, "dpo", arm)
-    return out
+    from fusion_ray.train.lora import dense_start  # LoRA targets (train.peft) are scored by their dense weights
+
+    return {arm: path if arm == "pivot" else dense_start(path) for arm, path in out.items()}
 
 
 def label(arm: str) -> str:

@@ -36,7 +36,10 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
             out[f"fused:{pair}"] = cfg.stage_dir("train", pair)
     if io.read_manifest(cfg.stage_dir("merge")):
         out["merged"] = cfg.stage_dir("merge")
-    return out
+    from fusion_ray.train.lora import dense_start  # LoRA targets (train.peft) are scored by their dense weights
+
+    return {arm: path if arm == "pivot" or arm.startswith("source:") else dense_start(path)
+            for arm, path in out.items()}
 
 
 def heldout(cfg: FusionConfig) -> dict[str, list[list[dict]]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from fusion_ray.merge.adapter import AdapterCheckpoint, config_dir, open_model
 from fusion_ray.merge.registry import TensorInputs
 from fusion_ray.merge.spec import MergeSpec
 from fusion_ray.merge.streaming import (
@@ -60,6 +61,7 @@ def read_config(model_dir: str) -> dict:
         FileNotFoundError: no config.json.
         CheckpointError: a config.json leading outside the dir, or not a JSON object.
     """
+    model_dir = config_dir(model_dir)  # an adapter target: its base's config
     path = model_file(model_dir, "config.json")
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: not an HF model dir (no config.json)")
@@ -84,8 +86,11 @@ def layer_t(name: str, layers: int) -> float:
     return int(match.group(1)) / (layers - 1) if layers > 1 else 1.0
 
 
-def open_inputs(spec: MergeSpec) -> list[Checkpoint]:
-    return [Checkpoint(path, spec.allow_pickle) for path in spec.inputs()]
+def open_inputs(spec: MergeSpec) -> list[Checkpoint | AdapterCheckpoint]:
+    """Each input's weights; a LoRA adapter dir reads as its base plus its delta (`merge/adapter.py`),
+    and must name the merge's base_model when there is one."""
+    return [open_model(path, spec.allow_pickle, expected_base=spec.base_model if path != spec.base_model else None)
+            for path in spec.inputs()]
 
 
 def check_inputs(spec: MergeSpec, ckpts: Sequence[Checkpoint]) -> None:

@@ -9,6 +9,7 @@ log and the pivot's tokenizer files become an HF model dir, committed atomically
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
+MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`)
 
 
 def result_fields(cfg: FusionConfig) -> dict:
@@ -91,6 +93,9 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     )
     result = trainer.fit()
     copy_target(result.checkpoint, pivot, out)
+    if t.peft is not None and t.peft.save_merged:  # LoRA: base + adapter as dense weights in merged/
+        init = (loop or {}).get("init_path")
+        write_merged(result.checkpoint, locations.local_dir(init) if init else pivot, pivot, out)
     out.commit(io.Manifest(stage=stage, fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={input_name: manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
                            extra={"arm": arm, **(extra or {}), "metrics": result.metrics,
@@ -129,6 +134,21 @@ def copy_target(checkpoint, pivot: str, out: io.StageOutput) -> None:
     for name_ in TOKENIZER_FILES:
         if (Path(pivot) / name_).exists():
             locations.upload(Path(pivot) / name_, out.path(name_))
+
+
+def write_merged(checkpoint, base: str, pivot: str, out: io.StageOutput) -> None:
+    """A LoRA run's adapter applied to `base`, written tensor by tensor as an ordinary HF model dir
+    (`merged/` in the output dir, with the pivot's tokenizer files)."""
+    import tempfile
+
+    from fusion_ray.merge.adapter import write_dense
+
+    with checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="fusion-ray-merged-") as tmp:
+        write_dense(ckpt, tmp, base_dir=base)
+        for name_ in TOKENIZER_FILES:
+            if (Path(pivot) / name_).exists():
+                shutil.copy2(Path(pivot) / name_, Path(tmp) / name_)
+        locations.upload(tmp, out.path(MERGED_DIR))
 
 
 def checkpoint_uri(checkpoint) -> str:

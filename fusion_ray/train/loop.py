@@ -32,6 +32,7 @@ import torch
 from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
+from fusion_ray.train import lora
 from fusion_ray.train.batches import collate
 from fusion_ray.train.losses import batch_loss
 from fusion_ray.train.order import RowPlan, rank_batches
@@ -155,11 +156,19 @@ def train_loop_per_worker(config: dict) -> None:
     path = locations.local_dir(config.get("init_path") or cfg.pivot.path,
                                revision=None if config.get("init_path") else cfg.pivot.revision)
     tokenizer = tokenizers.for_model(cfg.pivot)  # `pivot.tokenizer` when set, with its trust_remote_code
+    if t.peft is not None and lora.is_adapter_dir(path):
+        raise ValueError(f"{path} is a LoRA adapter, not a model to start from: train it with "
+                         "train.peft.save_merged: true and start from its merged/ dir")
+    quantized = lora.quantized_load_kwargs(t.peft, t.use_gpu) if t.peft is not None else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.pivot.trust_remote_code)
+                                                 trust_remote_code=cfg.pivot.trust_remote_code, **quantized)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.peft is not None:  # LoRA: adapters on the frozen base, before the strategy wraps the model
+        model = lora.apply_lora(model, t.peft, base_ref=config.get("init_path") or cfg.pivot.path,
+                                revision=None if config.get("init_path") else cfg.pivot.revision,
+                                gradient_checkpointing=t.gradient_checkpointing)
     plan, epoch = RowPlan.from_wire(config["plan"]), 0  # the rows (their count read from the files' footers)
     steps = total_steps(cfg, plan.rows)
     strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)

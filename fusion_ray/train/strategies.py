@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from fusion_ray.train import lora
+
 STATE = "train_state.pt"
 META = "fusion_ray.json"
 DS_TAG = "ds"
@@ -57,6 +59,11 @@ def _write_meta(path: str, fingerprint: str, strategy: str, world_size: int, ste
         json.dump({"fingerprint": fingerprint, "strategy": strategy, "world_size": world_size, "step": step}, fh)
 
 
+def trainable(model) -> list[torch.nn.Parameter]:
+    """The parameters the optimizer steps: all of them, or LoRA's adapters alone."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     """The schedule's factor at each step: linear warmup over `warmup_ratio` of the steps, then cosine to 0."""
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -81,7 +88,7 @@ class DDP:
     def _setup(self, model, t, lr_fn, accum: int, fingerprint: str, rank: int, world_size: int) -> None:
         self.t, self.fingerprint, self.rank, self.world_size = t, fingerprint, rank, world_size
         self.model = model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable(self.model), lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.accum = accum
 
@@ -104,7 +111,10 @@ class DDP:
     def save(self, path: str, step: int) -> bool:
         if self.rank != 0:
             return False
-        self.module.save_pretrained(path)
+        if lora.is_peft(self.module):  # LoRA: the adapter only (the base is the pivot's, unchanged)
+            lora.save_adapter(self.module, path)
+        else:
+            self.module.save_pretrained(path)
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "step": step}, os.path.join(path, STATE))
         _write_meta(path, self.fingerprint, self.name, self.world_size, step)
@@ -114,6 +124,9 @@ class DDP:
         from safetensors.torch import load_file
 
         check_meta(path, self.fingerprint, self.name, self.world_size)
+        if lora.is_peft(self.module):
+            lora.load_adapter_weights(self.module, path)
+            return self._load_state(path)
         weights = {}
         for f in sorted(os.listdir(path)):
             if f.endswith(".safetensors"):
@@ -122,6 +135,9 @@ class DDP:
         tied = set(getattr(self.module, "_tied_weights_keys", None) or [])
         if unexpected or set(missing) - tied - {"lm_head.weight"}:
             raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        return self._load_state(path)
+
+    def _load_state(self, path: str) -> int:
         state = torch.load(os.path.join(path, STATE), weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -170,7 +186,7 @@ class DeepSpeed:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.t, self.fingerprint, self.rank, self.world_size = t, fingerprint, rank, world_size
         deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo", auto_mpi_discovery=False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(model), lr=t.lr, weight_decay=t.weight_decay)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(t),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn))
@@ -195,6 +211,8 @@ class DeepSpeed:
 
         out = {}
         for name, param in self.module.named_parameters():
+            if not param.requires_grad:  # LoRA's frozen base: not trained, not saved
+                continue
             full = safe_get_full_fp32_param(param)  # collective: every rank calls it
             if self.rank == 0:
                 out[name] = full.detach().to("cpu", torch.float32).clone()
@@ -204,7 +222,10 @@ class DeepSpeed:
         weights = self.full_state_dict()
         self.model.save_checkpoint(os.path.join(path, "ds"), tag=DS_TAG, client_state={"step": step},
                                    save_latest=False)
-        if self.rank == 0:
+        if self.rank == 0 and lora.is_peft(self.module):
+            lora.save_adapter(self.module, path, state_dict=weights)
+            _write_meta(path, self.fingerprint, self.name, self.world_size, step)
+        elif self.rank == 0:
             self.module.save_pretrained(path, state_dict=weights)
             config_path = os.path.join(path, "config.json")  # the weights are the float32 master copy,
             with open(config_path) as fh:                    # whatever dtype the engine computed in
