@@ -31,6 +31,7 @@ from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.train.batches import collate
+from fusion_ray.train.load import load_model
 from fusion_ray.train.losses import batch_loss
 from fusion_ray.train.order import RowPlan, rank_batches
 from fusion_ray.train.strategies import STRATEGIES, lr_lambda
@@ -95,7 +96,7 @@ class FusionObjective:
         batch = collate(rows, self.pad_id, self.cfg.data.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
-                         fusion_positions=t.fusion_positions)
+                         fusion_positions=t.fusion_positions, loss_from=t.loss_from)
         self.reached += int(batch["transferred"].sum())
         self.scored += len(batch["transferred"])
         return {**out, "tokens": int(batch["attention_mask"].sum())}
@@ -136,7 +137,6 @@ OBJECTIVES = {"fusion": FusionObjective, "dpo": PreferenceObjective}
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    from transformers import AutoModelForCausalLM
 
     from fusion_ray import progress
     from fusion_ray import tokenizer as tokenizers
@@ -152,8 +152,8 @@ def train_loop_per_worker(config: dict) -> None:
     path = locations.local_dir(config.get("init_path") or cfg.pivot.path,
                                revision=None if config.get("init_path") else cfg.pivot.revision)
     tokenizer = tokenizers.for_model(cfg.pivot)  # `pivot.tokenizer` when set, with its trust_remote_code
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.pivot.trust_remote_code)
+    # in the training dtype, and under ZeRO-3 built partitioned (train/load.py)
+    model = load_model(path, t, trust_remote_code=cfg.pivot.trust_remote_code)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
