@@ -59,7 +59,7 @@ def _rank(rank: int, port: int, paths: list[str], out: str) -> None:
                    "total": sum(p.ds_numel for p in params.values()),
                    "held": sum(p.data.numel() for p in params.values()),
                    "dtypes": sorted({str(p.ds_tensor.dtype) for p in params.values()}),
-                   "tied": model.lm_head.weight is model.model.embed_tokens.weight}
+                   "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight}
             dtype = training_dtype(t)
             reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             with deepspeed.zero.GatheredParameters(list(params.values())):
@@ -72,21 +72,24 @@ def _rank(rank: int, port: int, paths: list[str], out: str) -> None:
         json.dump(results, fh)
 
 
-def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tmp_path):
+def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tmp_path, tiny_models):
     import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
 
     tied = str(tiny_llama(tmp_path / "tied", tied=True))
     sharded = str(tiny_llama(tmp_path / "sharded", tied=False, shard="20KB"))
     assert os.path.exists(f"{sharded}/model.safetensors.index.json")  # the index path is exercised
+    demo = [str(tiny_models(arch, "gpt2", vocab_size=257)) for arch in ("gpt2", "qwen2", "mistral")]  # the demo's
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, [tied, sharded], str(tmp_path / "out")), nprocs=2, join=True)
+    mp.spawn(_rank, args=(port, [tied, sharded, *demo], str(tmp_path / "out")), nprocs=2, join=True)
     ranks = [json.load(open(tmp_path / f"out.{r}")) for r in (0, 1)]
-    from transformers import AutoModelForCausalLM
 
-    for path, tie in ((tied, True), (sharded, False)):
+    for path in (tied, sharded, *demo):
         model = AutoModelForCausalLM.from_pretrained(path)
+        tie = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert path != tied or tie
         total = sum(p.numel() for p in model.parameters())  # tied: the shared matrix once
         per_tensor = [p.numel() for p in model.parameters()]
         padded = sum(n + n % 2 for n in per_tensor)  # each tensor padded to a multiple of 2 ranks

@@ -140,4 +140,4 @@ def load_partitioned(path: str, t, dtype: torch.dtype, *, trust_remote_code: boo
                     buf.copy_(handle.get_tensor(key))
     finally:
         handles.clear()
-    return model
+    return model.eval()  # as from_pretrained returns it (the loop switches to train mode itself)
