@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,28 @@ def test_read_flat_reads_any_flat_range(tmp_path):
             for lo, hi in ((0, n), (0, 1), (n - 1, n), (14, 16), (15, 30), (16, 61), (3, 4)):
                 if hi <= n:
                     assert torch.equal(read_flat(fh, key, lo, hi), t.reshape(-1)[lo:hi]), (key, lo, hi)
+
+
+
+def test_loss_from_setting_is_checked_and_reaches_the_training_step(tmp_path):
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fusion_ray.config import ConfigError, load_config
+    from fusion_ray.train.loop import FusionObjective
+
+    tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
+    assert load_config(tiny).train.loss_from == "hidden"
+    with pytest.raises(ConfigError, match="train.loss_from: Input should be 'hidden' or 'logits'"):
+        load_config(tiny, ["train.loss_from=logit"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path / "m", tied=False))
+    kept = []  # the hidden path calls the model with logits_to_keep=1: no [B, L, V] logits
+    model.register_forward_pre_hook(lambda _m, _a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+    rows = [{"input_ids": np.array([1, 5, 7, 9, 3]), "loss_mask": np.array([False, True, True, True]),
+             "topk_ids": np.array([[5, 6], [7, 8], [9, 1]]), "topk_logprobs": np.full((3, 2), -1.0, np.float16)}]
+    losses = {}
+    for setting, keep in (("hidden", 1), ("logits", None)):
+        cfg = load_config(tiny, [f"train.loss_from={setting}"])
+        losses[setting] = FusionObjective(cfg, "fused", 0, torch.device("cpu")).loss(model, rows)["loss"].item()
+        assert kept[-1] == keep
+    assert losses["hidden"] == pytest.approx(losses["logits"], rel=1e-5)
