@@ -537,6 +537,17 @@ class TrainConfig(Strict):
     # recompute each layer's activations in the backward pass (keeps one layer's input per layer):
     # much less memory for ≈ 1/3 more compute; does not change what is trained
     gradient_checkpointing: bool = False
+    # where the λ·CLM + (1−λ)·fusion loss starts (train/losses.py `batch_loss`): `hidden` takes the
+    # last hidden state and the LM head and computes the logits chunk by chunk inside the loss
+    # (forward and backward), so the [micro_batch, seq, vocab] logits never exist; `logits` takes
+    # the model's logits. Equal in value and gradient. `hidden` is the default because training at
+    # scale runs on GPUs, where it is the faster path (1.10-1.62x the tokens/s of `logits` on an
+    # H200, V 32k-128k, same peak within 0.96-1.01x: bench/RESULTS.md); on CPU it is as fast at a
+    # small vocabulary and 0.88x at V 32k, and its fixed chunk buffers make it smaller only when
+    # micro_batch x seq is large (docs/design.md, "Training memory"; `fusion-ray plan` shows both).
+    # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a ZeRO-3-partitioned
+    # head, a LoRA-wrapped head) use the logits.
+    loss_from: Literal["hidden", "logits"] = "hidden"
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
     report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)

@@ -24,6 +24,20 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   (seq × batch × hidden × bytes) plus one layer's full activations during its recomputation.
   Logits [micro_batch, seq, vocab] in fp32. 2 GB per GPU stay free for the CUDA context, NCCL
   and the allocator.
+- the loss (`train.loss_from`): from `logits`, the [micro_batch, seq, vocab] fp32 term above; from
+  `hidden` (train/losses.py `combined_loss_from_hidden`) no [B, L, V] logits, but per chunk of
+  c = max(16, 128 MiB / (4·vocab)) positions four float32 [c, vocab] temporaries in backward
+  (the chunk's logits, log-softmax / gradient, softmax, one more while they are formed) and a
+  float32 [vocab, hidden] accumulator of the head's gradient: 16·min(c, micro_batch·seq)·vocab
+  + 4·vocab·hidden bytes. Under ZeRO-3 the head is partitioned and the loss falls back to logits.
+- load (train/load.py): the weights in the training dtype (bf16 under DeepSpeed with bf16, fp32
+  otherwise); under ZeRO-3 built partitioned: params × bytes / ranks, plus the largest tensor
+  whole while its module is built (max(vocab·hidden, hidden·intermediate·(2·experts if MoE))).
+  The rank needs the larger of its load peak and its training figure.
+- LoRA (`lora_trainable_params`) and packing (`packing_mask_bytes`) change the figure as their
+  functions say: frozen base weights in the training dtype without gradients or optimizer
+  states, those only for the adapters; a packed row's block-diagonal mask [micro_batch, 1,
+  seq, seq] unless the attention is variable-length.
 
 This module imports neither torch, ray nor transformers.
 """
@@ -159,12 +173,80 @@ def activation_bytes(a: ModelArch, seq: int, batch: int, act_bytes: int = 2) -> 
     return seq * batch * h * (34 + 5 * a.num_heads * seq / h) * act_bytes / 2
 
 
+HIDDEN_CHUNK_BYTES = 128 << 20  # train/losses.py's chunk of the hidden-state loss (not imported: it needs torch)
+
+
+def largest_tensor(a: ModelArch) -> int:
+    """Elements of the largest single parameter: the embedding or LM head, or an MLP matrix (a MoE
+    layer's experts fused in one gate/up tensor)."""
+    mlp = a.hidden_size * a.intermediate_size * (2 * a.num_experts if a.num_experts > 1 else 1)
+    return max(a.vocab_size * a.hidden_size, mlp)
+
+
+def load_bytes(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ranks: int, bf16: bool) -> float:
+    """A rank's peak while it loads the model (train/load.py): the weights in the training dtype,
+    under ZeRO-3 only its partition plus the largest tensor while its module is built."""
+    size = 2 if strategy == "deepspeed" and bf16 else 4
+    if strategy == "deepspeed" and zero_stage == 3:
+        return params * size / ranks + largest_tensor(a) * size
+    return params * size
+
+
+def effective_loss_from(loss_from: str, strategy: str, zero_stage: int) -> str:
+    """What `batch_loss` runs: the hidden-state loss needs the whole head weight, so ZeRO-3 uses the logits."""
+    return "logits" if strategy == "deepspeed" and zero_stage == 3 else loss_from
+
+
+def loss_bytes(a: ModelArch, micro_batch: int, seq: int, loss_from: str) -> float:
+    """The loss's own memory: the fp32 [B, L, V] logits, or the hidden-state loss's chunk temporaries
+    and its fp32 head-gradient accumulator (module docstring)."""
+    if loss_from == "logits":
+        return micro_batch * seq * a.vocab_size * 4
+    chunk = max(16, HIDDEN_CHUNK_BYTES // (4 * a.vocab_size))
+    return 16 * min(chunk, micro_batch * seq) * a.vocab_size + 4 * a.vocab_size * a.hidden_size
+
+
+def lora_trainable_params(a: ModelArch, rank: int, targets: tuple[str, ...] | list[str]) -> int:
+    """Parameters of rank-`rank` LoRA adapters (A: rank × in, B: out × rank) on every layer's
+    `targets` (Llama names: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; "all-linear":
+    all of them; MoE experts count once each)."""
+    h, d, kv, inter = a.hidden_size, head_dim(a), kv_heads(a), a.intermediate_size
+    shapes = {"q_proj": (h, a.num_heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d),
+              "o_proj": (a.num_heads * d, h), "gate_proj": (h, inter), "up_proj": (h, inter),
+              "down_proj": (inter, h)}
+    names = list(shapes) if "all-linear" in targets else list(targets)
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise ValueError(f"LoRA target(s) {unknown} not known to plan's count (known: {', '.join(shapes)})")
+    experts = a.num_experts if a.num_experts > 1 else 1
+    per_layer = sum(rank * (shapes[n][0] + shapes[n][1]) * (experts if n in ("gate_proj", "up_proj", "down_proj")
+                                                              else 1) for n in names)
+    return a.num_layers * per_layer
+
+
+def packing_mask_bytes(micro_batch: int, seq: int, *, varlen: bool, act_bytes: int = 2) -> float:
+    """Packed rows' attention mask: none with variable-length attention (positions restart, the
+    kernel gets the boundaries), else a block-diagonal [micro_batch, 1, seq, seq] additive mask."""
+    return 0.0 if varlen else micro_batch * seq * seq * act_bytes
+
+
 def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ranks: int, micro_batch: int,
-                    seq: int, bf16: bool, offload_optimizer: bool = False) -> dict[str, float]:
+                    seq: int, bf16: bool, offload_optimizer: bool = False, loss_from: str = "logits",
+                    trainable: int | None = None, packing_mask: float = 0.0) -> dict[str, float]:
     """Bytes per training rank: weights, gradients, optimizer states, activations without
-    (`activations`) and with (`activations_ckpt`) gradient checkpointing, logits, and totals."""
+    (`activations`) and with (`activations_ckpt`) gradient checkpointing, the loss's memory
+    (`logits`: the [B, L, V] logits, or the hidden-state loss's, see `loss_bytes`), the load
+    peak (`load`) and totals (each at least the load peak).
+
+    `trainable`: parameters that train (LoRA's adapters, `lora_trainable_params`; None: all);
+    the others are frozen weights in the training dtype without gradients or optimizer states.
+    `packing_mask`: the packed rows' attention mask (`packing_mask_bytes`), an activation."""
     mixed = strategy == "deepspeed" and bf16
-    weights, grads, optim = (2 * params, 2 * params, 12 * params) if mixed else (4 * params, 4 * params, 8 * params)
+    size = 2 if mixed else 4
+    train = params if trainable is None else trainable
+    frozen = params - train
+    weights, grads, optim = (2 * train, 2 * train, 12 * train) if mixed else (4 * train, 4 * train, 8 * train)
+    weights += frozen * size
     if strategy == "deepspeed":
         grads, optim = grads / ranks, optim / ranks
         if zero_stage == 3:
@@ -173,13 +255,14 @@ def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int
     optim = 0.0 if offload_optimizer else optim
     act_bytes = 2 if mixed else 4
     layer = activation_bytes(a, seq, micro_batch, act_bytes)
-    activations = a.num_layers * layer
-    ckpt = a.num_layers * seq * micro_batch * a.hidden_size * act_bytes + layer
-    logits = micro_batch * seq * a.vocab_size * 4
+    activations = a.num_layers * layer + packing_mask
+    ckpt = a.num_layers * seq * micro_batch * a.hidden_size * act_bytes + layer + packing_mask
+    logits = loss_bytes(a, micro_batch, seq, effective_loss_from(loss_from, strategy, zero_stage))
+    load = load_bytes(a, params, strategy=strategy, zero_stage=zero_stage, ranks=ranks, bf16=bf16)
     states = weights + grads + optim
     return {"weights": weights, "grads": grads, "optimizer": optim, "optimizer_host": host_optim,
-            "activations": activations, "activations_ckpt": ckpt, "logits": logits,
-            "total": states + activations + logits, "total_ckpt": states + ckpt + logits}
+            "activations": activations, "activations_ckpt": ckpt, "logits": logits, "load": load,
+            "total": max(load, states + activations + logits), "total_ckpt": max(load, states + ckpt + logits)}
 
 
 def gb(x: float) -> str:
@@ -344,28 +427,54 @@ def engines_section(units: list[Unit], cfg: FusionConfig, sized: dict[str, Sized
         "  one sequence must fit in gpu_memory_utilization × GPU memory; the batch only limits concurrency"]
 
 
-def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized) -> tuple[Unit, list[str]]:
+def trainable_params(t, sized: Sized) -> int | None:
+    """The parameters that train under `train.peft` (LoRA: `lora_trainable_params`); None (all of
+    them) for full fine-tuning or a model without architecture numbers."""
+    if t.peft is None or sized.arch is None:
+        return None
+    targets = t.peft.target_modules
+    return lora_trainable_params(sized.arch, t.peft.rank, (targets,) if isinstance(targets, str) else tuple(targets))
+
+
+def packing_mask(t, seq: int) -> float:
+    """The attention mask packed rows add (`packing_mask_bytes`): 0 while the config has no
+    `train.packing` (or it is off), and with variable-length attention (`packing.varlen`, or a
+    flash-attention implementation named in `packing.attention`)."""
+    packing = getattr(t, "packing", None)
+    if not packing or not getattr(packing, "enabled", True):
+        return 0.0
+    varlen = bool(getattr(packing, "varlen", False)) or "flash" in str(getattr(packing, "attention", ""))
+    return packing_mask_bytes(t.micro_batch_size, seq, varlen=varlen, act_bytes=2 if t.bf16 else 4)
+
+
+def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None = None) -> tuple[Unit, list[str]]:
+    """The training rank of `ask`; `loss_from` overrides `train.loss_from` (DPO takes the logits)."""
     t = cfg.train
     unit = Unit(ask, f"{t.strategy}" + (f" ZeRO-{t.zero_stage}" if t.strategy == "deepspeed" else "")
                 + f" × {t.num_workers}")
     if sized.arch is None:
         return unit, ["  pivot size unknown"]
+    loss = loss_from or t.loss_from
     m = training_memory(sized.arch, sized.params, strategy=t.strategy, zero_stage=t.zero_stage,
                         ranks=t.num_workers, micro_batch=t.micro_batch_size, seq=cfg.data.max_length,
-                        bf16=t.bf16, offload_optimizer=t.offload_optimizer)
+                        bf16=t.bf16, offload_optimizer=t.offload_optimizer, loss_from=loss,
+                        trainable=trainable_params(t, sized), packing_mask=packing_mask(t, cfg.data.max_length))
+    used = effective_loss_from(loss, t.strategy, t.zero_stage)
     ckpt = t.gradient_checkpointing
     chosen = m["total_ckpt"] if ckpt else m["total"]
     if ask.gpus:
         unit.need, unit.budget = chosen, (lambda node: node.gpu_bytes - TRAIN_RESERVE)
         unit.why = (f"states {gb(m['weights'] + m['grads'] + m['optimizer'])} + activations "
                     f"{gb(m['activations_ckpt'] if ckpt else m['activations'])} "
-                    f"({'with' if ckpt else 'without'} gradient checkpointing) + logits {gb(m['logits'])}")
+                    f"({'with' if ckpt else 'without'} gradient checkpointing) + "
+                    + ("logits " if used == "logits" else "loss from hidden states ") + gb(m["logits"]))
         unit.hint = ("turn on train.gradient_checkpointing, " if not ckpt else "") + \
             "lower train.micro_batch_size, add ranks (ZeRO-3) or use GPUs with more memory"
     precision = "bf16 mixed precision" if t.bf16 and t.strategy == "deepspeed" else "fp32"
     lines = [f"  {cfg.pivot.name}: {billions(sized.params)} parameters, micro-batch {t.micro_batch_size} × "
              f"{cfg.data.max_length} tokens, {precision}",
-             *table([["weights", "gradients", "optimizer", "activations", "logits", "total"],
+             *table([["weights", "gradients", "optimizer", "activations", "logits" if used == "logits" else "loss",
+                      "total"],
                      [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["activations"]), gb(m["logits"]),
                       gb(m["total"]) + " without checkpointing" + ("" if ckpt else " (chosen)")],
                      ["", "", "", gb(m["activations_ckpt"]), "", gb(m["total_ckpt"]) + " with checkpointing"
@@ -373,7 +482,16 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized) -> tuple[Unit, list[st
     if m["optimizer_host"]:
         lines.append(f"  optimizer states offloaded to host memory: {gb(m['optimizer_host'])} per rank")
     lines += ["  activations per layer = seq × batch × hidden × (34 + 5 × heads × seq / hidden) bytes (16-bit);",
-              "  checkpointed: seq × batch × hidden × bytes per layer, plus one layer's during its recomputation"]
+              "  checkpointed: seq × batch × hidden × bytes per layer, plus one layer's during its recomputation",
+              f"  loss from {used}" + (" (train.loss_from: hidden falls back to logits under ZeRO-3)"
+                                       if used != loss else "")
+              + (": [micro-batch, seq, vocab] fp32 logits" if used == "logits" else
+                 ": no [B, L, V] logits; 4 fp32 [chunk, vocab] temporaries + the fp32 head-gradient accumulator"),
+              f"  load peak {gb(m['load'])} per rank: weights in the training dtype"
+              + (", built partitioned (ZeRO-3): 1/ranks of them plus the largest tensor"
+                 if t.strategy == "deepspeed" and t.zero_stage == 3 else ", whole")]
+    if m["load"] >= chosen:
+        lines.append("  the load peak is this rank's largest figure (the totals above are at least it)")
     return unit, lines
 
 
@@ -481,7 +599,7 @@ def implicit_plan(cfg: FusionConfig, plan: Plan, asks: dict, sized: dict[str, Si
     sample = engine_units(asks["sample"], cfg.sources, sized, "auto", imp.batch_size,
                           2 * cfg.data.max_length + 16)
     sft, train_lines = train_unit(cfg, asks["sft"][0], sized[cfg.pivot.name])
-    dpo, _ = train_unit(cfg, asks["dpo"][1], sized[cfg.pivot.name])
+    dpo, _ = train_unit(cfg, asks["dpo"][1], sized[cfg.pivot.name], loss_from="logits")  # DPO: log-probs of logits
     serve, serve_lines = serve_unit(cfg, asks["serve"][0], sized[cfg.pivot.name])
     # eval: an engine of the target's size per arm answers the held-out prompts, then the scorers
     answers = engine_units(asks["eval"][:1], [cfg.pivot], sized, "auto", imp.batch_size,

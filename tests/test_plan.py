@@ -17,7 +17,12 @@ from fusion_ray.plan import (
     arch_from_hf,
     engine_memory,
     kv_bytes_per_token,
+    largest_tensor,
+    load_bytes,
     logit_bytes_per_position,
+    lora_trainable_params,
+    loss_bytes,
+    packing_mask_bytes,
     param_count,
     size_model,
     training_memory,
@@ -87,6 +92,62 @@ def test_training_memory_under_each_strategy():
     assert z3["activations_ckpt"] == 32 * 2048 * 4096 * 2 + 956_301_312
     assert z3["logits"] == 2048 * 32000 * 4
     assert z3["total"] == 16 * P7 / 8 + 32 * 956_301_312 + 2048 * 32000 * 4
+
+
+# A small model for the training levers, by hand: hidden 64, 2 layers, 4 heads of 16 (no GQA),
+# MLP 128, vocab 1000, untied. 2·(64·16·(2·4 + 2·4) + 3·64·128 + 2·64) + 2·1000·64 + 64 = 210,240.
+SMALL = ModelArch(hidden_size=64, num_layers=2, num_heads=4, vocab_size=1000, intermediate_size=128,
+                  tie_word_embeddings=False)
+P_SMALL = 210_240
+
+
+def test_training_levers_by_hand():
+    assert param_count(SMALL) == P_SMALL
+    assert largest_tensor(SMALL) == 64_000  # the embedding 1000 × 64 beats an MLP matrix 64 × 128
+    # load: ZeRO-3 in bf16 over 2 ranks: its half (2 B × P / 2) plus the embedding while it is built;
+    # ZeRO-2 bf16: the whole model in bf16; DDP: the whole model in fp32 (it trains in fp32)
+    assert load_bytes(SMALL, P_SMALL, strategy="deepspeed", zero_stage=3, ranks=2, bf16=True) == P_SMALL + 128_000
+    assert load_bytes(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, bf16=True) == 2 * P_SMALL
+    assert load_bytes(SMALL, P_SMALL, strategy="ddp", zero_stage=2, ranks=2, bf16=True) == 4 * P_SMALL
+    # the loss at micro-batch 2 × 16: logits 2·16·1000·4 = 128,000 B; from hidden states, a chunk
+    # (max(16, 2^27 / 4000) = 33,554 rows) covers all 32 positions: 4 fp32 [32, 1000] temporaries
+    # (512,000 B) + the fp32 [1000, 64] head-gradient accumulator (256,000 B)
+    assert loss_bytes(SMALL, 2, 16, "logits") == 128_000
+    assert loss_bytes(SMALL, 2, 16, "hidden") == 512_000 + 256_000
+    # V = 128,256, 8 × 1024 positions: the chunk is 2^27 / (4·128,256) = 261 rows
+    big = SMALL.model_copy(update={"vocab_size": 128_256})
+    assert loss_bytes(big, 8, 1024, "hidden") == 16 * 261 * 128_256 + 4 * 128_256 * 64
+    assert loss_bytes(big, 8, 1024, "logits") == 8 * 1024 * 128_256 * 4
+    common = dict(ranks=2, micro_batch=2, seq=16, bf16=True)
+    z2 = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, loss_from="hidden", **common)
+    z3 = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=3, loss_from="hidden", **common)
+    assert z2["logits"] == 768_000 and z3["logits"] == 128_000  # ZeRO-3's partitioned head: the logits path
+    assert (z2["load"], z3["load"]) == (2 * P_SMALL, P_SMALL + 128_000)
+    # activations per layer: 16 · 2 · 64 · (34 + 5·4·16/64) = 79,872 B (16-bit)
+    states3 = 2 * P_SMALL / 2 + 2 * P_SMALL / 2 + 12 * P_SMALL / 2
+    assert z3["total"] == states3 + 2 * 79_872 + 128_000
+
+
+def test_lora_and_packing_hooks_by_hand():
+    # rank 4 on q and v (64 → 64 each): 4·(64 + 64) per matrix, 2 per layer, 2 layers
+    assert lora_trainable_params(SMALL, 4, ["q_proj", "v_proj"]) == 2 * 2 * 4 * 128
+    # all-linear: q, k, v, o 4·128 each, gate and up 4·(64 + 128), down 4·(128 + 64); × 2 layers
+    assert lora_trainable_params(SMALL, 4, ["all-linear"]) == 2 * (4 * 4 * 128 + 3 * 4 * 192)
+    with pytest.raises(ValueError, match="c_attn"):
+        lora_trainable_params(SMALL, 4, ["c_attn"])
+    lora = 2048
+    m = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, micro_batch=2, seq=16,
+                        bf16=True, trainable=lora)
+    # frozen weights in bf16, no gradients or optimizer states for them; the adapters' over 2 ranks
+    assert (m["weights"], m["grads"], m["optimizer"]) == (2 * P_SMALL, 2 * lora / 2, 12 * lora / 2)
+    # a packed micro-batch's block-diagonal mask, 2 × 16 × 16 in bf16; none with varlen attention
+    assert packing_mask_bytes(2, 16, varlen=False) == 1024 and packing_mask_bytes(2, 16, varlen=True) == 0
+    packed = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, micro_batch=2, seq=16,
+                             bf16=True, packing_mask=1024)
+    plain = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, micro_batch=2, seq=16,
+                            bf16=True)
+    assert packed["activations"] - plain["activations"] == 1024
+    assert packed["activations_ckpt"] - plain["activations_ckpt"] == 1024
 
 
 def test_config_json_wins_over_arch_and_disagreements_are_named(tmp_path):
@@ -194,6 +255,13 @@ def test_plan_names_mixtral_at_tp2_and_training_without_checkpointing(offline):
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml",
               "train.gradient_checkpointing=false", env=offline)
     assert out.returncode == 2 and "train openchat: needs 76.2 GB per GPU" in out.stdout
+    # ZeRO-2 over 8 ranks: whole bf16 weights (2 × 7.24B = 14.5 GB, also the load peak); the loss
+    # from hidden states: 4 × 1048 × 32000 × 4 B + 4 × 32000 × 4096 B = 1.06 GB
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", "train.zero_stage=2", env=offline)
+    assert "loss from hidden: no [B, L, V] logits" in out.stdout and "load peak 14.5 GB per rank" in out.stdout
+    assert "14.5 GB     1.8 GB    10.9 GB      61.2 GB  1.1 GB" in out.stdout
+    out = cli("plan", "jobs/configs/fusechat_7b.yaml", env=offline)  # ZeRO-3: falls back to the logits
+    assert "hidden falls back to logits under ZeRO-3" in out.stdout and "load peak 2.1 GB per rank" in out.stdout
 
 
 def test_plan_sizes_the_implicit_recipe_stage_by_stage(offline):

@@ -28,7 +28,7 @@ def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
     return {k: v for k, v in cfg.to_dict()["train"].items()
             if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
-                         "max_concurrent_arms", "tracking")}
+                         "max_concurrent_arms", "tracking", "loss_from")}
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:

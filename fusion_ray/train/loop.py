@@ -34,6 +34,7 @@ from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.train import lora
 from fusion_ray.train.batches import collate
+from fusion_ray.train.load import load_model
 from fusion_ray.train.losses import batch_loss
 from fusion_ray.train.order import RowPlan, rank_batches
 from fusion_ray.train.strategies import STRATEGIES, lr_lambda
@@ -99,7 +100,7 @@ class FusionObjective:
         batch = collate(rows, self.pad_id, self.cfg.data.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
-                         fusion_positions=t.fusion_positions)
+                         fusion_positions=t.fusion_positions, loss_from=t.loss_from)
         self.reached += int(batch["transferred"].sum())
         self.scored += len(batch["transferred"])
         return {**out, "tokens": int(batch["attention_mask"].sum())}
@@ -140,7 +141,6 @@ OBJECTIVES = {"fusion": FusionObjective, "dpo": PreferenceObjective}
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    from transformers import AutoModelForCausalLM
 
     from fusion_ray import progress
     from fusion_ray import tokenizer as tokenizers
@@ -160,8 +160,9 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"{path} is a LoRA adapter, not a model to start from: train it with "
                          "train.peft.save_merged: true and start from its merged/ dir")
     quantized = lora.quantized_load_kwargs(t.peft, t.use_gpu) if t.peft is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=cfg.pivot.trust_remote_code, **quantized)
+    # in the training dtype, and under ZeRO-3 built partitioned (train/load.py); QLoRA's 4-bit base
+    # is read whole by from_pretrained (it trains under DDP only)
+    model = load_model(path, t, trust_remote_code=cfg.pivot.trust_remote_code, **quantized)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -175,15 +175,21 @@ def deepspeed_config(t) -> dict:
     }
 
 
+def import_deepspeed(t):
+    """DeepSpeed, for the accelerator `t.use_gpu` names (set before its first import)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
+    import deepspeed
+
+    if not t.use_gpu:  # gloo does all the communication; skip the shm op's JIT build
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 class DeepSpeed:
     name = "deepspeed"
 
     def __init__(self, model, t, lr_fn, fingerprint: str, rank: int, world_size: int):
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
-        import deepspeed
-
-        if not t.use_gpu:  # gloo does all the communication; skip the shm op's JIT build
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed = import_deepspeed(t)
         self.t, self.fingerprint, self.rank, self.world_size = t, fingerprint, rank, world_size
         deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo", auto_mpi_discovery=False)
         optimizer = torch.optim.AdamW(trainable(model), lr=t.lr, weight_decay=t.weight_decay)
