@@ -4,6 +4,7 @@ the live preflight of `run_stages`."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from fusion_ray.plan import (
     packing_mask_bytes,
     param_count,
     size_model,
+    trainable_params,
     training_memory,
 )
 from fusion_ray.resources import INSTANCE_TYPES, Ask, load_cluster, resource_asks, unplaceable
@@ -327,3 +329,27 @@ def test_run_stages_fails_fast_when_no_node_has_a_gpu(ray_local, tmp_path, monke
     assert len(lines) == 2, lines  # one line for the one bundle all three models ask
     assert lines[1].startswith("  collect: each engine actor (pivot) asks CPU 0.5, GPU 1, but no node")
     assert not (tmp_path / "w").exists()
+
+
+def test_plan_reads_train_peft_of_the_config(offline):
+    # the shipped 7B config with LoRA r 8 on q and v: plan's training line counts only the adapters'
+    # gradients and optimizer states (OpenChat-3.5, a Mistral shape: 32 layers, q 4096 → 4096, v 4096 → 8 × 128)
+    full = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml", env=offline)
+    lora = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml",
+               "train.peft={rank: 8, target_modules: [q_proj, v_proj]}", env=offline)
+    assert full.returncode == 0 and lora.returncode == 0, lora.stdout + lora.stderr
+
+    def states(out: str) -> list[float]:  # weights, gradients, optimizer (GB) of the training table
+        lines = out.splitlines()
+        row = lines[next(i for i, line in enumerate(lines) if line.split()[:3] == ["weights", "gradients",
+                                                                                  "optimizer"]) + 1]
+        scale = {"B": 1e-9, "kB": 1e-6, "MB": 1e-3, "GB": 1}
+        return [float(x) * scale[u] for x, u in re.findall(r"([\d.]+) (B|kB|MB|GB)\b", row)[:3]]
+
+    (w, g, o), (lw, lg, lo) = states(full.stdout), states(lora.stdout)
+    assert lw == w and g > 1 and o > 10  # the frozen weights stay; full fine-tuning's states are GBs
+    assert lg < 0.01 and lo < 0.1, lora.stdout  # r 8 on q, v: 6.8M parameters over 8 ranks
+    assert trainable_params(load_config(REPO / "jobs" / "configs" / "fusechat_7b.yaml",
+                                        ["train.peft={rank: 8, target_modules: [q_proj, v_proj]}"]).train,
+                            size_model(load_config(REPO / "jobs" / "configs" / "fusechat_7b.yaml").pivot)) \
+        == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
