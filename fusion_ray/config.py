@@ -441,6 +441,11 @@ class TrainConfig(Strict):
     # recompute each layer's activations in the backward pass (keeps one layer's input per layer):
     # much less memory for ≈ 1/3 more compute; does not change what is trained
     gradient_checkpointing: bool = False
+    # pack short conversations, in the row order's sequence, into rows of up to data.max_length
+    # tokens (attention and position ids restart per conversation; the loss is the unpacked one on
+    # the same rows). micro_batch_size and global_batch_size then count packed rows, and an epoch is
+    # its packed rows (train/order.py). The fused/SFT objective only: DPO pairs train unpacked.
+    packing: bool = False
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
     report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)
