@@ -548,6 +548,11 @@ class TrainConfig(Strict):
     # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a ZeRO-3-partitioned
     # head, a LoRA-wrapped head) use the logits.
     loss_from: Literal["hidden", "logits"] = "hidden"
+    # pack short conversations, in the row order's sequence, into rows of up to data.max_length
+    # tokens (attention and position ids restart per conversation; the loss is the unpacked one on
+    # the same rows). micro_batch_size and global_batch_size then count packed rows, and an epoch is
+    # its packed rows (train/order.py). The fused/SFT objective only: DPO pairs train unpacked.
+    packing: bool = False
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
     report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)

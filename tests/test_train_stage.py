@@ -272,3 +272,30 @@ def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tm
     got = load_file(str(Path(cfg.stage_dir("merge")) / "model.safetensors"))
     for name, tensor in load_file(str(Path(want["dir"]) / "model.safetensors")).items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_packed_rows_train_under_deepspeed_bf16_for_the_steps_their_packing_gives(fused, tmp_path):
+    """The loop with packing: the plan's token counts cross to the workers, each micro-step is one packed
+    row per rank (the 4D mask in the engine's bf16), and the run takes the steps its packing gives."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from fusion_ray.train.order import RowPlan, rank_batches
+
+    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", bf16=True, packing=True, max_steps=None, epochs=1,
+                  micro_batch_size=1, global_batch_size=2, clm_only_arm=False)
+    cfg.data.max_length = 240  # rows of ~60 tokens: about 4 to a packed row
+    data = cfg.stage_dir("fuse", "gpt")
+    # expected: the epoch's stream (unpacked order, world 1), next fit into 240-token rows, ⌊packed / 2⌋ steps
+    lengths = {r["sample_id"]: len(r["input_ids"]) for r in pq.read_table(data).to_pylist()}
+    plan = RowPlan.of(data, cfg.train.seed, True, cfg.train.shuffle_window_rows)
+    packed, used = 0, cfg.data.max_length
+    for table in rank_batches(plan, 0, 1, 0, 1):
+        n = min(lengths[table.column("sample_id")[0].as_py()], cfg.data.max_length)
+        packed, used = (packed + 1, n) if used + n > cfg.data.max_length else (packed, used + n)
+    assert 2 <= packed < len(lengths) // 2, "conversations share packed rows"
+    result = trainer.run(cfg, log=QUIET)
+    assert result.parts["gpt"].status == "done"
+    log = steps_logged(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")
+    assert [r["step"] for r in log] == list(range(1, packed // 2 + 1))
+    assert all(np.isfinite(r["loss"]) and r["fusion"] > 0 for r in log)

@@ -26,9 +26,13 @@ MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`
 
 def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
-    return {k: v for k, v in cfg.to_dict()["train"].items()
-            if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
-                         "max_concurrent_arms", "tracking", "loss_from")}
+    fields = {k: v for k, v in cfg.to_dict()["train"].items()
+              if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
+                           "max_concurrent_arms", "tracking", "loss_from")}
+    for k in ("packing", "peft"):  # off, the fingerprint is the one runs had before the setting existed
+        if not fields.get(k):
+            fields.pop(k, None)
+    return fields
 
 
 def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
@@ -71,7 +75,8 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
         local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
         check_meta(local, fp, t.strategy, t.num_workers)
         resume = Checkpoint.from_directory(local)
-    plan = RowPlan.of(data_dir, t.seed, t.shuffle, t.shuffle_window_rows)
+    packing = t.packing and (loop or {}).get("objective", "fusion") == "fusion"  # DPO pairs: never packed
+    plan = RowPlan.of(data_dir, t.seed, t.shuffle, t.shuffle_window_rows, lengths=packing)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
     trainer = TorchTrainer(
         train_loop_per_worker,

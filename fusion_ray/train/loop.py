@@ -33,7 +33,7 @@ from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.train import lora
-from fusion_ray.train.batches import collate
+from fusion_ray.train.batches import collate, collate_packed
 from fusion_ray.train.load import load_model
 from fusion_ray.train.losses import batch_loss
 from fusion_ray.train.order import RowPlan, rank_batches
@@ -41,7 +41,16 @@ from fusion_ray.train.strategies import STRATEGIES, lr_lambda
 from fusion_ray.train.tracking import Tracker
 
 
-def total_steps(cfg: FusionConfig, n_rows: int) -> int:
+def total_steps(cfg: FusionConfig, n_rows: int, plan: RowPlan | None = None) -> int:
+    """Optimizer steps of the run: `max_steps`, else ⌊rows / global_batch_size⌋ per epoch (at least 1).
+
+    With packing (`plan` carries the rows' token counts), packed rows take the place of rows: each
+    epoch counts its own ⌊packed rows / global_batch_size⌋, its packing computed from the seeded
+    row order as every rank computes it (`RowPlan.packed_rows`).
+    """
+    if plan is not None and plan.lengths is not None and not cfg.train.max_steps:
+        return sum(max(1, plan.packed_count(e, cfg.data.max_length) // cfg.train.global_batch_size)
+                   for e in range(cfg.train.epochs))
     per_epoch = max(1, n_rows // cfg.train.global_batch_size)
     return cfg.train.max_steps or per_epoch * cfg.train.epochs
 
@@ -97,7 +106,10 @@ class FusionObjective:
 
     def loss(self, model, rows: list[dict]) -> dict:
         t = self.cfg.train
-        batch = collate(rows, self.pad_id, self.cfg.data.max_length)
+        if t.packing:  # rows of packed conversations, with the position ids and masks that keep them apart
+            batch = collate_packed(rows, self.pad_id, self.cfg.data.max_length)
+        else:
+            batch = collate(rows, self.pad_id, self.cfg.data.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
                          fusion_positions=t.fusion_positions, loss_from=t.loss_from)
@@ -171,7 +183,11 @@ def train_loop_per_worker(config: dict) -> None:
                                 revision=None if config.get("init_path") else cfg.pivot.revision,
                                 gradient_checkpointing=t.gradient_checkpointing)
     plan, epoch = RowPlan.from_wire(config["plan"]), 0  # the rows (their count read from the files' footers)
-    steps = total_steps(cfg, plan.rows)
+    # packing (fused/SFT rows only): micro-batches of packed rows of up to max_length tokens
+    capacity = cfg.data.max_length if plan.lengths is not None else None
+    if t.packing and capacity is None and rank == 0:
+        print("[train] train.packing applies to fused/SFT rows; these preference pairs train unpacked", flush=True)
+    steps = total_steps(cfg, plan.rows, plan)
     strategy = STRATEGIES[t.strategy](model, t, lr_lambda(steps, t.warmup_ratio), config["fingerprint"], rank, world)
     start, log = 0, None
     checkpoint = ray.train.get_checkpoint()
@@ -192,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     strategy.model.train()
     while step < steps:
         batches = 0
-        for table in rank_batches(plan, epoch, t.micro_batch_size, rank, world):
+        for table in rank_batches(plan, epoch, t.micro_batch_size, rank, world, capacity):
             batches += 1
             if step >= steps:
                 break
@@ -223,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"[train] {config['arm']} step {step}/{steps} loss {metrics['loss']:.4f} "
                           f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
         if not batches:
-            raise ValueError(f"{plan.rows} training rows cannot fill one micro-batch of {t.micro_batch_size} rows "
-                             f"on each of {world} workers")
+            raise ValueError(f"{plan.rows} training rows cannot fill one micro-batch of {t.micro_batch_size} "
+                             f"{'packed rows' if capacity else 'rows'} on each of {world} workers")
         epoch += 1
     tracker.finish(step=step)

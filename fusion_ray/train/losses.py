@@ -381,6 +381,29 @@ def hidden_path(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
     return base, head
 
 
+def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The model's inputs for a collated batch: ids and the 2D padding mask, or for a packed batch
+    (`collate_packed`: it has `segment_ids`) ids, the restarting position ids and attention that
+    stays inside each packed sample:
+
+    - eager / SDPA (CPU, and GPUs without flash-attn): a block-diagonal causal 4D mask
+      (`batches.packed_attention_mask`) in the model's dtype, which transformers passes through
+      as is. It costs B·L² mask entries and the attention still computes the masked blocks.
+    - flash-attention (`attn_implementation="flash_attention_2"` on GPU): no mask, only the
+      position ids; transformers reads the samples' boundaries from where they restart and
+      calls the variable-length kernel, which skips the blocks across samples.
+    """
+    if "segment_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from fusion_ray.train.batches import packed_attention_mask
+
+    core = _unwrap(model)
+    if str(getattr(core.config, "_attn_implementation", "")).startswith("flash_attention"):
+        return {"input_ids": batch["input_ids"], "attention_mask": None, "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            "attention_mask": packed_attention_mask(batch["segment_ids"], core.dtype)}
+
+
 def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, temperature: float,
                fusion_positions: str, loss_from: str = "logits") -> dict[str, torch.Tensor]:
     """The training step's forward: the model on a collated batch (`fusion_ray.train.batches`),
@@ -401,7 +424,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
         raise ValueError(f"loss_from must be 'hidden' or 'logits', not {loss_from!r}")
     found = hidden_path(model) if loss_from == "hidden" else None
     if found is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**forward_inputs(model, batch)).logits
         return combined_loss(logits, *args, lambda_clm=lam, tail=tail, temperature=temperature, inplace=True,
                              fusion_mask=fusion_mask)
     base, head = found
@@ -412,7 +435,7 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
 
     handle = base.register_forward_hook(keep)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        model(**forward_inputs(model, batch), logits_to_keep=1)
     finally:
         handle.remove()
     return combined_loss_from_hidden(seen[-1], head.weight, *args, lambda_clm=lam, tail=tail,
