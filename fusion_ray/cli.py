@@ -65,9 +65,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
                   "api_key": args.api_key or os.environ.get(API_KEY_ENV),
                   "num_gpus": 1 if torch.cuda.is_available() else 0,  # one replica, one GPU if any
-                  "access_log": not args.no_access_log, "max_request_bytes": args.max_request_bytes})
+                  "access_log": not args.no_access_log, "max_request_bytes": args.max_request_bytes,
+                  "adapters": dict(args.adapter or [])})
     serve_until_interrupted(url)
     return 0
+
+
+def name_and_dir(text: str) -> tuple[str, str]:
+    """`NAME=DIR` of `serve --adapter`."""
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
 
 
 def serve_until_interrupted(url: str) -> None:
@@ -181,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-access-log", action="store_true", help="no log line per request")
     serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
                        help="larger request bodies are answered 413 (default 4 MiB)")
+    serve.add_argument("--adapter", action="append", type=name_and_dir, metavar="NAME=DIR",
+                       help="also serve the LoRA adapter in DIR (trained on MODEL_DIR) as model NAME; repeatable")
     serve.set_defaults(fn=cmd_serve)
     demo = sub.add_parser("demo", parents=[common], help="build the offline demo assets and run every pipeline stage")
     demo.add_argument("--workdir", default=None, help="where stage outputs go")

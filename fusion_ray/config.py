@@ -658,6 +658,10 @@ class ServeConfig(Strict):
     engine_options: dict[str, Any] = {}  # extra vLLM engine arguments (e.g. tensor_parallel_size)
     access_log: bool = True  # a log line per request from Serve's proxy and replica
     deploy_after_merge: bool = False  # `fusion-ray run` ends by serving the merged model
+    # LoRA adapters served on the served model as their common base, each as one more model: the
+    # name clients send as `model` (an arm's name) → an adapter dir (`train.peft` target or peft's
+    # own) whose adapter_config.json names the served model; the base is loaded once
+    adapters: dict[Name, str] = {}
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> ServeConfig:
@@ -671,6 +675,12 @@ class ServeConfig(Strict):
         from fusion_ray.placement import parallel_sizes  # pure Python, no ray
 
         parallel_sizes(self.engine_options)  # a replica's GPUs follow them: whole numbers ≥ 1
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ServeConfig:
+        if self.model_id is not None and self.model_id in self.adapters:
+            raise ValueError(f"serve.adapters: {self.model_id!r} is the base's model_id; give the adapter another name")
         return self
 
 

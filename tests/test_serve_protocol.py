@@ -152,6 +152,10 @@ def test_cli_serve_is_wired():
 
     args = build_parser().parse_args(["serve", "some/dir", "--engine", "hf", "--port", "9001", "--api-key", "k"])
     assert args.fn is cmd_serve and (args.engine, args.port, args.api_key) == ("hf", 9001, "k")
+    args = build_parser().parse_args(["serve", "base", "--adapter", "arm-a=/x/a", "--adapter", "arm-b=s3://b/c=d"])
+    assert args.adapter == [("arm-a", "/x/a"), ("arm-b", "s3://b/c=d")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "base", "--adapter", "no-dir"])
 
 
 def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):

@@ -59,14 +59,59 @@ class ServeArgs(ServeConfig):
             if self.api_key_env not in os.environ:
                 raise ValueError(f"serve.api_key_env names {self.api_key_env}, which is not set")
             key = os.environ[self.api_key_env]
-        return self.model_copy(update={"model_dir": model_dir, "api_key": key,
-                                       "model_id": self.model_id or model_dir.rstrip("/").rsplit("/", 1)[-1]})
+        model_id = self.model_id or model_dir.rstrip("/").rsplit("/", 1)[-1]
+        if model_id in self.adapters:
+            raise ValueError(f"serve.adapters: {model_id!r} is the base's model id; give the adapter another name")
+        adapters = {name: checked_adapter(path, self.model_dir, model_dir) for name, path in self.adapters.items()}
+        return self.model_copy(update={"model_dir": model_dir, "api_key": key, "model_id": model_id,
+                                       "adapters": adapters})
 
     def local_model_dir(self) -> ServeArgs:
         """The same args with `model_dir` on this node's disk (copied once from a store or the hub)."""
         from fusion_ray import locations
 
-        return self.model_copy(update={"model_dir": locations.local_dir(self.model_dir)})
+        return self.model_copy(update={"model_dir": locations.local_dir(self.model_dir),
+                                       "adapters": {n: locations.local_dir(p) for n, p in self.adapters.items()}})
+
+
+def checked_adapter(path: str, model_ref: str, model_dir: str) -> str:
+    """`path` (a local one resolved; a store or hub one as given: each replica copies it) when it is
+    a LoRA adapter dir whose `base_model_name_or_path` is the served model: the same local dir
+    (`model_dir`, resolved) or the same hub id / URI (`model_ref`).
+
+    Raises:
+        ValueError: naming the adapter's config file and both bases, or the missing file.
+    """
+    import json
+
+    from fusion_ray import locations
+    from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    try:
+        local = str(Path(locations.local_dir(path)).resolve())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"serve.adapters: cannot read the adapter {path} ({err})") from None
+    config = Path(local) / ADAPTER_CONFIG
+    for needed in (config, Path(local) / ADAPTER_WEIGHTS):
+        if not needed.is_file():
+            raise ValueError(f"serve.adapters: {path} is not a LoRA adapter dir (no {needed.name} at {needed})")
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"serve.adapters: {config} cannot be read as JSON ({err})") from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"serve.adapters: {config} names no base model (base_model_name_or_path)")
+    if locations.kind(base) in ("local", "demo"):
+        try:
+            same = Path(locations.local_dir(base)).resolve() == Path(model_dir).resolve()
+        except (OSError, ValueError):
+            same = False
+    else:
+        same = base.rstrip("/") == model_ref.rstrip("/")
+    if not same:
+        raise ValueError(f"serve.adapters: {config} names base model {base}, but this deployment serves "
+                         f"{model_ref}; an adapter is served only on the base it was trained on")
+    return local if locations.kind(path) in ("local", "demo") else path
 
 
 # the helpers of ChatServer are defined above it: `serve.ingress` copies the class with the
@@ -76,10 +121,12 @@ def make_engine(args: ServeArgs, tokenizer) -> ChatEngine:
         from fusion_ray.serve.engines import VLLMChatEngine
 
         options = {**serve_placement(args).engine_options(), **args.engine_options}  # the user's choice wins
-        return VLLMChatEngine(args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len, options=options)
+        return VLLMChatEngine(args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len, options=options,
+                              adapters=args.adapters)
     from fusion_ray.serve.engines import HFChatEngine
 
-    return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len)
+    return HFChatEngine(args.model_dir, tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
+                        adapters=args.adapters)
 
 
 LARGE_BODY_BYTES = 1 << 20  # after a body this large, free memory is handed back to the OS
@@ -171,9 +218,12 @@ class ChatServer:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.args.model_id, "object": "model",
-                                            "created": self.created, "owned_by": "fusion_ray",
-                                            "max_model_len": self.engine.max_model_len}]}
+        # the base first, then each adapter by its name (`parent`: the base it runs on)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "fusion_ray",
+             "max_model_len": self.engine.max_model_len,
+             **({"parent": self.args.model_id} if name != self.args.model_id else {})}
+            for name in [self.args.model_id, *self.args.adapters]]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -184,15 +234,16 @@ class ChatServer:
         req, prompt_ids = await asyncio.to_thread(self._prepare, body)
         sampling = self._sampling(req, len(prompt_ids))
         rid = protocol.new_id()
+        adapter = None if req.model == self.args.model_id else req.model  # a LoRA adapter by name
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._stream(prompt_ids, sampling, rid, include_usage),
+            return StreamingResponse(self._stream(prompt_ids, sampling, rid, include_usage, adapter),
                                      media_type="text/event-stream")
         n = req.n or 1
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
         done = await asyncio.gather(*(self._complete(prompt_ids, dataclasses.replace(sampling, seed=s),
-                                                     f"{rid}-{i}") for i, s in enumerate(seeds)))
-        return protocol.completion(rid, self.args.model_id, [(t, r) for t, r, _ in done],
+                                                     f"{rid}-{i}", adapter) for i, s in enumerate(seeds)))
+        return protocol.completion(rid, req.model, [(t, r) for t, r, _ in done],
                                    len(prompt_ids), sum(k for _, _, k in done))
 
     async def check_health(self) -> None:  # Serve's replica health check
@@ -216,9 +267,10 @@ class ChatServer:
         """The validated request and its prompt token ids (on a worker thread)."""
         try:
             req = protocol.parse_chat_request(body)
-            if req.model != self.args.model_id:
+            if req.model != self.args.model_id and req.model not in self.args.adapters:
+                served = ", ".join(repr(m) for m in [self.args.model_id, *self.args.adapters])
                 raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
-                               f"{self.args.model_id!r}", param="model", code="model_not_found")
+                               f"{served}", param="model", code="model_not_found")
             chars = req.prompt_chars()
             if chars > self.max_prompt_chars:
                 raise APIError(400, f"the messages hold {chars} characters; this server takes at most "
@@ -257,18 +309,20 @@ class ChatServer:
                         top_p=1.0 if req.top_p is None else max(req.top_p, TOP_P_FLOOR),
                         stop=req.stops(), seed=req.seed)
 
-    async def _complete(self, prompt_ids: list[int], sampling: Sampling, rid: str) -> tuple[str, str, int]:
+    async def _complete(self, prompt_ids: list[int], sampling: Sampling, rid: str,
+                        adapter: str | None = None) -> tuple[str, str, int]:
         parts, reason, tokens = [], "length", 0
-        async for delta in self.engine.generate(prompt_ids, sampling, rid):
+        async for delta in self.engine.generate(prompt_ids, sampling, rid, adapter):
             parts.append(delta.text)
             tokens, reason = delta.tokens, delta.finish_reason or reason
         return "".join(parts), reason, tokens
 
-    async def _stream(self, prompt_ids: list[int], sampling: Sampling, rid: str, include_usage: bool):
-        model, created, tokens = self.args.model_id, int(time.time()), 0
+    async def _stream(self, prompt_ids: list[int], sampling: Sampling, rid: str, include_usage: bool,
+                      adapter: str | None = None):
+        model, created, tokens = adapter or self.args.model_id, int(time.time()), 0
         yield protocol.chunk(rid, model, created, {"role": "assistant", "content": ""})
         try:
-            async for delta in self.engine.generate(prompt_ids, sampling, rid):
+            async for delta in self.engine.generate(prompt_ids, sampling, rid, adapter):
                 tokens = delta.tokens
                 if delta.text:
                     yield protocol.chunk(rid, model, created, {"content": delta.text})

@@ -7,18 +7,25 @@ one request at a time on a worker thread, token by token with its KV cache, so a
 can stop between any two tokens. Both count the requests they hold (`active`); a request
 whose consumer goes away (client disconnect) is aborted, leaves that count and is counted
 in `aborted`.
+Both serve LoRA adapters on the one base they load (`adapters`: name → adapter dir); a request
+names its adapter (`adapter`, None: the base alone). vLLM applies each request's adapter within
+its batch (`enable_lora`, a `LoRARequest` per request); the HF engine loads the adapters into one
+peft `PeftModel` and activates the request's adapter on its single decode thread, so switching
+and generation are serialized and no request runs with another's adapter.
 Heavy libraries load when an engine is built.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from fusion_ray.serve.text import StopText
 from fusion_ray.vllm_import import llvmlite_hidden, set_env_defaults
@@ -55,19 +62,21 @@ class ChatEngine:
         self.active = 0  # requests in flight
         self.aborted = 0  # requests whose consumer left before the last delta
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
-        """Deltas until one carries a `finish_reason` ("stop" or "length")."""
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling, request_id: str,
+                       adapter: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas until one carries a `finish_reason` ("stop" or "length"); `adapter`: a LoRA adapter's name."""
         self.active += 1
         finished = False
         try:
-            async for delta in self._generate(list(prompt_ids), sampling, request_id):
+            async for delta in self._generate(list(prompt_ids), sampling, request_id, adapter):
                 finished = delta.finish_reason is not None
                 yield delta
         finally:
             self.active -= 1
             self.aborted += not finished
 
-    def _generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Delta]:
+    def _generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str,
+                  adapter: str | None) -> AsyncIterator[Delta]:
         raise NotImplementedError
 
     async def check_health(self) -> None:
@@ -86,22 +95,26 @@ class VLLMChatEngine(ChatEngine):
         max_model_len: context length (prompt + reply); None: the model's.
         seed: engine seed (requests without a `seed` draw from it).
         options: more `AsyncEngineArgs` fields (tensor_parallel_size, gpu_memory_utilization, …).
+        adapters: LoRA adapter dirs on this base by name (vLLM's LoRA: `enable_lora`, all of them
+            resident, `max_lora_rank` the smallest vLLM allows that holds the largest rank).
     """
 
     def __init__(self, path: str, *, dtype: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0, options: dict | None = None):
+                 seed: int = 0, options: dict | None = None, adapters: dict[str, str] | None = None):
         super().__init__()
         set_env_defaults()  # a 1 GiB CPU KV cache; the engine core in a child process
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.adapters = dict(adapters or {})
+        options = {**lora_options(self.adapters), **(options or {})}  # the user's choice wins
         args = AsyncEngineArgs(model=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                               disable_log_stats=True, **(options or {}))
+                               disable_log_stats=True, **options)
         with llvmlite_hidden():
             self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.llm.model_config.max_model_len
 
-    async def _generate(self, prompt_ids, sampling, request_id):
+    async def _generate(self, prompt_ids, sampling, request_id, adapter):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -109,8 +122,14 @@ class VLLMChatEngine(ChatEngine):
         params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
                                 top_p=sampling.top_p, stop=list(sampling.stop), seed=sampling.seed,
                                 output_kind=RequestOutputKind.DELTA)
-        tokens = 0
-        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id):
+        tokens, lora = 0, None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            # ids are 1-based and fixed per name: vLLM caches an adapter's weights by its id
+            lora = LoRARequest(adapter, list(self.adapters).index(adapter) + 1, self.adapters[adapter])
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                           lora_request=lora):
             step = out.outputs[0]
             tokens += len(step.token_ids)
             yield Delta(step.text, tokens, step.finish_reason if out.finished else None)
@@ -130,10 +149,11 @@ class HFChatEngine(ChatEngine):
         tokenizer: its tokenizer (decodes the reply).
         dtype: "auto", "float32", "bfloat16" or "float16".
         max_model_len: context length; None: the model's `max_position_embeddings`.
+        adapters: LoRA adapter dirs on this base by name, loaded into one peft `PeftModel`.
     """
 
     def __init__(self, path: str, tokenizer, *, dtype: str = "auto", max_model_len: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, adapters: dict[str, str] | None = None):
         super().__init__()
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
@@ -142,6 +162,15 @@ class HFChatEngine(ChatEngine):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto" if dtype == "auto" else getattr(torch, dtype)).to(self.device).eval()
+        self.adapters = dict(adapters or {})
+        if self.adapters:
+            import peft
+
+            names = list(self.adapters)
+            self.model = peft.PeftModel.from_pretrained(self.model, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                self.model.load_adapter(self.adapters[name], adapter_name=name)
+            self.model.eval()
         eos = GenerationConfig.from_pretrained(path).eos_token_id if os.path.exists(
             os.path.join(path, "generation_config.json")) else None
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -149,7 +178,7 @@ class HFChatEngine(ChatEngine):
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-decode")
 
-    async def _generate(self, prompt_ids, sampling, request_id):
+    async def _generate(self, prompt_ids, sampling, request_id, adapter):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -157,7 +186,7 @@ class HFChatEngine(ChatEngine):
         def put(item) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        loop.run_in_executor(self.pool, self._decode, prompt_ids, sampling, cancelled, put)
+        loop.run_in_executor(self.pool, self._decode, prompt_ids, sampling, cancelled, put, adapter)
         try:
             while True:
                 item = await queue.get()
@@ -170,9 +199,10 @@ class HFChatEngine(ChatEngine):
             cancelled.set()  # the worker stops before its next token
 
     def _decode(self, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event,
-                put: Callable) -> None:
+                put: Callable, adapter: str | None = None) -> None:
         try:
-            with self.torch.inference_mode():
+            # on the one decode thread: the adapter is switched and used by this request alone
+            with self.torch.inference_mode(), self._adapter(adapter):
                 self._decode_loop(prompt_ids, sampling, cancelled, put)
         except Exception as err:  # handed to the awaiting request, not lost in the thread
             put(err)
@@ -201,11 +231,51 @@ class HFChatEngine(ChatEngine):
                 put(Delta(text, len(out_ids)))
             inputs = torch.tensor([[token]], device=self.device)
 
+    def _adapter(self, adapter: str | None):
+        """The context a request decodes in: its adapter active, or (None) the base without adapters."""
+        if not self.adapters:
+            if adapter is not None:
+                raise ValueError(f"no LoRA adapter named {adapter!r} is loaded")
+            return contextlib.nullcontext()
+        if adapter is None:
+            return self.model.disable_adapter()
+        if adapter not in self.adapters:
+            raise ValueError(f"no LoRA adapter named {adapter!r} is loaded")
+        self.model.set_adapter(adapter)
+        return contextlib.nullcontext()
+
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_options(adapters: dict[str, str]) -> dict:
+    """vLLM engine arguments that hold these adapters at once (none without adapters).
+
+    Raises:
+        ValueError: an adapter's config cannot be read or its rank is over vLLM's largest.
+    """
+    import json
+
+    if not adapters:
+        return {}
+    ranks = []
+    for name, path in adapters.items():
+        config = os.path.join(path, "adapter_config.json")
+        try:
+            ranks.append(int(json.loads(Path(config).read_text())["r"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"serve.adapters.{name}: cannot read the rank `r` of {config} ({err})") from None
+    top = max(ranks)
+    fits = [r for r in VLLM_LORA_RANKS if r >= top]
+    if not fits:
+        raise ValueError(f"serve.adapters: rank {top} is over vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_loras": len(adapters), "max_lora_rank": fits[0]}
 
 
 def next_token(logits, sampling: Sampling, gen) -> int:
