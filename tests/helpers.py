@@ -90,3 +90,11 @@ def make_adapter(base: Path, out: Path, seed: int, rank: int, targets: list[str]
     model.merge_and_unload().save_pretrained(out / "dense")
     shutil.copy2(base / "config.json", out / "dense" / "config.json")
     return out / "adapter", out / "dense"
+
+
+def two_adapters(tiny_models, root: Path) -> tuple[Path, tuple[Path, Path], tuple[Path, Path]]:
+    """A tiny Qwen2 base and two adapters on it of other ranks and modules: (base, (adapter, merged) × 2)."""
+    base = tiny_models("qwen2", "gpt2", vocab_size=512, layers=2)
+    one = make_adapter(base, root / "one", 1, 4, ["q_proj", "v_proj", "down_proj"])
+    two = make_adapter(base, root / "two", 2, 2, ["q_proj", "o_proj", "up_proj"])
+    return base, one, two

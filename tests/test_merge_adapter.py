@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_adapter
+from helpers import two_adapters
 from safetensors.torch import load_file, save_file
 
 from fusion_ray.merge import engine
@@ -15,16 +15,10 @@ from fusion_ray.merge.adapter import AdapterCheckpoint
 from fusion_ray.merge.spec import parse_spec
 from fusion_ray.merge.streaming import Checkpoint, CheckpointError
 
-peft = pytest.importorskip("peft")
-
 
 @pytest.fixture(scope="module")
 def adapters(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    base = tiny_models("qwen2", "gpt2", vocab_size=512, layers=2)
-    one = make_adapter(base, root / "one", 1, 4, ["q_proj", "v_proj", "down_proj"])
-    two = make_adapter(base, root / "two", 2, 2, ["q_proj", "o_proj", "up_proj"])
-    return base, one, two
+    return two_adapters(tiny_models, tmp_path_factory.mktemp("adapters"))
 
 
 def weights(model_dir: Path) -> dict:

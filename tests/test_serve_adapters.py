@@ -9,23 +9,17 @@ import asyncio
 import json
 
 import pytest
-from helpers import make_adapter
+from helpers import two_adapters
 
 from fusion_ray.serve.app import ServeArgs, checked_adapter
 from fusion_ray.serve.engines import HFChatEngine, Sampling, lora_options
-
-peft = pytest.importorskip("peft")
 
 GREEDY = Sampling(max_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-adapters")
-    base = tiny_models("qwen2", "gpt2", vocab_size=512, layers=2)
-    one = make_adapter(base, root / "one", 1, 4, ["q_proj", "v_proj", "down_proj"])
-    two = make_adapter(base, root / "two", 2, 2, ["q_proj", "o_proj", "up_proj"])
-    return base, one, two
+    return two_adapters(tiny_models, tmp_path_factory.mktemp("serve-adapters"))
 
 
 def tokenizer(path):

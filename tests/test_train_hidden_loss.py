@@ -159,7 +159,7 @@ def test_soft_capped_logits_fall_back_to_the_logits_path():
 
 
 def test_lora_model_takes_the_hidden_path():
-    peft = pytest.importorskip("peft")
+    import peft
     model = _tiny("llama")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
     for p in lora.parameters():  # fresh LoRA B is zero: give the adapters something to carry

@@ -12,8 +12,6 @@ from fusion_ray.merge.adapter import write_dense
 from fusion_ray.train import lora
 from fusion_ray.train.strategies import Local, lr_lambda
 
-peft = pytest.importorskip("peft")
-
 
 def load(path):
     from transformers import AutoModelForCausalLM
