@@ -167,9 +167,9 @@ def greedy_reply(model_dir: Path, max_tokens: int) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("server", ["hf"], indirect=True)  # the hf deployment serves the adapters
 def test_each_adapter_answers_as_its_dense_merge(server, client):
-    if not server[3]:
-        pytest.skip("adapters are served by the hf deployment only")
+    assert server[3], "the hf deployment was started without its adapters"
     replies = {name: client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
                for name in [server[1], *server[3]]}
     for name, dense in server[3].items():
