@@ -233,14 +233,14 @@ def test_fused_data_for_another_vocabulary_fails_naming_both_sizes(trained, tmp_
 
 
 def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tmp_path):
-    """train.peft on DeepSpeed ZeRO-2 (2 gloo workers): only the adapters moved, the target is an adapter
+    """train.peft on DeepSpeed ZeRO-3 (2 gloo workers; the base built partitioned): only the adapters moved, the target is an adapter
     dir naming the pivot, and merged/ holds base + adapter as peft's own merge computes it."""
     import peft
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", clm_only_arm=False, max_steps=2,
+    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", zero_stage=3, clm_only_arm=False, max_steps=2,
                   peft={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save_merged": True})
     assert trainer.run(cfg, log=QUIET).parts["gpt"].status == "done"
     path = Path(cfg.stage_dir("train", "gpt"))
