@@ -233,8 +233,9 @@ def test_fused_data_for_another_vocabulary_fails_naming_both_sizes(trained, tmp_
 
 
 def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tmp_path):
-    """train.peft on DeepSpeed ZeRO-3 (2 gloo workers; the base built partitioned): only the adapters moved, the target is an adapter
-    dir naming the pivot, and merged/ holds base + adapter as peft's own merge computes it."""
+    """train.peft on DeepSpeed ZeRO-3 (2 gloo workers; the base built partitioned): only the adapters
+    moved, the target is an adapter dir naming the pivot, and merged/ holds base + adapter as peft's
+    own merge computes it."""
     import peft
     import torch
     from safetensors.torch import load_file
