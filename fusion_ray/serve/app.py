@@ -82,10 +82,9 @@ def checked_adapter(path: str, model_ref: str, model_dir: str) -> str:
     Raises:
         ValueError: naming the adapter's config file and both bases, or the missing file.
     """
-    import json
-
     from fusion_ray import locations
-    from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
+    from fusion_ray.merge.streaming import CheckpointError
 
     try:
         local = str(Path(locations.local_dir(path)).resolve())
@@ -95,12 +94,10 @@ def checked_adapter(path: str, model_ref: str, model_dir: str) -> str:
     for needed in (config, Path(local) / ADAPTER_WEIGHTS):
         if not needed.is_file():
             raise ValueError(f"serve.adapters: {path} is not a LoRA adapter dir (no {needed.name} at {needed})")
-    try:
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"serve.adapters: {config} cannot be read as JSON ({err})") from None
-    if not isinstance(base, str) or not base:
-        raise ValueError(f"serve.adapters: {config} names no base model (base_model_name_or_path)")
+    try:  # the reader merge uses: a LoRA adapter config that names its base, or an error naming the file
+        base, _ = LoraAdapter.read_config(Path(local))
+    except CheckpointError as err:
+        raise ValueError(f"serve.adapters: {err}") from None
     if locations.kind(base) in ("local", "demo"):
         try:
             same = Path(locations.local_dir(base)).resolve() == Path(model_dir).resolve()

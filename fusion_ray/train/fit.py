@@ -16,12 +16,12 @@ from pathlib import Path
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
 from fusion_ray.pipeline import StageResult
+from fusion_ray.train.lora import MERGED_DIR
 from fusion_ray.train.order import RowPlan
 from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
-MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`)
 
 
 def result_fields(cfg: FusionConfig) -> dict:

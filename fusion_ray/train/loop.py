@@ -165,8 +165,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
     torch.set_num_threads(max(1, int(t.cpus_per_worker)))
     # the weights trained: the pivot's, or (implicit fusion's dpo) the model `init_path` names
-    path = locations.local_dir(config.get("init_path") or cfg.pivot.path,
-                               revision=None if config.get("init_path") else cfg.pivot.revision)
+    start_ref = config.get("init_path") or cfg.pivot.path
+    start_revision = None if config.get("init_path") else cfg.pivot.revision
+    path = locations.local_dir(start_ref, revision=start_revision)
     tokenizer = tokenizers.for_model(cfg.pivot)  # `pivot.tokenizer` when set, with its trust_remote_code
     if t.peft is not None and lora.is_adapter_dir(path):
         raise ValueError(f"{path} is a LoRA adapter, not a model to start from: train it with "
@@ -179,8 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.peft is not None:  # LoRA: adapters on the frozen base, before the strategy wraps the model
-        model = lora.apply_lora(model, t.peft, base_ref=config.get("init_path") or cfg.pivot.path,
-                                revision=None if config.get("init_path") else cfg.pivot.revision,
+        model = lora.apply_lora(model, t.peft, base_ref=start_ref, revision=start_revision,
                                 gradient_checkpointing=t.gradient_checkpointing)
     plan, epoch = RowPlan.from_wire(config["plan"]), 0  # the rows (their count read from the files' footers)
     # packing (fused/SFT rows only): micro-batches of packed rows of up to max_length tokens

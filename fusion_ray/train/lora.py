@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from fusion_ray import locations
-from fusion_ray.merge.adapter import ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401 (is_adapter_dir: for the loop)
+from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401 (is_adapter_dir: for the loop)
+
+MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`), below the adapter
 
 
 def is_peft(module) -> bool:
@@ -146,9 +148,9 @@ def dense_start(model_dir: str) -> str:
     """
     from fusion_ray import io
 
-    if not io.exists(f"{model_dir.rstrip('/')}/adapter_config.json"):
+    if not io.exists(f"{model_dir.rstrip('/')}/{ADAPTER_CONFIG}"):
         return model_dir
-    merged = f"{model_dir.rstrip('/')}/merged"
+    merged = f"{model_dir.rstrip('/')}/{MERGED_DIR}"
     if not io.exists(f"{merged}/config.json"):
         raise ValueError(f"{model_dir} is a LoRA adapter without dense weights; a stage that starts from it needs "
                          "them: set train.peft.save_merged: true")

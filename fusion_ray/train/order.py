@@ -46,6 +46,8 @@ class RowPlan:
     window_rows: int
     # tokens of each row (`input_ids`), the files' rows one after the other: only what packing needs
     lengths: np.ndarray | None = field(default=None, compare=False)
+    # (epoch, capacity) → packed_rows: total_steps and rank_batches both need each epoch's packing
+    _packed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, data_dir: str, seed: int, shuffle: bool, window_rows: int, lengths: bool = False) -> RowPlan:
@@ -91,6 +93,11 @@ class RowPlan:
         """The packed row (0, 1, ...) of each position of `epoch`'s stream (`pack` over its token counts)."""
         if self.lengths is None:
             raise ValueError("packing needs the rows' token counts: RowPlan.of(..., lengths=True)")
+        if (epoch, capacity) not in self._packed:
+            self._packed[epoch, capacity] = self._pack_epoch(epoch, capacity)
+        return self._packed[epoch, capacity]
+
+    def _pack_epoch(self, epoch: int, capacity: int) -> np.ndarray:
         starts = np.concatenate([[0], np.cumsum(self.counts)])
         stream = []
         for w, files in enumerate(self.windows(epoch)):
