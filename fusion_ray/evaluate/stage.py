@@ -160,10 +160,6 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                for _, pair in cfg.pairs()}
     report = {"bpb": bpb, "source_domain": source_domains(cfg), "models": models, "routing": routing,
               "stages": stage_stats(cfg), "config": cfg.name}
-    if cfg.eval.judge_url:
-        from fusion_ray.evaluate.judge import judge_arms
-
-        report["judge"] = judge_arms(cfg, models, log=log)
     write_report(report, out)
     out.commit(io.Manifest(stage="eval", fingerprint=fp, config_hash=cfg.config_hash(),
                            rows={d: len(c) for d, c in conversations.items()},
