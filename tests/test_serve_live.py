@@ -180,6 +180,47 @@ def test_each_adapter_answers_as_its_dense_merge(server, client):
         client.chat.completions.create(model="arm-three", messages=MSGS, max_tokens=2)
 
 
+LMEVAL_TASKS = Path(__file__).parent / "data" / "lmeval"
+
+
+@pytest.mark.parametrize("server", ["hf"], indirect=True)  # one engine is enough for lm-eval's client
+def test_an_lm_eval_task_on_the_served_model_scores_its_own_replies(server, client, tmp_path):
+    """eval.lm_eval's endpoint target runs the 20-item local generate_until task over HTTP; its
+    exact-match rate equals the one of the app's replies fetched here with the openai client."""
+    import re
+
+    pytest.importorskip("lm_eval")
+    from fusion_ray.config import LmEvalConfig
+    from fusion_ray.evaluate import lmeval
+
+    arm = "arm-two"  # an adapter served on the base: it answers in words (the random base in newlines)
+    assert arm in server[3]
+    rows = [json.loads(line) for line in (LMEVAL_TASKS / "short_answer.jsonl").read_text().splitlines()]
+    replies = [client.chat.completions.create(  # the task's request: its prompt, max_gen_toks, until
+        model=arm, messages=[{"role": "user", "content": f"Answer with one word. {r['question']}"}],
+        max_tokens=8, temperature=0, stop=["\n"]).choices[0].message.content for r in rows]
+    words = [m.group(0) if (m := re.search(r"\w+", reply)) else None for reply in replies]
+    assert sum(w is not None for w in words) >= 5, replies  # replies a wrong request would not reproduce
+    for i, row in enumerate(rows):  # even items: the served first word is the answer; odd ones: never
+        row["answer"] = words[i] if i % 2 == 0 and words[i] else "qqqnotaword"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    shutil.copy2(LMEVAL_TASKS / "fr_short_answer.yaml", tasks)
+    write_jsonl(tasks / "short_answer.jsonl", rows)
+    spec = LmEvalConfig.model_validate({"tasks": ["fr_short_answer"], "include_path": str(tasks), "batch_size": 4,
+                                        "endpoint": {"url": server[0], "model": arm, "api_key_env": KEY_ENV}})
+    out = lmeval.run_lm_eval(spec, {}, log=lambda *_: None)
+    got = out["results"]["endpoint"]["fr_short_answer"]
+    expected = sum(1 for i, w in enumerate(words) if i % 2 == 0 and w) / len(rows)
+    assert got["n"] == len(rows) and got["exact_match"] == pytest.approx(expected)
+    items = sorted(out["samples"]["endpoint"]["fr_short_answer"], key=lambda s: s["doc_id"])
+    assert [s["responses"][0] for s in items] == replies
+    assert KEY not in json.dumps(out)  # the key went in a header, not into what a report keeps
+    mc = spec.model_copy(update={"tasks": ["fr_short_answer_mc"], "include_path": str(LMEVAL_TASKS)})
+    with pytest.raises(lmeval.LmEvalError, match="generate_until tasks only; not fr_short_answer_mc"):
+        lmeval.run_lm_eval(mc, {}, log=lambda *_: None)
+
+
 BAD = [  # (request kwargs, expected exception, param)
     (dict(messages=[]), openai.BadRequestError, "messages"),
     (dict(messages=[{"role": "wizard", "content": "hi"}]), openai.BadRequestError, "messages.0.role"),
