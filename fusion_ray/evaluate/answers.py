@@ -37,6 +37,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -227,7 +228,8 @@ class ChatUDF:
         self.tokenizer = tokenizers.from_dir(local)
         self.settings = settings(self.cfg)
         if chat.engine == "vllm":
-            self.engine = generate.VLLMSampler(local, options=_placement(chat).engine_options())
+            self.engine = generate.VLLMSampler(local, dtype=checkpoint_dtype(local),
+                                               options=_placement(chat).engine_options())
             self.context = self.engine.llm.llm_engine.model_config.max_model_len
         else:
             self.engine = generate.HFSampler(local, self.tokenizer)
@@ -238,6 +240,18 @@ class ChatUDF:
                      zip(batch.column("question_id").to_pylist(), batch.column("turns").to_pylist(), strict=True)]
         return pa.Table.from_pylist(answer_turns(self.engine, self.tokenizer, self.context, self.settings, self.arm,
                                                  questions), schema=ANSWERS)
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The dtype a model dir's config.json declares (`dtype`, or `torch_dtype` before transformers
+    5), for vLLM: its "auto" runs a float32 checkpoint in bfloat16 on CPU, which answers
+    differently from the checkpoint itself; "auto" when none is declared."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "auto"
+    declared = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return declared if declared in ("float32", "bfloat16", "float16") else "auto"
 
 
 def answer_turns(engine, tokenizer, context: int, settings, arm: str, questions: list[dict]) -> list[dict]:
