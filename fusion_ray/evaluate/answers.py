@@ -8,8 +8,9 @@ and so on (a question with fewer turns drops out).
 Model arms (name → model dir) run as one Ray Data pass each: the questions in blocks of
 `eval.chat.batch_size`, `map_batches` over a pool of `eval.chat.concurrency` actors
 (`num_cpus` / `num_gpus` each), one engine per actor: vLLM's offline engine on token ids
-(`implicit.generate.VLLMSampler`), or transformers' `generate` with `eval.chat.engine: hf`
-(`HFSampler`). Each arm templates with its own tokenizer and chat template. A turn's draw is
+(`VLLMChat`: `implicit.generate.VLLMSampler`, its answers decoded by the arm's tokenizer as the
+hf engine decodes them), or transformers' `generate` with `eval.chat.engine: hf` (`HFSampler`),
+in the checkpoint's own dtype. Each arm templates with its own tokenizer and chat template. A turn's draw is
 seeded by (`eval.chat.seed`, question id, turn), so an answer does not depend on the batch around
 it. A prompt that leaves no room to answer within the context is recorded with finish reason
 "prompt_too_long" and an empty answer, not raised. Arms run side by side (threads on the driver).
@@ -36,13 +37,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from fusion_ray import io, locations
+from fusion_ray.implicit.generate import HFSampler, Sample, SampleSettings, VLLMSampler, prompt_seed
 
 ANSWERS_DIR = "chat/answers"
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -79,8 +81,6 @@ def model_identity(path: str) -> str:
 
 def settings(cfg) -> Any:
     """The `SampleSettings` every arm answers with (one answer per turn)."""
-    from fusion_ray.implicit.generate import SampleSettings
-
     s = cfg.eval.chat.sampling
     return SampleSettings(n=1, temperature=s.temperature, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
                           max_tokens=s.max_tokens, seed=cfg.eval.chat.seed)
@@ -219,8 +219,6 @@ class ChatUDF:
     def __init__(self, cfg: dict, arm: str, path: str):
         from fusion_ray import tokenizer as tokenizers
         from fusion_ray.config import FusionConfig
-        from fusion_ray.implicit import generate
-
         self.cfg = FusionConfig.from_wire(cfg)
         self.arm = arm
         chat = self.cfg.eval.chat
@@ -228,11 +226,11 @@ class ChatUDF:
         self.tokenizer = tokenizers.from_dir(local)
         self.settings = settings(self.cfg)
         if chat.engine == "vllm":
-            self.engine = generate.VLLMSampler(local, dtype=checkpoint_dtype(local),
-                                               options=_placement(chat).engine_options())
+            self.engine = VLLMChat(local, self.tokenizer, dtype=checkpoint_dtype(local),
+                                   options=_placement(chat).engine_options())
             self.context = self.engine.llm.llm_engine.model_config.max_model_len
         else:
-            self.engine = generate.HFSampler(local, self.tokenizer)
+            self.engine = HFSampler(local, self.tokenizer)
             self.context = getattr(self.engine.model.config, "max_position_embeddings", None) or 1 << 30
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -240,6 +238,29 @@ class ChatUDF:
                      zip(batch.column("question_id").to_pylist(), batch.column("turns").to_pylist(), strict=True)]
         return pa.Table.from_pylist(answer_turns(self.engine, self.tokenizer, self.context, self.settings, self.arm,
                                                  questions), schema=ANSWERS)
+
+
+class VLLMChat(VLLMSampler):
+    """vLLM's sampler, its answers decoded by the arm's tokenizer as the hf engine decodes them:
+    vLLM's incremental detokenizer keeps the space a SentencePiece tokenizer's first piece carries
+    (" 9 * 6"), `decode` drops it ("9 * 6"), and an answer goes back into the next turn's prompt."""
+
+    def __init__(self, path: str, tokenizer, **kwargs):
+        super().__init__(path, **kwargs)
+        self.tokenizer = tokenizer
+
+    def sample(self, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[str],
+               settings: SampleSettings) -> list[list[Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                 repetition_penalty=settings.repetition_penalty, max_tokens=settings.max_tokens,
+                                 seed=prompt_seed(settings.seed, pid)) for pid in prompt_ids]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params,
+                                 use_tqdm=False)
+        return [[Sample(self.tokenizer.decode(list(c.token_ids), skip_special_tokens=True), len(c.token_ids),
+                        c.finish_reason or "stop") for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
 
 def checkpoint_dtype(path: str) -> str:
@@ -358,8 +379,6 @@ def _endpoint_pass(cfg, plan: ArmPlan, questions: list[dict], log=print) -> list
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
-
-    from fusion_ray.implicit.generate import prompt_seed
 
     chat = cfg.eval.chat
     ep = chat.endpoints[plan.arm]
