@@ -657,7 +657,8 @@ class ChatEvalConfig(Strict):
     optional judge grades the answers."""
 
     questions: str  # JSONL; a local path, store URI or demo asset
-    arms: list[str] = ["pivot", "merged"]  # arm names; a name ending in ":" picks every arm it prefixes
+    # arm names (a name ending in ":" picks every arm it prefixes); None: the pivot and every trained arm
+    arms: list[str] | None = None
     endpoints: dict[Name, Endpoint] = {}  # more arms, each answered by an OpenAI-compatible endpoint
     engine: Literal["vllm", "hf"] = "vllm"
     sampling: SamplingSpec = SamplingSpec(temperature=0.0, top_p=1.0, max_tokens=1024)

@@ -112,7 +112,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import pyarrow as pa
 
     from fusion_ray.evaluate.report import write_report
-    from fusion_ray.evaluate.stage import stage_stats
+    from fusion_ray.evaluate.stage import chat_sections, stage_stats
     from fusion_ray.pipeline import runner  # the sample and reward stages, run as stages on their own config
     from fusion_ray.schema import PROMPTS_DIR
 
@@ -127,7 +127,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     rewards_dir = sub.stage_dir("reward")
     rewards_fp = io.read_manifest(rewards_dir)["fingerprint"]
     out_dir = cfg.stage_dir("eval")
-    out = io.begin(out_dir, io.fingerprint("eval-implicit", rewards_fp, sorted(models.items())), force)
+    out = io.begin(out_dir, io.fingerprint("eval-implicit", rewards_fp, sorted(models.items()),
+                                                 {k: cfg.to_dict()["eval"][k] for k in ("chat", "lm_eval")}), force)
     if out is None:
         return StageResult.skipped(out_dir, report=f"{out_dir}/report.md")
     prompt_table = pa.concat_tables([io.read_table(f, columns=["prompt_id", "domain"])
@@ -138,6 +139,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     report = {"method": "implicit", **tally(rows, prompts, list(models), cfg.implicit.reward is not None),
               "labels": {arm: label(arm) for arm in models}, "models": models,
               "stages": stage_stats(cfg), "config": cfg.name}
+    report.update(chat_sections(cfg, models, out, log))
     for arm in models:
         log(f"[eval] {label(arm):<8} " + "  ".join(
             [f"{d} {v:.1%}" for d, v in report["accuracy"][arm].items()]

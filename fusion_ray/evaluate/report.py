@@ -46,12 +46,65 @@ def markdown(report: dict) -> str:
         for stage, s in report["stages"].items():
             mem = s.get("peak_rss_mb")
             lines.append(f"| {stage} | {s.get('wall_time_s', 0):.1f} | {'' if mem is None else f'{mem:.0f}'} |")
-    if report.get("judge"):
-        lines += ["", "Judge scores (1–10, single-answer grading):", "",
-                  "| arm | mean score | answers |", "|---|---:|---:|"]
-        for arm, j in report["judge"].items():
-            lines.append(f"| {arm} | {j['mean']:.2f} | {j['n']} |")
+    mean_bpb = {arm: sum(v.values()) / len(v) for arm, v in bpb.items() if v}
+    lines += chat_lines(report, "held-out bpb (mean over domains)", {a: f"{v:.4f}" for a, v in mean_bpb.items()})
     return "\n".join(lines) + "\n"
+
+
+def _ci(ci, pct: bool) -> str:
+    if not ci:
+        return ""
+    return f" [{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def chat_lines(report: dict, first: str, firsts: dict[str, str]) -> list[str]:
+    """The chat metrics (judge grades, pairwise and LC win rates with their 95 % bootstrap
+    intervals) per arm next to the report's own first metric, and lm-eval's results."""
+    lines: list[str] = []
+    chat = report.get("chat") or {}
+    judge = chat.get("judge")
+    if judge:
+        arms = judge["arms"]
+        single = any(r.get("single") for r in arms.values())
+        pair = any(r.get("pairwise") for r in arms.values())
+        head = ["arm", first] + (["judge score (1–10)"] if single else []) \
+            + ([f"win rate vs {judge['baseline']}", "LC win rate"] if pair else [])
+        lines += ["", f"Chat evaluation: {chat['questions']} questions, judge `{judge['model']}` "
+                  f"({judge['samples']} sample(s) per item), 95 % bootstrap intervals over questions. "
+                  "Pairwise: both orders, a verdict that flips with the order is a tie; "
+                  "LC: the win rate with the answers' length difference regressed out.", "",
+                  "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for arm, r in arms.items():
+            row = [arm, firsts.get(arm, "—")]
+            if single:
+                s = r.get("single")
+                row.append(f"{s['mean']:.2f}{_ci(s.get('ci'), False)}" if s and s.get("n") else "—")
+            if pair:
+                p = r.get("pairwise")
+                row += ([f"{p['win_rate']:.1%}{_ci(p.get('ci'), True)}",
+                         f"{p['lc_win_rate']:.1%}{_ci(p.get('lc_ci'), True)}"] if p and p.get("n") else ["—", "—"])
+            lines.append("| " + " | ".join(row) + " |")
+        lost = {k: judge.get(k, 0) for k in ("failed", "over_budget") if judge.get(k)}
+        lines += ["", f"Judge calls: {judge.get('calls', 0)} made, {judge.get('reused', 0)} reused from saved "
+                  "judgements"
+                  + "".join(f", {v} {k.replace('_', ' ')}" for k, v in lost.items())
+                  + (" (the budget eval.chat.judge.max_calls was hit)" if judge.get("budget_hit") else "") + "."]
+    elif chat:
+        lines += ["", f"Chat answers: {', '.join(chat['arms'])} answered {chat['questions']} questions "
+                  "(no judge configured; the answers are in chat_answers.jsonl)."]
+    lm = report.get("lm_eval")
+    if lm:
+        lines += ["", f"lm-eval {lm.get('lm_eval_version', '')} (± standard error):", "",
+                  "| target | task | metric | value |", "|---|---|---|---:|"]
+        for target, tasks in lm["results"].items():
+            for task, metrics in tasks.items():
+                for name, value in metrics.items():
+                    if name.endswith("_stderr") or name == "n" or not isinstance(value, int | float):
+                        continue
+                    err = metrics.get(f"{name}_stderr")
+                    err = f" ± {err:.4f}" if isinstance(err, int | float) else ""
+                    lines.append(f"| {target} | {task} | {name} | {value:.4f}{err} |")
+    return lines
 
 
 def compared_arms(report: dict) -> list[str]:
@@ -145,6 +198,7 @@ def implicit_markdown(report: dict) -> str:
         win = f"{report['win_rate_vs_pivot'][a]:.1%}" if a in report["win_rate_vs_pivot"] else "—"
         lines.append(f"| {labels[a]} | " + " | ".join(f"{report['mean_reward'][a][d]:.4g}" for d in domains)
                      + f" | {win} |")
+    lines += chat_lines(report, "held-out accuracy", {a: f"{overall[a]:.1%}" for a in overall})
     lines += ["", "Models: " + ", ".join(f"{labels[a]} `{p}`" for a, p in report["models"].items()), ""]
     return "\n".join(lines)
 

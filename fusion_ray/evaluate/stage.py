@@ -10,7 +10,8 @@ Bits per UTF-8 byte of the assistant replies is fair across tokenizers. Each arm
 scored by one Ray task (`eval.num_cpus` each), so a cluster scores arms in parallel.
 
 Output `report/`: `report.json` (`bpb`, `source_domain`, `models`, plus the fuse stage's
-routing, each stage's wall time and peak memory, and the optional judge scores),
+routing, each stage's wall time and peak memory, and with `eval.chat` / `eval.lm_eval` the chat
+answers' judge results and lm-eval's, see evaluate/chat.py),
 `report.md` (tables) and `report.png` (bars per domain and arm).
 """
 
@@ -130,6 +131,18 @@ def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
                           {arm: identity(p) for arm, p in models.items()}, cfg.data.max_length)
 
 
+def chat_sections(cfg: FusionConfig, models: dict[str, str], out, log=print) -> dict:
+    """The report's `chat` (eval.chat: answers, judge) and `lm_eval` (eval.lm_eval) parts, when set."""
+    from fusion_ray.evaluate import chat
+
+    sections = {}
+    if cfg.eval.chat is not None:
+        sections["chat"] = chat.run_chat(cfg, models, out, log)
+    if cfg.eval.lm_eval is not None:
+        sections["lm_eval"] = chat.run_lm_eval(cfg, models, out, log)
+    return sections
+
+
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     if cfg.method == "implicit":  # accuracy, reward and win rate of the arms' answers (evaluate/implicit.py)
         from fusion_ray.evaluate import implicit
@@ -160,6 +173,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                for _, pair in cfg.pairs()}
     report = {"bpb": bpb, "source_domain": source_domains(cfg), "models": models, "routing": routing,
               "stages": stage_stats(cfg), "config": cfg.name}
+    report.update(chat_sections(cfg, models, out, log))
     write_report(report, out)
     out.commit(io.Manifest(stage="eval", fingerprint=fp, config_hash=cfg.config_hash(),
                            rows={d: len(c) for d, c in conversations.items()},

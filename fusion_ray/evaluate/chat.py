@@ -1,0 +1,105 @@
+"""Chat evaluation inside the `eval` stage: answers, the LLM judge and lm-eval, for both methods.
+
+`eval.chat`: the chosen arms answer the question file turn by turn (`evaluate/answers.py`, a Ray
+Data pass per arm, or an OpenAI-compatible endpoint per `eval.chat.endpoints` arm), then the
+optional judge grades them (`evaluate/judging.py`: single-answer grades and/or pairwise against a
+baseline arm, with bootstrap intervals and the length-controlled win rate). `eval.lm_eval`:
+lm-evaluation-harness tasks on arms' model dirs and/or an endpoint (`evaluate/lmeval.py`).
+
+Answers and judgements are cached under `{workdir}/chat/` by what determines them, so a rerun
+(another bootstrap count, a new judge mode, a forced eval) reuses them and makes no call it made
+before. What a report used is copied into the report dir for audit: `chat_answers.jsonl`,
+`chat_arms.json` (each arm's chat template and sampling), `chat_judgements.jsonl`,
+`lm_eval_samples.json`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fusion_ray import io
+
+JUDGEMENTS_DIR = "chat/judgements"
+
+
+def pick(names: list[str] | None, arms: dict[str, str], default: list[str], where: str) -> dict[str, str]:
+    """arm → model dir of the arms `names` lists (a name ending in ':' picks every arm it prefixes);
+    `names` None: the `default` arms that exist. A name that matches no arm is an error naming it."""
+    if names is None:
+        return {a: arms[a] for a in default if a in arms}
+    out: dict[str, str] = {}
+    for name in names:
+        hits = [a for a in arms if a.startswith(name)] if name.endswith(":") else [a for a in arms if a == name]
+        if not hits:
+            raise ValueError(f"{where}: no arm {name!r} in this run (arms: {', '.join(sorted(arms))})")
+        out.update({a: arms[a] for a in hits})
+    return out
+
+
+def default_arms(arms: dict[str, str]) -> list[str]:
+    """The arms chat evaluation answers when `eval.chat.arms` is not given: the pivot and every
+    trained arm (the sources are left out: they are the largest and the least asked about)."""
+    return [a for a in arms if not a.startswith("source:")]
+
+
+def run_chat(cfg, arms: dict[str, str], out, log=print) -> dict:
+    """Answers (and judge results) of `eval.chat`; writes the audit files into `out`."""
+    from fusion_ray.evaluate.answers import generate_answers, plan_arms, read_record
+    from fusion_ray.evaluate.questions import read_questions
+
+    chat = cfg.eval.chat
+    chosen = pick(chat.arms, arms, default_arms(arms), "eval.chat.arms")
+    if chat.judge and "pairwise" in chat.judge.modes and chat.judge.baseline not in {**chosen, **chat.endpoints}:
+        raise ValueError(f"eval.chat.judge.baseline: {chat.judge.baseline!r} is not an answering arm "
+                         f"(arms: {', '.join(sorted({**chosen, **chat.endpoints}))})")
+    questions = read_questions(chat.questions, max_turns=chat.max_turns, max_questions=chat.max_questions)
+    answers = generate_answers(cfg, chosen, log=log)
+    lines = [json.dumps(a, ensure_ascii=False) for arm in answers for a in answers[arm]]
+    io.write_bytes_atomic(out.path("chat_answers.jsonl"), ("\n".join(lines) + "\n").encode())
+    records = {arm: read_record(plan.path) for arm, plan in plan_arms(cfg, chosen, questions).items()}
+    io.write_json_atomic(out.path("chat_arms.json"), records)  # each arm's chat template and sampling
+    result: dict = {"arms": sorted(answers), "questions": len(questions),
+                    "answered": {arm: len(rows) for arm, rows in answers.items()},
+                    "sampling": {arm: r["sampling"] for arm, r in records.items()},
+                    "chat_template_sha256": {arm: r["chat_template_sha256"] for arm, r in records.items()}}
+    if chat.judge is not None:
+        from fusion_ray.evaluate.judging import judge_answers
+
+        judged = judge_answers(chat.judge, questions, answers, f"{cfg.workdir.rstrip('/')}/{JUDGEMENTS_DIR}",
+                               log=log)
+        records = judged.pop("judgements")
+        io.write_bytes_atomic(out.path("chat_judgements.jsonl"),
+                              ("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n").encode())
+        result["judge"] = {"model": chat.judge.model, "modes": list(chat.judge.modes),
+                           "baseline": chat.judge.baseline, "samples": chat.judge.samples, **judged}
+        for arm, res in judged["arms"].items():
+            parts = []
+            if res.get("single"):
+                s = res["single"]
+                parts.append(f"score {s['mean']:.2f} {interval(s.get('ci'))}")
+            if res.get("pairwise"):
+                p = res["pairwise"]
+                parts.append(f"win rate vs {p['baseline']} {p['win_rate']:.1%} {interval(p.get('ci'), pct=True)}, "
+                             f"LC {p['lc_win_rate']:.1%} {interval(p.get('lc_ci'), pct=True)}")
+            if parts:
+                log(f"[eval] judge {arm}: " + "; ".join(parts))
+    return result
+
+
+def run_lm_eval(cfg, arms: dict[str, str], out, log=print) -> dict:
+    """`eval.lm_eval` on the arms it names and its endpoint; per-item samples go to `out`."""
+    from fusion_ray.evaluate import lmeval
+
+    spec = cfg.eval.lm_eval
+    flags = {arm: cfg.pivot.trust_remote_code for arm in arms}
+    flags.update({f"source:{s.name}": s.trust_remote_code for s in cfg.sources})
+    result = lmeval.run_lm_eval(spec, arms, log=log, trust_remote_code=flags)
+    io.write_json_atomic(out.path("lm_eval_samples.json"), result.pop("samples", {}))
+    return result
+
+
+def interval(ci, pct: bool = False) -> str:
+    """"[lo, hi]" of a 95 % interval, or "" without one."""
+    if not ci:
+        return ""
+    return f"[{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
