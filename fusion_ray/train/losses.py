@@ -92,28 +92,44 @@ def combined_loss_reference(logits: torch.Tensor, input_ids: torch.Tensor, loss_
     return {"loss": lambda_clm * clm + (1 - lambda_clm) * temperature**2 * fuse, "clm": clm, "fusion": fuse}
 
 
+def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite x [n, V] with exp(x − max) (the softmax before its division); return the row sums
+    [n, 1] and the logsumexp [n]. No [n, V] temporary: the caller's buffer is the only one."""
+    m = x.amax(-1, keepdim=True)
+    s = x.sub_(m).exp_().sum(-1, keepdim=True)
+    return s, (m + s.log()).squeeze(-1)
+
+
 def _chunk_terms(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, lam: float,
                  fw: torch.Tensor, tail: str, temperature: float):
     """Losses (summed over rows) and d(loss)/dx for one chunk of scored rows x [n, V] (float32).
 
     The CLM term of each row weighs `lam`, its fusion term `fw` [n] (already divided by
     the fusion rows' count relative to all rows; 0 for rows without a fusion term).
+
+    x must be the caller's own buffer (a fresh copy or matmul output): the gradient is written
+    over it, so at T = 1 a chunk costs that one [n, V] buffer and nothing more (a second one,
+    the tempered softmax, at T ≠ 1). Everything else is gathered from x first ([n] and [n, k]).
     """
-    logp = torch.log_softmax(x, dim=-1)
-    clm = -logp.gather(-1, target[:, None]).sum()
-    grad = logp.exp_().mul_(lam)  # λ·(p − onehot)
-    grad.scatter_add_(-1, target[:, None], torch.full_like(target, -lam, dtype=grad.dtype)[:, None])
-    if lam >= 1.0:
-        return clm, clm * 0.0, grad
-    z = x if temperature == 1.0 else x / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    student = z.gather(-1, ids) - lse[:, None]  # [n, k]
+    x_target = x.gather(-1, target[:, None]).squeeze(-1)
+    x_ids = x.gather(-1, ids) if lam < 1.0 else None
+    y = x / temperature if lam < 1.0 and temperature != 1.0 else None  # [n, V]: the tempered logits
+    s, lse = _softmax_(x)  # x: exp(x − max)
+    clm = (lse - x_target).sum()
+    if lam >= 1.0:  # λ·(p − onehot)
+        x.mul_(lam / s)
+        x.scatter_add_(-1, target[:, None], torch.full_like(x_target, -lam)[:, None])
+        return clm, clm * 0.0, x
+    if y is None:
+        s_t, lse_t = s, lse
+    else:
+        s_t, lse_t = _softmax_(y)
+    student = x_ids / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
     q, q_tail = _teacher(lp, tail, temperature)
     q = torch.where(q > 0, q, torch.zeros_like(q))
     fuse = -(q * torch.where(q > 0, student, torch.zeros_like(student))).sum(-1)
     on = fw > 0
-    p = torch.exp(z - lse[:, None])  # student softmax at temperature T: [n, V]
-    coef = q.sum(-1)  # d/dz (−Σ q log p) = Q·p − scatter(q)
+    coef = q.sum(-1)  # d/dz (−Σ q log p) = Q·p − scatter(q), p the student softmax at T
     scatter = -q
     if q_tail is not None:  # d/dz (−t·log(1 − c)) = t/(1−c) · (scatter(m·p_k) − c·p)
         pk = student.exp() * torch.isfinite(lp)
@@ -124,9 +140,14 @@ def _chunk_terms(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: t
         coef = coef - w * covered
         scatter = scatter + w[:, None] * pk
     scale = fw / temperature  # [n]
-    grad.add_(p.mul_((coef * scale)[:, None]))
-    grad.scatter_add_(-1, ids, scatter * scale[:, None])
-    return clm, torch.where(on, fuse, torch.zeros_like(fuse)).sum(), grad
+    if y is None:  # one softmax: λ·p + coef·scale·p in one pass
+        x.mul_(((lam + coef * scale) / s.squeeze(-1))[:, None])
+    else:
+        x.mul_(lam / s)
+        x.add_(y.mul_((coef * scale / s_t.squeeze(-1))[:, None]))
+    x.scatter_add_(-1, target[:, None], torch.full_like(x_target, -lam)[:, None])
+    x.scatter_add_(-1, ids, scatter * scale[:, None])
+    return clm, torch.where(on, fuse, torch.zeros_like(fuse)).sum(), x
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -215,15 +236,19 @@ def _chunk_values(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: 
                   fw: torch.Tensor, tail: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The two losses of `_chunk_terms` (summed over the chunk's rows x [n, V], float32), without the gradient.
 
-    One logsumexp per row (two at T ≠ 1) and gathers of the target and the k ids: no [n, V]
-    temporary beyond `x` itself and the logsumexp's.
+    x is the caller's own buffer (the chunk's fresh logits) and is overwritten: gathers of the
+    target and the k ids, then one logsumexp in place (at T ≠ 1 a second one, on a tempered copy),
+    so no [n, V] temporary beyond x at T = 1.
     """
-    lse = torch.logsumexp(x, dim=-1)
-    clm = (lse - x.gather(-1, target[:, None]).squeeze(-1)).sum()
+    x_target = x.gather(-1, target[:, None]).squeeze(-1)
+    x_ids = x.gather(-1, ids) if lam < 1.0 else None
+    lse_t = torch.logsumexp(x / temperature, dim=-1) if lam < 1.0 and temperature != 1.0 else None
+    _, lse = _softmax_(x)
+    clm = (lse - x_target).sum()
     if lam >= 1.0:
         return clm, clm * 0.0
-    lse_t = lse if temperature == 1.0 else torch.logsumexp(x / temperature, dim=-1)
-    student = x.gather(-1, ids) / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
+    lse_t = lse if lse_t is None else lse_t
+    student = x_ids / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
     q, q_tail = _teacher(lp, tail, temperature)
     q = torch.where(q > 0, q, torch.zeros_like(q))
     fuse = -(q * torch.where(q > 0, student, torch.zeros_like(student))).sum(-1)
