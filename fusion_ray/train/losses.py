@@ -294,8 +294,10 @@ def _grad_in_place(weight: torch.Tensor) -> torch.Tensor | None:
             or grad.layout != torch.strided or grad.shape != weight.shape
             or grad.device != weight.device or weight._backward_hooks):
         return None
-    node = torch.autograd.graph.get_gradient_edge(weight).node
-    return grad if torch._C._will_engine_execute_node(node) else None
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)  # private: without it, the plain path
+    if will_run is None or not hasattr(torch.autograd.graph, "get_gradient_edge"):
+        return None
+    return grad if will_run(torch.autograd.graph.get_gradient_edge(weight).node) else None
 
 
 class _HiddenChunkedLoss(torch.autograd.Function):
