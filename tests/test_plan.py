@@ -112,13 +112,13 @@ def test_training_levers_by_hand():
     assert load_bytes(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, bf16=True) == 2 * P_SMALL
     assert load_bytes(SMALL, P_SMALL, strategy="ddp", zero_stage=2, ranks=2, bf16=True) == 4 * P_SMALL
     # the loss at micro-batch 2 × 16: logits 2·16·1000·4 = 128,000 B; from hidden states, a chunk
-    # (max(16, 2^27 / 4000) = 33,554 rows) covers all 32 positions: 4 fp32 [32, 1000] temporaries
-    # (512,000 B) + the fp32 [1000, 64] head-gradient accumulator (256,000 B)
+    # (max(16, 2^27 / 4000) = 33,554 rows) covers all 32 positions: one fp32 [32, 1000] buffer and a
+    # bf16 one beside it, 8 B an entry (256,000 B) + the fp32 [1000, 64] head-gradient accumulator (256,000 B)
     assert loss_bytes(SMALL, 2, 16, "logits") == 128_000
-    assert loss_bytes(SMALL, 2, 16, "hidden") == 512_000 + 256_000
+    assert loss_bytes(SMALL, 2, 16, "hidden") == 256_000 + 256_000
     # V = 128,256, 8 × 1024 positions: the chunk is 2^27 / (4·128,256) = 261 rows
     big = SMALL.model_copy(update={"vocab_size": 128_256})
-    assert loss_bytes(big, 8, 1024, "hidden") == 16 * 261 * 128_256 + 4 * 128_256 * 64
+    assert loss_bytes(big, 8, 1024, "hidden") == 8 * 261 * 128_256 + 4 * 128_256 * 64
     assert loss_bytes(big, 8, 1024, "logits") == 8 * 1024 * 128_256 * 4
     common = dict(ranks=2, micro_batch=2, seq=16, bf16=True)
     z2 = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, loss_from="hidden", **common)
