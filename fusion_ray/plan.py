@@ -26,10 +26,12 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   and the allocator.
 - the loss (`train.loss_from`): from `logits`, the [micro_batch, seq, vocab] fp32 term above; from
   `hidden` (train/losses.py `combined_loss_from_hidden`) no [B, L, V] logits, but per chunk of
-  c = max(16, 128 MiB / (4·vocab)) positions four float32 [c, vocab] temporaries in backward
-  (the chunk's logits, log-softmax / gradient, softmax, one more while they are formed) and a
-  float32 [vocab, hidden] accumulator of the head's gradient: 16·min(c, micro_batch·seq)·vocab
-  + 4·vocab·hidden bytes. Under ZeRO-3 the head is partitioned and the loss falls back to logits.
+  c = max(16, 128 MiB / (4·vocab)) positions one float32 [c, vocab] buffer (the chunk's logits,
+  their softmax and gradient written over them) plus, for a bf16 head, the bf16 matmul output or
+  gradient beside it (counted as 8 bytes an entry), and a float32 [vocab, hidden] accumulator of
+  the head's gradient (a bf16 head's; a float32 head's is added into its `.grad` in place once it
+  exists, else it becomes `.grad`): 8·min(c, micro_batch·seq)·vocab + 4·vocab·hidden bytes. Under
+  ZeRO-3 the head is partitioned and the loss falls back to logits.
 - load (train/load.py): the weights in the training dtype (bf16 under DeepSpeed with bf16, fp32
   otherwise); under ZeRO-3 built partitioned: params × bytes / ranks, plus the largest tensor
   whole while its module is built (max(vocab·hidden, hidden·intermediate·(2·experts if MoE))).
@@ -203,7 +205,7 @@ def loss_bytes(a: ModelArch, micro_batch: int, seq: int, loss_from: str) -> floa
     if loss_from == "logits":
         return micro_batch * seq * a.vocab_size * 4
     chunk = max(16, HIDDEN_CHUNK_BYTES // (4 * a.vocab_size))
-    return 16 * min(chunk, micro_batch * seq) * a.vocab_size + 4 * a.vocab_size * a.hidden_size
+    return 8 * min(chunk, micro_batch * seq) * a.vocab_size + 4 * a.vocab_size * a.hidden_size
 
 
 def lora_trainable_params(a: ModelArch, rank: int, targets: tuple[str, ...] | list[str]) -> int:

@@ -112,18 +112,18 @@ def test_training_levers_by_hand():
     assert load_bytes(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, ranks=2, bf16=True) == 2 * P_SMALL
     assert load_bytes(SMALL, P_SMALL, strategy="ddp", zero_stage=2, ranks=2, bf16=True) == 4 * P_SMALL
     # the loss at micro-batch 2 × 16: logits 2·16·1000·4 = 128,000 B; from hidden states, a chunk
-    # (max(16, 2^27 / 4000) = 33,554 rows) covers all 32 positions: 4 fp32 [32, 1000] temporaries
-    # (512,000 B) + the fp32 [1000, 64] head-gradient accumulator (256,000 B)
+    # (max(16, 2^27 / 4000) = 33,554 rows) covers all 32 positions: one fp32 [32, 1000] buffer and a
+    # bf16 one beside it, 8 B an entry (256,000 B) + the fp32 [1000, 64] head-gradient accumulator (256,000 B)
     assert loss_bytes(SMALL, 2, 16, "logits") == 128_000
-    assert loss_bytes(SMALL, 2, 16, "hidden") == 512_000 + 256_000
+    assert loss_bytes(SMALL, 2, 16, "hidden") == 256_000 + 256_000
     # V = 128,256, 8 × 1024 positions: the chunk is 2^27 / (4·128,256) = 261 rows
     big = SMALL.model_copy(update={"vocab_size": 128_256})
-    assert loss_bytes(big, 8, 1024, "hidden") == 16 * 261 * 128_256 + 4 * 128_256 * 64
+    assert loss_bytes(big, 8, 1024, "hidden") == 8 * 261 * 128_256 + 4 * 128_256 * 64
     assert loss_bytes(big, 8, 1024, "logits") == 8 * 1024 * 128_256 * 4
     common = dict(ranks=2, micro_batch=2, seq=16, bf16=True)
     z2 = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=2, loss_from="hidden", **common)
     z3 = training_memory(SMALL, P_SMALL, strategy="deepspeed", zero_stage=3, loss_from="hidden", **common)
-    assert z2["logits"] == 768_000 and z3["logits"] == 128_000  # ZeRO-3's partitioned head: the logits path
+    assert z2["logits"] == 512_000 and z3["logits"] == 128_000  # ZeRO-3's partitioned head: the logits path
     assert (z2["load"], z3["load"]) == (2 * P_SMALL, P_SMALL + 128_000)
     # activations per layer: 16 · 2 · 64 · (34 + 5·4·16/64) = 79,872 B (16-bit)
     states3 = 2 * P_SMALL / 2 + 2 * P_SMALL / 2 + 12 * P_SMALL / 2
@@ -258,10 +258,10 @@ def test_plan_names_mixtral_at_tp2_and_training_without_checkpointing(offline):
               "train.gradient_checkpointing=false", env=offline)
     assert out.returncode == 2 and "train openchat: needs 76.2 GB per GPU" in out.stdout
     # ZeRO-2 over 8 ranks: whole bf16 weights (2 × 7.24B = 14.5 GB, also the load peak); the loss
-    # from hidden states: 4 × 1048 × 32000 × 4 B + 4 × 32000 × 4096 B = 1.06 GB
+    # from hidden states: 8 B × 1048 × 32000 + 4 × 32000 × 4096 B = 0.79 GB
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", "train.zero_stage=2", env=offline)
     assert "loss from hidden: no [B, L, V] logits" in out.stdout and "load peak 14.5 GB per rank" in out.stdout
-    assert "14.5 GB     1.8 GB    10.9 GB      61.2 GB  1.1 GB" in out.stdout
+    assert "14.5 GB     1.8 GB    10.9 GB      61.2 GB  0.8 GB" in out.stdout
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", env=offline)  # ZeRO-3: falls back to the logits
     assert "hidden falls back to logits under ZeRO-3" in out.stdout and "load peak 2.1 GB per rank" in out.stdout
 

@@ -92,28 +92,44 @@ def combined_loss_reference(logits: torch.Tensor, input_ids: torch.Tensor, loss_
     return {"loss": lambda_clm * clm + (1 - lambda_clm) * temperature**2 * fuse, "clm": clm, "fusion": fuse}
 
 
+def _softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite x [n, V] with exp(x − max) (the softmax before its division); return the row sums
+    [n, 1] and the logsumexp [n]. No [n, V] temporary: the caller's buffer is the only one."""
+    m = x.amax(-1, keepdim=True)
+    s = x.sub_(m).exp_().sum(-1, keepdim=True)
+    return s, (m + s.log()).squeeze(-1)
+
+
 def _chunk_terms(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, lam: float,
                  fw: torch.Tensor, tail: str, temperature: float):
     """Losses (summed over rows) and d(loss)/dx for one chunk of scored rows x [n, V] (float32).
 
     The CLM term of each row weighs `lam`, its fusion term `fw` [n] (already divided by
     the fusion rows' count relative to all rows; 0 for rows without a fusion term).
+
+    x must be the caller's own buffer (a fresh copy or matmul output): the gradient is written
+    over it, so at T = 1 a chunk costs that one [n, V] buffer and nothing more (a second one,
+    the tempered softmax, at T ≠ 1). Everything else is gathered from x first ([n] and [n, k]).
     """
-    logp = torch.log_softmax(x, dim=-1)
-    clm = -logp.gather(-1, target[:, None]).sum()
-    grad = logp.exp_().mul_(lam)  # λ·(p − onehot)
-    grad.scatter_add_(-1, target[:, None], torch.full_like(target, -lam, dtype=grad.dtype)[:, None])
-    if lam >= 1.0:
-        return clm, clm * 0.0, grad
-    z = x if temperature == 1.0 else x / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    student = z.gather(-1, ids) - lse[:, None]  # [n, k]
+    x_target = x.gather(-1, target[:, None]).squeeze(-1)
+    x_ids = x.gather(-1, ids) if lam < 1.0 else None
+    y = x / temperature if lam < 1.0 and temperature != 1.0 else None  # [n, V]: the tempered logits
+    s, lse = _softmax_(x)  # x: exp(x − max)
+    clm = (lse - x_target).sum()
+    if lam >= 1.0:  # λ·(p − onehot)
+        x.mul_(lam / s)
+        x.scatter_add_(-1, target[:, None], torch.full_like(x_target, -lam)[:, None])
+        return clm, clm * 0.0, x
+    if y is None:
+        s_t, lse_t = s, lse
+    else:
+        s_t, lse_t = _softmax_(y)
+    student = x_ids / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
     q, q_tail = _teacher(lp, tail, temperature)
     q = torch.where(q > 0, q, torch.zeros_like(q))
     fuse = -(q * torch.where(q > 0, student, torch.zeros_like(student))).sum(-1)
     on = fw > 0
-    p = torch.exp(z - lse[:, None])  # student softmax at temperature T: [n, V]
-    coef = q.sum(-1)  # d/dz (−Σ q log p) = Q·p − scatter(q)
+    coef = q.sum(-1)  # d/dz (−Σ q log p) = Q·p − scatter(q), p the student softmax at T
     scatter = -q
     if q_tail is not None:  # d/dz (−t·log(1 − c)) = t/(1−c) · (scatter(m·p_k) − c·p)
         pk = student.exp() * torch.isfinite(lp)
@@ -124,9 +140,14 @@ def _chunk_terms(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: t
         coef = coef - w * covered
         scatter = scatter + w[:, None] * pk
     scale = fw / temperature  # [n]
-    grad.add_(p.mul_((coef * scale)[:, None]))
-    grad.scatter_add_(-1, ids, scatter * scale[:, None])
-    return clm, torch.where(on, fuse, torch.zeros_like(fuse)).sum(), grad
+    if y is None:  # one softmax: λ·p + coef·scale·p in one pass
+        x.mul_(((lam + coef * scale) / s.squeeze(-1))[:, None])
+    else:
+        x.mul_(lam / s)
+        x.add_(y.mul_((coef * scale / s_t.squeeze(-1))[:, None]))
+    x.scatter_add_(-1, target[:, None], torch.full_like(x_target, -lam)[:, None])
+    x.scatter_add_(-1, ids, scatter * scale[:, None])
+    return clm, torch.where(on, fuse, torch.zeros_like(fuse)).sum(), x
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -215,15 +236,19 @@ def _chunk_values(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: 
                   fw: torch.Tensor, tail: str, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The two losses of `_chunk_terms` (summed over the chunk's rows x [n, V], float32), without the gradient.
 
-    One logsumexp per row (two at T ≠ 1) and gathers of the target and the k ids: no [n, V]
-    temporary beyond `x` itself and the logsumexp's.
+    x is the caller's own buffer (the chunk's fresh logits) and is overwritten: gathers of the
+    target and the k ids, then one logsumexp in place (at T ≠ 1 a second one, on a tempered copy),
+    so no [n, V] temporary beyond x at T = 1.
     """
-    lse = torch.logsumexp(x, dim=-1)
-    clm = (lse - x.gather(-1, target[:, None]).squeeze(-1)).sum()
+    x_target = x.gather(-1, target[:, None]).squeeze(-1)
+    x_ids = x.gather(-1, ids) if lam < 1.0 else None
+    lse_t = torch.logsumexp(x / temperature, dim=-1) if lam < 1.0 and temperature != 1.0 else None
+    _, lse = _softmax_(x)
+    clm = (lse - x_target).sum()
     if lam >= 1.0:
         return clm, clm * 0.0
-    lse_t = lse if temperature == 1.0 else torch.logsumexp(x / temperature, dim=-1)
-    student = x.gather(-1, ids) / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
+    lse_t = lse if lse_t is None else lse_t
+    student = x_ids / temperature - lse_t[:, None]  # [n, k] log p_s(id) at T
     q, q_tail = _teacher(lp, tail, temperature)
     q = torch.where(q > 0, q, torch.zeros_like(q))
     fuse = -(q * torch.where(q > 0, student, torch.zeros_like(student))).sum(-1)
@@ -236,6 +261,43 @@ def _chunk_values(x: torch.Tensor, target: torch.Tensor, ids: torch.Tensor, lp: 
 def _head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One chunk's logits [n, V] in float32, computed in the head's dtype as the model's lm_head computes them."""
     return torch.nn.functional.linear(h, weight, bias).float()
+
+
+HEAD_GRAD_IN_PLACE = True  # see _grad_in_place; a switch for tests and for comparing against the plain path
+head_grad_in_place_count = 0  # backward passes that took it (for tests)
+
+
+def _grad_in_place(weight: torch.Tensor) -> torch.Tensor | None:
+    """The head weight's existing float32 `.grad`, when backward may add its gradient into it directly
+    instead of building a [V, H] float32 gradient for autograd to add (one [V, H] temporary less:
+    501 MiB at V 128k, H 1024); None otherwise.
+
+    Autograd would do exactly this addition itself: with `.grad` defined and no graph being
+    built, its AccumulateGrad node runs `grad += new` in place. We do it earlier, chunk by
+    chunk, and hand autograd an expanded zero (no memory) for the weight, so its AccumulateGrad
+    node still runs and its post-hooks fire after the sum is in `.grad`: DDP's reducer and
+    DeepSpeed ZeRO-1/2 read `param.grad` there (tests/test_train_head_grad.py checks both on 2
+    gloo ranks). Taken only when that equivalence holds:
+    - a float32 leaf that requires grad, with a defined dense float32 `.grad` of its shape on its device
+      (not on the first micro-step after `zero_grad(set_to_none=True)`: autograd then keeps our
+      [V, H] buffer as `.grad` itself, no temporary; not for bf16 gradients, where adding each
+      chunk in bf16 would round more than one float32 sum);
+    - no graph being built (`create_graph=True` makes autograd add out of place);
+    - no tensor hook on the weight (it would see the zero, not the gradient);
+    - the engine will run the weight's AccumulateGrad in this pass (not `torch.autograd.grad`
+      asked for other inputs, which must leave `.grad` alone).
+    """
+    if not HEAD_GRAD_IN_PLACE or not weight.is_leaf or not weight.requires_grad or torch.is_grad_enabled():
+        return None
+    grad = weight.grad
+    if (grad is None or weight.dtype != torch.float32 or grad.dtype != torch.float32
+            or grad.layout != torch.strided or grad.shape != weight.shape
+            or grad.device != weight.device or weight._backward_hooks):
+        return None
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)  # private: without it, the plain path
+    if will_run is None or not hasattr(torch.autograd.graph, "get_gradient_edge"):
+        return None
+    return grad if will_run(torch.autograd.graph.get_gradient_edge(weight).node) else None
 
 
 class _HiddenChunkedLoss(torch.autograd.Function):
@@ -279,7 +341,12 @@ class _HiddenChunkedLoss(torch.autograd.Function):
         flat = hidden.reshape(-1, hidden.shape[-1])
         n = rows.numel()
         grad_h = torch.zeros_like(flat) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        into = _grad_in_place(weight) if want_w else None  # the head's .grad itself: no [V, H] temporary
+        if into is not None:
+            global head_grad_in_place_count
+            head_grad_in_place_count += 1
+        grad_w = into if into is not None else (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
         scale = grad_loss.float() / max(n, 1)
         for lo in range(0, n, chunk):
@@ -299,6 +366,8 @@ class _HiddenChunkedLoss(torch.autograd.Function):
                     grad_w.addmm_(g.t(), h.float())
                 else:  # the product in the head's dtype (fp32 accumulation inside the matmul), summed in fp32
                     grad_w += g.t() @ h.to(weight.dtype)
+        if into is not None:  # already in .grad: autograd adds a zero that takes no memory
+            grad_w = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
         return (grad_h.view_as(hidden) if grad_h is not None else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None) + (None,) * 9
