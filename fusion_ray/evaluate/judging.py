@@ -1,6 +1,6 @@
 """The LLM judge of chat evaluation (`eval.chat.judge`): single-answer grading and pairwise comparison.
 
-Modes (docs/chat_eval_judge.md says more):
+Modes (docs/chat_eval.md says more):
 - `single`: each answer turn graded 1–10, MT-Bench style. Turn t is shown with the whole
   conversation up to it (the arm's own earlier answers included), and the judge grades the last
   answer; for questions whose category is in `reference_categories` the question's reference
