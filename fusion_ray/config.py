@@ -690,6 +690,7 @@ class LmEvalConfig(Strict):
     batch_size: int = Field(8, ge=1)
     apply_chat_template: bool = True
     num_cpus: float = Field(1, gt=0)  # per Ray task (one per arm)
+    num_gpus: float = Field(0, ge=0)  # per model-dir task: on a GPU it runs there (bf16 where the model is)
 
     @model_validator(mode="after")
     def _something_to_run(self) -> LmEvalConfig:

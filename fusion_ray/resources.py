@@ -135,7 +135,7 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
     pp = int(s.engine_options.get("pipeline_parallel_size", 1) or 1)
     serve_gpus = engine_gpus(s.num_gpus, tp, pp) if s.engine == "vllm" else s.num_gpus
     arms = len(cfg.sources) + 1 + len(cfg.pairs()) + int(t.clm_only_arm) + 1  # sources, pivot, targets, merged
-    return {
+    asks = {
         "prepare": [],
         "collect": collect,
         "align": [Ask("align", "aligner actor", 1, cfg.align.num_cpus, upto=cfg.align.workers)],
@@ -150,6 +150,24 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
                       cfg.pivot.name, tp, pp, upto=s.max_replicas)],
         **(implicit_asks(cfg) if cfg.implicit else {}),
     }
+    asks["eval"] += chat_asks(cfg)
+    return asks
+
+
+def chat_asks(cfg: FusionConfig) -> list[Ask]:
+    """eval.chat's answering engine actors (per arm, the arms side by side; sized as the pivot) and
+    eval.lm_eval's tasks (one per model-dir arm)."""
+    out = []
+    chat, lm, p = cfg.eval.chat, cfg.eval.lm_eval, cfg.pivot
+    if chat is not None:
+        vllm = chat.engine == "vllm"
+        out.append(Ask("eval", "chat answer engine actor (per arm)", chat.concurrency, chat.num_cpus,
+                       engine_gpus(chat.num_gpus, p.tensor_parallel_size, p.pipeline_parallel_size)
+                       if vllm else chat.num_gpus, None, p.name, p.tensor_parallel_size if vllm else 1,
+                       p.pipeline_parallel_size if vllm else 1))
+    if lm is not None and lm.arms:
+        out.append(Ask("eval", "lm-eval task (per arm)", 1, lm.num_cpus, lm.num_gpus, None, p.name))
+    return out
 
 
 def implicit_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:

@@ -192,6 +192,21 @@ def test_engines_ask_tp_times_pp_gpus():
     assert resource_asks(cpu)["train"][0].gpus == 0
 
 
+def test_chat_eval_asks_engines_per_arm_and_lm_eval_tasks(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question_id": 1, "turns": ["hi"]}\n')
+    cfg = load_config(GPU_CONFIG, [f"eval.chat.questions={questions}", "eval.chat.num_gpus=1",
+                                   "eval.chat.concurrency=2", "eval.lm_eval.tasks=[t]", "eval.lm_eval.arms=[merged]",
+                                   "eval.lm_eval.num_gpus=1", "pivot.tensor_parallel_size=2"])
+    chat, lm = resource_asks(cfg)["eval"][1:]
+    assert (chat.count, chat.gpus, chat.tp) == (2, 2, 2), "a vLLM answer engine holds TP GPUs, as the pivot's"
+    assert (lm.count, lm.gpus) == (1, 1)
+    hf = load_config(GPU_CONFIG, [f"eval.chat.questions={questions}", "eval.chat.engine=hf", "eval.chat.num_gpus=1",
+                                  "pivot.tensor_parallel_size=2"])
+    assert resource_asks(hf)["eval"][1].gpus == 1 and len(resource_asks(hf)["eval"]) == 2
+    assert len(resource_asks(load_config(GPU_CONFIG))["eval"]) == 1, "no chat section: no chat asks"
+
+
 def test_serve_replicas_ask_tp_gpus():
     from fusion_ray.serve.app import ServeArgs, deployment_options
 

@@ -8,7 +8,7 @@ and so on (a question with fewer turns drops out).
 Model arms (name → model dir) run as one Ray Data pass each: the questions in blocks of
 `eval.chat.batch_size`, `map_batches` over a pool of `eval.chat.concurrency` actors
 (`num_cpus` / `num_gpus` each), one engine per actor: vLLM's offline engine on token ids
-(`VLLMChat`: `implicit.generate.VLLMSampler`, its answers decoded by the arm's tokenizer as the
+(`implicit.generate.VLLMSampler` given the arm's tokenizer, so its answers are decoded as the
 hf engine decodes them), or transformers' `generate` with `eval.chat.engine: hf` (`HFSampler`),
 in the checkpoint's own dtype. Each arm templates with its own tokenizer and chat template. A turn's draw is
 seeded by (`eval.chat.seed`, question id, turn), so an answer does not depend on the batch around
@@ -37,14 +37,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from fusion_ray import io, locations
-from fusion_ray.implicit.generate import HFSampler, Sample, SampleSettings, VLLMSampler, prompt_seed
+from fusion_ray.implicit.generate import HFSampler, SampleSettings, VLLMSampler, prompt_seed
 
 ANSWERS_DIR = "chat/answers"
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -226,8 +226,8 @@ class ChatUDF:
         self.tokenizer = tokenizers.from_dir(local)
         self.settings = settings(self.cfg)
         if chat.engine == "vllm":
-            self.engine = VLLMChat(local, self.tokenizer, dtype=checkpoint_dtype(local),
-                                   options=_placement(chat).engine_options())
+            self.engine = VLLMSampler(local, tokenizer=self.tokenizer, dtype=checkpoint_dtype(local),
+                                      options=_placement(chat).engine_options())
             self.context = self.engine.llm.llm_engine.model_config.max_model_len
         else:
             self.engine = HFSampler(local, self.tokenizer)
@@ -238,29 +238,6 @@ class ChatUDF:
                      zip(batch.column("question_id").to_pylist(), batch.column("turns").to_pylist(), strict=True)]
         return pa.Table.from_pylist(answer_turns(self.engine, self.tokenizer, self.context, self.settings, self.arm,
                                                  questions), schema=ANSWERS)
-
-
-class VLLMChat(VLLMSampler):
-    """vLLM's sampler, its answers decoded by the arm's tokenizer as the hf engine decodes them:
-    vLLM's incremental detokenizer keeps the space a SentencePiece tokenizer's first piece carries
-    (" 9 * 6"), `decode` drops it ("9 * 6"), and an answer goes back into the next turn's prompt."""
-
-    def __init__(self, path: str, tokenizer, **kwargs):
-        super().__init__(path, **kwargs)
-        self.tokenizer = tokenizer
-
-    def sample(self, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[str],
-               settings: SampleSettings) -> list[list[Sample]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = [SamplingParams(n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
-                                 repetition_penalty=settings.repetition_penalty, max_tokens=settings.max_tokens,
-                                 seed=prompt_seed(settings.seed, pid)) for pid in prompt_ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params,
-                                 use_tqdm=False)
-        return [[Sample(self.tokenizer.decode(list(c.token_ids), skip_special_tokens=True), len(c.token_ids),
-                        c.finish_reason or "stop") for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
 
 
 def checkpoint_dtype(path: str) -> str:

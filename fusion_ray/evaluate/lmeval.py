@@ -4,7 +4,8 @@
 `spec.arms` through lm-eval's `hf` model (its dir loaded in float32 on CPU), and
 `spec.endpoint` (target name `endpoint`) through lm-eval's `local-chat-completions` model, which
 sends `/chat/completions` requests and so runs `generate_until` tasks only. Each target is one
-Ray task (`spec.num_cpus` each), so a cluster evaluates arms in parallel.
+Ray task (`spec.num_cpus` each, and `spec.num_gpus` for a model dir: on a GPU it runs there in the
+checkpoint's dtype), so a cluster evaluates arms in parallel.
 
 Offline by design: each Ray task starts with HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, so a
 task's data must be local (`dataset_path: json` with `data_files`, for instance); relative
@@ -142,7 +143,8 @@ def run_lm_eval(spec: LmEvalConfig, arms: Mapping[str, str], log=print, *,
                   num_fewshot=spec.num_fewshot, batch_size=spec.batch_size)
     task = ray.remote(evaluate_target).options(num_cpus=spec.num_cpus, max_retries=1,
                                                runtime_env={"env_vars": dict(OFFLINE_ENV)})
-    refs = {arm: task.remote({"kind": "hf", "path": path, "trust_remote_code": bool(flags.get(arm, False)),
+    on_gpu = task.options(num_gpus=spec.num_gpus) if spec.num_gpus else task  # model dirs; the endpoint needs none
+    refs = {arm: on_gpu.remote({"kind": "hf", "path": path, "trust_remote_code": bool(flags.get(arm, False)),
                               "apply_chat_template": spec.apply_chat_template}, common)
             for arm, path in chosen.items()}
     if spec.endpoint is not None:
@@ -176,7 +178,9 @@ def evaluate_target(target: dict, common: dict) -> tuple[dict, dict]:
     if target["kind"] == "hf":
         path = os.path.abspath(locations.local_dir(target["path"]))
         model: Any = "hf"
-        model_args: dict | None = {"pretrained": path, "dtype": "float32", "device": "cpu",
+        gpu = torch.cuda.is_available()  # the task asked eval.lm_eval.num_gpus: its GPU, the checkpoint's dtype
+        model_args: dict | None = {"pretrained": path, "dtype": "auto" if gpu else "float32",
+                                   "device": "cuda" if gpu else "cpu",
                                    "trust_remote_code": target["trust_remote_code"]}
         chat = target["apply_chat_template"]
     else:

@@ -134,16 +134,20 @@ class VLLMSampler:
         max_model_len: context length (prompt + response); None: the model's.
         options: more engine arguments (tensor_parallel_size, gpu_memory_utilization, …).
         llm: an `LLM` already running (e.g. the collect engine's), instead of starting one.
+        tokenizer: when given, responses are its `decode` of the token ids (as `HFSampler`'s are),
+            not vLLM's incremental detokenization, which keeps the space a SentencePiece first
+            piece carries (" 9 * 6" where `decode` gives "9 * 6"): chat evaluation feeds an answer
+            back into the next turn's prompt, so both engines must give the same text.
     """
 
     def __init__(self, path: str | None = None, *, dtype: str = "auto", trust_remote_code: bool = False,
-                 max_model_len: int | None = None, options: dict | None = None, llm=None):
+                 max_model_len: int | None = None, options: dict | None = None, llm=None, tokenizer=None):
         if llm is None:
             from fusion_ray.collect.engines import start_llm
 
             llm = start_llm(path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
                             **{**seeded_sampling_options(), **(options or {})})
-        self.llm = llm
+        self.llm, self.tokenizer = llm, tokenizer
 
     def sample(self, prompts: Sequence[Sequence[int]], prompt_ids: Sequence[str],
                settings: SampleSettings) -> list[list[Sample]]:
@@ -156,8 +160,13 @@ class VLLMSampler:
                                  seed=prompt_seed(settings.seed, pid)) for pid in prompt_ids]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts], params,
                                  use_tqdm=False)
-        return [[Sample(c.text, len(c.token_ids), c.finish_reason or "stop")
+        return [[Sample(self._text(c), len(c.token_ids), c.finish_reason or "stop")
                  for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+
+    def _text(self, completion) -> str:
+        if self.tokenizer is None:
+            return completion.text
+        return self.tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
 
     def close(self) -> None:
         """Stop the engine core (its worker, sockets and shared memory)."""
