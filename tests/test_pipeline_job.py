@@ -242,3 +242,34 @@ def test_implicit_rerun_with_fusion_ray_run_skips_every_stage(implicit_job):
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("sample", "reward", "pairs", "sft", "dpo", "eval"):
         assert f"[{stage}] skipped" in out.stdout, (stage, out.stdout[-3000:])
+
+
+def test_implicit_eval_with_a_chat_judge(implicit_job, tmp_path, monkeypatch):
+    """The chat judge works on the implicit method too: `fusion-ray eval` on the finished run with
+    eval.chat answers two two-turn questions with the pivot and SFT+DPO arms (hf engine) and a
+    loopback judge grades them; held-out accuracy stays in the report beside the judge's scores."""
+    from judge_server import JudgeServer, rating_for
+
+    workdir = implicit_job[0]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps(q) for q in [
+        {"question_id": "a", "category": "math", "turns": ["What is 3 + 4?", "And 4 + 3?"], "reference": ["7", "7"]},
+        {"question_id": "b", "category": "writing", "turns": ["What is 9 - 5?", "Say it again."]}]) + "\n")
+    monkeypatch.setenv("JUDGE_KEY", "k")
+    with JudgeServer() as judge:
+        out = subprocess.run(
+            [sys.executable, "-m", "fusion_ray.cli", "eval", "jobs/configs/fusechat3_tiny.yaml", f"workdir={workdir}",
+             f"eval.chat.questions={questions}", "eval.chat.arms=[pivot,dpo]", "eval.chat.engine=hf",
+             "eval.chat.num_cpus=0.5", "eval.chat.sampling.max_tokens=16", f"eval.chat.judge.url={judge.url}",
+             "eval.chat.judge.model=j", "eval.chat.judge.api_key_env=JUDGE_KEY", "eval.chat.judge.bootstrap=100"],
+            capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert len(judge.calls) == 2 * 2 * 2, "2 arms × 2 questions × 2 turns, single grading"
+    report = json.loads((workdir / "report" / "report.json").read_text())
+    assert report["accuracy_all"] == implicit_job[2]["accuracy_all"], "the held-out answers were reused"
+    answers = [json.loads(line) for line in (workdir / "report" / "chat_answers.jsonl").read_text().splitlines()]
+    for arm in ("pivot", "dpo"):
+        mine = [a for a in answers if a["arm"] == arm]
+        want = sum(sum(rating_for(x) for x in a["answers"]) / 2 for a in mine) / 2
+        assert report["chat"]["judge"]["arms"][arm]["single"]["mean"] == pytest.approx(want)
+    assert "judge score (1–10)" in (workdir / "report" / "report.md").read_text()
