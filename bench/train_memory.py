@@ -17,6 +17,11 @@ to a temporary dir. Cases:
     checkpointing trains with; until 2026-12-01 this case ran the loss from logits, whose [1, 1024,
     32k] logits checkpointing cannot cut); the logits path's ratio is shown beside it, not a key
     goal (`checkpointing_activation_ratio_logits`: ZeRO-3 and soft-capped models train that way).
+    The key keeps the shipped default chunk (128 MiB: at V 32k one chunk covers all 1,023
+    positions, a 125 MiB buffer checkpointing cannot cut); beside it, not a key, what a user who
+    wants the least memory gets: checkpointing with `train.loss_chunk_mb: 32` (262 positions a
+    chunk) against the same run without checkpointing at the default chunk
+    (`checkpointing_activation_ratio_chunk32mib`).
 (c) the loss alone at V = 128,256 (Llama-3's vocabulary), hidden = the model's, 4 × 1024
     positions (the shipped 7B config's 2 × 2048): λ·CLM + (1−λ)·fusion from logits (the
     [4096, V] logits, the chunked loss writing its gradient over them, backward through the
@@ -37,7 +42,8 @@ Packing and LoRA figures come from `bench/train_packing.py` (`packing_case()`) a
 (`packing_tokens_per_s_ratio`; `lora_trainable_fraction`, `lora_peak_ratio`), called with
 `quick=` when it takes it; absent, the keys are null with a note.
 
-Usage: python bench/train_memory.py [--quick]   (--quick: a 58M model, seq 256, 1 × 1024 loss rows)
+Usage: python bench/train_memory.py [--quick] [--only-b]   (--quick: a 58M model, seq 256, 1 × 1024 loss
+rows; --only-b: case (b) alone, its three keys, for the spread between runs)
 The last line is one JSON object.
 """
 
@@ -284,6 +290,14 @@ def main() -> None:
         params = run_child("build", json.dumps(shape), model)["params"]
         print(f"model: Llama-shaped, {params / 1e6:.1f}M parameters (hidden {shape['hidden']}, {shape['layers']} "
               f"layers, vocab {shape['vocab']}), random, bf16 safetensors ({time.perf_counter() - started:.0f} s)")
+        if args.only_b:  # the spread of (b) between runs, without the other cases
+            acts = case_b(model, shape)
+            figures = {"checkpointing_activation_ratio": round(acts["hidden"], 3),
+                       f"checkpointing_activation_ratio_chunk{SMALL_CHUNK_MB}mib": round(acts["small_chunk"], 3),
+                       "checkpointing_activation_ratio_logits": round(acts["logits"], 3),
+                       "params_m": round(params / 1e6, 1), "seq": shape["seq"], "quick": args.quick,
+                       "wall_s": round(time.perf_counter() - started)}
+            return print(json.dumps(figures))
         load = {mode: run_ranks("load", mode, model) for mode in ("today", "levers")}
         for mode, ranks in load.items():
             print(f"(a) load, {mode:6}: added peak RSS per rank " + ", ".join(
@@ -296,13 +310,6 @@ def main() -> None:
               f"whole-process peak RSS {raw['levers'] / MIB:.0f} / {raw['today'] / MIB:.0f} MiB = "
               f"{raw['levers'] / raw['today']:.3f}; the fp32 model alone is {4 * params / MIB:.0f} MiB")
         acts = case_b(model, shape)
-        if args.only_b:
-            figures = {"checkpointing_activation_ratio": round(acts["hidden"], 3),
-                       f"checkpointing_activation_ratio_chunk{SMALL_CHUNK_MB}mib": round(acts["small_chunk"], 3),
-                       "checkpointing_activation_ratio_logits": round(acts["logits"], 3),
-                       "params_m": round(params / 1e6, 1), "seq": shape["seq"], "quick": args.quick,
-                       "wall_s": round(time.perf_counter() - started)}
-            return print(json.dumps(figures))
         act_ratio = acts["hidden"]
         b, length = shape["loss_rows"]
         loss = {kind: run_child("loss", kind, str(shape["hidden"]), str(b), str(length))
