@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fusion_ray.config import ConfigError, load_config
 
@@ -31,10 +32,9 @@ def test_loss_chunk_mb_is_checked_and_out_of_the_fingerprint():
     assert result_fields(load_config(TINY, ["train.loss_chunk_mb=8"])) == result_fields(load_config(TINY))
 
 
-def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path, monkeypatch):
+def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusion_ray.train import losses
     from fusion_ray.train.loop import FusionObjective
 
     vocab = 8192  # 1 MiB of float32 logits rows is 2^20 / (4 · 8192) = 32 positions
@@ -48,20 +48,22 @@ def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path, monkeypat
         rows.append({"input_ids": g.integers(0, vocab, length), "loss_mask": np.ones(length - 1, bool),
                      "topk_ids": g.integers(0, vocab, (length - 1, 3)),
                      "topk_logprobs": np.log(np.full((length - 1, 3), 0.3)).astype(np.float16)})
-    sizes: list[int] = []  # rows of each chunk the hidden-state loss computes logits for (forward)
-    real = losses._chunk_values
+    head = model.lm_head.weight
+    sizes: list[int] = []  # rows of each chunk the hidden-state loss computes logits for (2D head matmuls)
 
-    def counted(x, *args, **kw):
-        sizes.append(x.shape[0])
-        return real(x, *args, **kw)
+    class Chunks(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear and args[1] is head and args[0].dim() == 2:
+                sizes.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(losses, "_chunk_values", counted)
     seen = {}
     for setting in (None, 1):
         sizes.clear()
         model.zero_grad(set_to_none=True)
         cfg = load_config(TINY, [f"train.loss_chunk_mb={setting}"] if setting else [])
-        out = FusionObjective(cfg, "fused", 0, torch.device("cpu")).loss(model, rows)
+        with Chunks():
+            out = FusionObjective(cfg, "fused", 0, torch.device("cpu")).loss(model, rows)
         out["loss"].backward()
         seen[setting] = (list(sizes), out["loss"].item(), model.lm_head.weight.grad.clone(),
                          model.model.embed_tokens.weight.grad.clone())
