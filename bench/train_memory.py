@@ -17,6 +17,11 @@ to a temporary dir. Cases:
     checkpointing trains with; until 2026-12-01 this case ran the loss from logits, whose [1, 1024,
     32k] logits checkpointing cannot cut); the logits path's ratio is shown beside it, not a key
     goal (`checkpointing_activation_ratio_logits`: ZeRO-3 and soft-capped models train that way).
+    The key keeps the shipped default chunk (128 MiB: at V 32k one chunk covers all 1,023
+    positions, a 125 MiB buffer checkpointing cannot cut); beside it, not a key, what a user who
+    wants the least memory gets: checkpointing with `train.loss_chunk_mb: 32` (262 positions a
+    chunk) against the same run without checkpointing at the default chunk
+    (`checkpointing_activation_ratio_chunk32mib`).
 (c) the loss alone at V = 128,256 (Llama-3's vocabulary), hidden = the model's, 4 × 1024
     positions (the shipped 7B config's 2 × 2048): λ·CLM + (1−λ)·fusion from logits (the
     [4096, V] logits, the chunked loss writing its gradient over them, backward through the
@@ -37,7 +42,8 @@ Packing and LoRA figures come from `bench/train_packing.py` (`packing_case()`) a
 (`packing_tokens_per_s_ratio`; `lora_trainable_fraction`, `lora_peak_ratio`), called with
 `quick=` when it takes it; absent, the keys are null with a note.
 
-Usage: python bench/train_memory.py [--quick]   (--quick: a 58M model, seq 256, 1 × 1024 loss rows)
+Usage: python bench/train_memory.py [--quick] [--only-b]   (--quick: a 58M model, seq 256, 1 × 1024 loss
+rows; --only-b: case (b) alone, its three keys, for the spread between runs)
 The last line is one JSON object.
 """
 
@@ -64,6 +70,7 @@ SHAPES = {
               "loss_rows": (1, 1024)},
 }
 BIG_VOCAB = 128_256
+SMALL_CHUNK_MB = 32  # case (b)'s `train.loss_chunk_mb` for a user who wants the least memory
 MIB = 2**20
 
 
@@ -134,7 +141,8 @@ def teacher(n: int, vocab: int, k: int = 10):
     return ids, lp
 
 
-def child_activations(model_dir: str, seq: int, checkpointing: bool, loss_from: str = "hidden") -> None:
+def child_activations(model_dir: str, seq: int, checkpointing: bool, loss_from: str = "hidden",
+                      chunk_mb: str = "0") -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -156,7 +164,7 @@ def child_activations(model_dir: str, seq: int, checkpointing: bool, loss_from: 
         p.grad = torch.zeros_like(p)
     base, started = rss(), time.perf_counter()
     out = batch_loss(model, batch, lam=0.9, tail="bucket", temperature=1.0, fusion_positions="all",
-                     loss_from=loss_from)
+                     loss_from=loss_from, chunk_bytes=int(chunk_mb) * MIB or None)
     out["loss"].backward()
     emit({"checkpointing": checkpointing, "base": base, "peak": peak_rss(), "added": peak_rss() - base,
           "loss": out["loss"].item(), "s": time.perf_counter() - started})
@@ -237,9 +245,32 @@ def merged_cases(quick: bool) -> dict:
     return out
 
 
+def case_b(model: str, shape: dict) -> dict:
+    """(b): with / without checkpointing for the shipped loss (default chunk) and the logits path;
+    and checkpointing with a `SMALL_CHUNK_MB` chunk against the same run without checkpointing."""
+    acts, seq = {}, str(shape["seq"])
+    for loss_from in ("hidden", "logits"):
+        act = {ckpt: run_child("act", model, seq, "1" if ckpt else "0", loss_from) for ckpt in (False, True)}
+        for ckpt, r in act.items():
+            print(f"(b) forward + backward, 1 × {shape['seq']}, loss from {loss_from}, "
+                  f"{'with' if ckpt else 'without'} checkpointing: +{r['added'] / MIB:.0f} MiB above the "
+                  f"step's start, {r['s']:.1f} s, loss {r['loss']:.4f}")
+        acts[loss_from] = act[True]["added"] / act[False]["added"]
+        print(f"    with / without = {acts[loss_from]:.3f}"
+              + (" (goal ≤ 0.35; the shipped loss_from)" if loss_from == "hidden" else " (not a key)"))
+        if loss_from == "hidden":
+            small = run_child("act", model, seq, "1", "hidden", str(SMALL_CHUNK_MB))
+            acts["small_chunk"] = small["added"] / act[False]["added"]
+            print(f"(b) the same with checkpointing and train.loss_chunk_mb: {SMALL_CHUNK_MB}: "
+                  f"+{small['added'] / MIB:.0f} MiB, {small['s']:.1f} s, loss {small['loss']:.4f}; "
+                  f"/ without checkpointing (default chunk) = {acts['small_chunk']:.3f} (not a key)")
+    return acts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model and batch (about 2 minutes)")
+    parser.add_argument("--only-b", action="store_true", help="case (b) alone (its keys; about 4 minutes)")
     parser.add_argument("--child", nargs="+")
     args = parser.parse_args()
     if args.child:
@@ -249,7 +280,7 @@ def main() -> None:
         if kind == "load":
             return child_load(rest[0], rest[1], int(rest[2]), int(rest[3]))
         if kind == "act":
-            return child_activations(rest[0], int(rest[1]), rest[2] == "1", *rest[3:4])
+            return child_activations(rest[0], int(rest[1]), rest[2] == "1", *rest[3:5])
         return child_loss(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
     shape = SHAPES["quick" if args.quick else "default"]
     tmp = tempfile.mkdtemp(prefix="bench-train-memory-")
@@ -259,6 +290,14 @@ def main() -> None:
         params = run_child("build", json.dumps(shape), model)["params"]
         print(f"model: Llama-shaped, {params / 1e6:.1f}M parameters (hidden {shape['hidden']}, {shape['layers']} "
               f"layers, vocab {shape['vocab']}), random, bf16 safetensors ({time.perf_counter() - started:.0f} s)")
+        if args.only_b:  # the spread of (b) between runs, without the other cases
+            acts = case_b(model, shape)
+            figures = {"checkpointing_activation_ratio": round(acts["hidden"], 3),
+                       f"checkpointing_activation_ratio_chunk{SMALL_CHUNK_MB}mib": round(acts["small_chunk"], 3),
+                       "checkpointing_activation_ratio_logits": round(acts["logits"], 3),
+                       "params_m": round(params / 1e6, 1), "seq": shape["seq"], "quick": args.quick,
+                       "wall_s": round(time.perf_counter() - started)}
+            return print(json.dumps(figures))
         load = {mode: run_ranks("load", mode, model) for mode in ("today", "levers")}
         for mode, ranks in load.items():
             print(f"(a) load, {mode:6}: added peak RSS per rank " + ", ".join(
@@ -270,17 +309,7 @@ def main() -> None:
         print(f"    levers (bf16, ZeRO-3 partitioned) / today (full fp32) = {load_ratio:.3f} (goal ≤ 0.6); "
               f"whole-process peak RSS {raw['levers'] / MIB:.0f} / {raw['today'] / MIB:.0f} MiB = "
               f"{raw['levers'] / raw['today']:.3f}; the fp32 model alone is {4 * params / MIB:.0f} MiB")
-        acts = {}
-        for loss_from in ("hidden", "logits"):
-            act = {ckpt: run_child("act", model, str(shape["seq"]), "1" if ckpt else "0", loss_from)
-                   for ckpt in (False, True)}
-            for ckpt, r in act.items():
-                print(f"(b) forward + backward, 1 × {shape['seq']}, loss from {loss_from}, "
-                      f"{'with' if ckpt else 'without'} checkpointing: +{r['added'] / MIB:.0f} MiB above the "
-                      f"step's start, {r['s']:.1f} s, loss {r['loss']:.4f}")
-            acts[loss_from] = act[True]["added"] / act[False]["added"]
-            print(f"    with / without = {acts[loss_from]:.3f}"
-                  + (" (goal ≤ 0.35; the shipped loss_from)" if loss_from == "hidden" else " (not a key)"))
+        acts = case_b(model, shape)
         act_ratio = acts["hidden"]
         b, length = shape["loss_rows"]
         loss = {kind: run_child("loss", kind, str(shape["hidden"]), str(b), str(length))
@@ -300,6 +329,7 @@ def main() -> None:
         figures.update(merged_cases(args.quick))
         figures.update({"load_whole_process_peak_ratio": round(raw["levers"] / raw["today"], 3),
                         "checkpointing_activation_ratio_logits": round(acts["logits"], 3),
+                        f"checkpointing_activation_ratio_chunk{SMALL_CHUNK_MB}mib": round(acts["small_chunk"], 3),
                         "hidden_16mib_loss_memory_ratio":
                             round(loss["hidden_16mib"]["added"] / loss["logits"]["added"], 3),
                         "hidden_state_loss_memory_ratio_first_micro_step": round(first, 3),

@@ -548,6 +548,11 @@ class TrainConfig(Strict):
     # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a ZeRO-3-partitioned
     # head, a LoRA-wrapped head) use the logits.
     loss_from: Literal["hidden", "logits"] = "hidden"
+    # the hidden-state loss's chunk, in MiB of float32 [rows, vocab] logits (train/losses.py
+    # `combined_loss_from_hidden`); None: its default, 128 MiB (a large matmul M for the GPU).
+    # Smaller saves memory (a [chunk, V] buffer in forward and backward) at some speed, most on
+    # CPU; it never changes the loss or its gradient. Ignored when the loss runs from logits.
+    loss_chunk_mb: int | None = Field(None, ge=1, le=4096)
     # pack short conversations, in the row order's sequence, into rows of up to data.max_length
     # tokens (attention and position ids restart per conversation; the loss is the unpacked one on
     # the same rows). micro_batch_size and global_batch_size then count packed rows, and an epoch is

@@ -26,8 +26,9 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   and the allocator.
 - the loss (`train.loss_from`): from `logits`, the [micro_batch, seq, vocab] fp32 term above; from
   `hidden` (train/losses.py `combined_loss_from_hidden`) no [B, L, V] logits, but per chunk of
-  c = max(16, 128 MiB / (4·vocab)) positions one float32 [c, vocab] buffer (the chunk's logits,
-  their softmax and gradient written over them) plus, for a bf16 head, the bf16 matmul output or
+  c = max(16, chunk / (4·vocab)) positions (chunk: `train.loss_chunk_mb`, default 128 MiB) one
+  float32 [c, vocab] buffer (the chunk's logits, their softmax and gradient written over them)
+  plus, for a bf16 head, the bf16 matmul output or
   gradient beside it (counted as 8 bytes an entry), and a float32 [vocab, hidden] accumulator of
   the head's gradient (a bf16 head's; a float32 head's is added into its `.grad` in place once it
   exists, else it becomes `.grad`): 8·min(c, micro_batch·seq)·vocab + 4·vocab·hidden bytes. Under
@@ -199,12 +200,18 @@ def effective_loss_from(loss_from: str, strategy: str, zero_stage: int) -> str:
     return "logits" if strategy == "deepspeed" and zero_stage == 3 else loss_from
 
 
-def loss_bytes(a: ModelArch, micro_batch: int, seq: int, loss_from: str) -> float:
+def hidden_chunk_rows(a: ModelArch, chunk_bytes: int | None = None) -> int:
+    """Positions per chunk of the hidden-state loss (train/losses.py `combined_loss_from_hidden`)."""
+    return max(16, (chunk_bytes or HIDDEN_CHUNK_BYTES) // (4 * a.vocab_size))
+
+
+def loss_bytes(a: ModelArch, micro_batch: int, seq: int, loss_from: str, chunk_bytes: int | None = None) -> float:
     """The loss's own memory: the fp32 [B, L, V] logits, or the hidden-state loss's chunk temporaries
-    and its fp32 head-gradient accumulator (module docstring)."""
+    and its fp32 head-gradient accumulator (module docstring); `chunk_bytes`: `train.loss_chunk_mb`
+    in bytes (None: the default chunk)."""
     if loss_from == "logits":
         return micro_batch * seq * a.vocab_size * 4
-    chunk = max(16, HIDDEN_CHUNK_BYTES // (4 * a.vocab_size))
+    chunk = hidden_chunk_rows(a, chunk_bytes)
     return 8 * min(chunk, micro_batch * seq) * a.vocab_size + 4 * a.vocab_size * a.hidden_size
 
 
@@ -234,7 +241,8 @@ def packing_mask_bytes(micro_batch: int, seq: int, *, varlen: bool, act_bytes: i
 
 def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ranks: int, micro_batch: int,
                     seq: int, bf16: bool, offload_optimizer: bool = False, loss_from: str = "logits",
-                    trainable: int | None = None, packing_mask: float = 0.0) -> dict[str, float]:
+                    trainable: int | None = None, packing_mask: float = 0.0,
+                    loss_chunk_bytes: int | None = None) -> dict[str, float]:
     """Bytes per training rank: weights, gradients, optimizer states, activations without
     (`activations`) and with (`activations_ckpt`) gradient checkpointing, the loss's memory
     (`logits`: the [B, L, V] logits, or the hidden-state loss's, see `loss_bytes`), the load
@@ -242,7 +250,8 @@ def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int
 
     `trainable`: parameters that train (LoRA's adapters, `lora_trainable_params`; None: all);
     the others are frozen weights in the training dtype without gradients or optimizer states.
-    `packing_mask`: the packed rows' attention mask (`packing_mask_bytes`), an activation."""
+    `packing_mask`: the packed rows' attention mask (`packing_mask_bytes`), an activation.
+    `loss_chunk_bytes`: the hidden-state loss's chunk (`train.loss_chunk_mb`; None: the default)."""
     mixed = strategy == "deepspeed" and bf16
     size = 2 if mixed else 4
     train = params if trainable is None else trainable
@@ -259,7 +268,7 @@ def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int
     layer = activation_bytes(a, seq, micro_batch, act_bytes)
     activations = a.num_layers * layer + packing_mask
     ckpt = a.num_layers * seq * micro_batch * a.hidden_size * act_bytes + layer + packing_mask
-    logits = loss_bytes(a, micro_batch, seq, effective_loss_from(loss_from, strategy, zero_stage))
+    logits = loss_bytes(a, micro_batch, seq, effective_loss_from(loss_from, strategy, zero_stage), loss_chunk_bytes)
     load = load_bytes(a, params, strategy=strategy, zero_stage=zero_stage, ranks=ranks, bf16=bf16)
     states = weights + grads + optim
     return {"weights": weights, "grads": grads, "optimizer": optim, "optimizer_host": host_optim,
@@ -460,7 +469,8 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
     m = training_memory(sized.arch, sized.params, strategy=t.strategy, zero_stage=t.zero_stage,
                         ranks=t.num_workers, micro_batch=t.micro_batch_size, seq=cfg.data.max_length,
                         bf16=t.bf16, offload_optimizer=t.offload_optimizer, loss_from=loss,
-                        trainable=trainable_params(t, sized), packing_mask=packing_mask(t, cfg.data.max_length))
+                        trainable=trainable_params(t, sized), packing_mask=packing_mask(t, cfg.data.max_length),
+                        loss_chunk_bytes=t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)
     used = effective_loss_from(loss, t.strategy, t.zero_stage)
     ckpt = t.gradient_checkpointing
     chosen = m["total_ckpt"] if ckpt else m["total"]
@@ -488,7 +498,10 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
               f"  loss from {used}" + (" (train.loss_from: hidden falls back to logits under ZeRO-3)"
                                        if used != loss else "")
               + (": [micro-batch, seq, vocab] fp32 logits" if used == "logits" else
-                 ": no [B, L, V] logits; 4 fp32 [chunk, vocab] temporaries + the fp32 head-gradient accumulator"),
+                 f": no [B, L, V] logits; fp32 [chunk, vocab] temporaries, chunk = "
+                 f"{hidden_chunk_rows(sized.arch, t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)} positions "
+                 f"(train.loss_chunk_mb: {t.loss_chunk_mb or HIDDEN_CHUNK_BYTES >> 20} MiB) "
+                 "+ the fp32 head-gradient accumulator"),
               f"  load peak {gb(m['load'])} per rank: weights in the training dtype"
               + (", built partitioned (ZeRO-3): 1/ranks of them plus the largest tensor"
                  if t.strategy == "deepspeed" and t.zero_stage == 3 else ", whole")]

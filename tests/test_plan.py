@@ -368,3 +368,38 @@ def test_plan_reads_train_peft_of_the_config(offline):
                                         ["train.peft={rank: 8, target_modules: [q_proj, v_proj]}"]).train,
                             size_model(load_config(REPO / "jobs" / "configs" / "fusechat_7b.yaml").pivot)) \
         == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
+
+
+def test_plan_sizes_the_loss_with_the_chunk():
+    # V 32,000, H 1024, micro-batch 1 × 1024 (bench/train_memory.py's model): the default chunk is
+    # 2^27 / 128,000 = 1,048 rows, more than the 1,024 positions; 32 MiB is 2^25 / 128,000 = 262 rows.
+    # 8 B an entry of [chunk, V] + the fp32 [V, H] head-gradient accumulator
+    arch = ModelArch(hidden_size=1024, num_layers=12, num_heads=16, vocab_size=32_000, intermediate_size=2816)
+    head = 4 * 32_000 * 1024
+    assert loss_bytes(arch, 1, 1024, "hidden") == 8 * 1024 * 32_000 + head
+    assert loss_bytes(arch, 1, 1024, "hidden", 32 << 20) == 8 * 262 * 32_000 + head
+    assert loss_bytes(arch, 1, 1024, "hidden", 1 << 20) == 8 * 16 * 32_000 + head  # at least 16 rows
+    assert loss_bytes(arch, 1, 1024, "logits", 32 << 20) == 1024 * 32_000 * 4  # the logits path: no chunk
+    common = dict(strategy="deepspeed", zero_stage=2, ranks=2, micro_batch=1, seq=1024, bf16=True, loss_from="hidden")
+    default, small = training_memory(arch, 10**8, **common), training_memory(arch, 10**8, **common,
+                                                                              loss_chunk_bytes=32 << 20)
+    assert default["total_ckpt"] - small["total_ckpt"] == 8 * (1024 - 262) * 32_000
+
+
+def test_plan_cli_reads_train_loss_chunk_mb(offline):
+    # the shipped 7B config under ZeRO-2 (ZeRO-3 takes the logits): OpenChat-3.5, V 32,000 (+2), micro-batch 2 × 2048
+    runs = {mb: cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml", "train.zero_stage=2",
+                    *([f"train.loss_chunk_mb={mb}"] if mb else []), env=offline) for mb in (None, 32)}
+    for mb, run in runs.items():
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"(train.loss_chunk_mb: {mb or 128} MiB)" in run.stdout, run.stdout
+
+    def loss_gb(out: str) -> float:  # the training table's loss column
+        lines = out.splitlines()
+        header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["weights", "gradients", "optimizer"])
+        assert lines[header].split()[4] == "loss"
+        found = re.findall(r"([\d.]+) (MB|GB)\b", lines[header + 1])[4]
+        return float(found[0]) * (1 if found[1] == "GB" else 1e-3)
+
+    # (1,048 − 262) rows · 32,000 · 8 B ≈ 0.2 GB less (the one-decimal GB figures: 0.8 → 0.6)
+    assert loss_gb(runs[None].stdout) - loss_gb(runs[32].stdout) == pytest.approx(0.2, abs=0.051)

@@ -28,7 +28,8 @@ def result_fields(cfg: FusionConfig) -> dict:
     """The train settings that change what is trained (not where it resumes or how often it reports)."""
     fields = {k: v for k, v in cfg.to_dict()["train"].items()
               if k not in ("resume_from", "max_failures", "report_every", "gradient_checkpointing",
-                           "max_concurrent_arms", "tracking", "loss_from")}
+                           "max_concurrent_arms", "tracking", "loss_from",
+                           "loss_chunk_mb")}
     for k in ("packing", "peft"):  # off, the fingerprint is the one runs had before the setting existed
         if not fields.get(k):
             fields.pop(k, None)

@@ -112,7 +112,8 @@ class FusionObjective:
             batch = collate(rows, self.pad_id, self.cfg.data.max_length)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
-                         fusion_positions=t.fusion_positions, loss_from=t.loss_from)
+                         fusion_positions=t.fusion_positions, loss_from=t.loss_from,
+                         chunk_bytes=t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)
         self.reached += int(batch["transferred"].sum())
         self.scored += len(batch["transferred"])
         return {**out, "tokens": int(batch["attention_mask"].sum())}

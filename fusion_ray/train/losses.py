@@ -474,7 +474,8 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, temperature: float,
-               fusion_positions: str, loss_from: str = "logits") -> dict[str, torch.Tensor]:
+               fusion_positions: str, loss_from: str = "logits",
+               chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """The training step's forward: the model on a collated batch (`fusion_ray.train.batches`),
     then the loss. `fusion_positions`: "transferred" puts the fusion term only where a source reached.
 
@@ -485,7 +486,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
     called through `model` (its DDP / DeepSpeed / PEFT wrapper's forward runs as usual) with
     `logits_to_keep=1`; a forward hook on the base module takes its output. Models this path
     cannot serve (`hidden_path` is None: soft-capped logits as Gemma-2's, ZeRO-3) fall back to
-    the logits path.
+    the logits path. `chunk_bytes` (`train.loss_chunk_mb`): the hidden-state loss's chunk
+    (None: `HIDDEN_CHUNK_BYTES`); the logits path does not use it.
     """
     fusion_mask = batch["transferred"] if fusion_positions == "transferred" else None
     args = (batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"])
@@ -508,4 +510,5 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
     finally:
         handle.remove()
     return combined_loss_from_hidden(seen[-1], head.weight, *args, lambda_clm=lam, tail=tail,
-                                     temperature=temperature, lm_head_bias=head.bias, fusion_mask=fusion_mask)
+                                     temperature=temperature, lm_head_bias=head.bias, fusion_mask=fusion_mask,
+                                     chunk_bytes=chunk_bytes or HIDDEN_CHUNK_BYTES)
