@@ -135,12 +135,18 @@ def plan_arms(cfg, arms: dict[str, str], questions: list[dict]) -> dict[str, Arm
 
 def generate_answers(cfg, arms: dict[str, str], log: Callable[[str], None] = print,
                      force: bool = False) -> dict[str, list[dict]]:
+    """arm → its answer dicts: `answer_arms(...)`'s answers."""
+    return answer_arms(cfg, arms, log, force)[2]
+
+
+def answer_arms(cfg, arms: dict[str, str], log: Callable[[str], None] = print,
+                force: bool = False) -> tuple[list[dict], dict[str, ArmPlan], dict[str, list[dict]]]:
     """Every arm's answers to `eval.chat.questions` (model arms: `arms`, name → model dir;
     endpoint arms: `eval.chat.endpoints`); arms already answered are read back, not generated.
 
     Returns:
-        arm → answer dicts {"arm", "question_id", "answers", "tokens", "finish_reasons"}, in
-        question-file order.
+        (the questions read, arm → its plan (answers file, record), arm → answer dicts {"arm",
+        "question_id", "answers", "tokens", "finish_reasons"} in question-file order).
 
     Raises:
         ValueError: no `eval.chat` section, a bad question file (`questions.QuestionFileError`),
@@ -165,7 +171,7 @@ def generate_answers(cfg, arms: dict[str, str], log: Callable[[str], None] = pri
     parts = {a: (lambda p=p: _answer_arm(cfg, p, questions, log)) for a, p in todo.items()}
     if parts:
         run_parts(parts, None, thread_prefix="chat-answers")
-    return {arm: read_answers(p.path, arm=arm) for arm, p in plans.items()}
+    return questions, plans, {arm: read_answers(p.path, arm=arm) for arm, p in plans.items()}
 
 
 def read_answers(path: str, arm: str | None = None) -> list[dict]:

@@ -44,19 +44,18 @@ def default_arms(arms: dict[str, str]) -> list[str]:
 
 def run_chat(cfg, arms: dict[str, str], out, log=print) -> dict:
     """Answers (and judge results) of `eval.chat`; writes the audit files into `out`."""
-    from fusion_ray.evaluate.answers import generate_answers, plan_arms, read_record
-    from fusion_ray.evaluate.questions import read_questions
+    from fusion_ray.evaluate.answers import answer_arms, read_record
+    from fusion_ray.evaluate.report import ci_text
 
     chat = cfg.eval.chat
     chosen = pick(chat.arms, arms, default_arms(arms), "eval.chat.arms")
     if chat.judge and "pairwise" in chat.judge.modes and chat.judge.baseline not in {**chosen, **chat.endpoints}:
         raise ValueError(f"eval.chat.judge.baseline: {chat.judge.baseline!r} is not an answering arm "
                          f"(arms: {', '.join(sorted({**chosen, **chat.endpoints}))})")
-    questions = read_questions(chat.questions, max_turns=chat.max_turns, max_questions=chat.max_questions)
-    answers = generate_answers(cfg, chosen, log=log)
+    questions, plans, answers = answer_arms(cfg, chosen, log=log)
     lines = [json.dumps(a, ensure_ascii=False) for arm in answers for a in answers[arm]]
     io.write_bytes_atomic(out.path("chat_answers.jsonl"), ("\n".join(lines) + "\n").encode())
-    records = {arm: read_record(plan.path) for arm, plan in plan_arms(cfg, chosen, questions).items()}
+    records = {arm: read_record(plan.path) for arm, plan in plans.items()}
     io.write_json_atomic(out.path("chat_arms.json"), records)  # each arm's chat template and sampling
     result: dict = {"arms": sorted(answers), "questions": len(questions),
                     "answered": {arm: len(rows) for arm, rows in answers.items()},
@@ -76,11 +75,11 @@ def run_chat(cfg, arms: dict[str, str], out, log=print) -> dict:
             parts = []
             if res.get("single"):
                 s = res["single"]
-                parts.append(f"score {s['mean']:.2f} {interval(s.get('ci'))}")
+                parts.append(f"score {s['mean']:.2f}{ci_text(s.get('ci'), False)}")
             if res.get("pairwise"):
                 p = res["pairwise"]
-                parts.append(f"win rate vs {p['baseline']} {p['win_rate']:.1%} {interval(p.get('ci'), pct=True)}, "
-                             f"LC {p['lc_win_rate']:.1%} {interval(p.get('lc_ci'), pct=True)}")
+                parts.append(f"win rate vs {p['baseline']} {p['win_rate']:.1%}{ci_text(p.get('ci'), True)}, "
+                             f"LC {p['lc_win_rate']:.1%}{ci_text(p.get('lc_ci'), True)}")
             if parts:
                 log(f"[eval] judge {arm}: " + "; ".join(parts))
     return result
@@ -96,10 +95,3 @@ def run_lm_eval(cfg, arms: dict[str, str], out, log=print) -> dict:
     result = lmeval.run_lm_eval(spec, arms, log=log, trust_remote_code=flags)
     io.write_json_atomic(out.path("lm_eval_samples.json"), result.pop("samples", {}))
     return result
-
-
-def interval(ci, pct: bool = False) -> str:
-    """"[lo, hi]" of a 95 % interval, or "" without one."""
-    if not ci:
-        return ""
-    return f"[{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f"[{ci[0]:.2f}, {ci[1]:.2f}]"

@@ -97,13 +97,12 @@ def check_tasks(spec: LmEvalConfig) -> str | None:
 
 def pick_arms(spec: LmEvalConfig, arms: Mapping[str, str]) -> dict[str, str]:
     """arm → model dir of the arms `spec.arms` names (a name ending in ':' picks every arm it prefixes)."""
-    out: dict[str, str] = {}
-    for name in spec.arms:
-        hits = [a for a in arms if a.startswith(name)] if name.endswith(":") else [a for a in arms if a == name]
-        if not hits:
-            raise LmEvalError(f"eval.lm_eval.arms: no arm {name!r} in this run (arms: {', '.join(sorted(arms))})")
-        out.update({a: arms[a] for a in hits})
-    return out
+    from fusion_ray.evaluate.chat import pick
+
+    try:
+        return pick(spec.arms, dict(arms), [], "eval.lm_eval.arms")
+    except ValueError as err:
+        raise LmEvalError(str(err)) from None
 
 
 def endpoint_key(spec: LmEvalConfig) -> str | None:

@@ -51,7 +51,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ci(ci, pct: bool) -> str:
+def ci_text(ci, pct: bool) -> str:
+    """" [lo, hi]" of a 95 % interval (as percentages with `pct`), or "" without one."""
     if not ci:
         return ""
     return f" [{ci[0]:.1%}, {ci[1]:.1%}]" if pct else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
@@ -78,11 +79,11 @@ def chat_lines(report: dict, first: str, firsts: dict[str, str]) -> list[str]:
             row = [arm, firsts.get(arm, "—")]
             if single:
                 s = r.get("single")
-                row.append(f"{s['mean']:.2f}{_ci(s.get('ci'), False)}" if s and s.get("n") else "—")
+                row.append(f"{s['mean']:.2f}{ci_text(s.get('ci'), False)}" if s and s.get("n") else "—")
             if pair:
                 p = r.get("pairwise")
-                row += ([f"{p['win_rate']:.1%}{_ci(p.get('ci'), True)}",
-                         f"{p['lc_win_rate']:.1%}{_ci(p.get('lc_ci'), True)}"] if p and p.get("n") else ["—", "—"])
+                row += ([f"{p['win_rate']:.1%}{ci_text(p.get('ci'), True)}",
+                         f"{p['lc_win_rate']:.1%}{ci_text(p.get('lc_ci'), True)}"] if p and p.get("n") else ["—", "—"])
             lines.append("| " + " | ".join(row) + " |")
         lost = {k: judge.get(k, 0) for k in ("failed", "over_budget") if judge.get(k)}
         lines += ["", f"Judge calls: {judge.get('calls', 0)} made, {judge.get('reused', 0)} reused from saved "
