@@ -545,8 +545,8 @@ class TrainConfig(Strict):
     # H200, V 32k-128k, same peak within 0.96-1.01x: bench/RESULTS.md); on CPU it is as fast at a
     # small vocabulary and 0.88x at V 32k, and its fixed chunk buffers make it smaller only when
     # micro_batch x seq is large (docs/design.md, "Training memory"; `fusion-ray plan` shows both).
-    # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a ZeRO-3-partitioned
-    # head, a LoRA-wrapped head) use the logits.
+    # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a LoRA-wrapped head) use
+    # the logits; under ZeRO-3 the loss runs as the head module's forward, which gathers its weight.
     loss_from: Literal["hidden", "logits"] = "hidden"
     # the hidden-state loss's chunk, in MiB of float32 [rows, vocab] logits (train/losses.py
     # `combined_loss_from_hidden`); None: its default, 128 MiB (a large matmul M for the GPU).

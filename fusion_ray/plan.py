@@ -32,7 +32,7 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   gradient beside it (counted as 8 bytes an entry), and a float32 [vocab, hidden] accumulator of
   the head's gradient (a bf16 head's; a float32 head's is added into its `.grad` in place once it
   exists, else it becomes `.grad`): 8·min(c, micro_batch·seq)·vocab + 4·vocab·hidden bytes. Under
-  ZeRO-3 the head is partitioned and the loss falls back to logits.
+  ZeRO-3 too (the loss runs as the head's forward, which gathers its weight as the logits would).
 - load (train/load.py): the weights in the training dtype (bf16 under DeepSpeed with bf16, fp32
   otherwise); under ZeRO-3 built partitioned: params × bytes / ranks, plus the largest tensor
   whole while its module is built (max(vocab·hidden, hidden·intermediate·(2·experts if MoE))).
@@ -195,11 +195,6 @@ def load_bytes(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ran
     return params * size
 
 
-def effective_loss_from(loss_from: str, strategy: str, zero_stage: int) -> str:
-    """What `batch_loss` runs: the hidden-state loss needs the whole head weight, so ZeRO-3 uses the logits."""
-    return "logits" if strategy == "deepspeed" and zero_stage == 3 else loss_from
-
-
 def hidden_chunk_rows(a: ModelArch, chunk_bytes: int | None = None) -> int:
     """Positions per chunk of the hidden-state loss (train/losses.py `combined_loss_from_hidden`)."""
     return max(16, (chunk_bytes or HIDDEN_CHUNK_BYTES) // (4 * a.vocab_size))
@@ -268,7 +263,7 @@ def training_memory(a: ModelArch, params: int, *, strategy: str, zero_stage: int
     layer = activation_bytes(a, seq, micro_batch, act_bytes)
     activations = a.num_layers * layer + packing_mask
     ckpt = a.num_layers * seq * micro_batch * a.hidden_size * act_bytes + layer + packing_mask
-    logits = loss_bytes(a, micro_batch, seq, effective_loss_from(loss_from, strategy, zero_stage), loss_chunk_bytes)
+    logits = loss_bytes(a, micro_batch, seq, loss_from, loss_chunk_bytes)
     load = load_bytes(a, params, strategy=strategy, zero_stage=zero_stage, ranks=ranks, bf16=bf16)
     states = weights + grads + optim
     return {"weights": weights, "grads": grads, "optimizer": optim, "optimizer_host": host_optim,
@@ -471,7 +466,7 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
                         bf16=t.bf16, offload_optimizer=t.offload_optimizer, loss_from=loss,
                         trainable=trainable_params(t, sized), packing_mask=packing_mask(t, cfg.data.max_length),
                         loss_chunk_bytes=t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)
-    used = effective_loss_from(loss, t.strategy, t.zero_stage)
+    used = loss
     ckpt = t.gradient_checkpointing
     chosen = m["total_ckpt"] if ckpt else m["total"]
     if ask.gpus:
@@ -495,8 +490,7 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
         lines.append(f"  optimizer states offloaded to host memory: {gb(m['optimizer_host'])} per rank")
     lines += ["  activations per layer = seq × batch × hidden × (34 + 5 × heads × seq / hidden) bytes (16-bit);",
               "  checkpointed: seq × batch × hidden × bytes per layer, plus one layer's during its recomputation",
-              f"  loss from {used}" + (" (train.loss_from: hidden falls back to logits under ZeRO-3)"
-                                       if used != loss else "")
+              f"  loss from {used}"
               + (": [micro-batch, seq, vocab] fp32 logits" if used == "logits" else
                  f": no [B, L, V] logits; fp32 [chunk, vocab] temporaries, chunk = "
                  f"{hidden_chunk_rows(sized.arch, t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)} positions "

@@ -95,8 +95,9 @@ def _batch(rank: int, micro: int, vocab: int, length: int = 12, k: int = 3):
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    """DDP and ZeRO-2 (the stages the config offers besides ZeRO-3, whose partitioned head takes the logits
-    path), tied and untied head, with and without the in-place path: 2 steps of 2 micro-batches."""
+    """DDP and ZeRO-2 (the stages where the head's `.grad` is the whole gradient; ZeRO-3's
+    partitioned head: tests/test_train_zero3_hidden.py), tied and untied head, with and without the
+    in-place path: 2 steps of 2 micro-batches."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)

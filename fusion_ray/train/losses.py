@@ -432,8 +432,11 @@ def hidden_path(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
     - logits that are not a plain linear head of that hidden state (a config with any of
       `SCALED_LOGITS` set, e.g. Gemma-2's soft-capping);
     - a head that is not a plain `nn.Linear` (a LoRA-wrapped head: its `.weight` would miss
-      the adapter), or whose weight is partitioned (DeepSpeed ZeRO-3: `ds_id`);
+      the adapter);
     - a forward without `logits_to_keep` (it keeps the model from building [B, L, V] logits).
+
+    A head partitioned by DeepSpeed ZeRO-3 (its weight has a `ds_id`) is served: `batch_loss`
+    runs the loss as the head module's forward (`_as_forward_of`).
     """
     import inspect
 
@@ -443,7 +446,7 @@ def hidden_path(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linea
         return None
     head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
     base = getattr(core, getattr(core, "base_model_prefix", ""), None)
-    if type(head) is not torch.nn.Linear or not isinstance(base, torch.nn.Module) or hasattr(head.weight, "ds_id"):
+    if type(head) is not torch.nn.Linear or not isinstance(base, torch.nn.Module):
         return None
     if "logits_to_keep" not in inspect.signature(core.forward).parameters:
         return None
@@ -485,8 +488,9 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
     and the LM head's weight, so the [B, L, V] logits are never built. The model is still
     called through `model` (its DDP / DeepSpeed / PEFT wrapper's forward runs as usual) with
     `logits_to_keep=1`; a forward hook on the base module takes its output. Models this path
-    cannot serve (`hidden_path` is None: soft-capped logits as Gemma-2's, ZeRO-3) fall back to
-    the logits path. `chunk_bytes` (`train.loss_chunk_mb`): the hidden-state loss's chunk
+    cannot serve (`hidden_path` is None: soft-capped logits as Gemma-2's, a LoRA-wrapped head)
+    fall back to the logits path; under ZeRO-3 the loss runs as the head module's forward
+    (`_as_forward_of`), so that DeepSpeed gathers the head's weight for it. `chunk_bytes` (`train.loss_chunk_mb`): the hidden-state loss's chunk
     (None: `HIDDEN_CHUNK_BYTES`); the logits path does not use it.
     """
     fusion_mask = batch["transferred"] if fusion_positions == "transferred" else None
@@ -509,6 +513,48 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
         model(**forward_inputs(model, batch), logits_to_keep=1)
     finally:
         handle.remove()
-    return combined_loss_from_hidden(seen[-1], head.weight, *args, lambda_clm=lam, tail=tail,
-                                     temperature=temperature, lm_head_bias=head.bias, fusion_mask=fusion_mask,
-                                     chunk_bytes=chunk_bytes or HIDDEN_CHUNK_BYTES)
+
+    def loss(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        return combined_loss_from_hidden(hidden, head.weight, *args, lambda_clm=lam, tail=tail,
+                                         temperature=temperature, lm_head_bias=head.bias, fusion_mask=fusion_mask,
+                                         chunk_bytes=chunk_bytes or HIDDEN_CHUNK_BYTES)
+
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3: the head's weight exists whole only inside its module's calls
+        return _as_forward_of(head, loss, seen[-1])
+    return loss(seen[-1])
+
+
+hidden_loss_as_head_forward_count = 0  # losses taken through `_as_forward_of` (for tests)
+
+
+def _as_forward_of(module: torch.nn.Module, loss, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`loss(hidden)` run as `module`'s forward, so that the hooks on the module run around it.
+
+    Under DeepSpeed ZeRO-3 each rank holds a slice of the head's weight. Its hooks on the head
+    module gather the whole weight before the module's forward and release it after; they mark
+    the forward's output so that the weight is gathered again before the output's backward, and
+    the forward's input so that it is released once the gradient has reached that input. The
+    gradient autograd then accumulates into the weight goes through ZeRO-3's reduce-scatter as
+    the head's own would. The chunked loss is exactly such a use of the weight: one input (the
+    hidden states, the only tensor handed to the module) and one output (the loss); its CLM and
+    fusion parts, which carry no gradient, come back beside the module call.
+    """
+    global hidden_loss_as_head_forward_count
+    parts: dict[str, torch.Tensor] = {}
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        out = loss(h)
+        parts.update(out)
+        return out["loss"]
+
+    had = module.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's hooks) to put back
+    module.forward = forward
+    try:
+        value = module(hidden)
+    finally:
+        if had is None:
+            del module.forward
+        else:
+            module.forward = had
+    hidden_loss_as_head_forward_count += 1
+    return {"loss": value, "clm": parts["clm"], "fusion": parts["fusion"]}
