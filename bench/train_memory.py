@@ -15,7 +15,7 @@ to a temporary dir. Cases:
     the RSS before the step) is what the step's activations and temporaries add. The children run
     with a fixed glibc mmap threshold (`LIVE_MALLOC`), so RSS follows the live tensors: under
     glibc's default the freed 4–32 MiB temporaries of the recomputed layers stay in the heap and
-    the same step read 0.29–0.38 over five runs (0.205 live; `case_b`). The key figure
+    the same step read 0.29–0.39 over six runs (0.206 live; `case_b`). The key figure
     uses the shipped default loss (`train.loss_from: hidden`, what a user's DDP or ZeRO-2 run with
     checkpointing trains with; until 2026-12-01 this case ran the loss from logits, whose [1, 1024,
     32k] logits checkpointing cannot cut); the logits path's ratio is shown beside it, not a key
@@ -73,11 +73,11 @@ SHAPES = {
               "loss_rows": (1, 1024)},
 }
 BIG_VOCAB = 128_256
-SMALL_CHUNK_MB = 32
+SMALL_CHUNK_MB = 32  # case (b)'s `train.loss_chunk_mb` for a user who wants the least memory
 # case (b)'s children: every allocation of 128 KiB or more is its own mapping, returned to the
 # system when freed (setting the threshold also stops glibc from raising it), so RSS follows the
 # live tensors; see case_b
-LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # case (b)'s `train.loss_chunk_mb` for a user who wants the least memory
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 MIB = 2**20
 
 

@@ -98,3 +98,17 @@ def two_adapters(tiny_models, root: Path) -> tuple[Path, tuple[Path, Path], tupl
     one = make_adapter(base, root / "one", 1, 4, ["q_proj", "v_proj", "down_proj"])
     two = make_adapter(base, root / "two", 2, 2, ["q_proj", "o_proj", "up_proj"])
     return base, one, two
+
+
+def two_gloo_ranks(rank_fn, out: Path) -> list:
+    """Run `rank_fn(rank, port, out_prefix)` as ranks 0 and 1 of one gloo group (two spawned processes,
+    no Ray); each rank writes its JSON results to `{out_prefix}.{rank}`. Returns both ranks' results."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_fn, args=(port, str(out)), nprocs=2, join=True)
+    return [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]

@@ -271,7 +271,8 @@ def test_plan_names_mixtral_at_tp2_and_training_without_checkpointing(offline):
     assert "leaves 36.0 GB" in problems[0]
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", "--cluster", "cluster.yaml",
               "train.gradient_checkpointing=false", env=offline)
-    assert out.returncode == 2 and "train openchat: needs 76.5 GB per GPU" in out.stdout  # the loss from hidden states: 0.8 GB
+    # the loss from hidden states: 0.8 GB
+    assert out.returncode == 2 and "train openchat: needs 76.5 GB per GPU" in out.stdout
     # ZeRO-2 over 8 ranks: whole bf16 weights (2 × 7.24B = 14.5 GB, also the load peak); the loss
     # from hidden states: 8 B × 1048 × 32000 + 4 × 32000 × 4096 B = 0.79 GB
     out = cli("plan", "jobs/configs/fusechat_7b.yaml", "train.zero_stage=2", env=offline)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
+from helpers import two_gloo_ranks
 
 from fusion_ray.train import losses
 from fusion_ray.train.losses import combined_loss_from_hidden
@@ -156,13 +156,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_ddp_and_zero_reduce_the_in_place_head_gradient(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path / "out")), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    ranks = two_gloo_ranks(_rank, tmp_path / "out")
     for rows in ranks:
         for row in rows:
             mine, plain = row["in_place"], row["plain"]

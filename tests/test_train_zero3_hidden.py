@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
+from helpers import two_gloo_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,7 +60,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             head = s.module.get_output_embeddings()
             assert hasattr(head.weight, "ds_id") and head.weight.numel() == 0  # partitioned outside its calls
             widths = []
-            hook = head.register_forward_hook(lambda _m, _i, o: widths.append(o.shape[-1] if o.dim() else 0))
+            hook = head.register_forward_hook(lambda _m, _i, o, seen=widths: seen.append(o.shape[-1] if o.dim() else 0))
             count, values, grads = losses.hidden_loss_as_head_forward_count, [], []
             s.module.train()
             for step in range(2):
@@ -82,13 +82,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_zero3_hidden_state_loss_equals_the_logits_path(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, str(tmp_path / "out")), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
+    ranks = two_gloo_ranks(_rank, tmp_path / "out")
     for rows in ranks:
         for row in rows:
             hidden, logits = row["hidden"], row["logits"]

@@ -490,8 +490,9 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
     `logits_to_keep=1`; a forward hook on the base module takes its output. Models this path
     cannot serve (`hidden_path` is None: soft-capped logits as Gemma-2's, a LoRA-wrapped head)
     fall back to the logits path; under ZeRO-3 the loss runs as the head module's forward
-    (`_as_forward_of`), so that DeepSpeed gathers the head's weight for it. `chunk_bytes` (`train.loss_chunk_mb`): the hidden-state loss's chunk
-    (None: `HIDDEN_CHUNK_BYTES`); the logits path does not use it.
+    (`_as_forward_of`), so that DeepSpeed gathers the head's weight for it. `chunk_bytes`
+    (`train.loss_chunk_mb`): the hidden-state loss's chunk (None: `HIDDEN_CHUNK_BYTES`); the
+    logits path does not use it.
     """
     fusion_mask = batch["transferred"] if fusion_positions == "transferred" else None
     args = (batch["input_ids"], batch["loss_mask"], batch["topk_ids"], batch["topk_logprobs"])
