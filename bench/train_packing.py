@@ -10,7 +10,8 @@ ids and valid log-probs (the loss's cost does not depend on their values).
 A step is what the training loop runs per micro-batch and optimizer step: `collate` or
 `collate_packed`, `batch_loss` (λ and fusion positions of jobs/configs/tiny_cpu.yaml), backward,
 AdamW. Unpacked, a micro-batch is `micro` conversations padded to the longest; packed, `micro`
-packed rows of up to `max_length` tokens (the plan's next fit, `order.pack`). A control trains
+packed rows of up to `max_length` tokens (as the loop packs a window: `order.fill_order`, then
+next fit, `order.pack`, each block of rows a window). A control trains
 unpacked micro-batches of as many conversations as the packed rows hold (the same rows per step:
 what is left is the padding). The variants train on the same conversations, in blocks that
 alternate between them (so a slower or faster stretch of
@@ -114,7 +115,7 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
     from fusion_ray.demo.assets import ensure_assets
     from fusion_ray.train.batches import collate, collate_packed
     from fusion_ray.train.losses import batch_loss
-    from fusion_ray.train.order import pack
+    from fusion_ray.train.order import fill_order, pack
 
     torch.set_num_threads(threads)
     pivot = str(ensure_assets(log=lambda *_: None) / "models" / "pivot")
@@ -124,8 +125,15 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
     pivot_config = AutoConfig.from_pretrained(pivot)
     first = make_model(model, pivot, pivot_config.vocab_size)
     pad = int(pivot_config.pad_token_id)
-    group = pack(lengths, max_length)
-    packed_rows = int(group[-1]) + 1
+    size = len(data) // blocks
+
+    def packed(block: list[dict]) -> tuple[list[dict], np.ndarray]:
+        """The block as the training loop packs a window: regrouped by `fill_order`, then next fit."""
+        lens = np.array([min(len(r["input_ids"]), max_length) for r in block])
+        order = fill_order(lens, max_length)
+        return [block[i] for i in order], pack(lens[order], max_length)
+
+    packed_rows = sum(int(packed(data[b * size:(b + 1) * size])[1][-1]) + 1 for b in range(blocks))
     # the control: unpacked with as many conversations per step as the packed rows hold (padding alone)
     same_rows = max(micro + 1, round(micro * len(data) / packed_rows))
     variants = {"unpacked": micro, "packed": micro, "unpacked_same_rows": same_rows}
@@ -136,7 +144,7 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
         """Train on `block` one micro-batch at a time; (real tokens, seconds, micro-batches)."""
         size = variants[name]
         if name == "packed":
-            group = pack(np.array([min(len(r["input_ids"]), max_length) for r in block]), max_length)
+            block, group = packed(block)
             batches = [collate_packed([r for r, g in zip(block, group, strict=True) if lo <= g < lo + size],
                                       pad, max_length) for lo in range(0, int(group[-1]) + 1, size)]
         else:
@@ -155,7 +163,6 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
 
     for name in variants:  # warm-up
         steps(name, data[: 2 * same_rows])
-    size = len(data) // blocks
     totals = {name: [0, 0.0, 0] for name in variants}  # real tokens, seconds, micro-batches
     for b in range(blocks):
         block = data[b * size:(b + 1) * size]
@@ -180,7 +187,7 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
         "parameters": sum(p.numel() for p in first.parameters()), "micro_batch_size": micro,
         "max_length": max_length, "mean_row_tokens": float(lengths.mean()),
         "rows_per_packed_row": len(data) / packed_rows,
-        "packed_fill": float(lengths.sum() / (packed_rows * max_length)),
+        "packed_fill": float(lengths[: blocks * size].sum() / (packed_rows * max_length)),
         "unpacked_fill": fill(micro), "unpacked_same_rows_fill": fill(same_rows),
         "micro_steps": {name: t[2] for name, t in totals.items()},
     }

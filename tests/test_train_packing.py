@@ -1,6 +1,6 @@
-"""Sequence packing (`train.packing`): next-fit packed rows, their positions, masks and teacher
-entries, each rank's packed micro-batches, and a loss equal to the unpacked one (value and gradients)
-on real tiny HF models."""
+"""Sequence packing (`train.packing`): the fill order and next-fit packed rows, their positions, masks
+and teacher entries, each rank's packed micro-batches, and a loss equal to the unpacked one (value and
+gradients) on real tiny HF models."""
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +10,7 @@ import torch
 from fusion_ray import io
 from fusion_ray.train.batches import collate, collate_packed, packed_attention_mask
 from fusion_ray.train.losses import batch_loss
-from fusion_ray.train.order import PACKED_COLUMN, RowPlan, pack, rank_batches
+from fusion_ray.train.order import PACKED_COLUMN, RowPlan, fill_order, pack, rank_batches
 
 
 def _row(ids, mask, k=2, start=0):
@@ -27,6 +27,24 @@ def test_next_fit_packs_in_order_and_cuts_long_rows_to_the_capacity():
     assert pack(np.array([3, 4, 2, 9, 12, 1, 1]), 8).tolist() == [0, 0, 1, 2, 3, 4, 4]
     assert pack(np.array([8, 8]), 8).tolist() == [0, 1]
     assert pack(np.array([], dtype=np.int64), 8).tolist() == []
+
+
+def test_the_fill_order_packs_best_fit_decreasing_and_keeps_the_stream_order_around_it():
+    # capacity 10, in stream order [6, 5, 4, 5]: next fit makes [6] [5 4] [5], three packed rows.
+    # Best-fit decreasing: 6 opens row A (room 4), 5 opens B (room 5), the second 5 fills B, 4 fills A;
+    # A's first row comes first in the stream: A = rows 0, 2, then B = rows 1, 3
+    lengths = np.array([6, 5, 4, 5])
+    assert pack(lengths, 10).max() + 1 == 3
+    order = fill_order(lengths, 10)
+    assert order.tolist() == [0, 2, 1, 3]
+    assert pack(lengths[order], 10).tolist() == [0, 0, 1, 1]
+    # long rows count as the capacity and fill a row alone; best fit takes the tightest room:
+    # 9 opens A (room 1), 7 opens B (room 3), 3 fits B exactly (not A), 1 fits A
+    lengths = np.array([3, 12, 9, 7, 1])
+    order = fill_order(lengths, 10)
+    assert order.tolist() == [0, 3, 1, 2, 4]  # B = rows 0, 3 (first row 0), the long row 1, A = rows 2, 4
+    assert pack(lengths[order], 10).tolist() == [0, 0, 1, 2, 2]
+    assert fill_order(np.array([], dtype=np.int64), 8).tolist() == []
 
 
 def test_packed_rows_restart_positions_and_never_score_across_a_boundary():
@@ -165,6 +183,28 @@ def _fused_shards(tmp_path, sizes) -> str:
     return str(tmp_path)
 
 
+def _filled_stream(plan: RowPlan, epoch: int, capacity: int) -> list[str]:
+    """Reference: each window's unpacked stream regrouped by best-fit decreasing, written as a scan."""
+    starts = np.cumsum([0, *plan.counts])
+    out = []
+    for w, files in enumerate(plan.windows(epoch)):
+        ids = [f"s{j}" for i in files for j in range(starts[i], starts[i + 1])]
+        stream = [ids[k] for k in plan.window_order(epoch, w, len(ids))]
+        size = [min(LENGTHS[int(sid[1:])], capacity) for sid in stream]
+        bins: list[list] = []  # [room left, stream positions]
+        for k in sorted(range(len(stream)), key=lambda k: (-size[k], k)):
+            fits = [b for b in bins if b[0] >= size[k]]
+            if fits:
+                best = min(fits, key=lambda b: (b[0], bins.index(b)))
+                best[0] -= size[k]
+                best[1].append(k)
+            else:
+                bins.append([capacity - size[k], [k]])
+        for _, members in sorted(bins, key=lambda b: min(b[1])):
+            out += [stream[k] for k in sorted(members)]
+    return out
+
+
 def _next_fit(ids: list[str], capacity: int) -> list[list[str]]:
     """Reference: rows joined in order while their (cut) tokens fit."""
     rows, current, used = [], [], 0
@@ -187,8 +227,10 @@ def test_each_rank_takes_its_packed_rows_of_every_full_global_micro_batch(tmp_pa
     assert plan.lengths.tolist() == LENGTHS
     assert RowPlan.from_wire(plan.to_wire()).lengths.tolist() == LENGTHS
     epoch = 1
-    stream = [s for b in rank_batches(plan, epoch, 1, 0, 1) for s in b.column("sample_id").to_pylist()]
-    packed = _next_fit(stream, capacity)
+    packed = _next_fit(_filled_stream(plan, epoch, capacity), capacity)
+    unpacked = _next_fit([s for b in rank_batches(plan, epoch, 1, 0, 1) for s in b.column("sample_id").to_pylist()],
+                         capacity)
+    assert len(packed) <= len(unpacked)  # the fill order never needs more packed rows here
     assert plan.packed_count(epoch, capacity) == len(packed)
     span = micro * world
     full = len(packed) // span
@@ -209,11 +251,13 @@ def test_total_steps_count_the_packed_rows_of_each_epoch(tmp_path):
     from fusion_ray.train.loop import total_steps
 
     plan = RowPlan.of(_fused_shards(tmp_path, [28]), seed=0, shuffle=False, window_rows=8192, lengths=True)
-    # unshuffled: the stream is the files' order; next fit at 16 tokens over LENGTHS
-    packed = _next_fit([f"s{i}" for i in range(len(LENGTHS))], 16)
-    assert plan.packed_count(0, 16) == plan.packed_count(1, 16) == len(packed) == 9
+    # unshuffled, one window: LENGTHS (133 tokens) regrouped best-fit decreasing at 16 tokens, then
+    # next fit: 8 packed rows, the fewest that hold 133 tokens (next fit in the files' order makes 9)
+    packed = _next_fit(_filled_stream(plan, 0, 16), 16)
+    assert len(_next_fit([f"s{i}" for i in range(len(LENGTHS))], 16)) == 9
+    assert plan.packed_count(0, 16) == plan.packed_count(1, 16) == len(packed) == 8
     cfg = _cfg({"packing": True, "epochs": 2, "global_batch_size": 2, "micro_batch_size": 1})
-    assert total_steps(cfg, plan.rows, plan) == 2 * (9 // 2)
+    assert total_steps(cfg, plan.rows, plan) == 2 * (8 // 2)
     assert total_steps(cfg, plan.rows) == 2 * (28 // 2)  # without the token counts: rows
     capped = _cfg({"packing": True, "max_steps": 3, "global_batch_size": 2, "micro_batch_size": 1})
     assert total_steps(capped, plan.rows, plan) == 3
@@ -237,4 +281,5 @@ def test_packing_is_off_by_default_and_off_keeps_the_fingerprint_fields():
 
     off, on = _cfg({}), _cfg({"packing": True})
     assert off.train.packing is False
-    assert "packing" not in result_fields(off) and result_fields(on)["packing"] is True
+    # on: the packing order is named, so a run packed by the earlier next-fit-only order is not resumed
+    assert "packing" not in result_fields(off) and result_fields(on)["packing"] == "fill-order"

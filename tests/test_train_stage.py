@@ -281,18 +281,20 @@ def test_packed_rows_train_under_deepspeed_bf16_for_the_steps_their_packing_give
     import numpy as np
     import pyarrow.parquet as pq
 
-    from fusion_ray.train.order import RowPlan, rank_batches
+    from fusion_ray.train.order import RowPlan, fill_order, rank_batches
 
     cfg = variant(fused, tmp_path / "w", strategy="deepspeed", bf16=True, packing=True, max_steps=None, epochs=1,
                   micro_batch_size=1, global_batch_size=2, clm_only_arm=False)
     cfg.data.max_length = 240  # rows of ~60 tokens: about 4 to a packed row
     data = cfg.stage_dir("fuse", "gpt")
-    # expected: the epoch's stream (unpacked order, world 1), next fit into 240-token rows, ⌊packed / 2⌋ steps
+    # expected: the epoch's stream (unpacked order, world 1; one window), regrouped by the fill order, next
+    # fit into 240-token rows, ⌊packed / 2⌋ steps
     lengths = {r["sample_id"]: len(r["input_ids"]) for r in pq.read_table(data).to_pylist()}
     plan = RowPlan.of(data, cfg.train.seed, True, cfg.train.shuffle_window_rows)
+    assert len(plan.windows(0)) == 1
+    stream = np.array([lengths[t.column("sample_id")[0].as_py()] for t in rank_batches(plan, 0, 1, 0, 1)])
     packed, used = 0, cfg.data.max_length
-    for table in rank_batches(plan, 0, 1, 0, 1):
-        n = min(lengths[table.column("sample_id")[0].as_py()], cfg.data.max_length)
+    for n in np.minimum(stream[fill_order(stream, cfg.data.max_length)], cfg.data.max_length).tolist():
         packed, used = (packed + 1, n) if used + n > cfg.data.max_length else (packed, used + n)
     assert 2 <= packed < len(lengths) // 2, "conversations share packed rows"
     result = trainer.run(cfg, log=QUIET)

@@ -17,7 +17,7 @@ from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
 from fusion_ray.pipeline import StageResult
 from fusion_ray.train.lora import MERGED_DIR
-from fusion_ray.train.order import RowPlan
+from fusion_ray.train.order import PACKING_ORDER, RowPlan
 from fusion_ray.train.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -33,6 +33,8 @@ def result_fields(cfg: FusionConfig) -> dict:
     for k in ("packing", "peft"):  # off, the fingerprint is the one runs had before the setting existed
         if not fields.get(k):
             fields.pop(k, None)
+    if fields.get("packing"):  # the packing order (train/order.py): packed runs of the next-fit-only order
+        fields["packing"] = PACKING_ORDER  # do not resume into this one
     return fields
 
 

@@ -13,9 +13,13 @@ a last global micro-batch that is not full is dropped (every rank takes the same
 micro-steps, which DDP and ZeRO need). A rank keeps only its own rows of a window: its memory is
 one file plus window_rows / world rows, whatever the dataset's size.
 
-Packing (`train.packing`, `capacity` below): the same stream is first cut into packed rows, greedily
-in stream order (next fit: a row joins the current packed row while their tokens fit in `capacity`,
-else it starts the next one), and the packed rows take the place of rows above: a global
+Packing (`train.packing`, `capacity` below): inside each window the seeded permutation is
+regrouped (`fill_order`) so that rows that fill a packed row together stand side by side
+(best-fit decreasing: the longest row first, each into the fullest packed row it still fits;
+the packed rows then in the order of their first row in the permutation, and rows inside in that
+order). The stream is then cut into packed rows, greedily in stream order (next fit: a row joins
+the current packed row while their tokens fit in `capacity`, else it starts the next one), and
+the packed rows take the place of rows above: a global
 micro-batch is `micro × world` packed rows, rank r takes packed rows [r·micro, (r+1)·micro) of
 each, the last partial one is dropped. The packing depends only on the rows' token counts (read
 once from the files, `RowPlan.of(..., lengths=True)`), the seed and the epoch, so every rank
@@ -32,6 +36,7 @@ import numpy as np
 
 from fusion_ray import io
 
+PACKING_ORDER = "fill-order"  # names the packing below in a packed run's fingerprint (train/fit.py)
 PACKED_COLUMN = "_packed_row"  # rank_batches with packing: the packed row of the micro-batch a row belongs to
 
 
@@ -85,9 +90,20 @@ class RowPlan:
                 current, size = [], 0
         return out + ([current] if current else [])
 
-    def window_order(self, epoch: int, w: int, n: int) -> np.ndarray:
-        """The stream order of window w's n rows (indices into its files' rows, one file after the other)."""
-        return np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.shuffle else np.arange(n)
+    def window_order(self, epoch: int, w: int, n: int, capacity: int | None = None) -> np.ndarray:
+        """The stream order of window w's n rows (indices into its files' rows, one file after the other).
+        With `capacity` (packing): that order regrouped by `fill_order` over the rows' token counts."""
+        order = np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.shuffle else np.arange(n)
+        if capacity is None:
+            return order
+        return order[fill_order(self._window_lengths(epoch, w)[order], capacity)]
+
+    def _window_lengths(self, epoch: int, w: int) -> np.ndarray:
+        if self.lengths is None:
+            raise ValueError("packing needs the rows' token counts: RowPlan.of(..., lengths=True)")
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        files = self.windows(epoch)[w]
+        return np.concatenate([self.lengths[starts[i]:starts[i + 1]] for i in files])
 
     def packed_rows(self, epoch: int, capacity: int) -> np.ndarray:
         """The packed row (0, 1, ...) of each position of `epoch`'s stream (`pack` over its token counts)."""
@@ -98,11 +114,10 @@ class RowPlan:
         return self._packed[epoch, capacity]
 
     def _pack_epoch(self, epoch: int, capacity: int) -> np.ndarray:
-        starts = np.concatenate([[0], np.cumsum(self.counts)])
         stream = []
-        for w, files in enumerate(self.windows(epoch)):
-            window = np.concatenate([self.lengths[starts[i]:starts[i + 1]] for i in files])
-            stream.append(window[self.window_order(epoch, w, len(window))])
+        for w in range(len(self.windows(epoch))):
+            window = self._window_lengths(epoch, w)
+            stream.append(window[self.window_order(epoch, w, len(window), capacity)])
         return pack(np.concatenate(stream) if stream else np.zeros(0, np.int64), capacity)
 
     def packed_count(self, epoch: int, capacity: int) -> int:
@@ -137,6 +152,38 @@ def pack(lengths: np.ndarray, capacity: int) -> np.ndarray:
     return out
 
 
+def fill_order(lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """A permutation of rows (given in stream order) that puts the rows of each packed row side by
+    side, so that `pack` (next fit) over it fills its packed rows as best-fit decreasing does.
+
+    Best-fit decreasing: rows by decreasing tokens (cut to `capacity`; ties: stream order), each
+    into the open packed row with the least room that still holds it, else a new one. Then the
+    packed rows in the order of their first row in the stream, and each one's rows in stream
+    order. Deterministic, so every rank computes the same order. Next fit over the result makes
+    the same packed rows, or fewer where two neighbours fit together.
+    """
+    import bisect
+
+    sizes = np.minimum(np.asarray(lengths, dtype=np.int64), capacity)
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (room left, packed row) of every packed row, sorted
+    for i in sorted(range(len(sizes)), key=lambda k: (-int(sizes[k]), k)):
+        n = int(sizes[i])
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            left, b = room.pop(at)
+            bins[b].append(i)
+            if left > n:
+                bisect.insort(room, (left - n, b))
+        else:
+            bins.append([i])
+            if capacity > n:
+                bisect.insort(room, (capacity - n, len(bins) - 1))
+    bins = [sorted(b) for b in bins]
+    bins.sort(key=lambda b: b[0])
+    return np.asarray([i for b in bins for i in b], dtype=np.int64)
+
+
 def rank_batches(plan: RowPlan, epoch: int, micro: int, rank: int, world: int,
                  capacity: int | None = None) -> Iterator:
     """This rank's micro-batches (pyarrow tables of `micro` rows) of one epoch's stream.
@@ -161,7 +208,7 @@ def rank_batches(plan: RowPlan, epoch: int, micro: int, rank: int, world: int,
     for w, files in enumerate(plan.windows(epoch)):
         sizes = [plan.counts[i] for i in files]
         n = sum(sizes)
-        perm = plan.window_order(epoch, w, n)
+        perm = plan.window_order(epoch, w, n, capacity)
         position = start + np.arange(n)
         slot = position if unit is None else unit[position]
         mine = ((slot % span) // micro == rank) & (slot < limit)
