@@ -112,3 +112,19 @@ def two_gloo_ranks(rank_fn, out: Path) -> list:
         port = s.getsockname()[1]
     mp.spawn(rank_fn, args=(port, str(out)), nprocs=2, join=True)
     return [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+
+
+def join_gloo_group(rank: int, port: int) -> None:
+    """In a `two_gloo_ranks` process: rank `rank` of 2 joins the gloo group through DeepSpeed (on CPU)."""
+    import os
+
+    import torch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from fusion_ray.config import TrainConfig
+    from fusion_ray.train.strategies import import_deepspeed
+
+    import_deepspeed(TrainConfig(strategy="deepspeed")).init_distributed(dist_backend="gloo",
+                                                                         auto_mpi_discovery=False)

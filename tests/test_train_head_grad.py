@@ -6,11 +6,10 @@ gradient reduction runs in hooks on the weight's accumulation."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from helpers import two_gloo_ranks
+from helpers import join_gloo_group, two_gloo_ranks
 
 from fusion_ray.train import losses
 from fusion_ray.train.losses import combined_loss_from_hidden
@@ -98,18 +97,14 @@ def _rank(rank: int, port: int, out: str) -> None:
     """DDP and ZeRO-2 (the stages where the head's `.grad` is the whole gradient; ZeRO-3's
     partitioned head: tests/test_train_zero3_hidden.py), tied and untied head, with and without the
     in-place path: 2 steps of 2 micro-batches."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+    join_gloo_group(rank, port)
     from deepspeed.utils import safe_get_full_grad
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusion_ray.config import TrainConfig
     from fusion_ray.train.losses import batch_loss
-    from fusion_ray.train.strategies import DDP, DeepSpeed, import_deepspeed
+    from fusion_ray.train.strategies import DDP, DeepSpeed
 
-    import_deepspeed(TrainConfig(strategy="deepspeed")).init_distributed(dist_backend="gloo",
-                                                                         auto_mpi_discovery=False)
     results = []
     for strategy in ("ddp", "zero2"):
         for tied in (False, True):

@@ -7,11 +7,10 @@ losses, reduced gradients and weights as the logits path, and no [B, L, V] logit
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from helpers import two_gloo_ranks
+from helpers import join_gloo_group, two_gloo_ranks
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,18 +31,14 @@ def _batch(rank: int, micro: int, length: int = 12, k: int = 3):
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
+    join_gloo_group(rank, port)
     from deepspeed.utils import safe_get_full_grad
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusion_ray.config import TrainConfig
     from fusion_ray.train import losses
-    from fusion_ray.train.strategies import DeepSpeed, import_deepspeed
+    from fusion_ray.train.strategies import DeepSpeed
 
-    import_deepspeed(TrainConfig(strategy="deepspeed")).init_distributed(dist_backend="gloo",
-                                                                         auto_mpi_discovery=False)
     results = []
     for tied in (False, True):
         row = {"tied": tied}
