@@ -206,7 +206,7 @@ def sampled_accuracy(default_build):
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # the first of these builds the assets: 15-17 min on a CPU without native bf16
 def test_each_source_is_the_specialist_of_its_op_and_the_pivot_is_weaker(sampled_accuracy):
     acc = sampled_accuracy
     for op in arith.OPS:
@@ -218,7 +218,7 @@ def test_each_source_is_the_specialist_of_its_op_and_the_pivot_is_weaker(sampled
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_reward_model_prefers_real_answers_on_heldout_pairs(default_build):
     from fusion_ray.implicit.reward_model import RewardScorer
 
