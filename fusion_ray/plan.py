@@ -466,7 +466,6 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
                         bf16=t.bf16, offload_optimizer=t.offload_optimizer, loss_from=loss,
                         trainable=trainable_params(t, sized), packing_mask=packing_mask(t, cfg.data.max_length),
                         loss_chunk_bytes=t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)
-    used = loss
     ckpt = t.gradient_checkpointing
     chosen = m["total_ckpt"] if ckpt else m["total"]
     if ask.gpus:
@@ -474,13 +473,13 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
         unit.why = (f"states {gb(m['weights'] + m['grads'] + m['optimizer'])} + activations "
                     f"{gb(m['activations_ckpt'] if ckpt else m['activations'])} "
                     f"({'with' if ckpt else 'without'} gradient checkpointing) + "
-                    + ("logits " if used == "logits" else "loss from hidden states ") + gb(m["logits"]))
+                    + ("logits " if loss == "logits" else "loss from hidden states ") + gb(m["logits"]))
         unit.hint = ("turn on train.gradient_checkpointing, " if not ckpt else "") + \
             "lower train.micro_batch_size, add ranks (ZeRO-3) or use GPUs with more memory"
     precision = "bf16 mixed precision" if t.bf16 and t.strategy == "deepspeed" else "fp32"
     lines = [f"  {cfg.pivot.name}: {billions(sized.params)} parameters, micro-batch {t.micro_batch_size} × "
              f"{cfg.data.max_length} tokens, {precision}",
-             *table([["weights", "gradients", "optimizer", "activations", "logits" if used == "logits" else "loss",
+             *table([["weights", "gradients", "optimizer", "activations", "logits" if loss == "logits" else "loss",
                       "total"],
                      [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["activations"]), gb(m["logits"]),
                       gb(m["total"]) + " without checkpointing" + ("" if ckpt else " (chosen)")],
@@ -490,8 +489,8 @@ def train_unit(cfg: FusionConfig, ask: Ask, sized: Sized, loss_from: str | None 
         lines.append(f"  optimizer states offloaded to host memory: {gb(m['optimizer_host'])} per rank")
     lines += ["  activations per layer = seq × batch × hidden × (34 + 5 × heads × seq / hidden) bytes (16-bit);",
               "  checkpointed: seq × batch × hidden × bytes per layer, plus one layer's during its recomputation",
-              f"  loss from {used}"
-              + (": [micro-batch, seq, vocab] fp32 logits" if used == "logits" else
+              f"  loss from {loss}"
+              + (": [micro-batch, seq, vocab] fp32 logits" if loss == "logits" else
                  f": no [B, L, V] logits; fp32 [chunk, vocab] temporaries, chunk = "
                  f"{hidden_chunk_rows(sized.arch, t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)} positions "
                  f"(train.loss_chunk_mb: {t.loss_chunk_mb or HIDDEN_CHUNK_BYTES >> 20} MiB) "

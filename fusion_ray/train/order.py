@@ -53,6 +53,8 @@ class RowPlan:
     lengths: np.ndarray | None = field(default=None, compare=False)
     # (epoch, capacity) → packed_rows: total_steps and rank_batches both need each epoch's packing
     _packed: dict = field(default_factory=dict, compare=False, repr=False)
+    # (epoch, capacity) → each window's packing order: packed_rows and rank_batches both read it
+    _filled: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, data_dir: str, seed: int, shuffle: bool, window_rows: int, lengths: bool = False) -> RowPlan:
@@ -93,32 +95,37 @@ class RowPlan:
     def window_order(self, epoch: int, w: int, n: int, capacity: int | None = None) -> np.ndarray:
         """The stream order of window w's n rows (indices into its files' rows, one file after the other).
         With `capacity` (packing): that order regrouped by `fill_order` over the rows' token counts."""
-        order = np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.shuffle else np.arange(n)
-        if capacity is None:
-            return order
-        return order[fill_order(self._window_lengths(epoch, w)[order], capacity)]
+        if capacity is not None:
+            return self._filled_orders(epoch, capacity)[w]
+        return np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.shuffle else np.arange(n)
 
-    def _window_lengths(self, epoch: int, w: int) -> np.ndarray:
+    def _window_lengths(self, epoch: int) -> list[np.ndarray]:
+        """The token counts of each window's rows (its files' rows, one file after the other)."""
         if self.lengths is None:
             raise ValueError("packing needs the rows' token counts: RowPlan.of(..., lengths=True)")
         starts = np.concatenate([[0], np.cumsum(self.counts)])
-        files = self.windows(epoch)[w]
-        return np.concatenate([self.lengths[starts[i]:starts[i + 1]] for i in files])
+        return [np.concatenate([self.lengths[starts[i]:starts[i + 1]] for i in files])
+                for files in self.windows(epoch)]
+
+    def _filled_orders(self, epoch: int, capacity: int) -> list[np.ndarray]:
+        """Each window's stream order under packing, computed once per (epoch, capacity)."""
+        if (epoch, capacity) not in self._filled:
+            orders = []
+            for w, lengths in enumerate(self._window_lengths(epoch)):
+                order = self.window_order(epoch, w, len(lengths))
+                orders.append(order[fill_order(lengths[order], capacity)])
+            self._filled[epoch, capacity] = orders
+        return self._filled[epoch, capacity]
 
     def packed_rows(self, epoch: int, capacity: int) -> np.ndarray:
         """The packed row (0, 1, ...) of each position of `epoch`'s stream (`pack` over its token counts)."""
-        if self.lengths is None:
-            raise ValueError("packing needs the rows' token counts: RowPlan.of(..., lengths=True)")
         if (epoch, capacity) not in self._packed:
-            self._packed[epoch, capacity] = self._pack_epoch(epoch, capacity)
+            lengths = self._window_lengths(epoch)
+            stream = [window[order] for window, order in zip(lengths, self._filled_orders(epoch, capacity),
+                                                              strict=True)]
+            self._packed[epoch, capacity] = pack(np.concatenate(stream) if stream else np.zeros(0, np.int64),
+                                                 capacity)
         return self._packed[epoch, capacity]
-
-    def _pack_epoch(self, epoch: int, capacity: int) -> np.ndarray:
-        stream = []
-        for w in range(len(self.windows(epoch))):
-            window = self._window_lengths(epoch, w)
-            stream.append(window[self.window_order(epoch, w, len(window), capacity)])
-        return pack(np.concatenate(stream) if stream else np.zeros(0, np.int64), capacity)
 
     def packed_count(self, epoch: int, capacity: int) -> int:
         """Packed rows in `epoch`'s stream."""
