@@ -1,5 +1,6 @@
 """The embedded default's assets: deterministic, cached, real HF model dirs, specialists."""
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -107,6 +108,54 @@ def test_asset_names_resolve_and_unknown_names_fail():
 def test_spec_hash_changes_with_any_setting():
     assert SMALL.key() != assets.DEFAULT_SPEC.key()
     assert assets.DemoSpec(seed=1).key() != assets.DemoSpec(seed=0).key()
+
+
+XEON_FLAGS = "fpu vme sse sse2 avx avx2 avx512f avx512bw avx512vl avx512_vnni"  # a CPU without native bf16
+ARM_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics"
+
+
+@pytest.mark.parametrize(("cpuinfo", "native"), [
+    (f"processor\t: 0\nflags\t\t: {XEON_FLAGS} avx512_bf16 amx_tile\n", True),
+    (f"processor\t: 0\nflags\t\t: {XEON_FLAGS} amx_bf16\n", True),
+    (f"processor\t: 0\nflags\t\t: {XEON_FLAGS}\nbugs\t\t: spectre_v1\n", False),
+    ("model name\t: AMD EPYC avx512_bf16 in a name is no flag\nflags\t\t: sse avx2\n", False),
+    ("", False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, native):
+    assert assets.cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_arm_bf16_feature_counts_only_on_arm(monkeypatch):
+    text = f"processor\t: 0\nFeatures\t: {ARM_FEATURES} bf16 i8mm\n"
+    monkeypatch.setattr(assets.platform, "machine", lambda: "aarch64")
+    assert assets.cpu_has_native_bf16(text)
+    assert not assets.cpu_has_native_bf16(f"Features\t: {ARM_FEATURES}\n")
+    monkeypatch.setattr(assets.platform, "machine", lambda: "x86_64")
+    assert not assets.cpu_has_native_bf16(text)
+
+
+def test_precision_override_names_the_variable_and_keys_fp32_apart(monkeypatch):
+    import torch
+
+    from fusion_ray.demo import implicit
+    from fusion_ray.io import fingerprint
+
+    monkeypatch.setenv(assets.PRECISION_ENV, "bf16")
+    assert assets.build_precision() == "bf16"
+    bf16_keys = (assets.DEFAULT_SPEC.key(), implicit.DEFAULT_SPEC.key())
+    # bf16 keeps the hash the assets had before the precision was chosen per machine
+    assert bf16_keys[0] == fingerprint(dataclasses.asdict(assets.DEFAULT_SPEC), assets.BUILD_VERSION)
+    with assets.training_autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv(assets.PRECISION_ENV, " FP32 ")
+    assert assets.build_precision() == "fp32"
+    assert (assets.DEFAULT_SPEC.key(), implicit.DEFAULT_SPEC.key()) != bf16_keys
+    assert assets.assets_dir() != assets.cache_root() / f"demo-{bf16_keys[0]}"
+    with assets.training_autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(assets.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="FUSION_RAY_DEMO_PRECISION='fp16': expected bf16 or fp32"):
+        assets.build_precision()
 
 
 @pytest.mark.integration

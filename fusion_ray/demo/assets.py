@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,56 @@ IMPLICIT_MODEL_NAMES = ("implicit_pivot", "implicit_source_add", "implicit_sourc
 IMPLICIT_NAMES = IMPLICIT_CORPUS_FILES + IMPLICIT_MODEL_NAMES
 ASSET_NAMES = CORPUS_FILES + MODEL_NAMES + IMPLICIT_NAMES
 BUILD_VERSION = 1  # bump when the build code changes what it produces (the explicit assets)
+PRECISION_ENV = "FUSION_RAY_DEMO_PRECISION"  # bf16 | fp32: overrides the CPU check below
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of a native bf16 dot product
+
+
+def build_precision() -> str:
+    """The demo models' training precision on this machine: "bf16" (autocast) where the CPU computes
+    bf16 natively, "fp32" elsewhere, where torch emulates bf16 matmuls: 4-10x slower than fp32 for
+    these models (a 15-17 min implicit build instead of about 4); `FUSION_RAY_DEMO_PRECISION`
+    overrides. An fp32 build is its own asset set (`precision_key`)."""
+    chosen = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in ("bf16", "fp32"):
+            raise ValueError(f"{PRECISION_ENV}={chosen!r}: expected bf16 or fp32")
+        return chosen
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has bf16 dot-product instructions: x86's avx512_bf16 or amx_bf16 flag, or
+    Arm's bf16 feature, read from /proc/cpuinfo (False where that file is absent: macOS, Windows)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("flags", "features"):
+            words = set(value.split())
+            if any(f in words for f in BF16_CPU_FLAGS) or (
+                    platform.machine() in ("aarch64", "arm64") and "bf16" in words):
+                return True
+    return False
+
+
+def precision_key() -> tuple:
+    """What the precision adds to a spec's hash: nothing for bf16 (the key the assets always had),
+    "fp32" for an fp32 build, so the two never share a cache dir or a resumed part."""
+    return () if build_precision() == "bf16" else ("fp32",)
+
+
+def training_autocast():
+    """The demo builders' autocast context for `build_precision()` (a no-op for fp32)."""
+    import contextlib
+
+    import torch
+
+    if build_precision() == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def default_demo_config() -> Path:
@@ -74,7 +126,7 @@ class DemoSpec:
     models: tuple[TinyModel, ...] = field(default_factory=lambda: DEFAULT_MODELS)
 
     def key(self) -> str:
-        return fingerprint(dataclasses.asdict(self), BUILD_VERSION)
+        return fingerprint(dataclasses.asdict(self), BUILD_VERSION, *precision_key())
 
     def scaled(self, steps: int, max_per_domain: int) -> DemoSpec:
         """A smaller build with the same structure (for fast tests)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_ray.demo.assets import CORPUS_FILES, DemoSpec, TinyModel
+from fusion_ray.demo.assets import CORPUS_FILES, DemoSpec, TinyModel, build_precision, training_autocast
 from fusion_ray.demo.corpus import DOMAINS, build_corpus
 from fusion_ray.demo.tokenizers import build_tokenizer
 from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans
@@ -28,7 +28,8 @@ def build_all(spec: DemoSpec, root: Path, log=print) -> dict:
     """Build every missing part below `root`; return a summary (sizes, times, bpb)."""
     corpus = build_corpus_once(spec, root / "corpus", log)
     rows = {name: read_jsonl(corpus / f"{name}.jsonl") for name in CORPUS_FILES}
-    summary: dict = {"spec_key": spec.key(), "corpus": {}, "models": {}}
+    summary: dict = {"spec_key": spec.key(), "precision": build_precision(), "corpus": {}, "models": {}}
+    log(f"[demo] training precision: {summary['precision']} (FUSION_RAY_DEMO_PRECISION overrides)")
     for name, items in rows.items():
         path = corpus / f"{name}.jsonl"
         summary["corpus"][name] = {"rows": len(items), "bytes": path.stat().st_size}
@@ -133,7 +134,8 @@ def packed_batches(spec: DemoSpec, model: TinyModel, rows: dict, tokenizer) -> t
 
 
 def train(net, data: torch.Tensor, model: TinyModel, spec: DemoSpec, log=print) -> list[float]:
-    """AdamW, cosine schedule with 5% warmup, bf16 autocast; returns per-step losses."""
+    """AdamW, cosine schedule with 5% warmup, bf16 autocast where the CPU has native bf16
+    (`build_precision`); returns per-step losses."""
     opt = torch.optim.AdamW(net.parameters(), lr=model.lr, weight_decay=0.01)
     warmup = max(1, model.steps // 20)
 
@@ -147,7 +149,7 @@ def train(net, data: torch.Tensor, model: TinyModel, spec: DemoSpec, log=print) 
     losses = []
     for step in range(model.steps):
         batch = data[step * spec.batch_size : (step + 1) * spec.batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with training_autocast():
             loss = net(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from fusion_ray.demo import arith
-from fusion_ray.demo.assets import TinyModel
+from fusion_ray.demo.assets import TinyModel, build_precision, training_autocast
 from fusion_ray.demo.build import make_model, read_jsonl
 from fusion_ray.demo.corpus import DOMAINS, _write_jsonl, build_corpus
 from fusion_ray.demo.implicit import ImplicitSpec
@@ -32,7 +32,8 @@ def build_all(spec: ImplicitSpec, root: Path, log=print) -> dict:
     corpus = build_corpus_once(spec, root / "corpus", log)
     chat = {name: read_jsonl(corpus / "chat" / f"{name}.jsonl") for name in ("train", "heldout")}
     heldout = read_jsonl(corpus / "arith_heldout.jsonl")
-    summary: dict = {"spec_key": spec.key(), "corpus": {}, "models": {}}
+    summary: dict = {"spec_key": spec.key(), "precision": build_precision(), "corpus": {}, "models": {}}
+    log(f"[demo-implicit] training precision: {summary['precision']} (FUSION_RAY_DEMO_PRECISION overrides)")
     for path in sorted(corpus.glob("*.jsonl")):
         summary["corpus"][path.stem] = {"rows": sum(1 for _ in open(path)), "bytes": path.stat().st_size}
     for model in spec.models:
@@ -145,7 +146,8 @@ def optimizer(net, model: TinyModel):
 
 
 def train_lm(net, spec: ImplicitSpec, model: TinyModel, pools: dict, pad: int, log=print) -> list[float]:
-    """AdamW, cosine schedule with 5% warmup, bf16 autocast, loss on responses only."""
+    """AdamW, cosine schedule with 5% warmup, bf16 autocast where native (`build_precision`), loss on
+    responses only."""
     opt, sched = optimizer(net, model)
     net.train()
     losses = []
@@ -153,7 +155,7 @@ def train_lm(net, spec: ImplicitSpec, model: TinyModel, pools: dict, pad: int, l
         n = [int((labels[:, 1:] != -100).sum()) for _, _, labels in groups]
         loss = 0.0
         for (ids, attn, labels), k in zip(groups, n, strict=True):  # the mean over all response tokens
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with training_autocast():
                 part = net(input_ids=ids, attention_mask=attn, labels=labels).loss * (k / sum(n))
             part.backward()
             loss += part.detach()
@@ -342,7 +344,7 @@ def train_reward(net, spec: ImplicitSpec, model: TinyModel, encoded, pad: int, l
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             attn[i, : len(s)] = 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with training_autocast():
             scores = net(input_ids=ids, attention_mask=attn).logits.float().reshape(-1)
         loss = -F.logsigmoid(scores[:half] - scores[half:]).mean()
         loss.backward()

@@ -24,7 +24,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_ray.demo.assets import IMPLICIT_CORPUS_FILES, IMPLICIT_MODEL_NAMES, IMPLICIT_NAMES, TinyModel
+from fusion_ray.demo.assets import (
+    IMPLICIT_CORPUS_FILES,
+    IMPLICIT_MODEL_NAMES,
+    IMPLICIT_NAMES,
+    TinyModel,
+    precision_key,
+)
 from fusion_ray.io import fingerprint
 from fusion_ray.locations import cache_root
 
@@ -54,7 +60,7 @@ class ImplicitSpec:
     reward: TinyModel = field(default_factory=lambda: REWARD_MODEL)
 
     def key(self) -> str:
-        return fingerprint(dataclasses.asdict(self), BUILD_VERSION, "implicit")
+        return fingerprint(dataclasses.asdict(self), BUILD_VERSION, "implicit", *precision_key())
 
     def scaled(self, steps: int) -> ImplicitSpec:
         """A smaller build with the same structure (for fast tests)."""
