@@ -70,7 +70,8 @@ def test_heldout_prompts_are_unseen_texts_of_trained_facts():
     assert per_op == {"add": 80, "sub": 80, "mul": 64}, per_op  # mul has 8 x 8 facts
 
 
-def test_implicit_names_resolve_beside_the_explicit_ones():
+def test_implicit_names_resolve_beside_the_explicit_ones(monkeypatch):
+    monkeypatch.setenv(assets.PRECISION_ENV, "bf16")  # the key below is the bf16 build's
     for name in assets.IMPLICIT_NAMES:
         assert locations.check(f"demo:{name}") == f"demo:{name}"
         assert assets.asset_path(name) == implicit.asset_path(name)
