@@ -182,8 +182,8 @@ def default_build():
 
 @pytest.fixture(scope="module")
 def sampled_accuracy(default_build):
-    """{model: {op: share of correct responses}}: the sample stage's HF sampler at temperature 0.8,
-    top-p 0.95, seed 0, on the first held-out prompts of each op."""
+    """{model: {op: (share of correct responses, share of prompts with a correct one)}}: the sample
+    stage's HF sampler at temperature 0.8, top-p 0.95, seed 0, on the first held-out prompts of each op."""
     from fusion_ray.implicit.generate import HFSampler, SampleSettings
     from fusion_ray.tokenizer import from_dir
 
@@ -200,26 +200,29 @@ def sampled_accuracy(default_build):
             prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)["input_ids"] for r in chosen]
             drawn = sampler.sample(prompts, [r["id"] for r in chosen], settings)
-            hits = [math_correct(s.text, str(parse(r["prompt"])[3])) for d, r in zip(drawn, chosen) for s in d]
-            out[model][op] = sum(hits) / len(hits)
+            hits = [[math_correct(s.text, str(parse(r["prompt"])[3])) for s in d] for d, r in zip(drawn, chosen)]
+            out[model][op] = (sum(map(sum, hits)) / sum(map(len, hits)), sum(map(any, hits)) / len(hits))
     print(json.dumps(out, indent=1))
     return out
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(1800)  # the first of these builds the assets: 15-17 min on a CPU without native bf16
+@pytest.mark.timeout(1200)  # the first of these builds the assets: 3.5-4 min here, in bf16 or in fp32
 def test_each_source_is_the_specialist_of_its_op_and_the_pivot_is_weaker(sampled_accuracy):
-    acc = sampled_accuracy
+    acc = {m: {op: a for op, (a, _) in per_op.items()} for m, per_op in sampled_accuracy.items()}
+    covered = {m: {op: c for op, (_, c) in per_op.items()} for m, per_op in sampled_accuracy.items()}
     for op in arith.OPS:
         own = acc[f"implicit_source_{op}"][op]
         others = [acc[m][op] for m in acc if m != f"implicit_source_{op}"]
-        assert own >= 0.4, (op, acc)  # verifier-filtered SFT data for most prompts (n = 5 draws)
+        # the sample stage's verifier keeps a correct draw of the specialist for most prompts (its SFT
+        # data): sub, the weakest, 0.78 (fp32 build) / 0.80 (bf16), while per draw it read 0.36 / 0.46
+        assert covered[f"implicit_source_{op}"][op] >= 0.6, (op, covered)
         assert own >= max(others) + 0.2, (op, acc)
     assert max(acc["implicit_pivot"].values()) <= 0.25, acc
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1200)
 def test_reward_model_prefers_real_answers_on_heldout_pairs(default_build):
     from fusion_ray.implicit.reward_model import RewardScorer
 
