@@ -73,6 +73,8 @@ def main() -> None:
 
     from fusion_ray.demo.assets import DEFAULT_MODELS, build_precision, cpu_has_native_bf16
 
+    native = cpu_has_native_bf16(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else False
+
     env_base = {k: v for k, v in os.environ.items() if k not in ("FUSION_RAY_DEMO_PRECISION", *ISAS["avx2"])}
     env_base["PYTHONPATH"] = f"{REPO}:{env_base.get('PYTHONPATH', '')}"
     per_step: dict = {}
@@ -93,7 +95,7 @@ def main() -> None:
     for isa in ISAS:
         print(f"{isa}: bf16 / fp32 step time {ratio[isa]}; the three models' training "
               f"{est[isa]['fp32']} s in fp32, {est[isa]['bf16']} s in bf16")
-    print(json.dumps({"chosen_precision": build_precision(), "native_bf16": cpu_has_native_bf16(),
+    print(json.dumps({"chosen_precision": build_precision(), "native_bf16": native,
                       "bf16_vs_fp32_step_time": ratio, "est_train_s": est, "s_per_step": per_step,
                       "steps": args.steps}))
 

@@ -14,6 +14,7 @@ Importing this module is cheap: torch and transformers load only when building.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -39,25 +40,30 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of a native bf16 dot p
 
 def build_precision() -> str:
     """The demo models' training precision on this machine: "bf16" (autocast) where the CPU computes
-    bf16 natively, "fp32" elsewhere, where torch emulates bf16 matmuls: 4-10x slower than fp32 for
-    these models (a 15-17 min implicit build instead of about 4); `FUSION_RAY_DEMO_PRECISION`
-    overrides. An fp32 build is its own asset set (`precision_key`)."""
+    bf16 natively, "fp32" elsewhere, where torch emulates bf16 matmuls about 10x slower than fp32
+    (bench/demo_precision.py); `FUSION_RAY_DEMO_PRECISION` overrides. An fp32 build is its own
+    asset set (`precision_key`)."""
     chosen = os.environ.get(PRECISION_ENV, "").strip().lower()
     if chosen:
         if chosen not in ("bf16", "fp32"):
             raise ValueError(f"{PRECISION_ENV}={chosen!r}: expected bf16 or fp32")
         return chosen
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if _this_cpu_has_native_bf16() else "fp32"
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has bf16 dot-product instructions: x86's avx512_bf16 or amx_bf16 flag, or
-    Arm's bf16 feature, read from /proc/cpuinfo (False where that file is absent: macOS, Windows)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+@functools.cache
+def _this_cpu_has_native_bf16() -> bool:
+    """`cpu_has_native_bf16` of /proc/cpuinfo, read once per process (False where it is absent:
+    macOS, Windows)."""
+    try:
+        return cpu_has_native_bf16(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def cpu_has_native_bf16(cpuinfo: str) -> bool:
+    """Whether a /proc/cpuinfo text shows bf16 dot-product instructions: x86's avx512_bf16 or
+    amx_bf16 flag, or Arm's bf16 feature."""
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
         if name.strip().lower() in ("flags", "features"):

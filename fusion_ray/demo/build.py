@@ -147,9 +147,10 @@ def train(net, data: torch.Tensor, model: TinyModel, spec: DemoSpec, log=print) 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     net.train()
     losses = []
+    autocast = training_autocast()
     for step in range(model.steps):
         batch = data[step * spec.batch_size : (step + 1) * spec.batch_size]
-        with training_autocast():
+        with autocast:
             loss = net(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -151,11 +151,12 @@ def train_lm(net, spec: ImplicitSpec, model: TinyModel, pools: dict, pad: int, l
     opt, sched = optimizer(net, model)
     net.train()
     losses = []
+    autocast = training_autocast()
     for step, groups in enumerate(batches(spec, model, pools, pad)):
         n = [int((labels[:, 1:] != -100).sum()) for _, _, labels in groups]
         loss = 0.0
         for (ids, attn, labels), k in zip(groups, n, strict=True):  # the mean over all response tokens
-            with training_autocast():
+            with autocast:
                 part = net(input_ids=ids, attention_mask=attn, labels=labels).loss * (k / sum(n))
             part.backward()
             loss += part.detach()
@@ -330,6 +331,7 @@ def train_reward(net, spec: ImplicitSpec, model: TinyModel, encoded, pad: int, l
     half = spec.batch_size // 2
     net.train()
     losses = []
+    autocast = training_autocast()
     for step in range(model.steps):
         chosen = []
         for _ in range(half):
@@ -344,7 +346,7 @@ def train_reward(net, spec: ImplicitSpec, model: TinyModel, encoded, pad: int, l
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             attn[i, : len(s)] = 1
-        with training_autocast():
+        with autocast:
             scores = net(input_ids=ids, attention_mask=attn).logits.float().reshape(-1)
         loss = -F.logsigmoid(scores[:half] - scores[half:]).mean()
         loss.backward()
