@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fusion_ray import locations
 from fusion_ray.errors import ConfigError, bounded_repr, format_errors, one_line  # noqa: F401 (bounded_repr: re-exported)
@@ -225,12 +234,21 @@ def checks_files(info: ValidationInfo) -> bool:
 
 
 def check_location(value: str, *, kind: str) -> str:
-    """Accept a demo asset, URI or hub id; a local path must exist (`locations.check`).
+    """Accept a demo asset, URI or hub id; a local path must exist (`locations.check`), and comes
+    back absolute (against the working directory: see `absolute_path`).
 
     Raises:
         ValueError: naming the path, when it is local and missing.
     """
-    return locations.check(value, what=kind)
+    return locations.absolute(locations.check(value, what=kind))
+
+
+def absolute_path(value: str | None, info: ValidationInfo) -> str | None:
+    """A local path of the config made absolute where the config is loaded (the driver, against
+    the directory the command runs from); elsewhere (`from_wire` on a worker) as it is. Every
+    local path of a config goes through this or `check_location`: a Ray worker's working
+    directory is its own, so a relative path read there names another file."""
+    return value if value is None or not checks_files(info) else locations.absolute(value, path_only=True)
 
 
 def local_vocab_size(path: str) -> int | None:
@@ -451,6 +469,19 @@ class TrackingConfig(Strict):
     def _shorthand(cls, data: Any) -> Any:
         return {"backend": data} if isinstance(data, str) else data
 
+    @field_validator("dir")
+    @classmethod
+    def _absolute_dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return absolute_path(v, info)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_file_store(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # a plain local dir is MLflow's file store; a scheme (`http:`, `sqlite:`, `file:`) or
+        # `databricks` is not a path of ours
+        local = v is not None and ":" not in v and not v.startswith("databricks")
+        return absolute_path(v, info) if local else v
+
     @model_validator(mode="after")
     def _settings_of_the_backend(self) -> TrackingConfig:
         # settings away from their defaults (not `model_fields_set`: the wire form sets every field)
@@ -571,6 +602,11 @@ class TrainConfig(Strict):
     # experiment tracking (MLflow or W&B) of every arm's run; never changes or stops training
     tracking: TrackingConfig = TrackingConfig()
     peft: PeftSettings | None = None  # None: full fine-tuning; else LoRA adapters (see PeftSettings)
+
+    @field_validator("resume_from")
+    @classmethod
+    def _absolute_resume(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return absolute_path(v, info)
 
     @model_validator(mode="after")
     def _qlora_on_ddp(self) -> TrainConfig:
@@ -764,6 +800,11 @@ class ServeConfig(Strict):
         parallel_sizes(self.engine_options)  # a replica's GPUs follow them: whole numbers ≥ 1
         return self
 
+    @field_validator("adapters")
+    @classmethod
+    def _absolute_adapters(cls, v: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return {name: locations.absolute(d) for name, d in v.items()} if checks_files(info) else v
+
     @model_validator(mode="after")
     def _adapter_names(self) -> ServeConfig:
         if self.model_id is not None and self.model_id in self.adapters:
@@ -913,6 +954,17 @@ class FusionConfig(Strict):
     eval: EvalConfig = EvalConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+    # dotted key → the relative local path the loaded config gave there (now absolute against the
+    # directory it was loaded from); the driver's only: a config from the wire has none
+    _relative_paths: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:  # the fields: a config from the wire equals the driver's
+        return self.__dict__ == other.__dict__ if isinstance(other, FusionConfig) else NotImplemented
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute_workdir(cls, v: str, info: ValidationInfo) -> str:
+        return absolute_path(v, info)
 
     @model_validator(mode="after")
     def _method_has_its_inputs(self) -> FusionConfig:
@@ -1130,7 +1182,20 @@ def parse_config(data: dict[str, Any], source: str = "config") -> FusionConfig:
     except ValidationError as err:
         raise ConfigError(source, format_errors(err, MOVED_KEYS)) from None
     _check_serialisable(cfg, source)
+    cfg._relative_paths = _relative_paths(FusionConfig.model_validate(data).to_dict(), cfg.to_dict())
     return cfg
+
+
+def _relative_paths(given: Any, loaded: Any, key: str = "") -> dict[str, str]:
+    """Dotted key → the string `given` held where the loaded config holds another (a relative path
+    the load made absolute)."""
+    if isinstance(given, dict) and isinstance(loaded, dict):
+        return {k2: v for k in given if k in loaded
+                for k2, v in _relative_paths(given[k], loaded[k], f"{key}.{k}" if key else str(k)).items()}
+    if isinstance(given, list) and isinstance(loaded, list):
+        return {k2: v for i, (a, b) in enumerate(zip(given, loaded, strict=False))
+                for k2, v in _relative_paths(a, b, f"{key}.{i}").items()}
+    return {key: given} if isinstance(given, str) and given != loaded else {}
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> FusionConfig:

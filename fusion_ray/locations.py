@@ -43,6 +43,8 @@ ENDPOINT_ENV = ("FUSION_RAY_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_U
 # Environment a Ray worker needs to reach the same stores and caches as the driver.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_REGION", *ENDPOINT_ENV, "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT")
+# `dir/file.jsonl` is a data file's path, never a hub id (a missing one is reported as a missing path)
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".yaml", ".yml")
 Kind = Literal["demo", "uri", "hub", "local"]
 # Files a model dir needs for its config and tokenizer (what `plan` and `validate` read).
 CONFIG_FILES = ("config.json",)
@@ -63,9 +65,31 @@ def kind(ref: str) -> Kind:
         return "demo"
     if URI.match(ref) and not ref.startswith("file://"):
         return "uri"
-    if HUB_ID.match(ref) and not Path(ref).expanduser().exists() and not ref.startswith(("./", "../")):
+    if (HUB_ID.match(ref) and not Path(ref).expanduser().exists() and not ref.startswith(("./", "../"))
+            and not ref.endswith(DATA_FILE_SUFFIXES)):
         return "hub"
     return "local"
+
+
+def absolute(ref: str, *, path_only: bool = False, base: str | os.PathLike[str] | None = None) -> str:
+    """`ref` with a local path made absolute against `base` (default: the working directory).
+
+    Demo assets, object-store URIs and hub ids come back as they are. A config's paths are made
+    absolute once, on the driver, when it is loaded: Ray workers (a Ray Train worker, an actor)
+    run in directories of their own, where a relative path names something else.
+
+    Args:
+        path_only: `ref` is never a hub id (a workdir, a log dir that may not exist yet): anything
+            but a demo asset or a URI is a local path.
+    """
+    k = kind(ref)
+    if k in ("demo", "uri") or (k == "hub" and not path_only):
+        return ref
+    scheme = "file://" if ref.startswith("file://") else ""
+    path = Path(ref.removeprefix(scheme)).expanduser()
+    if not path.is_absolute():
+        path = Path(base if base is not None else os.getcwd()) / path
+    return scheme + os.path.normpath(path)
 
 
 def is_remote(ref: str) -> bool:
@@ -294,7 +318,8 @@ def check(ref: str, *, what: str = "model") -> str:
             raise LocationError(f"unknown demo asset {name!r}; known: {', '.join(assets.ASSET_NAMES)}")
         return ref
     if k == "local" and not Path(ref.removeprefix("file://")).expanduser().exists():
-        raise LocationError(f"{what} path does not exist: {ref}")
+        full = absolute(ref)
+        raise LocationError(f"{what} path does not exist: {ref}" + (f" ({full})" if full != ref else ""))
     return ref
 
 
