@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
 
 from fusion_ray.config import ALL_STAGES, ConfigError, load_config
+from fusion_ray.errors import StageFailed, describe, root_cause
 
+EXIT_FAILED = 1  # a stage (or a command) failed while it ran
 EXIT_BAD_INPUT = 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import check_stages, pipeline_stages, unreachable
+    from fusion_ray.pipeline import check_stages, pipeline_stages, relative_path_problems, unreachable
 
     cfg = load_config(args.config, args.overrides)
     check_stages(cfg, pipeline_stages(cfg))
-    problems = unreachable(cfg)
+    problems = relative_path_problems(cfg) + unreachable(cfg)
     for line in problems:
         print(f"{args.config}: {line}", file=sys.stderr)
     if problems:
@@ -40,13 +43,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import parse_stages, run_stages
+    from fusion_ray.pipeline import check_run, parse_stages, run_stages
 
     cfg = load_config(args.config, args.overrides)
     stages = [args.command] if args.command in ALL_STAGES else parse_stages(args.stages, cfg)
     if args.stages is None and args.command == "run" and cfg.serve.deploy_after_merge:
         stages.append("serve")
-    results = run_stages(cfg, stages, force=args.force)
+    check_run(cfg, stages)  # before the run's log is opened below the workdir
+    with run_log(args, cfg.workdir):
+        results = run_stages(cfg, stages, force=args.force, checked=True)
     if "serve" in results and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         serve_until_interrupted(results["serve"].figures["url"])  # a local Ray ends with this process
     return 0
@@ -57,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if locations.kind(args.model_dir) == "local" and not Path(args.model_dir).expanduser().is_dir():
         raise FileNotFoundError(f"model dir not found: {args.model_dir}")
+    # the replica runs in a directory of its own: paths made absolute here, on the driver
+    args.model_dir = locations.absolute(args.model_dir)
+    args.adapter = [(name, locations.absolute(d)) for name, d in args.adapter or []]
     import torch
 
     from fusion_ray.serve.app import API_KEY_ENV, deploy
@@ -102,9 +110,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.workdir and (why := locations.writable(args.workdir)):
         raise ValueError(why)  # before the assets are built (minutes, the first time)
-    from fusion_ray.demo.run import run_demo
+    from fusion_ray.demo.run import demo_workdir, run_demo
 
-    return run_demo(workdir=args.workdir, force=args.force)
+    with run_log(args, demo_workdir(args.workdir)):
+        return run_demo(workdir=args.workdir, force=args.force)
+
+
+@contextlib.contextmanager
+def run_log(args: argparse.Namespace, workdir: str):
+    """Everything the run prints, and what Ray forwards from its workers, into
+    `<workdir>/logs/<command>-<time>.log`; the terminal keeps the stages' own lines
+    (`fusion_ray.console`). With `--debug`, no routing."""
+    if args.debug:
+        yield None
+        return
+    from fusion_ray import console
+
+    path = console.route(console.log_path(workdir, args.command))
+    print(f"[{args.command}] log: {path}", flush=True)
+    yield path
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -120,6 +144,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from fusion_ray.merge.spec import load_spec
 
     spec = load_spec(args.config)  # before the engine (torch) is imported: a bad spec fails fast
+    from fusion_ray import locations
+
+    args.out_dir = locations.absolute(args.out_dir, path_only=True)  # merge actors run elsewhere
     from fusion_ray.merge.actor import merge_standalone
 
     stats = merge_standalone(spec, args.out_dir, seed=args.seed or 0, threads=args.threads,
@@ -225,18 +252,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         if args.debug:
             raise
-        print(f"invalid config {err}", file=sys.stderr)
+        where = f"[{args.command}] " if args.command in ALL_STAGES else ""  # a stage's own command
+        print(f"{where}invalid config {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValidationError as err:  # arguments checked by a pydantic model (serve's)
         if args.debug:
             raise
         print(f"error: {err.title}: " + "; ".join(format_errors(err)), file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StageFailed as err:  # the worker tracebacks are in the file the line names
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        bad_input = err.__cause__ is not None and isinstance(root_cause(err.__cause__), INPUT_ERRORS)
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     except INPUT_ERRORS as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - anything else: one line too, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {args.command}: {describe(err)} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -86,3 +86,87 @@ def format_errors(err: ValidationError, moved: dict[str, str] | None = None) -> 
         value = f" (got {one_line(bounded_repr(e['input']), 300)})" if shown else ""
         lines.append(f"{loc}: {msg}{value}")
     return lines
+
+
+# --- a failed stage, in one line ---------------------------------------------------------------
+
+# Errors that bad input causes: the same input fails the same way on every try, so they are
+# never retried (train/fit.py's failure policy) and read as one line (`describe`).
+INPUT_ERROR_NAMES = frozenset({
+    "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
+    "ConfigError", "LocationError", "ValidationError", "ArrowInvalid", "ArrowTypeError", "ArrowKeyError",
+    "SchemaError", "InputError", "UnicodeDecodeError", "JSONDecodeError"})
+
+
+class InputError(ValueError):
+    """Input that cannot be used (an incomplete stage output, a row of the wrong shape): the
+    same on every try."""
+
+
+class StageFailed(RuntimeError):
+    """A stage ended in an error: `str()` is one line naming the stage, the part (arm, source,
+    model) where known, the root cause, and the file holding the whole traceback."""
+
+    def __init__(self, stage: str, part: str | None, cause: str, log_path: str | None):
+        self.stage, self.part, self.cause, self.log_path = stage, part, cause, log_path
+        where = f" ({part})" if part else ""
+        tail = f"; traceback in {log_path}" if log_path else ""
+        super().__init__(f"[{stage}] failed{where}: {cause}{tail}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.stage, self.part, self.cause, self.log_path))
+
+
+PART_ATTR = "fusion_ray_part"  # set on an exception by `parallel.run_parts`: the part it came from
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception under Ray's and Ray Train's wrappers: a worker's own error inside a
+    `WorkerGroupError`, a task's inside a `RayTaskError`, a UDF's inside Ray Data's
+    `UserCodeException`. Read by attributes, so this module imports no Ray."""
+    seen: set[int] = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            err = failures[min(failures)]
+        elif isinstance(getattr(err, "_base_exc", None), BaseException):  # UserExceptionWithTraceback
+            err = err._base_exc
+        elif isinstance(getattr(err, "controller_failure", None), BaseException):
+            err = err.controller_failure
+        elif type(err).__name__.startswith("RayTaskError") and isinstance(getattr(err, "cause", None), BaseException):
+            err = err.cause
+        elif type(err).__name__ in ("UserCodeException", "TrainingFailedError") and err.__cause__ is not None:
+            err = err.__cause__
+        else:
+            break
+    return err
+
+
+def remote_tracebacks(err: BaseException) -> list[str]:
+    """The tracebacks Ray carried back as text from workers (each failed rank's, a task's)."""
+    out = []
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        out.append(getattr(failure, "_traceback_str", None) or str(failure))
+    text = getattr(err, "traceback_str", None)
+    if isinstance(text, str):
+        out.append(text)
+    cause = err.__cause__ or err.__context__
+    return out + (remote_tracebacks(cause) if cause is not None and cause is not err else [])
+
+
+def is_input_error(err: BaseException) -> bool:
+    """Whether `err` (under its wrappers) is one that retrying cannot fix: bad input."""
+    return any(c.__name__ in INPUT_ERROR_NAMES for c in type(root_cause(err)).__mro__)
+
+
+def describe(err: BaseException, limit: int = 400) -> str:
+    """`Type: message` of the root cause, as one line."""
+    root = root_cause(err)
+    text = one_line(str(root), limit) if str(root) else ""
+    return f"{type(root).__name__}: {text}" if text else type(root).__name__
+
+
+def part_of(err: BaseException) -> str | None:
+    """The part (`parallel.run_parts`' name) an exception came from, if it came from one."""
+    return getattr(err, PART_ATTR, None)

@@ -73,6 +73,12 @@ def _run_one(fn: Callable[[], Any], outcome: Outcome, name: str, done: queue.Que
     try:
         outcome.result = fn()
     except BaseException as err:  # handed to the driver's thread, raised there
+        from fusion_ray.errors import PART_ATTR
+
+        try:  # the outermost part names it (a stage's arm, source or model)
+            setattr(err, PART_ATTR, name)
+        except AttributeError:  # an exception type that takes no attributes
+            pass
         outcome.error = err
     finally:
         outcome.finished_at = time.time()

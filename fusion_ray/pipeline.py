@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fusion_ray.config import ALL_STAGES, STAGES, FusionConfig
+from fusion_ray.errors import StageFailed, describe, part_of
 
 PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.deploy_after_merge`)
 
@@ -118,6 +119,25 @@ class MemorySampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def write_failure_log(cfg: FusionConfig, stage: str, err: BaseException) -> str | None:
+    """The whole traceback of a failed stage (and, for a Ray worker's error, the worker's own) in
+    `<workdir>/logs/<stage>-<UTC time>.log`; its path, or None when it cannot be written."""
+    import traceback
+
+    from fusion_ray import io
+    from fusion_ray.errors import remote_tracebacks
+
+    text = "".join(traceback.format_exception(err))
+    for remote in remote_tracebacks(err):
+        text += f"\n--- on a Ray worker ---\n{remote}\n"
+    path = f"{cfg.workdir}/logs/{stage}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.log"
+    try:
+        io.write_bytes_atomic(path, text.encode())
+        return path
+    except Exception:  # noqa: BLE001 - an unwritable workdir: the one line still names the cause
+        return None
 
 
 def record_stats(cfg: FusionConfig, stage: str, wall_s: float, peak_bytes: int) -> None:
@@ -222,6 +242,32 @@ def unreachable(cfg: FusionConfig) -> list[str]:
     return lines
 
 
+def relative_path_problems(cfg: FusionConfig, nodes: int = 1) -> list[str]:
+    """One line per relative local path of the config that cannot name the same place on every
+    node: in a `ray job submit --working-dir` job the workdir (it would land in the job's
+    unpacked package, a temp dir deleted with it) and, on a cluster of several nodes, every one
+    (each node reads its own disk). Paths were made absolute against the driver's directory
+    when the config was loaded, which is right on one machine only."""
+    import json
+    import os
+
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        in_package = bool(job and (json.loads(job).get("runtime_env") or {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        in_package = False
+    fix = "give an object-store URI (s3://bucket/…) or an absolute path that exists on every node (a shared filesystem)"
+    if nodes > 1:
+        where = f"on a Ray cluster of {nodes} nodes, each node reads its own disk"
+        keys = list(cfg._relative_paths)
+    elif in_package:
+        where = "in a `ray job submit --working-dir` job it lands in the job's unpacked package (deleted with it)"
+        keys = [k for k in cfg._relative_paths if k == "workdir"]
+    else:
+        return []
+    return [f"{k}: relative path {cfg._relative_paths[k]!r}: {where}; {fix}" for k in keys]
+
+
 class Unplaceable(ValueError):
     """A stage asks for resources that no node of the connected Ray can ever offer."""
 
@@ -235,38 +281,64 @@ def preflight(cfg: FusionConfig, stages: Sequence[str]) -> None:
     Raises:
         Unplaceable: naming the stage, the unit and what it asks.
     """
+    import os
+
     from fusion_ray.resources import live_nodes, resource_asks, unplaceable
 
     asks = [a for stage in stages for a in resource_asks(cfg).get(stage, [])]
-    if not asks:
+    cluster = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if not asks and not (cluster and cfg._relative_paths):
         return
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    problems = unplaceable(asks, live_nodes())
+    nodes = live_nodes()
+    if problems := relative_path_problems(cfg, len(nodes)):
+        raise ValueError("paths that differ per node:\n  " + "\n  ".join(problems) if len(problems) > 1
+                         else problems[0])
+    problems = unplaceable(asks, nodes)
     if problems:
         raise Unplaceable("cannot place on the connected Ray:\n  " + "\n  ".join(problems))
 
 
-def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
-               log=print) -> dict[str, StageResult]:
-    """Run `stages` in order; each skips itself when its manifest matches.
+def check_run(cfg: FusionConfig, stages: Sequence[str]) -> None:
+    """What `run_stages` checks before any work, writing nothing: the stages agree with the config,
+    every path means the same on every node, every input is reachable, the workdir writable.
 
-    Returns:
-        stage → its result.
+    Raises:
+        ValueError: one line per problem.
     """
     check_stages(cfg, stages)
-    problems = unreachable(cfg)
+    problems = relative_path_problems(cfg) + unreachable(cfg)
     if len(problems) == 1:
         raise ValueError(f"cannot run: {problems[0]}")
     if problems:
         raise ValueError("cannot reach:\n  " + "\n  ".join(problems))
+
+
+def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
+               log=print, checked: bool = False) -> dict[str, StageResult]:
+    """Run `stages` in order; each skips itself when its manifest matches.
+
+    Args:
+        checked: `check_run` has passed already (the CLI runs it before it opens the run's log).
+
+    Returns:
+        stage → its result.
+    """
+    if not checked:
+        check_run(cfg, stages)
     preflight(cfg, stages)
     results: dict[str, StageResult] = {}
     for stage in stages:
         started = time.monotonic()
         with MemorySampler() as mem:
-            results[stage] = runner(stage)(cfg, force=force, log=log)
+            try:
+                results[stage] = runner(stage)(cfg, force=force, log=log)
+            except (KeyboardInterrupt, StageFailed):
+                raise
+            except Exception as err:
+                raise StageFailed(stage, part_of(err), describe(err), write_failure_log(cfg, stage, err)) from err
         wall = time.monotonic() - started
         status = results[stage].status
         if status != "skipped":

@@ -188,5 +188,7 @@ def test_cli_prepare_of_an_empty_corpus_exits_2_in_one_line(tmp_path, models):
     out = subprocess.run([sys.executable, "-m", "fusion_ray.cli", "prepare", str(config)], cwd=repo,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.splitlines() == [f"error: prepare: no usable rows in data.train.0 ({empty}): no rows"]
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"error: [prepare] failed: EmptyCorpus: prepare: no usable rows in data.train.0 ({empty}): "
+                           f"no rows; traceback in {tmp_path / 'work' / 'logs'}/prepare-"), line
     assert not (tmp_path / "work" / "prepared").exists()

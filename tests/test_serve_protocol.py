@@ -165,18 +165,19 @@ def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):
     assert "not an HF model dir" in capsys.readouterr().err
 
 
-def test_run_ends_with_serve_when_deploy_after_merge(monkeypatch):
+def test_run_ends_with_serve_when_deploy_after_merge(monkeypatch, tmp_path):
     from fusion_ray import cli, pipeline
     from fusion_ray.pipeline import StageResult
 
     ran, served = [], []
-    monkeypatch.setattr(pipeline, "run_stages", lambda cfg, stages, force=False: ran.extend(stages) or
+    monkeypatch.setattr(pipeline, "check_run", lambda cfg, stages: None)
+    monkeypatch.setattr(pipeline, "run_stages", lambda cfg, stages, force=False, checked=False: ran.extend(stages) or
                         {s: StageResult("deployed", figures={"url": "http://x/v1"}) for s in stages})
     monkeypatch.setattr(cli, "serve_until_interrupted", served.append)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml")
-    assert cli.main(["run", config, "--stages", "prepare"]) == 0 and ran == ["prepare"] and not served
-    assert cli.main(["run", config, "serve.deploy_after_merge=true"]) == 0
+    config, workdir = str(REPO / "jobs" / "configs" / "tiny_cpu.yaml"), f"workdir={tmp_path}"
+    assert cli.main(["run", config, workdir, "--stages", "prepare"]) == 0 and ran == ["prepare"] and not served
+    assert cli.main(["run", config, workdir, "serve.deploy_after_merge=true"]) == 0
     assert ran[-1] == "serve" and ran.count("serve") == 1 and served == ["http://x/v1"]
 
 

@@ -9,12 +9,14 @@ log and the pivot's tokenizer files become an HF model dir, committed atomically
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig, local_vocab_size
+from fusion_ray.errors import InputError
 from fusion_ray.pipeline import StageResult
 from fusion_ray.train.lora import MERGED_DIR
 from fusion_ray.train.order import PACKING_ORDER, RowPlan
@@ -46,6 +48,25 @@ def check_vocab(fused_dir: str, manifest: dict, pivot: str) -> None:
                          f"{pivot} has an embedding of {embedding}: they do not match")
 
 
+def check_complete(data_dir: str, plan: RowPlan, manifest: dict) -> None:
+    """The files the workers will read hold every row the input's manifest counts (a shard lost
+    after its stage finished would otherwise shrink the training set without a word).
+
+    Raises:
+        InputError: naming the dir, the counts and the missing `part-NNNNN` files where the
+            numbering shows them, before any worker starts.
+    """
+    expected = (manifest.get("rows") or {}).get("out")
+    if expected is None or plan.rows == expected:
+        return
+    numbers = sorted(int(m.group(1)) for f in plan.files if (m := re.match(r"part-(\d+)\.parquet$", io.basename(f))))
+    gaps = sorted(set(range(numbers[-1] + 1)) - set(numbers)) if numbers else []
+    missing = f" (missing: {', '.join(f'part-{i:05d}.parquet' for i in gaps[:5])})" if gaps else ""
+    raise InputError(f"{data_dir} is incomplete: its manifest counts {expected} rows, its {len(plan.files)} "
+                     f"file(s) hold {plan.rows}{missing}; rerun the {manifest.get('stage', 'earlier')} stage "
+                     f"with --force")
+
+
 def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifest: dict, out_dir: str,
                stage: str, input_name: str, extra: dict | None = None, force: bool = False,
                loop: dict | None = None, fingerprint_parts: tuple = (), log=print) -> StageResult:
@@ -56,9 +77,10 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     `init_path`: weights to start from instead of the pivot's); `fingerprint_parts`: what else
     decides the result (they join the fingerprint)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from fusion_ray import progress
+    from fusion_ray.train.failures import Trainer
     from fusion_ray.train.loop import train_loop_per_worker
 
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
@@ -80,8 +102,15 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
         resume = Checkpoint.from_directory(local)
     packing = t.packing and (loop or {}).get("objective", "fusion") == "fusion"  # DPO pairs: never packed
     plan = RowPlan.of(data_dir, t.seed, t.shuffle, t.shuffle_window_rows, lengths=packing)
+    check_complete(data_dir, plan, manifest)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
-    trainer = TorchTrainer(
+    run_name = f"{cfg.name}-{name}-{fp}"
+    if force:  # Ray Train resumes a run of the same name from its checkpoints: --force starts afresh
+        import pyarrow.fs as pafs
+
+        if storage_fs.get_file_info(f"{storage}/{run_name}").type == pafs.FileType.Directory:
+            storage_fs.delete_dir(f"{storage}/{run_name}")
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
                            "log_path": log_path(out), "fingerprint": fp,
@@ -93,7 +122,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      accelerator_type=t.accelerator_type),
-        run_config=RunConfig(name=f"{cfg.name}-{name}-{fp}", storage_path=storage, storage_filesystem=storage_fs,
+        run_config=RunConfig(name=run_name, storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level=progress.train_log_level())),

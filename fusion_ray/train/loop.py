@@ -32,6 +32,7 @@ import torch
 from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
+from fusion_ray.schema import SchemaError
 from fusion_ray.train import lora
 from fusion_ray.train.batches import collate, collate_packed
 from fusion_ray.train.load import load_model
@@ -216,7 +217,15 @@ def train_loop_per_worker(config: dict) -> None:
             if skip:
                 skip -= 1
                 continue
-            out = objective.loss(strategy.model, rows_of(table))
+            rows = rows_of(table)
+            try:
+                out = objective.loss(strategy.model, rows)
+            except KeyError as err:  # a row without a column the objective reads: bad input, not a fault
+                if rows and err.args and err.args[0] not in rows[0]:
+                    raise SchemaError(f"training rows have no column {err.args[0]!r} (columns: "
+                                      f"{', '.join(rows[0])}): {plan.files[0].rsplit('/', 2)[-2]} is not "
+                                      f"rows of this stage's input schema") from err
+                raise
             strategy.backward(out["loss"])
             micro += 1
             tokens += out["tokens"]
