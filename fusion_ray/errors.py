@@ -145,14 +145,16 @@ def root_cause(err: BaseException) -> BaseException:
 
 def remote_tracebacks(err: BaseException) -> list[str]:
     """The tracebacks Ray carried back as text from workers (each failed rank's, a task's)."""
-    out = []
-    for failure in (getattr(err, "worker_failures", None) or {}).values():
-        out.append(getattr(failure, "_traceback_str", None) or str(failure))
-    text = getattr(err, "traceback_str", None)
-    if isinstance(text, str):
-        out.append(text)
-    cause = err.__cause__ or err.__context__
-    return out + (remote_tracebacks(cause) if cause is not None and cause is not err else [])
+    out, seen = [], set()
+    while err is not None and id(err) not in seen:  # along the chain of causes, each once
+        seen.add(id(err))
+        for failure in (getattr(err, "worker_failures", None) or {}).values():
+            out.append(getattr(failure, "_traceback_str", None) or str(failure))
+        text = getattr(err, "traceback_str", None)
+        if isinstance(text, str):
+            out.append(text)
+        err = err.__cause__ or err.__context__
+    return out
 
 
 def is_input_error(err: BaseException) -> bool:
