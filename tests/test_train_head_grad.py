@@ -150,6 +150,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         json.dump(results, fh)
 
 
+@pytest.mark.integration  # 2 gloo ranks in spawned processes: the integration tier
 def test_ddp_and_zero_reduce_the_in_place_head_gradient(tmp_path):
     ranks = two_gloo_ranks(_rank, tmp_path / "out")
     for rows in ranks:

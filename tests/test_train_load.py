@@ -73,6 +73,7 @@ def _rank(rank: int, port: int, paths: list[str], out: str) -> None:
         json.dump(results, fh)
 
 
+@pytest.mark.integration  # 2 gloo ranks in spawned processes: the integration tier
 def test_zero3_builds_the_model_partitioned_with_the_checkpoints_weights(tmp_path, tiny_models):
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM

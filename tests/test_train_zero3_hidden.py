@@ -76,6 +76,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         json.dump(results, fh)
 
 
+@pytest.mark.integration  # 2 gloo ranks in spawned processes: the integration tier
 def test_zero3_hidden_state_loss_equals_the_logits_path(tmp_path):
     ranks = two_gloo_ranks(_rank, tmp_path / "out")
     for rows in ranks:
