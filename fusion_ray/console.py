@@ -20,6 +20,7 @@ from pathlib import Path
 # daemons (`(raylet) …`), with colour codes unless RAY_COLOR_PREFIX=0.
 _WORKER_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\((?:.*?pid=\d+(?:, ip=[^)]*)?|raylet|autoscaler|gcs_server)\)"
                           r"(?:\x1b\[[0-9;]*m)* ?(?P<msg>.*)$", re.S)
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # One of the project's own lines: `[stage] …` or `[stage:part] …` (a timestamp `[2026-…` is not one).
 _OUR_LINE = re.compile(r"^\[[a-z][a-z0-9_:.-]*\]")
 
@@ -31,10 +32,17 @@ def shown(line: str) -> bool:
 
 
 class Router(io.TextIOBase):
-    """A text stream that writes every line to `log` and the lines `shown` keeps to `terminal`."""
+    """A text stream that writes every line to `log` and the lines `shown` keeps to `terminal`.
+
+    Ray colours the prefix of a worker's line whether or not anyone reads it on a terminal; the
+    colour codes reach the terminal only where it is one, never the log file."""
 
     def __init__(self, terminal, log):
         self.terminal, self.log, self._pending = terminal, log, ""
+        try:
+            self._colour = bool(terminal.isatty())
+        except (AttributeError, ValueError):
+            self._colour = False
 
     def writable(self) -> bool:
         return True
@@ -56,9 +64,10 @@ class Router(io.TextIOBase):
             self.terminal.write(self._pending)
             self._pending = ""
         for line in lines:
-            self.log.write(line + "\n")
+            plain = _COLOUR.sub("", line)
+            self.log.write(plain + "\n")
             if shown(line):
-                self.terminal.write(line + "\n")
+                self.terminal.write((line if self._colour else plain) + "\n")
         return len(text)
 
     def flush(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,5 +108,19 @@ def test_the_terminal_keeps_our_lines_and_the_log_keeps_everything(tmp_path):
     for line in lines:
         router.write(line[:5])
         router.write(line[5:] + "\n")
-    assert terminal.getvalue().splitlines() == lines[:2]
-    assert log.getvalue().splitlines() == lines
+    plain = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in lines]
+    assert plain[1] == "(RayTrainWorker pid=12) [train] fused:a step 1/3 loss 2.1"
+    assert terminal.getvalue().splitlines() == plain[:2], "no colour codes where the terminal is not one"
+    assert log.getvalue().splitlines() == plain, "the log file: every line, no colour codes"
+
+
+def test_colour_codes_reach_a_real_terminal_only():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal, log = Tty(), io.StringIO()
+    line = "\x1b[36m(RayTrainWorker pid=12)\x1b[0m [train] fused:a step 1/3 loss 2.1"
+    console.Router(terminal, log).write(line + "\n")
+    assert terminal.getvalue() == line + "\n"
+    assert log.getvalue() == "(RayTrainWorker pid=12) [train] fused:a step 1/3 loss 2.1\n"
