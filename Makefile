@@ -28,9 +28,11 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-# Text for the offline demo corpus comes from Debian's dictionary packages (needs root).
+# Debian packages (needs root): the dictionaries the offline demo corpus comes from, and
+# bubblewrap, the sandbox the reward stage runs generated code in (fusion_ray/implicit/sandbox.py).
 dicts:
 	@missing=""; for d in $(DICTS); do [ -f /usr/share/dictd/$$d.index ] || missing="$$missing dict-$$d"; done; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -857,13 +857,21 @@ class RewardModelConfig(Strict):
 
 
 class SandboxConfig(Strict):
-    """Limits of one sandboxed run of a code response against its tests (`implicit/verify.py`)."""
+    """How a code response is run against its tests (`implicit/sandbox.py`, `implicit/judge.py`):
+    the limits of each sandboxed process, and the isolation. `bwrap` (bubblewrap) is the only
+    boundary; `unsafe-in-process` is the old in-process guard, which a hostile candidate can fool
+    (`implicit/guard.py`), for tests only."""
 
     cpu_seconds: int = Field(5, ge=1, le=600)
     wall_seconds: float = Field(10, gt=0, le=1200)
     memory_mb: int = Field(512, ge=64, le=65536)
     file_mb: int = Field(1, ge=1, le=1024)
     output_kb: int = Field(64, ge=1, le=65536)
+    processes: int = Field(32, ge=1, le=4096)
+    isolation: Literal["bwrap", "unsafe-in-process"] = "bwrap"
+    uid: int = Field(65534, ge=1, le=2**31 - 1)  # the host uid a root verifier drops to (never root)
+    python: str | None = None  # the sandbox's interpreter (None: this one if it runs there, else /usr/bin/python3)
+    packages: list[str] = []  # modules a test may import, bound read-only (e.g. numpy)
 
 
 class PairsConfig(Strict):

@@ -310,6 +310,10 @@ def check_run(cfg: FusionConfig, stages: Sequence[str]) -> None:
     """
     check_stages(cfg, stages)
     problems = relative_path_problems(cfg) + unreachable(cfg)
+    if "reward" in stages:
+        from fusion_ray.reward.stage import sandbox_problem
+
+        problems += [why] if (why := sandbox_problem(cfg)) else []
     if len(problems) == 1:
         raise ValueError(f"cannot run: {problems[0]}")
     if problems:

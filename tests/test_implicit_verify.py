@@ -1,19 +1,22 @@
-"""Rule verifiers of the implicit-fusion reward stage: math answers and the code sandbox (unit tier)."""
+"""Rule verifiers of the implicit-fusion reward stage: math answers and the code verifier under
+bubblewrap (unit tier: no Ray; each run starts two sandboxes). The hostile candidates of issue #34
+are in test_sandbox_hostile.py."""
 
 from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import time
 import uuid
 
-import psutil
 import pytest
+from sandbox_helpers import SMALL, SOLUTION, TESTS, check, no_leftovers  # noqa: F401 - an autouse fixture
 
+from fusion_ray.config import parse_config
+from fusion_ray.implicit import sandbox
 from fusion_ray.implicit.verify import (
     SandboxLimits,
-    Verdict,
+    SandboxSettings,
     extract_answer,
     math_correct,
     normalize_answer,
@@ -76,50 +79,16 @@ def test_normalize_answer_canonical_forms():
 
 
 # ---------------------------------------------------------------------------------------------
-# the sandbox
+# the sandbox: what the in-process guard's tests asked, now of bubblewrap and the outside verdict
 # ---------------------------------------------------------------------------------------------
-
-SMALL = SandboxLimits(cpu_seconds=2, wall_seconds=8, memory_bytes=256 * 1024 * 1024, output_bytes=16 * 1024)
-SOLUTION = "def add(a, b):\n    return a + b\n"
-TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
-
-
-def sandbox_dirs() -> set[str]:
-    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("fr_sandbox_")}
-
-
-def sandbox_processes() -> list[psutil.Process]:
-    """Live descendants of this process that a sandbox run started (their command line names its
-    `fr_sandbox_` dir). Other descendants (a session's Ray, started by other test modules) are not ours."""
-    found = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and any("fr_sandbox_" in a for a in p.cmdline()):
-                found.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_leftovers():
-    """Every sandbox test: no sandbox dir and no sandbox process left afterwards."""
-    before = sandbox_dirs()
-    yield
-    assert sandbox_dirs() <= before
-    alive = sandbox_processes()
-    assert not alive, alive
-
-
-def check(v: Verdict, reason: str) -> None:
-    assert v.reason == reason, (v.reason, v.returncode, v.stderr_tail)
-    assert v.passed is (reason == "passed")
 
 
 @pytest.mark.timeout(60)
 def test_correct_solution_passes_and_wrong_one_fails():
     check(run_code(SOLUTION, TESTS), "passed")
-    check(run_code("def add(a, b):\n    return a - b\n", TESTS), "failed")
+    v = run_code("def add(a, b):\n    return a - b\n", TESTS)
+    check(v, "failed")
+    assert v.cases == 2 and v.failed_cases == 2 and v.detail.startswith("AssertionError")
     v = run_code("def add(a, b):\n    return a +\n", TESTS)
     check(v, "syntax")
     assert "SyntaxError" in v.stderr_tail
@@ -142,8 +111,30 @@ def test_exiting_before_the_tests_does_not_pass():
     assert not run_code("import sys\ndef add(a, b):\n    sys.exit(0)\n", TESTS).passed
     unittest_tests = ("import unittest\nclass T(unittest.TestCase):\n    def test_add(self):\n"
                       "        self.assertEqual(add(2, 3), 5)\nunittest.main()\n")
-    check(run_code(SOLUTION, unittest_tests), "passed")
+    v = run_code(SOLUTION, unittest_tests)
+    check(v, "passed")
+    assert v.cases == 1, "the test method is the case; unittest.main() is not one"
     check(run_code("def add(a, b):\n    return 0\n", unittest_tests), "failed")
+
+
+@pytest.mark.timeout(60)
+def test_tests_without_a_case_never_pass():
+    check(run_code(SOLUTION, "import math\nx = add(1, 2)\n"), "no_tests")
+    check(run_code(SOLUTION, "import unittest\nunittest.main()\n"), "no_tests")
+    check(run_code(SOLUTION, "import no_such_module\nassert add(1, 2) == 3\n"), "tests_error")
+
+
+@pytest.mark.timeout(60)
+def test_classes_and_plain_data_cross_but_other_objects_stay_handles():
+    code = ("class Node:\n    def __init__(self, v, nxt=None):\n        self.val, self.next = v, nxt\n"
+            "class Solution:\n    def pair(self, x):\n        return (x, {x: [x]})\n"
+            "    def chain(self, n):\n        return Node(n, Node(n + 1))\n")
+    tests = ("s = Solution()\nassert s.pair(2) == (2, {2: [2]})\nassert s.pair(b'x') == (b'x', {b'x': [b'x']})\n"
+             "node = s.chain(4)\nassert node.val == 4 and node.next.val == 5 and node.next.next is None\n"
+             "assert node != node.next\n")
+    v = run_code(code, tests)
+    check(v, "passed")
+    assert v.cases == 4
 
 
 @pytest.mark.timeout(60)
@@ -159,24 +150,17 @@ def test_endless_loop_times_out_within_the_limits():
 
 
 @pytest.mark.timeout(60)
-def test_fork_bomb_is_contained_and_leaves_no_process():
-    code = "import os\nprint(os.getpgrp(), flush=True)\nwhile True:\n    os.fork()\n"
-    v = run_code(code, TESTS, limits=SMALL)
-    assert not v.passed and v.reason == "blocked", (v.reason, v.stderr_tail)
-    pgid = int(v.stdout_head.split()[0])
-    with pytest.raises(ProcessLookupError):
-        os.killpg(pgid, 0)
-    # a bomb that swallows the refusals and keeps trying, through every door
-    stubborn = ("import os, subprocess, multiprocessing\nprint(os.getpgrp(), flush=True)\nwhile True:\n"
+def test_fork_bombs_are_contained_and_leave_no_process():
+    v = run_code("import os\nwhile True:\n    os.fork()\n", TESTS, limits=SMALL)
+    assert not v.passed, v
+    stubborn = ("import os, subprocess, multiprocessing\nwhile True:\n"
                 "    for f in (os.fork, lambda: subprocess.Popen(['sleep', '100']), lambda: os.system('sleep 100'),\n"
                 "              lambda: os.posix_spawn('/bin/sleep', ['sleep', '100'], {}),\n"
                 "              lambda: multiprocessing.Process(target=print).start()):\n"
                 "        try:\n            f()\n        except Exception:\n            pass\n")
     v = run_code(stubborn, TESTS, limits=SMALL)
-    assert not v.passed
-    if v.stdout_head.strip():
-        with pytest.raises(ProcessLookupError):
-            os.killpg(int(v.stdout_head.split()[0]), 0)
+    assert not v.passed, v
+    # (no_leftovers: no sandbox process is alive after either)
 
 
 @pytest.mark.timeout(60)
@@ -191,31 +175,32 @@ def test_memory_hogs_fail_without_exceeding_the_limit():
 
 
 @pytest.mark.timeout(60)
-def test_writing_outside_the_working_dir_is_blocked():
-    target = f"/tmp/sandbox_escape_{uuid.uuid4().hex}"
-    attempts = [
-        f"open({target!r}, 'w').write('x')\n",
-        f"import os\nos.close(os.open({target!r}, os.O_WRONLY | os.O_CREAT))\n",
-        f"import os\nd = os.open('/tmp', os.O_RDONLY)\nos.close(os.open({target.split('/')[-1]!r}, "
-        "os.O_WRONLY | os.O_CREAT, dir_fd=d))\n",
-        f"import os\nos.symlink({target!r}, 'link')\nopen('link', 'w').write('x')\n",
-        f"import pathlib\npathlib.Path({target!r}).write_text('x')\n",
-        f"import os\nos.mkdir({target!r})\n",
-        f"import shutil\nshutil.copy('solution.py', {target!r})\n",
-    ]
-    for code in attempts:
-        v = run_code(code, TESTS, limits=SMALL)
-        assert not v.passed and v.reason == "blocked", (code, v.reason, v.stderr_tail)
-        assert not os.path.lexists(target), code
-    # inside its own dir it may write, and the dir is gone afterwards
-    v = run_code("import os\nopen('scratch.txt', 'w').write('ok')\nos.mkdir('d')\nprint(os.getcwd())\n" + SOLUTION,
+def test_writes_land_in_the_sandboxes_own_tmpfs_only(tmp_path):
+    targets = [f"/tmp/sandbox_escape_{uuid.uuid4().hex}", str(tmp_path / "escape")]
+    for target in targets:
+        attempts = [
+            f"open({target!r}, 'w').write('x')\n",
+            f"import os\nos.close(os.open({target!r}, os.O_WRONLY | os.O_CREAT))\n",
+            f"import os\nos.symlink({target!r}, 'link')\nopen('link', 'w').write('x')\n",
+            f"import pathlib\npathlib.Path({target!r}).write_text('x')\n",
+            f"import os\nos.mkdir({target!r})\n",
+            f"import os\nos.system('touch {target}')\n",
+            f"import subprocess\nsubprocess.run(['touch', {target!r}])\n",
+        ]
+        for code in attempts:
+            v = run_code(code, TESTS, limits=SMALL)
+            assert not v.passed, (code, v)
+            assert not os.path.lexists(target), code
+    # its own /tmp is writable, and gone afterwards
+    name = f"scratch_{uuid.uuid4().hex}.txt"
+    v = run_code(f"import os\nopen({name!r}, 'w').write('ok')\nos.mkdir('d')\nprint(os.getcwd())\n" + SOLUTION,
                  TESTS, limits=SMALL)
     check(v, "passed")
-    assert v.stdout_head.strip() and not os.path.exists(v.stdout_head.strip())
+    assert v.stdout_head.strip() == "/tmp" and not os.path.exists(f"/tmp/{name}")
 
 
 @pytest.mark.timeout(60)
-def test_sockets_are_blocked_and_the_listener_sees_no_connection():
+def test_no_network_and_the_listener_sees_no_connection():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(8)
@@ -223,13 +208,13 @@ def test_sockets_are_blocked_and_the_listener_sees_no_connection():
         port = server.getsockname()[1]
         attempts = [
             f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n",
-            f"import socket\ns = socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
             f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
             f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n",
         ]
         for code in attempts:
-            v = run_code(code, TESTS, limits=SMALL)
-            assert not v.passed and v.reason == "blocked", (code, v.reason, v.stderr_tail)
+            v = run_code(code + SOLUTION, TESTS, limits=SMALL)
+            check(v, "error")
+            assert "ConnectionRefusedError" in v.stderr_tail or "URLError" in v.stderr_tail, v.stderr_tail
         with pytest.raises(TimeoutError):
             server.accept()
 
@@ -244,17 +229,6 @@ def test_endless_printing_is_cut_at_the_output_cap():
     v = run_code("import sys\nwhile True:\n    sys.stderr.write('e' * 1000)\n", TESTS, limits=SMALL)
     check(v, "output_limit")
     assert len(v.stderr_tail) <= 2048
-
-
-@pytest.mark.timeout(60)
-def test_shell_commands_are_blocked():
-    target = f"/tmp/sandbox_touch_{uuid.uuid4().hex}"
-    for code in (f"import os\nos.system('touch {target}')\n",
-                 f"import subprocess\nsubprocess.run(['touch', {target!r}])\n",
-                 f"import os\nos.execv('/usr/bin/touch', ['touch', {target!r}])\n"):
-        v = run_code(code, TESTS, limits=SMALL)
-        assert not v.passed and v.reason == "blocked", (code, v.reason, v.stderr_tail)
-        assert not os.path.exists(target)
 
 
 @pytest.mark.timeout(60)
@@ -273,3 +247,37 @@ def test_verdicts_stay_correct_across_a_sequence_with_hostile_code():
         assert not v.passed
         assert not run_code("def add(a, b):\n    return a * b\n", TESTS, limits=SMALL).passed
     assert run_code(SOLUTION, TESTS, limits=SMALL).passed
+
+
+# ---------------------------------------------------------------------------------------------
+# where bubblewrap cannot run; the unsafe guard, kept for tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_without_a_runnable_sandbox_verification_refuses_in_one_line(tmp_path):
+    from fusion_ray.reward.stage import sandbox_problem
+
+    missing = SandboxSettings(python=str(tmp_path / "no-python"))
+    with pytest.raises(sandbox.SandboxUnavailable) as err:
+        run_code(SOLUTION, TESTS, settings=missing)
+    assert "\n" not in str(err.value) and "no-python: not found" in str(err.value)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"messages": [{"role": "user", "content": "add"}], "tests": "assert add(1, 2) == 3"}\n')
+    cfg = {"name": "x", "method": "implicit", "workdir": str(tmp_path / "w"),
+           "pivot": {"name": "p", "path": "demo:implicit_pivot"},
+           "sources": [{"name": "s", "path": "demo:implicit_pivot"}],
+           "implicit": {"prompts": [{"path": str(prompts), "verify": "code"}],
+                        "sandbox": {"python": str(tmp_path / "no-python")}}}
+    why = sandbox_problem(parse_config(cfg))
+    assert why and "\n" not in why and "bubblewrap" in why and "isolation=unsafe-in-process" in why
+    cfg["implicit"]["sandbox"]["isolation"] = "unsafe-in-process"
+    assert sandbox_problem(parse_config(cfg)) is None
+
+
+@pytest.mark.timeout(60)
+def test_the_unsafe_in_process_guard_still_judges_plain_code():
+    check(run_code(SOLUTION, TESTS, isolation="unsafe-in-process"), "passed")
+    check(run_code("def add(a, b):\n    return a - b\n", TESTS, isolation="unsafe-in-process"), "failed")
+    with pytest.raises(ValueError, match="isolation 'none'"):
+        run_code(SOLUTION, TESTS, isolation="none")

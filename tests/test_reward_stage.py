@@ -36,7 +36,7 @@ SAMPLE_ROWS = {  # (prompt, index, response, finish_reason) → expected (correc
           ("o1", 1, "zzz", "length", None, "")],
     "b": [("m1", 0, "I do not know.", "stop", False, "no_answer"),
           ("m1", 1, "", "prompt_too_long", None, None),
-          ("c1", 0, SOCKET, "stop", False, "blocked"),
+          ("c1", 0, SOCKET, "stop", False, "error"),  # no network in the sandbox: it raises before the tests
           ("c1", 1, "```python\nx = bytearray(10**10)\n```", "stop", False, "memory"),
           ("o1", 0, "Good day to you.", "stop", None, ""),
           ("o1", 1, "Hi.", "stop", None, "")],

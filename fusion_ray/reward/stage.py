@@ -5,17 +5,18 @@ Shard k of `rewards/` holds the samples of prompt shard k from every source, in 
 sample) order, one row each: prompt_id, domain, verify, verifiable, source, sample_index,
 response, tokens, finish_reason, reward, correct (True/False for verifiable prompts, None for
 open ones) and verdict (the verifier's reason: "passed", "wrong_answer", "no_answer",
-"timeout", "memory", "blocked", …; "" for open prompts).
+"timeout", "memory", "error", …; "" for open prompts).
 
 Ray Data streams every source's sample shards through a pool of scorer actors
 (`RewardUDF`: `implicit.reward.concurrency` actors of its CPUs / GPUs). Each actor checks
-math answers (`verify.math_correct`) and runs code against its tests in the sandbox
-(`verify.verify_code`, `implicit.sandbox` limits: hostile code fails its sample, the stage
-carries on), and scores the chat with the reward model (`implicit/reward_model.py`). Without a
-reward model (verifiable corpora only) the reward is 1 for a correct response, 0 otherwise.
-Responses that never started (`prompt_too_long`) get no row; the manifest counts them. As in
-`collect`, a shard is written atomically once all its rows are in (the first copy of each kept),
-and a rerun scores only missing shards.
+math answers (`verify.math_correct`) and judges code against its tests (`verify.verify_code`:
+under bubblewrap, the verdict reached outside the candidate's sandbox, within `implicit.sandbox`
+limits; hostile code fails its sample and the stage carries on; where bubblewrap cannot run, the
+stage refuses to start, in one line), and scores the chat with the reward model
+(`implicit/reward_model.py`). Without a reward model (verifiable corpora only) the reward is 1
+for a correct response, 0 otherwise. Responses that never started (`prompt_too_long`) get no row;
+the manifest counts them. As in `collect`, a shard is written atomically once all its rows are in
+(the first copy of each kept), and a rerun scores only missing shards.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pyarrow as pa
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
+from fusion_ray.errors import InputError
 from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import PROMPTS_DIR, REWARDS
 from fusion_ray.shards import columns_key, gather
@@ -37,14 +39,38 @@ UNSCORED = ("prompt_too_long",)
 
 
 def sandbox_limits(cfg: FusionConfig):
-    from fusion_ray.implicit.verify import SandboxLimits
+    from fusion_ray.implicit.sandbox import SandboxLimits
 
     s = cfg.implicit.sandbox
     return SandboxLimits(cpu_seconds=s.cpu_seconds, wall_seconds=s.wall_seconds, memory_bytes=s.memory_mb << 20,
-                         file_bytes=s.file_mb << 20, output_bytes=s.output_kb << 10)
+                         file_bytes=s.file_mb << 20, output_bytes=s.output_kb << 10, processes=s.processes)
 
 
-def check(prompt: dict, response: str, limits) -> tuple[bool | None, str]:
+def sandbox_settings(cfg: FusionConfig):
+    from fusion_ray.implicit.sandbox import SandboxSettings
+
+    s = cfg.implicit.sandbox
+    return SandboxSettings(uid=s.uid, python=s.python, packages=tuple(s.packages))
+
+
+def sandbox_problem(cfg: FusionConfig) -> str | None:
+    """Why code prompts cannot be verified here (one line), or None: bubblewrap must run a Python
+    sandbox unless the config chose the unsafe in-process guard."""
+    if cfg.implicit is None or not any(c.verify == "code" for c in cfg.implicit.prompts):
+        return None
+    if cfg.implicit.sandbox.isolation != "bwrap":
+        return None
+    from fusion_ray.implicit.sandbox import available
+
+    why = available(sandbox_settings(cfg))
+    if why is None:
+        return None
+    return (f"implicit.sandbox: code prompts are verified under bubblewrap, which cannot run here: {why}; "
+            "install the Debian package bubblewrap (make setup does), or set "
+            "implicit.sandbox.isolation=unsafe-in-process (tests only: a hostile candidate can fool it)")
+
+
+def check(prompt: dict, response: str, limits, isolation: str = "bwrap", settings=None) -> tuple[bool | None, str]:
     """(correct, verdict) of one response: None and "" for an open prompt."""
     from fusion_ray.implicit import verify
 
@@ -54,7 +80,8 @@ def check(prompt: dict, response: str, limits) -> tuple[bool | None, str]:
         ok = verify.math_correct(response, prompt["answer"])
         return ok, "passed" if ok else "wrong_answer"
     if prompt["verify"] == "code":
-        verdict = verify.verify_code(response, prompt["tests"], limits)
+        verdict = verify.verify_code(response, prompt["tests"], limits, isolation=isolation,
+                                     settings=settings or verify.SandboxSettings())
         return verdict.passed, verdict.reason
     return None, ""
 
@@ -64,7 +91,11 @@ class RewardUDF:
 
     def __init__(self, cfg: dict, prompt_files: list[str]):
         self.cfg = FusionConfig.from_wire(cfg)
-        self.limits = sandbox_limits(self.cfg)
+        self.limits, self.settings = sandbox_limits(self.cfg), sandbox_settings(self.cfg)
+        self.isolation = self.cfg.implicit.sandbox.isolation
+        why = sandbox_problem(self.cfg)  # on this node: the driver checked its own
+        if why is not None:
+            raise InputError(why)
         table = pa.concat_tables([io.read_table(f) for f in prompt_files])
         self.prompts = {r["prompt_id"]: r for r in table.to_pylist()}
         self.scorer = None
@@ -81,7 +112,7 @@ class RewardUDF:
         out = []
         for r in rows:
             prompt = self.prompts[r["prompt_id"]]
-            correct, verdict = check(prompt, r["response"], self.limits)
+            correct, verdict = check(prompt, r["response"], self.limits, self.isolation, self.settings)
             out.append({"prompt_id": r["prompt_id"], "domain": prompt["domain"], "verify": prompt["verify"],
                         "verifiable": prompt["verify"] != "none", "source": r["source"],
                         "sample_index": r["sample_index"], "response": r["response"], "tokens": r["tokens"],
@@ -105,6 +136,9 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
 
     if cfg.implicit is None:
         raise ValueError("the reward stage needs the `implicit` section (method: implicit)")
+    why = sandbox_problem(cfg)
+    if why is not None:
+        raise InputError(why)
     prompts_dir = f"{cfg.stage_dir('sample')}/{PROMPTS_DIR}"
     prompts = io.finished(prompts_dir, "sample")
     inputs = {"prompts": prompts["fingerprint"]}
