@@ -239,7 +239,7 @@ def test_large_file_is_bounded_by_the_file_size_limit():
 
 @pytest.mark.timeout(60)
 def test_verdicts_stay_correct_across_a_sequence_with_hostile_code():
-    hostile = ["while True:\n    pass\n", "x = bytearray(10**10)\n", "import os\nos.fork()\n",
+    hostile = ["while True:\n    pass\n", "x = bytearray(10**10)\n", "import os\nwhile True:\n    os.fork()\n",
                "while True:\n    print('y' * 4096)\n"]
     for bad in hostile:
         assert run_code(SOLUTION, TESTS, limits=SMALL).passed

@@ -166,8 +166,15 @@ class _Cgroup:
     V1 = ("pids", "memory", "cpuacct")
 
     def __init__(self, limits: SandboxLimits) -> None:
-        name = f"fusion_ray_sandbox/{uuid.uuid4().hex}"
         self.dirs: dict[str, Path] = {}
+        try:
+            self._make(limits)
+        except BaseException:
+            self.kill_and_remove()  # a half-made group (a controller not enabled here) goes
+            raise
+
+    def _make(self, limits: SandboxLimits) -> None:
+        name = f"fusion_ray_sandbox/{uuid.uuid4().hex}"
         root = Path("/sys/fs/cgroup")
         if (root / "cgroup.controllers").exists():  # v2
             own = Path(open("/proc/self/cgroup").read().strip().split("::", 1)[-1].lstrip("/"))
@@ -185,7 +192,6 @@ class _Cgroup:
                 self.dirs[ctl] = d
             self._write(self.dirs["pids"] / "pids.max", limits.processes + EXTRA_PROCESSES)
             self._write(self.dirs["memory"] / "memory.limit_in_bytes", limits.memory_bytes + 64 * MiB)
-        self.procs = [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     @staticmethod
     def _write(path: Path, value: int, required: bool = True) -> None:
@@ -204,10 +210,16 @@ class _Cgroup:
         except (OSError, ValueError):
             return None
 
-    def join(self) -> None:
-        """In the child before exec: move this process into the cgroup (syscalls only)."""
+    @property
+    def procs(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    @staticmethod
+    def join(procs: list[str]) -> None:
+        """In the child before exec: move this process into the cgroup (`procs`: its `cgroup.procs`
+        files, listed by the parent; syscalls only here)."""
         pid = str(os.getpid()).encode()
-        for path in self.procs:
+        for path in procs:
             fd = os.open(path, os.O_WRONLY)
             try:
                 os.write(fd, pid)
@@ -284,10 +296,10 @@ def _set_limit(which: int, value: int) -> None:
 
 def _preexec(limits: SandboxLimits, uid: int | None, nproc: int, cgroup: _Cgroup | None):
     cpu = max(1, int(limits.cpu_seconds))
+    procs = cgroup.procs if cgroup is not None else []
 
     def apply() -> None:  # in the child between fork and exec: syscalls only
-        if cgroup is not None:
-            cgroup.join()
+        _Cgroup.join(procs)
         _set_limit(resource.RLIMIT_CPU, cpu)
         _set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
         _set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
@@ -333,7 +345,9 @@ class Sandbox:
         uid = settings.uid if root else None
         owner = settings.uid if root else os.getuid()
         self.cgroup = _Cgroup.create(limits) if root else None
-        nproc = _users_processes(owner) + limits.processes + EXTRA_PROCESSES
+        # RLIMIT_NPROC counts every process of the user, so sandboxes running side by side as one
+        # uid share it: where the run's cgroup holds its pids.max, the rlimit is only a loose floor
+        nproc = _users_processes(owner) + (limits.processes + EXTRA_PROCESSES) * (1 if self.cgroup is None else 8)
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds),
