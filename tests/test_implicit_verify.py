@@ -281,3 +281,16 @@ def test_the_unsafe_in_process_guard_still_judges_plain_code():
     check(run_code("def add(a, b):\n    return a - b\n", TESTS, isolation="unsafe-in-process"), "failed")
     with pytest.raises(ValueError, match="isolation 'none'"):
         run_code(SOLUTION, TESTS, isolation="none")
+
+
+@pytest.mark.timeout(60)
+def test_a_cgroup_it_may_not_join_falls_back_to_rlimits(monkeypatch):
+    """cgroup v2 may let a process make a group it may not move into: the run goes on under the
+    rlimits alone, and the group it made is removed (no_leftovers)."""
+    def refuse(procs):
+        if procs:
+            raise PermissionError("cgroup.procs: not delegated")
+
+    monkeypatch.setattr(sandbox._Cgroup, "join", staticmethod(refuse))
+    check(run_code(SOLUTION, TESTS), "passed")
+    check(run_code("while True:\n    pass\n", TESTS, limits=SMALL), "timeout")

@@ -349,9 +349,16 @@ class Sandbox:
         # uid share it: where the run's cgroup holds its pids.max, the rlimit is only a loose floor
         nproc = _users_processes(owner) + (limits.processes + EXTRA_PROCESSES) * (1 if self.cgroup is None else 8)
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, start_new_session=True, pass_fds=tuple(pass_fds),
-                                         preexec_fn=_preexec(limits, uid, nproc, self.cgroup), cwd="/")
+            self.proc = self._spawn(argv, limits, uid, nproc, pass_fds)
+        except subprocess.SubprocessError:
+            if self.cgroup is None:
+                raise
+            # the cgroup was made but this process may not move into it (cgroup v2 delegation
+            # rules): rlimits alone, as where no cgroup can be made
+            self.cgroup.kill_and_remove()
+            self.cgroup = None
+            nproc = _users_processes(owner) + limits.processes + EXTRA_PROCESSES
+            self.proc = self._spawn(argv, limits, uid, nproc, pass_fds)
         except BaseException:
             if self.cgroup is not None:
                 self.cgroup.kill_and_remove()
@@ -359,6 +366,11 @@ class Sandbox:
         self.out = _Capture(self.proc.stdout, limits.output_bytes, self.kill)
         self.err = _Capture(self.proc.stderr, limits.output_bytes, self.kill)
         self.result: Finished | None = None
+
+    def _spawn(self, argv, limits, uid, nproc, pass_fds) -> subprocess.Popen:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, pass_fds=tuple(pass_fds), cwd="/",
+                                preexec_fn=_preexec(limits, uid, nproc, self.cgroup))
 
     def kill(self) -> None:
         """SIGKILL to bubblewrap's process group: its namespace's init dies with it, and the kernel
