@@ -405,9 +405,16 @@ class Sandbox:
         if cpu is None:
             cpu = rusage.ru_utime + rusage.ru_stime if rusage is not None else 0.0
         self.end()
-        self.result = Finished(status, timed_out, cpu_out or cpu >= self.limits.cpu_seconds - 0.05,
+        seconds = time.monotonic() - self.started
+        # bubblewrap exits 128 + the signal that ended its command. Without a cgroup the parent sees
+        # no CPU time of the namespace's processes, so a SIGKILL / SIGXCPU after at least the CPU
+        # limit's wall time is taken for RLIMIT_CPU (RLIMIT_AS raises MemoryError, it kills nothing)
+        code = os.waitstatus_to_exitcode(status)
+        cpu_kill = (code in (128 + signal.SIGKILL, 128 + signal.SIGXCPU, -signal.SIGKILL, -signal.SIGXCPU)
+                    and seconds >= 0.9 * self.limits.cpu_seconds and not timed_out)
+        self.result = Finished(status, timed_out, cpu_out or cpu_kill or cpu >= self.limits.cpu_seconds - 0.05,
                                self.out.over or self.err.over, bytes(self.out.data), bytes(self.err.data),
-                               time.monotonic() - self.started, cpu)
+                               seconds, cpu)
 
     def end(self) -> None:
         """Kill whatever is left (the namespace, the cgroup) and close the pipes."""
