@@ -24,7 +24,7 @@ import threading
 import time
 
 from fusion_ray.implicit.judge import Verdict
-from fusion_ray.implicit.sandbox import SandboxLimits
+from fusion_ray.implicit.sandbox import SandboxLimits, _set_limit, _users_processes
 
 TAIL = 2048
 # Exit statuses the guard uses (a candidate can exit with them too; only 0 plus the nonce passes).
@@ -200,31 +200,6 @@ def unshare_available() -> bool:
         return _unshare_checked
 
 
-def _user_process_count() -> int:
-    """How many processes the current user has (RLIMIT_NPROC counts them all)."""
-    uid = os.getuid()
-    count = 0
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return 256
-    for entry in entries:
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    count += 1
-            except OSError:
-                pass
-    return count
-
-
-def _set_limit(which: int, value: int) -> None:
-    soft, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        value = min(value, hard)
-    resource.setrlimit(which, (value, value))
-
-
 def _preexec(limits: SandboxLimits, nproc: int):
     cpu = max(1, int(limits.cpu_seconds))
 
@@ -332,7 +307,7 @@ def run_guarded(code: str, tests: str, *, limits: SandboxLimits = SandboxLimits(
         argv = [sys.executable, "-I", "-c", _GUARD, workdir, str(nonce_r), str(done_w)]
         if unshare_available():
             argv = [shutil.which("unshare") or "unshare", "-rn", *argv]
-        nproc = _user_process_count() + max(1, limits.processes)
+        nproc = _users_processes(os.getuid()) + max(1, limits.processes)
         try:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(nonce_r, done_w),

@@ -276,8 +276,13 @@ class _Cgroup:
 
 
 def _users_processes(uid: int) -> int:
+    """How many processes `uid` has (RLIMIT_NPROC counts them all)."""
     count = 0
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 256
+    for entry in entries:
         if entry.isdigit():
             try:
                 if os.stat(f"/proc/{entry}").st_uid == uid:
