@@ -45,21 +45,20 @@ FAKES = {
     "int_subclass": "class Yes(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
                     "def add(a, b):\n    return Yes(0)\n",
     # the tests' file read from the working dir and answered from
-    "read_the_tests": "import glob, re\nseen = {}\n"
-                      "for path in glob.glob('/**/*.py', recursive=True) + glob.glob('*'):\n"
-                      "    try:\n        text = open(path).read()\n    except Exception:\n        continue\n"
-                      "    for a, b, c in re.findall(r'add\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)', text):\n"
+    "read_the_tests": "import glob, re\nseen = {}\nfor path in glob.glob('*.py') + glob.glob('/tmp/*/*.py'):\n"
+                      "    for a, b, c in re.findall(r'add\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)', open(path).read()):\n"
                       "        seen[(int(a), int(b))] = int(c)\n"
                       "def add(a, b):\n    return seen[(a, b)]\n",
-    # builtins the checks use, replaced
-    "builtins": WRONG + "import builtins\nbuiltins.isinstance = lambda *a: True\nbuiltins.len = lambda *a: 0\n"
-                        "import operator\noperator.eq = lambda a, b: True\ndef sorted(x):\n    return [1, 2]\n",
+    # a builtin the tests use, redefined (and the real ones replaced for good measure)
+    "builtins": "def double(xs):\n    return xs\ndef sorted(x):\n    return [2, 6]\nimport builtins\n"
+                "builtins.isinstance = lambda *a: True\n",
 }
 
 
 @pytest.mark.parametrize("name", sorted(FAKES))
 def test_a_fake_pass_is_judged_failed(name):
-    v = run_code(FAKES[name], TESTS, limits=SMALL)
+    tests = "assert sorted(double([3, 1])) == [2, 6]\n" if name == "builtins" else TESTS
+    v = run_code(FAKES[name], tests, limits=SMALL)
     assert not v.passed, (name, v)
 
 
