@@ -17,11 +17,11 @@ EXIT_BAD_INPUT = 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fusion_ray.pipeline import check_stages, pipeline_stages, relative_path_problems, unreachable
+    from fusion_ray.pipeline import check_stages, pipeline_stages, run_problems
 
     cfg = load_config(args.config, args.overrides)
     check_stages(cfg, pipeline_stages(cfg))
-    problems = relative_path_problems(cfg) + unreachable(cfg)
+    problems = run_problems(cfg, pipeline_stages(cfg))
     for line in problems:
         print(f"{args.config}: {line}", file=sys.stderr)
     if problems:

@@ -301,6 +301,17 @@ def preflight(cfg: FusionConfig, stages: Sequence[str]) -> None:
         raise Unplaceable("cannot place on the connected Ray:\n  " + "\n  ".join(problems))
 
 
+def run_problems(cfg: FusionConfig, stages: Sequence[str]) -> list[str]:
+    """One line per reason `stages` cannot run here: a relative path that is not the same on every
+    node, an input that cannot be reached, code prompts with no sandbox to run them in."""
+    problems = relative_path_problems(cfg) + unreachable(cfg)
+    if "reward" in stages:
+        from fusion_ray.reward.stage import sandbox_problem
+
+        problems += [why] if (why := sandbox_problem(cfg)) else []
+    return problems
+
+
 def check_run(cfg: FusionConfig, stages: Sequence[str]) -> None:
     """What `run_stages` checks before any work, writing nothing: the stages agree with the config,
     every path means the same on every node, every input is reachable, the workdir writable.
@@ -309,11 +320,7 @@ def check_run(cfg: FusionConfig, stages: Sequence[str]) -> None:
         ValueError: one line per problem.
     """
     check_stages(cfg, stages)
-    problems = relative_path_problems(cfg) + unreachable(cfg)
-    if "reward" in stages:
-        from fusion_ray.reward.stage import sandbox_problem
-
-        problems += [why] if (why := sandbox_problem(cfg)) else []
+    problems = run_problems(cfg, stages)
     if len(problems) == 1:
         raise ValueError(f"cannot run: {problems[0]}")
     if problems:

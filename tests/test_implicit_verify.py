@@ -4,8 +4,11 @@ are in test_sandbox_hostile.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -271,6 +274,12 @@ def test_without_a_runnable_sandbox_verification_refuses_in_one_line(tmp_path):
                         "sandbox": {"python": str(tmp_path / "no-python")}}}
     why = sandbox_problem(parse_config(cfg))
     assert why and "\n" not in why and "bubblewrap" in why and "isolation=unsafe-in-process" in why
+    cfg["implicit"]["heldout"] = [{"path": str(prompts), "verify": "code"}]
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-m", "fusion_ray.cli", "validate", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert [line for line in out.stderr.splitlines() if line.strip()] == [f"{tmp_path / 'c.yaml'}: {why}"]
     cfg["implicit"]["sandbox"]["isolation"] = "unsafe-in-process"
     assert sandbox_problem(parse_config(cfg)) is None
 
