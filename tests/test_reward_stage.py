@@ -107,5 +107,5 @@ def test_the_manifest_counts_per_source_and_the_unscored_and_a_rerun_skips(score
     assert manifest["rows"] == {"in": 12, "out": 11} and manifest["extra"]["unscored"] == {"prompt_too_long": 1}
     a, b = manifest["extra"]["per_source"]["a"], manifest["extra"]["per_source"]["b"]
     assert (a["verifiable"], a["correct"], b["verifiable"], b["correct"]) == (4, 2, 3, 0)
-    assert b["verdicts"] == {"no_answer": 1, "blocked": 1, "memory": 1}
+    assert b["verdicts"] == {"no_answer": 1, "error": 1, "memory": 1}
     assert reward.run(cfg, log=QUIET).status == "skipped"
