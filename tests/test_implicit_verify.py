@@ -140,6 +140,7 @@ def test_classes_and_plain_data_cross_but_other_objects_stay_handles():
     assert v.cases == 4
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_endless_loop_times_out_within_the_limits():
     t = time.monotonic()
@@ -152,6 +153,7 @@ def test_endless_loop_times_out_within_the_limits():
     assert 1.5 < time.monotonic() - t < 2 + 5
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_fork_bombs_are_contained_and_leave_no_process():
     v = run_code("import os\nwhile True:\n    os.fork()\n", TESTS, limits=SMALL)
@@ -166,6 +168,7 @@ def test_fork_bombs_are_contained_and_leave_no_process():
     # (no_leftovers: no sandbox process is alive after either)
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_memory_hogs_fail_without_exceeding_the_limit():
     v = run_code("x = bytearray(10**10)\n", TESTS, limits=SMALL)
@@ -177,6 +180,7 @@ def test_memory_hogs_fail_without_exceeding_the_limit():
     assert held and max(held) * 100 * 2**20 <= SMALL.memory_bytes, held  # never more than the limit
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_writes_land_in_the_sandboxes_own_tmpfs_only(tmp_path):
     targets = [f"/tmp/sandbox_escape_{uuid.uuid4().hex}", str(tmp_path / "escape")]
@@ -202,6 +206,7 @@ def test_writes_land_in_the_sandboxes_own_tmpfs_only(tmp_path):
     assert v.stdout_head.strip() == "/tmp" and not os.path.exists(f"/tmp/{name}")
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_no_network_and_the_listener_sees_no_connection():
     with socket.socket() as server:
@@ -222,6 +227,7 @@ def test_no_network_and_the_listener_sees_no_connection():
             server.accept()
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_endless_printing_is_cut_at_the_output_cap():
     t = time.monotonic()
@@ -240,6 +246,7 @@ def test_large_file_is_bounded_by_the_file_size_limit():
     assert not v.passed and "File too large" in v.stderr_tail, (v.reason, v.stderr_tail)
 
 
+@pytest.mark.integration  # seconds of sandboxes each: not the unit tier
 @pytest.mark.timeout(60)
 def test_verdicts_stay_correct_across_a_sequence_with_hostile_code():
     hostile = ["while True:\n    pass\n", "x = bytearray(10**10)\n", "import os\nwhile True:\n    os.fork()\n",
@@ -300,6 +307,6 @@ def test_a_cgroup_it_may_not_join_falls_back_to_rlimits(monkeypatch):
         if procs:
             raise PermissionError("cgroup.procs: not delegated")
 
-    monkeypatch.setattr(sandbox._Cgroup, "join", staticmethod(refuse))
+    monkeypatch.setattr(sandbox.Cgroup, "join", staticmethod(refuse))
     check(run_code(SOLUTION, TESTS), "passed")
     check(run_code("while True:\n    pass\n", TESTS, limits=SMALL), "timeout")

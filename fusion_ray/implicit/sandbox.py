@@ -160,7 +160,7 @@ def bwrap_argv(settings: SandboxSettings, python: str, inner: list[str], limits:
 # --- cgroups --------------------------------------------------------------------------------------
 
 
-class _Cgroup:
+class Cgroup:
     """One run's cgroup (v2, or v1's pids / memory / cpuacct), where this process may create one."""
 
     V1 = ("pids", "memory", "cpuacct")
@@ -202,7 +202,7 @@ class _Cgroup:
                 raise
 
     @classmethod
-    def create(cls, limits: SandboxLimits) -> _Cgroup | None:
+    def create(cls, limits: SandboxLimits) -> Cgroup | None:
         if not sys.platform.startswith("linux"):
             return None
         try:
@@ -299,12 +299,12 @@ def _set_limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def _preexec(limits: SandboxLimits, uid: int | None, nproc: int, cgroup: _Cgroup | None):
+def _preexec(limits: SandboxLimits, uid: int | None, nproc: int, cgroup: Cgroup | None):
     cpu = max(1, int(limits.cpu_seconds))
     procs = cgroup.procs if cgroup is not None else []
 
     def apply() -> None:  # in the child between fork and exec: syscalls only
-        _Cgroup.join(procs)
+        Cgroup.join(procs)
         _set_limit(resource.RLIMIT_CPU, cpu)
         _set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
         _set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
@@ -349,7 +349,7 @@ class Sandbox:
         root = os.geteuid() == 0
         uid = settings.uid if root else None
         owner = settings.uid if root else os.getuid()
-        self.cgroup = _Cgroup.create(limits) if root else None
+        self.cgroup = Cgroup.create(limits) if root else None
         # RLIMIT_NPROC counts every process of the user, so sandboxes running side by side as one
         # uid share it: where the run's cgroup holds its pids.max, the rlimit is only a loose floor
         nproc = _users_processes(owner) + (limits.processes + EXTRA_PROCESSES) * (1 if self.cgroup is None else 8)
