@@ -24,7 +24,7 @@ import threading
 import time
 
 from fusion_ray.implicit.judge import Verdict
-from fusion_ray.implicit.sandbox import SandboxLimits, _set_limit, _users_processes
+from fusion_ray.implicit.sandbox import SandboxLimits, _Capture, _set_limit, _users_processes
 
 TAIL = 2048
 # Exit statuses the guard uses (a candidate can exit with them too; only 0 plus the nonce passes).
@@ -212,34 +212,6 @@ def _preexec(limits: SandboxLimits, nproc: int):
         _set_limit(resource.RLIMIT_NPROC, nproc)
 
     return apply
-
-
-class _Capture:
-    """Reads one pipe into a bounded buffer; `over` is set when the child wrote past the cap."""
-
-    def __init__(self, stream, cap: int, on_overflow) -> None:
-        self.cap, self.on_overflow = cap, on_overflow
-        self.data = bytearray()
-        self.over = False
-        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self.thread.start()
-
-    def _run(self, stream) -> None:
-        try:
-            while True:
-                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-                if not chunk:
-                    break
-                room = self.cap - len(self.data)
-                if len(chunk) > room:
-                    self.data += chunk[: max(room, 0)]
-                    if not self.over:
-                        self.over = True
-                        self.on_overflow()
-                else:
-                    self.data += chunk
-        except (OSError, ValueError):
-            pass
 
 
 def _kill_group(pgid: int) -> None:

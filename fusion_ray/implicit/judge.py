@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -342,10 +343,6 @@ def _read_report(fd: int, out: list[bytes]) -> threading.Thread:
     return t
 
 
-def _memory(stderr: bytes) -> bool:
-    return b"MemoryError" in stderr
-
-
 def judge(code: str, tests: str, limits: SandboxLimits = SandboxLimits(),
           settings: SandboxSettings = SandboxSettings()) -> Verdict:
     """Run `code` in the candidate's sandbox and `tests` in their own, and judge from the tests'
@@ -398,12 +395,10 @@ def judge(code: str, tests: str, limits: SandboxLimits = SandboxLimits(),
             rows.append(json.loads(line))
         except ValueError:
             pass
-    return _verdict(rows, done_candidate, done_tests, limits, time.monotonic() - start)
+    return _verdict(rows, done_candidate, done_tests, time.monotonic() - start)
 
 
-def _verdict(rows: list[dict], cand, tests, limits: SandboxLimits, seconds: float) -> Verdict:
-    import signal
-
+def _verdict(rows: list[dict], cand, tests, seconds: float) -> Verdict:
     cases = [r for r in rows if "case" in r]
     failed = [r for r in cases if r.get("ok") is not True]
     done = next((r for r in rows if r.get("done") is True), None)

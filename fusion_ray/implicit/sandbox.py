@@ -61,7 +61,7 @@ class SandboxLimits:
     cpu_seconds: int = 5
     wall_seconds: float = 10.0
     memory_bytes: int = 512 * MiB  # address space of each process (RLIMIT_AS); the cgroup's cap over all
-    file_bytes: int = 1 * MiB  # largest file the run may write (RLIMIT_FSIZE); also the tmpfs size
+    file_bytes: int = 1 * MiB  # largest file the run may write (RLIMIT_FSIZE)
     processes: int = 32  # processes the run may start (cgroup pids.max; RLIMIT_NPROC as the floor)
     output_bytes: int = 64 * 1024  # captured stdout and stderr, each
     open_files: int = 64  # RLIMIT_NOFILE
@@ -132,8 +132,16 @@ def _merged_usr_links() -> list[str]:
     return args
 
 
-def bwrap_argv(settings: SandboxSettings, python: str, inner: list[str], limits: SandboxLimits) -> list[str]:
+def bwrap_argv(settings: SandboxSettings, python: str, inner: list[str]) -> list[str]:
     """The bubblewrap command line that runs `inner` (an argv whose first item is `python`)."""
+    base, inside_python = _bwrap_base(settings, python)
+    return [*base, inside_python, *inner[1:]]
+
+
+@functools.cache
+def _bwrap_base(settings: SandboxSettings, python: str) -> tuple[tuple[str, ...], str]:
+    """(bubblewrap's arguments up to `--`, the interpreter's path inside): the same for every run
+    with these settings, so worked out (which, readlink, find_spec) once per process."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (`bwrap`) is not installed: install the Debian package bubblewrap")
@@ -154,7 +162,7 @@ def bwrap_argv(settings: SandboxSettings, python: str, inner: list[str], limits:
     for host, inside in _package_paths(settings.packages):
         argv += ["--ro-bind", host, inside]
     argv += ["--size", str(settings.tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
-    return argv + [inside_python, *inner[1:]]
+    return tuple(argv), inside_python
 
 
 # --- cgroups --------------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class Sandbox:
     def __init__(self, inner: list[str], limits: SandboxLimits, settings: SandboxSettings, pass_fds=()) -> None:
         self.limits, self.started = limits, time.monotonic()
         python = inner[0]
-        argv = bwrap_argv(settings, python, inner, limits)
+        argv = bwrap_argv(settings, python, inner)
         root = os.geteuid() == 0
         uid = settings.uid if root else None
         owner = settings.uid if root else os.getuid()
