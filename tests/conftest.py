@@ -169,6 +169,70 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_fused(tiny_models, tmp_path_factory, ray_local):
+    """One explicit run, prepare → collect → align → fuse, shared by the stage tests that read it
+    (collect, align/fuse, train, concurrency): the pivot (Qwen2 with the DeepSeek tokenizer) and
+    three sources, GPT-2 and Mistral (other tokenizers) and `twin` (the pivot's own tokenizer), on
+    14 computing and 10 English conversations; spans with the first-piece map.
+
+    Tests that change a stage's output or settings work on a copy (`helpers.fused_copy`, or a
+    copied workdir); `collected` is the collect stage's result (each model's start and end).
+    """
+    from types import SimpleNamespace
+
+    from helpers import chat_rows, make_config, write_jsonl
+
+    from fusion_ray.align import stage as align
+    from fusion_ray.collect import stage as collect
+    from fusion_ray.fuse import stage as fuse
+    from fusion_ray.prepare import stage as prepare
+
+    tmp = tmp_path_factory.mktemp("fused")
+    corpora = [write_jsonl(tmp / "c.jsonl", chat_rows(14)), write_jsonl(tmp / "e.jsonl", chat_rows(10, "english"))]
+    models = {"pivot": tiny_models("qwen2", "deepseek"), "gpt": tiny_models("gpt2", "gpt2"),
+              "mis": tiny_models("mistral", "mistral"), "twin": tiny_models("qwen2", "deepseek", seed=1)}
+    cfg = make_config(tmp / "w", models["pivot"], {n: models[n] for n in ("gpt", "mis", "twin")}, corpora,
+                      align={"positions": "spans", "vocab_map": "first_piece"})
+    cfg.data.train[0].domain, cfg.data.train[1].domain = "computing", "english"
+    quiet = lambda *_: None  # noqa: E731
+    prepare.run(cfg, log=quiet)
+    collected = collect.run(cfg, log=quiet)
+    align.run(cfg, log=quiet)
+    fuse.run(cfg, log=quiet)
+    return SimpleNamespace(cfg=cfg, models=models, corpora=corpora, collected=collected, tmp=tmp)
+
+
+@pytest.fixture(scope="session")
+def cli_project(tiny_models, tmp_path_factory):
+    """A project outside the repo, every path of its `fusion.yaml` relative (`helpers.pipeline_config`),
+    and the whole pipeline run on it by the CLI from its own directory, as a user would:
+    `fusion-ray run fusion.yaml` (workdir `runs/rel`). Yields `(project dir, completed process)`.
+    test_front_door checks the run and its failures; test_object_store_pipeline compares the same
+    run on a bucket with its report. Ray's session files are below `helpers.CLI_RAY_TMP`."""
+    import yaml
+    from helpers import (
+        CLI_RAY_TMP,
+        PIPELINE_HELDOUT_ROWS,
+        PIPELINE_TRAIN_ROWS,
+        chat_rows,
+        fusion_ray_cli,
+        pipeline_config,
+        write_jsonl,
+    )
+
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(tiny_models("qwen2", "deepseek"), root / "models" / "pivot")
+    shutil.copytree(tiny_models("gpt2", "gpt2"), root / "models" / "gpt")
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "train.jsonl", chat_rows(PIPELINE_TRAIN_ROWS))
+    write_jsonl(root / "data" / "heldout.jsonl", chat_rows(PIPELINE_HELDOUT_ROWS, start=100))
+    config = pipeline_config("runs/rel", "models/pivot", "models/gpt", "data/train.jsonl", "data/heldout.jsonl")
+    (root / "fusion.yaml").write_text(yaml.safe_dump(config))
+    yield root, fusion_ray_cli(root, "run", "fusion.yaml", ray_tmp=CLI_RAY_TMP)
+    shutil.rmtree(CLI_RAY_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on loopback for the session.
 

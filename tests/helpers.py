@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fusion_ray.config import FusionConfig, parse_config
@@ -42,6 +43,60 @@ def make_config(workdir: Path, pivot: Path, sources: dict[str, Path], corpora: l
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return parse_config(data)
+
+
+def fused_copy(cfg: FusionConfig, workdir: Path, sources: tuple[str, ...] = ("gpt",), **train) -> FusionConfig:
+    """`cfg` with only `sources`, under `workdir`, holding a copy of their fused data (nothing is
+    recomputed), with `train` settings changed: a training run of its own on shared fused data."""
+    import shutil
+
+    data = cfg.to_dict()
+    data["workdir"] = str(workdir)
+    data["sources"] = [s for s in data["sources"] if s["name"] in sources]
+    data["train"] = {**data["train"], **train}
+    out = parse_config(data)
+    for name in sources:
+        shutil.copytree(cfg.stage_dir("fuse", name), out.stage_dir("fuse", name))
+    return out
+
+
+# The whole explicit pipeline at its smallest: one source, 24 training rows, 8 held-out rows, 3 steps.
+# The CLI run of conftest's `cli_project` (relative paths) and test_object_store_pipeline's run (s3://
+# URIs) share it, so that their reports can be compared arm by arm.
+PIPELINE_TRAIN_ROWS, PIPELINE_HELDOUT_ROWS = 24, 8
+
+
+def pipeline_config(workdir: str, pivot: str, source: str, train: str, heldout: str) -> dict:
+    return {
+        "name": "tiny", "workdir": workdir,
+        "pivot": {"name": "pivot", "path": pivot, "dtype": "float32"},
+        "sources": [{"name": "gpt", "path": source, "dtype": "float32", "domain": "computing"}],
+        "data": {"train": [{"path": train, "domain": "computing"}], "max_length": 128, "shard_rows": 10,
+                 "heldout": [{"path": heldout, "domain": "computing"}]},
+        "collect": {"engine": "hf", "top_k": 4, "batch_size": 8, "num_cpus_per_actor": 0.5, "dtype": "float32"},
+        "align": {"num_cpus": 0.5}, "fuse": {"num_cpus": 0.5},
+        "train": {"strategy": "ddp", "num_workers": 1, "cpus_per_worker": 0.5, "global_batch_size": 4,
+                  "micro_batch_size": 4, "max_steps": 3, "checkpoint_every": 2, "lr": 1e-3, "lambda_clm": 0.7,
+                  "clm_only_arm": True, "bf16": False, "fusion_positions": "transferred", "max_failures": 2},
+        "merge": {"method": "sce", "variant": "fusechat", "dtype": "float32"},
+        "eval": {"batch_size": 8},
+        "ray": {"num_cpus": 4},
+    }
+
+
+CLI_RAY_TMP = Path(f"/tmp/frd{os.getpid()}")  # short: Ray's socket paths must stay < 108 characters
+
+
+def fusion_ray_cli(cwd: Path, *args: str, ray_tmp: Path = CLI_RAY_TMP, timeout: float = 900):
+    """`fusion-ray ARGS` in a subprocess run from `cwd` (its own local Ray, session files below `ray_tmp`)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(repo)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "fusion_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def tiny_reward_model(base: Path, out: Path, seed: int = 0) -> Path:

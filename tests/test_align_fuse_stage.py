@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import chat_rows, make_config, write_jsonl
 
 from fusion_ray import io, schema
 from fusion_ray.align import stage as align
@@ -18,21 +17,10 @@ QUIET = lambda *_: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
-def run(tiny_models, tmp_path_factory, ray_local):
-    tmp = tmp_path_factory.mktemp("alignfuse")
-    corpus_c = write_jsonl(tmp / "c.jsonl", chat_rows(14))
-    corpus_e = write_jsonl(tmp / "e.jsonl", chat_rows(10, "english"))
-    sources = {"gpt": tiny_models("gpt2", "gpt2"), "mis": tiny_models("mistral", "mistral"),
-               "twin": tiny_models("qwen2", "deepseek", seed=1)}  # the pivot's own tokenizer
-    cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), sources, [corpus_c, corpus_e],
-                      align={"positions": "spans", "vocab_map": "first_piece"})
-    cfg.data.train[1].domain = "english"
-    cfg.data.train[0].domain = "computing"
-    prepare.run(cfg, log=QUIET)
-    collect.run(cfg, log=QUIET)
-    align.run(cfg, log=QUIET)
-    fuse.run(cfg, log=QUIET)
-    return {"cfg": cfg, "tmp": tmp}
+def run(tiny_fused):
+    """The shared run (conftest's `tiny_fused`): sources gpt, mis and twin (the pivot's own
+    tokenizer), 14 computing and 10 English rows, spans with the first-piece map."""
+    return {"cfg": tiny_fused.cfg, "tmp": tiny_fused.tmp}
 
 
 def test_aligned_outputs_follow_the_contract(run):
@@ -92,6 +80,8 @@ def test_fused_pairwise_with_min_ce_and_routing(run):
 def test_multi_mode_with_avg_ce(run, tmp_path):
     cfg = run["cfg"]
     multi = cfg.model_copy(deep=True)
+    multi.workdir = str(tmp_path / "w")
+    shutil.copytree(cfg.workdir, multi.workdir)
     multi.fuse.mode, multi.fuse.strategy = "multi", "avg_ce"
     result = fuse.run(multi, log=QUIET)
     (pair,) = result.parts

@@ -19,23 +19,22 @@ from fusion_ray.prepare import stage as prepare
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 QUIET = lambda *_: None  # noqa: E731
+# the fault tests: rows in shards of SHARD_ROWS, micro-batches of 2, so a kill lands part-way
+ROWS, SHARD_ROWS = 240, 10
+SHARDS = ROWS // SHARD_ROWS
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_models, tmp_path_factory, ray_local):
-    tmp = tmp_path_factory.mktemp("collect")
-    corpus = write_jsonl(tmp / "c.jsonl", chat_rows(24) + chat_rows(12, "english"))
-    models = {"pivot": tiny_models("qwen2", "deepseek"), "gpt": tiny_models("gpt2", "gpt2"),
-              "mis": tiny_models("mistral", "mistral")}
+def setup(tiny_fused, ray_local):
+    """The shared run (conftest's `tiny_fused`: the pivot and three sources on 24 rows), and
+    configs of the pivot, gpt and mis over its corpora."""
+    models, tmp = tiny_fused.models, tiny_fused.tmp
 
     def config(name: str, **sections):
         return make_config(tmp / name, models["pivot"], {"gpt": models["gpt"], "mis": models["mis"]},
-                           [corpus], **sections)
+                           tiny_fused.corpora, **sections)
 
-    cfg = config("main")
-    prepare.run(cfg, log=QUIET)
-    collect.run(cfg, log=QUIET)
-    return {"cfg": cfg, "config": config, "models": models, "ray": ray_local, "tmp": tmp}
+    return {"cfg": tiny_fused.cfg, "config": config, "models": models, "ray": ray_local, "tmp": tmp}
 
 
 def test_every_model_gets_every_row_once_in_order(setup):
@@ -51,7 +50,7 @@ def test_every_model_gets_every_row_once_in_order(setup):
         table = pq.read_table(out)
         assert table.column("sample_id").to_pylist() == prepared.column("sample_id").to_pylist()
         manifest = io.read_manifest(out)
-        assert manifest["rows"] == {"in": 36, "out": 36}
+        assert manifest["rows"] == {"in": 24, "out": 24}
         assert manifest["extra"]["top_k"] == 4
 
 
@@ -83,7 +82,7 @@ def test_rerun_is_skipped_by_manifest(setup):
     result = collect.run(setup["cfg"], log=QUIET)
     statuses = {m: r.status for m, r in result.parts.items()}
     assert result.status == "skipped"
-    assert statuses == {"pivot": "skipped", "gpt": "skipped", "mis": "skipped"}
+    assert statuses == {"pivot": "skipped", "gpt": "skipped", "mis": "skipped", "twin": "skipped"}
 
 
 def test_bad_tokenizer_or_impossible_k_fails_before_any_work(setup, tmp_path):
@@ -106,9 +105,9 @@ def test_killed_engine_actor_still_yields_every_row_exactly_once(setup):
     import psutil
 
     tmp = setup["tmp"]
-    corpus = write_jsonl(tmp / "many.jsonl", chat_rows(600))
+    corpus = write_jsonl(tmp / "many.jsonl", chat_rows(ROWS))
     cfg = make_config(tmp / "kill", setup["models"]["pivot"], {"gpt": setup["models"]["gpt"]}, [corpus],
-                      data={"shard_rows": 20}, collect={"batch_size": 2})
+                      data={"shard_rows": SHARD_ROWS}, collect={"batch_size": 2})
     prepare.run(cfg, log=QUIET)
     partial = cfg.stage_dir("collect", "pivot") + ".partial"
     killed = {}
@@ -128,16 +127,16 @@ def test_killed_engine_actor_still_yields_every_row_exactly_once(setup):
     collect.collect_model(cfg, cfg.pivot, io.list_files(cfg.stage_dir("prepare")),
                            io.read_manifest(cfg.stage_dir("prepare"))["fingerprint"], log=QUIET)
     thread.join()
-    assert 0 < killed.get("shards_done", 0) < 30, killed  # killed mid-run
+    assert 0 < killed.get("shards_done", 0) < SHARDS, killed  # killed mid-run
     ids = pq.read_table(cfg.stage_dir("collect", "pivot")).column("sample_id").to_pylist()
-    assert ids == [f"computing-{i}" for i in range(600)]
+    assert ids == [f"computing-{i}" for i in range(ROWS)]
 
 
 def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     tmp = setup["tmp"]
-    corpus = write_jsonl(tmp / "resume.jsonl", chat_rows(600))
+    corpus = write_jsonl(tmp / "resume.jsonl", chat_rows(ROWS))
     cfg = make_config(tmp / "resume", setup["models"]["pivot"], {"gpt": setup["models"]["gpt"]}, [corpus],
-                      data={"shard_rows": 20}, collect={"batch_size": 2})
+                      data={"shard_rows": SHARD_ROWS}, collect={"batch_size": 2})
     prepare.run(cfg, log=QUIET)
     cfg_file = tmp / "resume.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -153,7 +152,7 @@ def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     proc.kill()
     proc.wait()
     done = {f: os.stat(f).st_mtime_ns for f in io.list_files(partial)}
-    assert 0 < len(done) < 30, "the run was interrupted part-way"
+    assert 0 < len(done) < SHARDS, "the run was interrupted part-way"
     assert not io.exists(cfg.stage_dir("collect", "pivot")), "nothing published before completion"
     time.sleep(2)  # let Ray reap the dead driver's actors
     collect.run(cfg, log=QUIET)
@@ -161,4 +160,4 @@ def test_interrupted_run_resumes_and_redoes_only_missing_shards(setup):
     for f, mtime in done.items():
         assert os.stat(f.replace(".partial", "")).st_mtime_ns == mtime, "finished shard was not redone"
     ids = pq.read_table(final).column("sample_id").to_pylist()
-    assert ids == [f"computing-{i}" for i in range(600)]
+    assert ids == [f"computing-{i}" for i in range(ROWS)]

@@ -1,15 +1,9 @@
 """Independent parts of a stage run side by side on the local Ray: collect per model, train per arm."""
 
-import shutil
-
 import pytest
-from helpers import chat_rows, make_config, write_jsonl
+from helpers import fused_copy
 
 from fusion_ray import io
-from fusion_ray.align import stage as align
-from fusion_ray.collect import stage as collect
-from fusion_ray.fuse import stage as fuse
-from fusion_ray.prepare import stage as prepare
 from fusion_ray.train import stage as trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -27,33 +21,21 @@ def overlap(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_models, tmp_path_factory, ray_local):
-    """prepare → collect (2 models at once) → align → fuse; the collect result is kept."""
-    tmp = tmp_path_factory.mktemp("concurrency")
-    corpus = write_jsonl(tmp / "c.jsonl", chat_rows(24))
-    cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")}, [corpus],
-                      train=TRAIN)
-    prepare.run(cfg, log=QUIET)
-    collected = collect.run(cfg, log=QUIET)
-    for stage in (align, fuse):
-        stage.run(cfg, log=QUIET)
-    return cfg, collected
+def fused(tiny_fused):
+    """The shared run (conftest's `tiny_fused`: the pivot and three sources collected side by side,
+    `collect.max_concurrent_models` unset) and its collect result."""
+    return tiny_fused.cfg, tiny_fused.collected
 
 
 def with_train(cfg, workdir, **train):
-    """The same fused data under another workdir, with train settings changed."""
-    out = cfg.model_copy(deep=True)
-    out.workdir = str(workdir)
-    for key, value in train.items():
-        setattr(out.train, key, value)
-    shutil.copytree(cfg.stage_dir("fuse", "gpt"), out.stage_dir("fuse", "gpt"))
-    return out
+    """The gpt source's fused data under another workdir, with `TRAIN` and these settings."""
+    return fused_copy(cfg, workdir, **{**TRAIN, **train})
 
 
 def test_collect_of_two_models_overlaps(fused):
     _, collected = fused
     models = collected.parts
-    assert [r.status for r in models.values()] == ["done", "done"]
+    assert [r.status for r in models.values()] == ["done"] * 4
     assert overlap(models["pivot"], models["gpt"]), models
 
 

@@ -10,13 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import chat_rows, make_config, write_jsonl
+from helpers import fused_copy
 
 from fusion_ray import io
-from fusion_ray.align import stage as align
-from fusion_ray.collect import stage as collect
-from fusion_ray.fuse import stage as fuse
-from fusion_ray.prepare import stage as prepare
 from fusion_ray.train import stage as trainer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -29,27 +25,15 @@ TRAIN = {"strategy": "ddp", "num_workers": 2, "cpus_per_worker": 0.5, "global_ba
 
 
 @pytest.fixture(scope="module")
-def fused(tiny_models, tmp_path_factory, ray_local):
-    """One fused dataset (prepare → collect → align → fuse) shared by every training run here."""
-    tmp = tmp_path_factory.mktemp("train")
-    corpus = write_jsonl(tmp / "c.jsonl", chat_rows(32))
-    cfg = make_config(tmp / "w", tiny_models("qwen2", "deepseek"), {"gpt": tiny_models("gpt2", "gpt2")}, [corpus],
-                      train=TRAIN)
-    for stage in (prepare, collect, align, fuse):
-        stage.run(cfg, log=QUIET)
-    return cfg
+def fused(tiny_fused, tmp_path_factory):
+    """The shared run's fused data of the gpt source (conftest's `tiny_fused`, 24 rows) in a workdir
+    of this module, trained with `TRAIN`."""
+    return fused_copy(tiny_fused.cfg, tmp_path_factory.mktemp("train") / "w", **TRAIN)
 
 
 def variant(cfg, workdir: Path, **train):
     """The same fused data under another workdir, with train settings changed."""
-    import shutil
-
-    out = cfg.model_copy(deep=True)
-    out.workdir = str(workdir)
-    for key, value in train.items():
-        setattr(out.train, key, value)
-    shutil.copytree(cfg.stage_dir("fuse", "gpt"), out.stage_dir("fuse", "gpt"))
-    return out
+    return fused_copy(cfg, workdir, **train)
 
 
 @contextlib.contextmanager
