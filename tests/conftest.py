@@ -228,7 +228,7 @@ def cli_project(tiny_models, tmp_path_factory):
     write_jsonl(root / "data" / "heldout.jsonl", chat_rows(PIPELINE_HELDOUT_ROWS, start=100))
     config = pipeline_config("runs/rel", "models/pivot", "models/gpt", "data/train.jsonl", "data/heldout.jsonl")
     (root / "fusion.yaml").write_text(yaml.safe_dump(config))
-    yield root, fusion_ray_cli(root, "run", "fusion.yaml", ray_tmp=CLI_RAY_TMP)
+    yield root, fusion_ray_cli(root, "run", "fusion.yaml")
     shutil.rmtree(CLI_RAY_TMP, ignore_errors=True)
 
 

@@ -87,13 +87,14 @@ def pipeline_config(workdir: str, pivot: str, source: str, train: str, heldout: 
 CLI_RAY_TMP = Path(f"/tmp/frd{os.getpid()}")  # short: Ray's socket paths must stay < 108 characters
 
 
-def fusion_ray_cli(cwd: Path, *args: str, ray_tmp: Path = CLI_RAY_TMP, timeout: float = 900):
-    """`fusion-ray ARGS` in a subprocess run from `cwd` (its own local Ray, session files below `ray_tmp`)."""
+def fusion_ray_cli(cwd: Path, *args: str, timeout: float = 900):
+    """`fusion-ray ARGS` in a subprocess run from `cwd` (its own local Ray, session files below
+    `CLI_RAY_TMP`, where tests read its logs)."""
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(repo)}
+    env = {**os.environ, "RAY_TMPDIR": str(CLI_RAY_TMP), "PYTHONPATH": str(repo)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "fusion_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -22,15 +22,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import CLI_RAY_TMP, fusion_ray_cli
+from helpers import CLI_RAY_TMP
+from helpers import fusion_ray_cli as fusion_ray
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fusion_ray(cwd: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`fusion-ray ARGS` run from `cwd`, Ray's session files below `CLI_RAY_TMP` (to read its logs)."""
-    return fusion_ray_cli(cwd, *args, ray_tmp=CLI_RAY_TMP, timeout=timeout)
 
 
 def one_line(out: subprocess.CompletedProcess) -> str:

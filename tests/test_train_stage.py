@@ -31,11 +31,6 @@ def fused(tiny_fused, tmp_path_factory):
     return fused_copy(tiny_fused.cfg, tmp_path_factory.mktemp("train") / "w", **TRAIN)
 
 
-def variant(cfg, workdir: Path, **train):
-    """The same fused data under another workdir, with train settings changed."""
-    return fused_copy(cfg, workdir, **train)
-
-
 @contextlib.contextmanager
 def silent_server():
     """A loopback port whose connections are accepted (by the kernel's backlog) and never answered."""
@@ -130,7 +125,7 @@ def test_deepspeed_zero_on_gloo_trains_a_loadable_target(fused, tmp_path, zero_s
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", zero_stage=zero_stage, bf16=bf16,
+    cfg = fused_copy(fused, tmp_path / "w", strategy="deepspeed", zero_stage=zero_stage, bf16=bf16,
                   offload_optimizer=offload, clm_only_arm=False)
     with silent_server() as port:
         if zero_stage == 3:  # tracking to a server that accepts and never answers: training goes on
@@ -162,7 +157,7 @@ def test_deepspeed_zero_on_gloo_trains_a_loadable_target(fused, tmp_path, zero_s
 def test_killed_worker_resumes_from_the_last_checkpoint(fused, tmp_path, strategy):
     import psutil
 
-    cfg = variant(fused, tmp_path / "w", strategy=strategy, max_steps=6, checkpoint_every=2, max_failures=1,
+    cfg = fused_copy(fused, tmp_path / "w", strategy=strategy, max_steps=6, checkpoint_every=2, max_failures=1,
                   clm_only_arm=False)
     storage = Path(cfg.workdir) / "_ray_train"
     killed = {}
@@ -193,7 +188,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(fused, tmp_path, strateg
 def test_checkpoint_of_another_config_is_refused_naming_both_hashes(trained, tmp_path):
     cfg, result = trained
     checkpoint = io.read_manifest(cfg.stage_dir("train", "gpt"))["extra"]["checkpoint"]
-    other = variant(cfg, tmp_path / "w", lr=5e-4, resume_from=checkpoint, clm_only_arm=False)
+    other = fused_copy(cfg, tmp_path / "w", lr=5e-4, resume_from=checkpoint, clm_only_arm=False)
     with pytest.raises(ValueError, match=r"config hash \w+, but this run's config hash is \w+"):
         trainer.run(other, log=QUIET)
     assert not Path(other.stage_dir("train", "gpt")).exists()
@@ -225,7 +220,7 @@ def test_lora_target_is_an_adapter_on_the_pivot_with_its_dense_weights(fused, tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", zero_stage=3, clm_only_arm=False, max_steps=2,
+    cfg = fused_copy(fused, tmp_path / "w", strategy="deepspeed", zero_stage=3, clm_only_arm=False, max_steps=2,
                   peft={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "save_merged": True})
     assert trainer.run(cfg, log=QUIET).parts["gpt"].status == "done"
     path = Path(cfg.stage_dir("train", "gpt"))
@@ -267,7 +262,7 @@ def test_packed_rows_train_under_deepspeed_bf16_for_the_steps_their_packing_give
 
     from fusion_ray.train.order import RowPlan, fill_order, rank_batches
 
-    cfg = variant(fused, tmp_path / "w", strategy="deepspeed", bf16=True, packing=True, max_steps=None, epochs=1,
+    cfg = fused_copy(fused, tmp_path / "w", strategy="deepspeed", bf16=True, packing=True, max_steps=None, epochs=1,
                   micro_batch_size=1, global_batch_size=2, clm_only_arm=False)
     cfg.data.max_length = 240  # rows of ~60 tokens: about 4 to a packed row
     data = cfg.stage_dir("fuse", "gpt")

@@ -24,7 +24,7 @@ import threading
 import time
 
 from fusion_ray.implicit.judge import Verdict
-from fusion_ray.implicit.sandbox import SandboxLimits, _Capture, _set_limit, _users_processes
+from fusion_ray.implicit.sandbox import Capture, SandboxLimits, set_limit, users_processes
 
 TAIL = 2048
 # Exit statuses the guard uses (a candidate can exit with them too; only 0 plus the nonce passes).
@@ -204,12 +204,12 @@ def _preexec(limits: SandboxLimits, nproc: int):
     cpu = max(1, int(limits.cpu_seconds))
 
     def apply() -> None:  # runs in the child between fork and exec: keep it to syscalls
-        _set_limit(resource.RLIMIT_CPU, cpu)  # soft == hard: SIGKILL at the limit
-        _set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
-        _set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
-        _set_limit(resource.RLIMIT_NOFILE, int(limits.open_files))
-        _set_limit(resource.RLIMIT_CORE, 0)
-        _set_limit(resource.RLIMIT_NPROC, nproc)
+        set_limit(resource.RLIMIT_CPU, cpu)  # soft == hard: SIGKILL at the limit
+        set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
+        set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
+        set_limit(resource.RLIMIT_NOFILE, int(limits.open_files))
+        set_limit(resource.RLIMIT_CORE, 0)
+        set_limit(resource.RLIMIT_NPROC, nproc)
 
     return apply
 
@@ -279,7 +279,7 @@ def run_guarded(code: str, tests: str, *, limits: SandboxLimits = SandboxLimits(
         argv = [sys.executable, "-I", "-c", _GUARD, workdir, str(nonce_r), str(done_w)]
         if unshare_available():
             argv = [shutil.which("unshare") or "unshare", "-rn", *argv]
-        nproc = _users_processes(os.getuid()) + max(1, limits.processes)
+        nproc = users_processes(os.getuid()) + max(1, limits.processes)
         try:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, pass_fds=(nonce_r, done_w),
@@ -291,8 +291,8 @@ def run_guarded(code: str, tests: str, *, limits: SandboxLimits = SandboxLimits(
             os.close(fd)
             fds.remove(fd)
         assert proc.stdout is not None and proc.stderr is not None
-        out = _Capture(proc.stdout, limits.output_bytes, lambda: _kill_group(pgid))
-        err = _Capture(proc.stderr, limits.output_bytes, lambda: _kill_group(pgid))
+        out = Capture(proc.stdout, limits.output_bytes, lambda: _kill_group(pgid))
+        err = Capture(proc.stderr, limits.output_bytes, lambda: _kill_group(pgid))
 
         deadline = start + limits.wall_seconds
         timed_out = False

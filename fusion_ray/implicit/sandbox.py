@@ -283,7 +283,7 @@ class Cgroup:
 # --- one run --------------------------------------------------------------------------------------
 
 
-def _users_processes(uid: int) -> int:
+def users_processes(uid: int) -> int:
     """How many processes `uid` has (RLIMIT_NPROC counts them all)."""
     count = 0
     try:
@@ -300,7 +300,7 @@ def _users_processes(uid: int) -> int:
     return count
 
 
-def _set_limit(which: int, value: int) -> None:
+def set_limit(which: int, value: int) -> None:
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
@@ -313,12 +313,12 @@ def _preexec(limits: SandboxLimits, uid: int | None, nproc: int, cgroup: Cgroup 
 
     def apply() -> None:  # in the child between fork and exec: syscalls only
         Cgroup.join(procs)
-        _set_limit(resource.RLIMIT_CPU, cpu)
-        _set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
-        _set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
-        _set_limit(resource.RLIMIT_NOFILE, int(limits.open_files))
-        _set_limit(resource.RLIMIT_CORE, 0)
-        _set_limit(resource.RLIMIT_NPROC, nproc)
+        set_limit(resource.RLIMIT_CPU, cpu)
+        set_limit(resource.RLIMIT_AS, int(limits.memory_bytes))
+        set_limit(resource.RLIMIT_FSIZE, int(limits.file_bytes))
+        set_limit(resource.RLIMIT_NOFILE, int(limits.open_files))
+        set_limit(resource.RLIMIT_CORE, 0)
+        set_limit(resource.RLIMIT_NPROC, nproc)
         if uid is not None:  # a root verifier: the sandbox runs as an unprivileged user outside too
             os.setgroups([])
             os.setresgid(uid, uid, uid)
@@ -327,7 +327,7 @@ def _preexec(limits: SandboxLimits, uid: int | None, nproc: int, cgroup: Cgroup 
     return apply
 
 
-class _Capture:
+class Capture:
     """Reads one pipe into a buffer of at most `cap` bytes; calls `on_overflow` once past it."""
 
     def __init__(self, stream, cap: int, on_overflow) -> None:
@@ -358,11 +358,8 @@ class Sandbox:
         uid = settings.uid if root else None
         owner = settings.uid if root else os.getuid()
         self.cgroup = Cgroup.create(limits) if root else None
-        # RLIMIT_NPROC counts every process of the user, so sandboxes running side by side as one
-        # uid share it: where the run's cgroup holds its pids.max, the rlimit is only a loose floor
-        nproc = _users_processes(owner) + (limits.processes + EXTRA_PROCESSES) * (1 if self.cgroup is None else 8)
         try:
-            self.proc = self._spawn(argv, limits, uid, nproc, pass_fds)
+            self.proc = self._spawn(argv, limits, uid, owner, pass_fds)
         except subprocess.SubprocessError:
             if self.cgroup is None:
                 raise
@@ -370,17 +367,19 @@ class Sandbox:
             # rules): rlimits alone, as where no cgroup can be made
             self.cgroup.kill_and_remove()
             self.cgroup = None
-            nproc = _users_processes(owner) + limits.processes + EXTRA_PROCESSES
-            self.proc = self._spawn(argv, limits, uid, nproc, pass_fds)
+            self.proc = self._spawn(argv, limits, uid, owner, pass_fds)
         except BaseException:
             if self.cgroup is not None:
                 self.cgroup.kill_and_remove()
             raise
-        self.out = _Capture(self.proc.stdout, limits.output_bytes, self.kill)
-        self.err = _Capture(self.proc.stderr, limits.output_bytes, self.kill)
+        self.out = Capture(self.proc.stdout, limits.output_bytes, self.kill)
+        self.err = Capture(self.proc.stderr, limits.output_bytes, self.kill)
         self.result: Finished | None = None
 
-    def _spawn(self, argv, limits, uid, nproc, pass_fds) -> subprocess.Popen:
+    def _spawn(self, argv, limits, uid, owner, pass_fds) -> subprocess.Popen:
+        # RLIMIT_NPROC counts every process of the user, so sandboxes running side by side as one
+        # uid share it: where the run's cgroup holds its pids.max, the rlimit is only a loose floor
+        nproc = users_processes(owner) + (limits.processes + EXTRA_PROCESSES) * (1 if self.cgroup is None else 8)
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, pass_fds=tuple(pass_fds), cwd="/",
                                 preexec_fn=_preexec(limits, uid, nproc, self.cgroup))
