@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	touch $(STAMP)
 
 # Debian packages (needs root): the dictionaries the offline demo corpus comes from, and
-# bubblewrap, the sandbox the reward stage runs generated code in (fusion_ray/implicit/sandbox.py),
+# bubblewrap, the sandbox the reward stage runs generated code in (fusion_ray/reward/sandbox.py),
 # with the system python3 it runs there when this interpreter is not readable by the sandbox's user.
 dicts:
 	@missing=""; for d in $(DICTS); do [ -f /usr/share/dictd/$$d.index ] || missing="$$missing dict-$$d"; done; \

@@ -22,16 +22,16 @@ import time
 import numpy as np
 
 from fusion_ray.align import dtw, offsets, project, vocab
-from fusion_ray.demo import assets
+from fusion_ray.demo import assets, scheme
 
 
 def load_pairs(n: int):
     from fusion_ray import tokenizer as tokenizers
 
-    pivot = tokenizers.from_dir(assets.resolve("demo:pivot"))
+    pivot = tokenizers.from_dir(scheme.resolve("demo:pivot"))
     pairs = []
     for source_name in ("source_computing", "source_english"):
-        source = tokenizers.from_dir(assets.resolve(f"demo:{source_name}"))
+        source = tokenizers.from_dir(scheme.resolve(f"demo:{source_name}"))
         corpus = "computing_train" if source_name.endswith("computing") else "english_train"
         with open(assets.asset_path(corpus)) as fh:
             for line, _ in zip(fh, range(n // 2), strict=False):
@@ -70,7 +70,7 @@ def spans_samples(n: int, k: int = 10, seed: int = 0) -> list[tuple]:
     from fusion_ray.align import spans
 
     rng = np.random.default_rng(seed)
-    pivot = tokenizers.from_dir(assets.resolve("demo:pivot"))
+    pivot = tokenizers.from_dir(scheme.resolve("demo:pivot"))
     first = spans.FirstPiece(pivot, vocab.surfaces(pivot))
 
     def row(tok, text: str, vocab_size: int) -> dict:
@@ -87,7 +87,7 @@ def spans_samples(n: int, k: int = 10, seed: int = 0) -> list[tuple]:
 
     samples = []
     for source_name in ("source_computing", "source_english"):
-        source = tokenizers.from_dir(assets.resolve(f"demo:{source_name}"))
+        source = tokenizers.from_dir(scheme.resolve(f"demo:{source_name}"))
         s_surf = vocab.surfaces(source)
         vmap = first.vocab_map(s_surf, {})
         corpus = "computing_train" if source_name.endswith("computing") else "english_train"

@@ -23,11 +23,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from fusion_ray.collect import engines
-from fusion_ray.collect.prompts import prepare_row
+from fusion_ray.chat_template import prepare_row
 from fusion_ray.collect.stage import rows_to_table
-from fusion_ray.collect.topk import logits_row
-from fusion_ray.demo import assets
+from fusion_ray.demo import assets, scheme
+from fusion_ray.engines import scoring as engines
+from fusion_ray.engines.topk import logits_row
 
 REFERENCE_LEN = 2048
 REFERENCE_BYTES_PER_POSITION = 10 * 2 + 10 * 8  # fp16 values + int64 ids, k = 10
@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from fusion_ray import tokenizer as tokenizers
 
-    model_dir = str(assets.resolve("demo:pivot"))
+    model_dir = str(scheme.resolve("demo:pivot"))
     tok = tokenizers.from_dir(model_dir)
     rows = load_rows(args.rows, tok, args.max_length)
     enc = tok([r.text for r in rows], return_offsets_mapping=True)

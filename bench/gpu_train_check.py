@@ -24,7 +24,7 @@ one JSON object: per case {peak_gib, tokens_per_s, ...} and the ratios.
 CPU, forward + backward from logits vs from hidden states, each in a fresh process; the
 peak RSS (`ru_maxrss`) above a process that only builds the inputs, and the ratio.
 
-Needs only torch, transformers (and peft for the LoRA case) and `fusion_ray.train.losses`
+Needs only torch, transformers (and peft for the LoRA case) and `fusion_ray.trainer.losses`
 (no Ray). Run from the repository root:
 
     python bench/gpu_train_check.py            # on the GPU machine
@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: fusion_ray without installing it
 
-from fusion_ray.train.losses import batch_loss, combined_loss, combined_loss_from_hidden  # noqa: E402
+from fusion_ray.trainer.losses import batch_loss, combined_loss, combined_loss_from_hidden  # noqa: E402
 
 K = 10
 LAM, TAIL, TEMPERATURE = 0.3, "bucket", 1.0

@@ -61,7 +61,7 @@ def sample_throughput(config: str, n_prompts: int, log=print) -> dict:
     """Generated tokens/s of the sample stage's engine class, vLLM against transformers, same prompts."""
     import pyarrow as pa
 
-    from fusion_ray.implicit.prompts import read_prompts
+    from fusion_ray.sample.prompts import read_prompts
     from fusion_ray.sample.stage import SampleUDF
 
     cfg = load_config(config)

@@ -41,8 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_ray.evaluate.bpb import assistant_span, bits_per_byte, score_spans  # noqa: E402
-from fusion_ray.train.batches import collate  # noqa: E402
-from fusion_ray.train.losses import batch_loss  # noqa: E402
+from fusion_ray.trainer.batches import collate  # noqa: E402
+from fusion_ray.trainer.losses import batch_loss  # noqa: E402
 
 COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "transferred")
 
@@ -56,7 +56,7 @@ def export_bundle(cfg, out: str, heldout_rows: int | None = None) -> None:
     import pyarrow.parquet as pq
 
     from fusion_ray import io
-    from fusion_ray.demo.assets import resolve
+    from fusion_ray.demo.scheme import resolve
     from fusion_ray.evaluate.stage import heldout
 
     os.makedirs(out, exist_ok=True)
@@ -101,7 +101,7 @@ def train_arm(bundle: str, rows: list[dict], meta: dict, *, lam: float, position
     from transformers import AutoModelForCausalLM
 
     from fusion_ray import tokenizer as tokenizers
-    from fusion_ray.train.strategies import Local, lr_lambda
+    from fusion_ray.trainer.strategies import Local, lr_lambda
 
     t = SimpleNamespace(**meta["train"])
     micro = getattr(t, "micro_batch_size", t.global_batch_size)  # bundles of before it was exported

@@ -242,9 +242,9 @@ def main() -> None:
     if args.ray_llm_server:
         return ray_llm_server(args.ray_llm_server, args.port)
 
-    from fusion_ray.demo import assets
+    from fusion_ray.demo import scheme
 
-    model = assets.resolve(args.model)
+    model = scheme.resolve(args.model)
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-serve-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     before = engine_leftovers()

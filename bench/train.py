@@ -48,7 +48,7 @@ def _peak_rss() -> int:
 
 def memory_child(kind: str) -> None:
     """Run one loss variant forward + backward; print its peak RSS above the inputs."""
-    from fusion_ray.train.losses import combined_loss
+    from fusion_ray.trainer.losses import combined_loss
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -101,7 +101,7 @@ def tiny_model(vocab: int = 4099):
 
 
 def throughput(repeats: int = 7, vocab: int = 4099) -> dict:
-    from fusion_ray.train.losses import batch_loss, combined_loss
+    from fusion_ray.trainer.losses import batch_loss, combined_loss
 
     torch.set_num_threads(2)
     b, length = 8, 256

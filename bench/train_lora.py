@@ -1,6 +1,6 @@
 """LoRA (`train.peft`) against full fine-tuning on a ~130M-parameter Llama-shaped model (random init, CPU).
 
-- `lora_trainable_fraction`: trainable / total parameters once `fusion_ray.train.lora.apply_lora`
+- `lora_trainable_fraction`: trainable / total parameters once `fusion_ray.trainer.lora.apply_lora`
   has wrapped the model (the total counts the adapters too), at the run's rank and target modules.
 - `lora_peak_ratio`: peak RSS of a few training steps with LoRA / the same steps with full
   fine-tuning. Each case runs in its own fresh process (`--case`), which builds the model, wraps it
@@ -34,7 +34,7 @@ def build(rank: int, targets: list[str] | str, lora: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusion_ray.config import PeftSettings
-    from fusion_ray.train.lora import apply_lora
+    from fusion_ray.trainer.lora import apply_lora
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPE))
@@ -49,8 +49,8 @@ def run_case(case: str, steps: int, seq: int, rank: int, targets: list[str] | st
 
     import torch
 
-    from fusion_ray.train.lora import trainable_fraction
-    from fusion_ray.train.strategies import Local, lr_lambda
+    from fusion_ray.trainer.lora import trainable_fraction
+    from fusion_ray.trainer.strategies import Local, lr_lambda
 
     torch.set_num_threads(2)
     model = build(rank, targets, case == "lora")

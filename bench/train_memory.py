@@ -6,7 +6,7 @@ to a temporary dir. Cases:
 
 (a) load, 2 gloo ranks (two fresh processes, torch.distributed initialised through DeepSpeed in
     both cases): today's load (`from_pretrained(dtype=float32)` on every rank, the loop before
-    train/load.py) against the levers (train/load.py under DeepSpeed ZeRO-3 with bf16: built
+    trainer/load.py) against the levers (trainer/load.py under DeepSpeed ZeRO-3 with bf16: built
     inside `zero.Init`, each rank reading its slice of each tensor). Figure: the peak RSS the load
     adds above the rank's RSS before it (imports and process group done), the larger rank's.
 (b) activations, one process: one forward + backward of the model (fp32, micro-batch 1 × seq
@@ -117,8 +117,8 @@ def child_load(mode: str, model: str, rank: int, port: int) -> None:
     from transformers import AutoModelForCausalLM
 
     from fusion_ray.config import TrainConfig
-    from fusion_ray.train.load import load_model
-    from fusion_ray.train.strategies import import_deepspeed
+    from fusion_ray.trainer.load import load_model
+    from fusion_ray.trainer.strategies import import_deepspeed
 
     torch.set_num_threads(1)
     t = TrainConfig(strategy="deepspeed", zero_stage=3, num_workers=2, global_batch_size=2, micro_batch_size=1,
@@ -127,7 +127,7 @@ def child_load(mode: str, model: str, rank: int, port: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.distributed.barrier()
     base, started = rss(), time.perf_counter()
-    if mode == "today":  # the loop's load before train/load.py
+    if mode == "today":  # the loop's load before trainer/load.py
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, use_safetensors=True)
         held = sum(p.numel() for p in loaded.parameters())
     else:
@@ -153,7 +153,7 @@ def child_activations(model_dir: str, seq: int, checkpointing: bool, loss_from: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fusion_ray.train.losses import batch_loss
+    from fusion_ray.trainer.losses import batch_loss
 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -180,7 +180,7 @@ def child_activations(model_dir: str, seq: int, checkpointing: bool, loss_from: 
 def child_loss(kind: str, hidden_size: int, batch: int, seq: int) -> None:
     import torch
 
-    from fusion_ray.train.losses import combined_loss, combined_loss_from_hidden
+    from fusion_ray.trainer.losses import combined_loss, combined_loss_from_hidden
 
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)

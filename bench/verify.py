@@ -24,8 +24,8 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from fusion_ray.implicit.sandbox import Sandbox, SandboxLimits, SandboxSettings, interpreter
-from fusion_ray.implicit.verify import run_code
+from fusion_ray.reward.sandbox import Sandbox, SandboxLimits, SandboxSettings, interpreter
+from fusion_ray.reward.verify import run_code
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=4, memory_bytes=256 << 20, output_bytes=16 << 10)
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\nassert add(10, 5) == 15\n"

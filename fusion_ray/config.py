@@ -382,7 +382,7 @@ class AlignConfig(Strict):
     # continue the written prefix, divided by their own sum (`renormalize`), or by it plus
     # the row's tail mass (`tail`, an upper bound on p(prefix)), or not transferred (`skip`);
     # `exact`: collect stores the source's exact mass of the tokens extending the prefix and
-    # their top-k (collect/conditioned.py), and align divides by that mass
+    # their top-k (engines/conditioned.py), and align divides by that mass
     # (`label`: an ablation for the quality bench, one-hot on the written token's pivot piece).
     # bench/quality.py, 3 seeds: `renormalize` (with `gold`) gains exactly what `label` does;
     # `exact` carries the source's information and gains less (efficiency 0.76 vs 0.81), so
@@ -436,7 +436,7 @@ _SECRET_QUERY = ("token", "key", "secret", "password", "passwd", "auth", "signat
 
 
 class TrackingConfig(Strict):
-    """Experiment tracking of every training run (`train/tracking.py`): one run per arm, through
+    """Experiment tracking of every training run (`trainer/tracking.py`): one run per arm, through
     Ray Train's MLflow or W&B integration on rank 0. `train.tracking: mlflow` is short for
     `train.tracking: {backend: mlflow}`. Secrets never come from here: MLflow reads its token,
     user and password (MLFLOW_TRACKING_TOKEN, _USERNAME, _PASSWORD) and W&B its key
@@ -550,7 +550,7 @@ class TrainConfig(Strict):
     max_concurrent_arms: int | None = Field(None, ge=1)
     lambda_clm: float = Field(0.9, ge=0, le=1)
     # distillation temperature: student and teacher softened, the fusion term × T² (Hinton);
-    # 1 is the plain cross-entropy (train/losses.py says why not the teacher alone)
+    # 1 is the plain cross-entropy (trainer/losses.py says why not the teacher alone)
     temperature: float = Field(1.0, gt=0)
     tail: Literal["bucket", "renormalize"] = "bucket"
     # positions that get the fusion term: every scored one (FuseChat), or only those a
@@ -568,7 +568,7 @@ class TrainConfig(Strict):
     # recompute each layer's activations in the backward pass (keeps one layer's input per layer):
     # much less memory for ≈ 1/3 more compute; does not change what is trained
     gradient_checkpointing: bool = False
-    # where the λ·CLM + (1−λ)·fusion loss starts (train/losses.py `batch_loss`): `hidden` takes the
+    # where the λ·CLM + (1−λ)·fusion loss starts (trainer/losses.py `batch_loss`): `hidden` takes the
     # last hidden state and the LM head and computes the logits chunk by chunk inside the loss
     # (forward and backward), so the [micro_batch, seq, vocab] logits never exist; `logits` takes
     # the model's logits. Equal in value and gradient. `hidden` is the default because training at
@@ -579,7 +579,7 @@ class TrainConfig(Strict):
     # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a LoRA-wrapped head) use
     # the logits; under ZeRO-3 the loss runs as the head module's forward, which gathers its weight.
     loss_from: Literal["hidden", "logits"] = "hidden"
-    # the hidden-state loss's chunk, in MiB of float32 [rows, vocab] logits (train/losses.py
+    # the hidden-state loss's chunk, in MiB of float32 [rows, vocab] logits (trainer/losses.py
     # `combined_loss_from_hidden`); None: its default, 128 MiB (a large matmul M for the GPU).
     # Smaller saves memory (a [chunk, V] buffer in forward and backward) at some speed, most on
     # CPU; it never changes the loss or its gradient. Ignored when the loss runs from logits.
@@ -587,7 +587,7 @@ class TrainConfig(Strict):
     # pack short conversations, in the row order's sequence, into rows of up to data.max_length
     # tokens (attention and position ids restart per conversation; the loss is the unpacked one on
     # the same rows). micro_batch_size and global_batch_size then count packed rows, and an epoch is
-    # its packed rows (train/order.py). The fused/SFT objective only: DPO pairs train unpacked.
+    # its packed rows (trainer/order.py). The fused/SFT objective only: DPO pairs train unpacked.
     packing: bool = False
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
@@ -597,7 +597,7 @@ class TrainConfig(Strict):
     resume_from: str | None = None  # a checkpoint dir of an earlier run of this config
     shuffle: bool = True  # a seeded random shuffle of the fused rows (they come grouped by corpus)
     # rows shuffled together (files in a seeded order, then rows inside windows of this many):
-    # a worker holds one file plus window/num_workers rows of it (train/order.py)
+    # a worker holds one file plus window/num_workers rows of it (trainer/order.py)
     shuffle_window_rows: int = Field(8192, ge=1)
     # experiment tracking (MLflow or W&B) of every arm's run; never changes or stops training
     tracking: TrackingConfig = TrackingConfig()
@@ -857,10 +857,10 @@ class RewardModelConfig(Strict):
 
 
 class SandboxConfig(Strict):
-    """How a code response is run against its tests (`implicit/sandbox.py`, `implicit/judge.py`):
+    """How a code response is run against its tests (`reward/sandbox.py`, `reward/judge.py`):
     the limits of each sandboxed process, and the isolation. `bwrap` (bubblewrap) is the only
     boundary; `unsafe-in-process` is the old in-process guard, which a hostile candidate can fool
-    (`implicit/guard.py`), for tests only."""
+    (`reward/guard.py`), for tests only."""
 
     cpu_seconds: int = Field(5, ge=1, le=600)
     wall_seconds: float = Field(10, gt=0, le=1200)
@@ -875,7 +875,7 @@ class SandboxConfig(Strict):
 
 
 class PairsConfig(Strict):
-    """How scored samples become SFT rows and DPO pairs (`implicit/pairs.py` says the rules)."""
+    """How scored samples become SFT rows and DPO pairs (`pairs/rules.py` says the rules)."""
 
     dpo_fraction: float = Field(0.5, ge=0, le=1)  # prompts that go to DPO; the rest to SFT
     min_gap: float = Field(0.01, ge=0)  # open prompts: reward(chosen) − reward(rejected) within [min, max]
@@ -891,7 +891,7 @@ class PairsConfig(Strict):
 
 
 class PreferenceConfig(Strict):
-    """The `dpo` stage's loss (`train/preference.py`) and the training settings it changes.
+    """The `dpo` stage's loss (`trainer/preference.py`) and the training settings it changes.
 
     FuseChat-3.0: length-normalised DPO with β = 10 for Llama-3.1-8B targets; plain (sigmoid)
     DPO with β = 0.01 for Qwen-2.5 and Gemma-2 targets. Everything else comes from `train`.

@@ -91,7 +91,7 @@ def format_errors(err: ValidationError, moved: dict[str, str] | None = None) -> 
 # --- a failed stage, in one line ---------------------------------------------------------------
 
 # Errors that bad input causes: the same input fails the same way on every try, so they are
-# never retried (train/fit.py's failure policy) and read as one line (`describe`).
+# never retried (trainer/fit.py's failure policy) and read as one line (`describe`).
 INPUT_ERROR_NAMES = frozenset({
     "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "PermissionError",
     "ConfigError", "LocationError", "ValidationError", "ArrowInvalid", "ArrowTypeError", "ArrowKeyError",

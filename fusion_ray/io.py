@@ -20,7 +20,6 @@ This module imports neither torch, ray nor transformers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -34,6 +33,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from fusion_ray.hashing import fingerprint  # noqa: F401 (io.fingerprint: what stages call)
 
 MANIFEST = "_manifest.json"
 CONFIG_SNAPSHOT = "_config.json"
@@ -131,12 +132,6 @@ def list_dirs(path: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
     return [f"{path.rstrip('/')}/{n}" for n in names]
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable short hash of JSON-serialisable parts."""
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def hash_location(path: str, *, revision: str | None = None) -> str:

@@ -2,8 +2,9 @@
 
 A reference is one of:
 
-- `demo:NAME`: an asset of the embedded default, built offline by `fusion_ray.demo`
-  (this is the only library module that imports that package);
+- `demo:NAME`: an asset of the embedded default, built offline by `fusion_ray.demo`, which
+  registers the scheme (`register_scheme`) when `fusion_ray` is imported; this module knows
+  only the registered functions;
 - an object-store URI (`s3://bucket/key`, `gs://…`, anything `pyarrow.fs` reads); S3-compatible
   stores are reached through `AWS_ENDPOINT_URL` (or `FUSION_RAY_S3_ENDPOINT`), which this module
   hands to pyarrow;
@@ -23,13 +24,14 @@ This module imports neither torch, ray nor transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -198,7 +200,7 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _materialize_uri(ref: str) -> str:
     """The node-local copy of an object-store file or prefix (made once, atomically)."""
-    from fusion_ray.io import fingerprint
+    from fusion_ray.hashing import fingerprint
 
     files = listing(ref)
     if not files:
@@ -243,6 +245,35 @@ def _hub_dir(ref: str, revision: str | None, allow_patterns: list[str] | None = 
         raise LocationError(f"hub id {ref}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
 
 
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """What resolves references of a registered scheme (`demo:NAME`).
+
+    Attributes:
+        names: the names the scheme knows.
+        path: name → where it lives, built or not (no work done).
+        resolve: reference → a local path, building what is missing.
+    """
+
+    names: tuple[str, ...]
+    path: Callable[[str], Path]
+    resolve: Callable[[str], str]
+
+
+_SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(prefix: str, scheme: Scheme) -> None:
+    """Make references starting with `prefix` resolve through `scheme` (its package registers it)."""
+    _SCHEMES[prefix] = scheme
+
+
+def _scheme(prefix: str) -> Scheme:
+    if prefix not in _SCHEMES:
+        raise LocationError(f"no resolver is registered for {prefix!r} references")
+    return _SCHEMES[prefix]
+
+
 # --- the one entry point ------------------------------------------------------------------
 
 
@@ -254,9 +285,7 @@ def local_dir(ref: str, *, revision: str | None = None) -> str:
     """
     k = kind(ref)
     if k == "demo":
-        from fusion_ray.demo import assets
-
-        return assets.resolve(ref)
+        return _scheme(DEMO_SCHEME).resolve(ref)
     if k == "hub":
         return _hub_dir(ref, revision)
     if k == "uri":
@@ -284,9 +313,7 @@ def model_config(ref: str, *, revision: str | None = None) -> dict | None:
     k = kind(ref)
     try:
         if k == "demo":
-            from fusion_ray.demo import assets
-
-            path = assets.asset_path(ref.removeprefix(DEMO_SCHEME)) / "config.json"
+            path = _scheme(DEMO_SCHEME).path(ref.removeprefix(DEMO_SCHEME)) / "config.json"
             return json.loads(path.read_text()) if path.is_file() else None
         if k == "uri":
             fs, root = filesystem(ref)
@@ -311,11 +338,9 @@ def check(ref: str, *, what: str = "model") -> str:
     """
     k = kind(ref)
     if k == "demo":
-        from fusion_ray.demo import assets
-
-        name = ref[len(DEMO_SCHEME):]
-        if name not in assets.ASSET_NAMES:
-            raise LocationError(f"unknown demo asset {name!r}; known: {', '.join(assets.ASSET_NAMES)}")
+        name, known = ref[len(DEMO_SCHEME):], _scheme(DEMO_SCHEME).names
+        if name not in known:
+            raise LocationError(f"unknown demo asset {name!r}; known: {', '.join(known)}")
         return ref
     if k == "local" and not Path(ref.removeprefix("file://")).expanduser().exists():
         full = absolute(ref)
@@ -391,15 +416,13 @@ def writable(ref: str) -> str | None:
 def fingerprint(ref: str, *, revision: str | None = None) -> str:
     """Cheap content fingerprint of an input: file names, sizes and mtimes (local, demo, store),
     or the id and revision (hub; the cache's resolved commit when it is there)."""
-    from fusion_ray.io import fingerprint as fp
+    from fusion_ray.hashing import fingerprint as fp
 
     k = kind(ref)
     if k == "hub":
         return fp(ref, revision)
     if k == "demo":
-        from fusion_ray.demo import assets
-
-        ref = str(assets.asset_path(ref.removeprefix(DEMO_SCHEME)))
+        ref = str(_scheme(DEMO_SCHEME).path(ref.removeprefix(DEMO_SCHEME)))
         if not Path(ref).exists():
             return fp(ref, revision)
     return fp(listing(ref), revision)

@@ -1,22 +1,18 @@
-"""The stage sequence, the contract every stage keeps, and what runs the stages in order.
+"""The stage sequence and what runs the stages in order.
 
-Each stage (`config.ALL_STAGES`: the explicit method's `STAGES` and the implicit method's
-`IMPLICIT_STAGES`) lives in its own package, `fusion_ray/<package>/stage.py`
-(the package is the stage's name, `evaluate` for `eval`), whose
-`run(cfg, force=False, log=print) -> StageResult` skips itself when its output's manifest
-matches the config and inputs (`io.begin`). `runner(stage)` finds that function from the
-stage list; `run_stages` runs stages in order, timing each.
+The contract a stage keeps is `contract.py`'s. `runner(stage)` finds a stage's `run` from the
+stage list (the only place that imports stages by name); `run_stages` runs stages in order,
+timing each.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from fusion_ray.config import ALL_STAGES, STAGES, FusionConfig
+from fusion_ray.contract import StageResult, stage_module
 from fusion_ray.errors import StageFailed, describe, part_of
 
 PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.deploy_after_merge`)
@@ -25,51 +21,6 @@ PIPELINE_STAGES = STAGES[:-1]  # `serve` deploys: only when asked (or `serve.dep
 def pipeline_stages(cfg: FusionConfig) -> list[str]:
     """What `fusion-ray run` runs for this config's method: its stages but `serve`."""
     return [s for s in cfg.stages() if s != "serve"]
-STAGE_PACKAGES = {"eval": "evaluate"}  # a stage whose package is not named after it
-
-
-@dataclasses.dataclass
-class StageResult:
-    """What a stage's `run` returns.
-
-    Attributes:
-        status: "done", "skipped" (its manifest matched: nothing ran) or "deployed" (serve).
-        dirs: the output directories (or URIs) the stage wrote or found done.
-        figures: what it reports: row counts, metrics, routing, bpb, the report's path, the
-            served URL; a part run side by side also its wall-clock `started_at` / `finished_at`.
-        parts: for a stage of independent parts (collect: per model, align: per source, fuse:
-            per pair, train: per target), each part's own result.
-    """
-
-    status: str = "done"
-    dirs: list[str] = dataclasses.field(default_factory=list)
-    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
-    parts: dict[str, StageResult] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def skipped(cls, directory: str, **figures: Any) -> StageResult:
-        """A stage (or part) whose output at `directory` was already done."""
-        return cls("skipped", [directory], figures)
-
-    @classmethod
-    def of_parts(cls, parts: dict[str, StageResult]) -> StageResult:
-        """A stage made of parts: `skipped` when every part was, else `done`."""
-        status = "skipped" if parts and all(p.status == "skipped" for p in parts.values()) else "done"
-        return cls(status, [d for p in parts.values() for d in p.dirs], parts=parts)
-
-    @classmethod
-    def of_outcomes(cls, outcomes: dict) -> StageResult:
-        """`of_parts` of parts run side by side (`parallel.run_parts`), each with its wall-clock times."""
-        return cls.of_parts({name: dataclasses.replace(o.result, figures={
-            **o.result.figures, "started_at": o.started_at, "finished_at": o.finished_at})
-            for name, o in outcomes.items()})
-
-    @property
-    def dir(self) -> str:
-        """The output directory of a stage (or part) that has one."""
-        if len(self.dirs) != 1:
-            raise ValueError(f"a result with {len(self.dirs)} output dirs has no single `dir`: {self.dirs}")
-        return self.dirs[0]
 
 
 class MemorySampler:
@@ -152,16 +103,22 @@ def record_stats(cfg: FusionConfig, stage: str, wall_s: float, peak_bytes: int) 
     io.write_json_atomic(path, stats)
 
 
-def stage_module(stage: str) -> str:
-    """The module that runs `stage`: `fusion_ray.<package>.stage`."""
-    if stage not in ALL_STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(ALL_STAGES)}")
-    return f"fusion_ray.{STAGE_PACKAGES.get(stage, stage)}.stage"
-
-
 def runner(stage: str) -> Callable[..., StageResult]:
     """The stage's `run(cfg, force=False, log=print) -> StageResult`."""
     return importlib.import_module(stage_module(stage)).run
+
+
+def run_stage(stage: str, cfg: FusionConfig, *, force: bool = False, log=print) -> StageResult:
+    """One stage, with what it needs run first: the implicit method's `eval` reads its arms'
+    scored answers, which the `sample` and `reward` stages make on the eval's own config
+    (`evaluate.implicit.answers_config`, below `<workdir>/_eval/`), each skipping itself when done."""
+    if stage == "eval" and cfg.method == "implicit":
+        from fusion_ray.evaluate.implicit import answer_log, answers_config
+
+        answers = answers_config(cfg)
+        for part in ("sample", "reward"):
+            runner(part)(answers, force=force, log=answer_log(log))
+    return runner(stage)(cfg, force=force, log=log)
 
 
 def parse_stages(text: str | None, cfg: FusionConfig | None = None) -> list[str]:
@@ -207,7 +164,7 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
                             f"fuse.mode={cfg.fuse.mode} with {len(cfg.sources)} source(s) trains "
                             f"{len(cfg.pairs())} target(s)")
     if {"train", "sft", "dpo"} & set(stages):
-        from fusion_ray.train.tracking import missing_package
+        from fusion_ray.trainer.tracking import missing_package
 
         if why := missing_package(cfg.train.tracking.backend):
             problems.append(f"train.tracking: {why}")
@@ -345,7 +302,7 @@ def run_stages(cfg: FusionConfig, stages: Sequence[str], *, force: bool = False,
         started = time.monotonic()
         with MemorySampler() as mem:
             try:
-                results[stage] = runner(stage)(cfg, force=force, log=log)
+                results[stage] = run_stage(stage, cfg, force=force, log=log)
             except (KeyboardInterrupt, StageFailed):
                 raise
             except Exception as err:

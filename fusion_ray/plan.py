@@ -25,7 +25,7 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   Logits [micro_batch, seq, vocab] in fp32. 2 GB per GPU stay free for the CUDA context, NCCL
   and the allocator.
 - the loss (`train.loss_from`): from `logits`, the [micro_batch, seq, vocab] fp32 term above; from
-  `hidden` (train/losses.py `combined_loss_from_hidden`) no [B, L, V] logits, but per chunk of
+  `hidden` (trainer/losses.py `combined_loss_from_hidden`) no [B, L, V] logits, but per chunk of
   c = max(16, chunk / (4·vocab)) positions (chunk: `train.loss_chunk_mb`, default 128 MiB) one
   float32 [c, vocab] buffer (the chunk's logits, their softmax and gradient written over them)
   plus, for a bf16 head, the bf16 matmul output or
@@ -33,7 +33,7 @@ config's `arch` numbers. Sizes are in bytes; printed in GB = 10^9 bytes. The ari
   the head's gradient (a bf16 head's; a float32 head's is added into its `.grad` in place once it
   exists, else it becomes `.grad`): 8·min(c, micro_batch·seq)·vocab + 4·vocab·hidden bytes. Under
   ZeRO-3 too (the loss runs as the head's forward, which gathers its weight as the logits would).
-- load (train/load.py): the weights in the training dtype (bf16 under DeepSpeed with bf16, fp32
+- load (trainer/load.py): the weights in the training dtype (bf16 under DeepSpeed with bf16, fp32
   otherwise); under ZeRO-3 built partitioned: params × bytes / ranks, plus the largest tensor
   whole while its module is built (max(vocab·hidden, hidden·intermediate·(2·experts if MoE))).
   The rank needs the larger of its load peak and its training figure.
@@ -176,7 +176,7 @@ def activation_bytes(a: ModelArch, seq: int, batch: int, act_bytes: int = 2) -> 
     return seq * batch * h * (34 + 5 * a.num_heads * seq / h) * act_bytes / 2
 
 
-HIDDEN_CHUNK_BYTES = 128 << 20  # train/losses.py's chunk of the hidden-state loss (not imported: it needs torch)
+HIDDEN_CHUNK_BYTES = 128 << 20  # trainer/losses.py's chunk of the hidden-state loss (not imported: it needs torch)
 
 
 def largest_tensor(a: ModelArch) -> int:
@@ -187,7 +187,7 @@ def largest_tensor(a: ModelArch) -> int:
 
 
 def load_bytes(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ranks: int, bf16: bool) -> float:
-    """A rank's peak while it loads the model (train/load.py): the weights in the training dtype,
+    """A rank's peak while it loads the model (trainer/load.py): the weights in the training dtype,
     under ZeRO-3 only its partition plus the largest tensor while its module is built."""
     size = 2 if strategy == "deepspeed" and bf16 else 4
     if strategy == "deepspeed" and zero_stage == 3:
@@ -196,7 +196,7 @@ def load_bytes(a: ModelArch, params: int, *, strategy: str, zero_stage: int, ran
 
 
 def hidden_chunk_rows(a: ModelArch, chunk_bytes: int | None = None) -> int:
-    """Positions per chunk of the hidden-state loss (train/losses.py `combined_loss_from_hidden`)."""
+    """Positions per chunk of the hidden-state loss (trainer/losses.py `combined_loss_from_hidden`)."""
     return max(16, (chunk_bytes or HIDDEN_CHUNK_BYTES) // (4 * a.vocab_size))
 
 

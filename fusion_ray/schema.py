@@ -56,7 +56,7 @@ LOGITS = pa.schema([
 ])
 
 # With `align.prefix: exact`, a source's logits/ rows also hold, for each pivot boundary strictly
-# inside one of its tokens (collect/conditioned.py): the stored row it conditions, the written
+# inside one of its tokens (engines/conditioned.py): the stored row it conditions, the written
 # prefix's length in bytes, log M(prefix) (the source's probability of the tokens extending it)
 # and the top-k of those tokens with their log-probs (-inf padding).
 CONDITIONED = pa.schema([

@@ -9,11 +9,17 @@ says otherwise. Every stage opens tokenizers here, so that what `tokenizer.json`
 runs, and all stages tokenize alike: `for_model` opens a configured model's tokenizer (its
 `tokenizer` if set, else its `path`; `trust_remote_code` as the model says), `from_dir` a
 local model dir's.
+
+`surfaces` gives each token's surface: the bytes it stands for (byte-level `Ġ`/`Ċ` symbols
+decoded, SentencePiece `▁` → space and `<0xNN>` → the byte), as a latin-1 string so that every
+byte is one character (alignment compares tokens by it; collect's hidden-state engine names
+tokens by it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +62,45 @@ def for_model(model) -> Any:
         raise ValueError(f"model {model.name!r}: {err}") from err
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"model {model.name!r}: cannot load its tokenizer from {path}: {err}") from err
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def is_byte_level(tokenizer) -> bool:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    return '"ByteLevel"' in json.dumps(spec.get("decoder")) or '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer"))
+
+
+def space_marker(tokenizer) -> str:
+    return "Ġ" if is_byte_level(tokenizer) else "▁"
+
+
+def surfaces(tokenizer) -> list[str]:
+    """Surface of every id 0..len(tokenizer)-1 (bytes as a latin-1 string)."""
+    decoder = _byte_decoder() if is_byte_level(tokenizer) else None
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    out = [""] * len(tokenizer)
+    for tok, i in tokenizer.get_vocab().items():
+        if tok in specials:
+            data = tok.encode()
+        elif decoder is not None:
+            data = bytes(decoder[c] for c in tok) if all(c in decoder for c in tok) else tok.encode()
+        elif m := _BYTE_PIECE.fullmatch(tok):
+            data = bytes([int(m.group(1), 16)])
+        else:
+            data = tok.replace("▁", " ").encode()
+        out[i] = data.decode("latin-1")
+    return out

@@ -1,6 +1,6 @@
 """Starting a vLLM engine in this process: the environment defaults and the llvmlite workaround.
 
-Collect (`collect/engines.py`, scoring) and serve (`serve/engines.py`, generation) both call
+Collect (`engines/scoring.py`, scoring) and serve (`serve/engines.py`, generation) both call
 `set_env_defaults` before importing vLLM and build the engine inside `llvmlite_hidden`.
 Importing this module loads neither vLLM nor llvmlite.
 """

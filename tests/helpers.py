@@ -180,7 +180,7 @@ def join_gloo_group(rank: int, port: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from fusion_ray.config import TrainConfig
-    from fusion_ray.train.strategies import import_deepspeed
+    from fusion_ray.trainer.strategies import import_deepspeed
 
     import_deepspeed(TrainConfig(strategy="deepspeed")).init_distributed(dist_backend="gloo",
                                                                          auto_mpi_discovery=False)

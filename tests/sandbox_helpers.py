@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fusion_ray.implicit.sandbox import NOBODY, SandboxLimits
-from fusion_ray.implicit.verify import Verdict
+from fusion_ray.reward.sandbox import NOBODY, SandboxLimits
+from fusion_ray.reward.verify import Verdict
 
 SMALL = SandboxLimits(cpu_seconds=2, wall_seconds=8, memory_bytes=256 * 1024 * 1024, output_bytes=16 * 1024)
 SOLUTION = "def add(a, b):\n    return a + b\n"

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fusion_ray import distributions
 from fusion_ray.align import offsets, project, vocab
 
 
@@ -75,7 +76,7 @@ def test_merged_probabilities_are_valid_and_never_exceed_one(p, k, seed):
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     top = np.argsort(-logp, axis=1)[:, :k]
     vmap = rng.integers(-1, 7, size=30)  # many-to-one, some unmapped
-    ids, lp = project.merge_duplicates(vmap[top], np.take_along_axis(logp, top, 1), k)
+    ids, lp = distributions.merge_duplicates(vmap[top], np.take_along_axis(logp, top, 1), k)
     assert ids.shape == (p, k) and ids.min() >= 0 and ids.max() < 7, "valid pivot ids"
     mass = np.exp(lp.astype(np.float64)).sum(1)
     assert np.all(mass <= 1 + 1e-6)

@@ -1,4 +1,4 @@
-"""The exact conditioned teacher's collect side (collect/conditioned.py) against brute force."""
+"""The exact conditioned teacher's collect side (engines/conditioned.py) against brute force."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fusion_ray.collect import conditioned as C
+from fusion_ray.engines import conditioned as C
 
 ALPHABET = "ab c\xe2\x80"
 
@@ -107,7 +107,7 @@ def brute_force(model_dir, seq, req, index, k):
 
 
 def test_hf_engine_returns_the_exact_conditioned_entries(pair):
-    from fusion_ray.collect import engines
+    from fusion_ray.engines import scoring as engines
 
     source, seqs, reqs, index = pair
     out = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
@@ -127,7 +127,7 @@ def test_vllm_hidden_state_engine_matches_hf(pair):
     import glob
     from pathlib import Path
 
-    from fusion_ray.collect import engines
+    from fusion_ray.engines import scoring as engines
 
     source, seqs, reqs, index = pair
     hf = engines.HFEngine(str(source), dtype="float32").score(seqs, 5, cond=reqs, index=index)
@@ -197,7 +197,7 @@ def test_the_exact_teacher_never_gives_the_written_piece_more_than_the_source_do
 
     from fusion_ray import tokenizer as tokenizers
     from fusion_ray.align import spans, vocab
-    from fusion_ray.collect import engines
+    from fusion_ray.engines import scoring as engines
 
     source, seqs, reqs, index = pair
     s_tok = tokenizers.from_dir(source)

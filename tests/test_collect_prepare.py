@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import chat_rows, make_config, write_jsonl
 
+from fusion_ray import corpus as corpus_reading
 from fusion_ray import io, schema
-from fusion_ray.prepare import corpus as corpus_reading
 from fusion_ray.prepare import stage as prepare
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fusion_ray.collect.prompts import RowRejected, prepare_row, sample_id_of, to_messages
+from fusion_ray.chat_template import RowRejected, prepare_row, sample_id_of, to_messages
 
 
 @pytest.fixture(scope="module")

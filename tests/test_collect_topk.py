@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fusion_ray import schema
-from fusion_ray.collect import topk
 from fusion_ray.collect.stage import rows_to_table
+from fusion_ray.engines import topk
 
 
 def test_from_logits_matches_a_plain_log_softmax():

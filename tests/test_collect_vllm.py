@@ -14,8 +14,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (the `cpu` or `gpu` ex
 from helpers import chat_rows, make_config, write_jsonl  # noqa: E402
 
 from fusion_ray import io  # noqa: E402
-from fusion_ray.collect import engines  # noqa: E402
 from fusion_ray.collect import stage as collect  # noqa: E402
+from fusion_ray.engines import scoring as engines  # noqa: E402
 from fusion_ray.prepare import stage as prepare  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -85,7 +85,7 @@ def test_vllm_sampler_draws_n_per_prompt_seeded_by_prompt_id(model_dir, vllm_eng
     """The `sample` stage's vLLM engine, on this module's running engine (no second start-up)."""
     from transformers import AutoTokenizer
 
-    from fusion_ray.implicit.generate import SampleSettings, VLLMSampler
+    from fusion_ray.engines.sampling import SampleSettings, VLLMSampler
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     a, b = (tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fusion_ray.demo import assets
+from fusion_ray.demo import assets, scheme
 
 SMALL = assets.DEFAULT_SPEC.scaled(steps=4, max_per_domain=150)
 SHARED_CACHE = str(assets.cache_root())  # the cache `fusion-ray demo` uses
@@ -100,7 +100,7 @@ def test_build_is_deterministic_and_resumes_a_missing_part(small_build, tmp_path
 def test_asset_names_resolve_and_unknown_names_fail():
     assert assets.asset_path("pivot").name == "pivot"
     assert assets.asset_path("english_heldout").suffix == ".jsonl"
-    assert assets.resolve("/some/local/path") == "/some/local/path"
+    assert scheme.resolve("/some/local/path") == "/some/local/path"
     with pytest.raises(ValueError, match="unknown demo asset 'nope'"):
         assets.asset_path("nope")
 

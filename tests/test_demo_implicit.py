@@ -13,8 +13,8 @@ import re
 import pytest
 
 from fusion_ray import locations
-from fusion_ray.demo import arith, assets, implicit
-from fusion_ray.implicit.verify import math_correct
+from fusion_ray.demo import arith, assets, implicit, scheme
+from fusion_ray.reward.verify import math_correct
 
 SMALL = implicit.DEFAULT_SPEC.scaled(steps=3)
 SHARED_CACHE = str(locations.cache_root())
@@ -74,8 +74,8 @@ def test_implicit_names_resolve_beside_the_explicit_ones(monkeypatch):
     monkeypatch.setenv(assets.PRECISION_ENV, "bf16")  # the key below is the bf16 build's
     for name in assets.IMPLICIT_NAMES:
         assert locations.check(f"demo:{name}") == f"demo:{name}"
-        assert assets.asset_path(name) == implicit.asset_path(name)
-        assert implicit.assets_dir().name in str(assets.asset_path(name))
+        assert scheme.asset_path(name) == implicit.asset_path(name)
+        assert implicit.assets_dir().name in str(scheme.asset_path(name))
     assert implicit.asset_path("arith_train").name == "arith_train.jsonl"
     assert implicit.asset_path("reward_tiny").parent.name == "models"
     with pytest.raises(locations.LocationError, match="unknown demo asset"):
@@ -109,8 +109,8 @@ def test_small_build_is_complete_cached_and_loadable(small_build):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fusion_ray.config import PromptCorpus
-    from fusion_ray.implicit.prompts import read_corpus
-    from fusion_ray.implicit.reward_model import RewardScorer
+    from fusion_ray.engines.reward_model import RewardScorer
+    from fusion_ray.sample.prompts import read_corpus
     from fusion_ray.tokenizer import from_dir
 
     root = small_build
@@ -184,7 +184,7 @@ def default_build():
 def sampled_accuracy(default_build):
     """{model: {op: (share of correct responses, share of prompts with a correct one)}}: the sample
     stage's HF sampler at temperature 0.8, top-p 0.95, seed 0, on the first held-out prompts of each op."""
-    from fusion_ray.implicit.generate import HFSampler, SampleSettings
+    from fusion_ray.engines.sampling import HFSampler, SampleSettings
     from fusion_ray.tokenizer import from_dir
 
     rows = [json.loads(line) for line in open(implicit.asset_path("arith_heldout"))]
@@ -225,7 +225,7 @@ def test_each_source_is_the_specialist_of_its_op_and_the_pivot_is_weaker(sampled
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 def test_reward_model_prefers_real_answers_on_heldout_pairs(default_build):
-    from fusion_ray.implicit.reward_model import RewardScorer
+    from fusion_ray.engines.reward_model import RewardScorer
 
     rows = [json.loads(line) for line in open(default_build / "corpus" / "chat" / "heldout.jsonl")]
     rng = random.Random(1234)

@@ -127,6 +127,10 @@ def test_training_starts_at_log_2_and_moves_the_policy_towards_the_chosen(traine
     assert sum(margins) / len(margins) > 0 and sum(m > 0 for m in margins) >= 6, margins
     manifest = io.read_manifest(cfg.stage_dir("dpo"))
     assert manifest["stage"] == "dpo" and manifest["extra"]["loss"] == "sigmoid"
+    # what this arm's objective used, and nothing of the distillation loss it did not use
+    assert manifest["extra"]["objective"] == "preference" and "lambda_clm" not in manifest["extra"]
+    assert manifest["extra"]["beta"] == cfg.implicit.dpo.beta
+    assert manifest["extra"]["lr"] == (cfg.implicit.dpo.lr or cfg.train.lr)
     assert dpo.run(cfg, log=QUIET).status == "skipped"
 
 

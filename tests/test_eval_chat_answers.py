@@ -87,8 +87,8 @@ def test_file_bounds_are_checked_before_reading(tmp_path):
 
 def test_a_prompt_without_room_to_answer_is_recorded_not_raised(tiny_models):
     from fusion_ray import tokenizer as tokenizers
+    from fusion_ray.engines.sampling import HFSampler, SampleSettings
     from fusion_ray.evaluate.answers import PROMPT_TOO_LONG, answer_turns
-    from fusion_ray.implicit.generate import HFSampler, SampleSettings
 
     model = tiny_models("qwen2", "gpt2")
     tok = tokenizers.from_dir(model)

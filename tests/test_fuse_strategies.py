@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from fusion_ray import distributions
 from fusion_ray.fuse import strategies
 
 
@@ -27,8 +28,8 @@ def test_no_bf16_ties_between_close_scores():
 
 
 def test_scores_ce_and_bpb():
-    assert strategies.score(12.0, 10, 30, "ce") == pytest.approx(1.2)
-    assert strategies.score(12.0, 10, 30, "bpb") == pytest.approx(12.0 / 30 / math.log(2))
+    assert distributions.score(12.0, 10, 30, "ce") == pytest.approx(1.2)
+    assert distributions.score(12.0, 10, 30, "bpb") == pytest.approx(12.0 / 30 / math.log(2))
 
 
 def test_mix_is_the_weighted_union():

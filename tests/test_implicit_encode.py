@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from fusion_ray.implicit.encode import encode_response
+from fusion_ray.chat_template import encode_response
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ vLLM's is exercised where the stage runs on it)."""
 
 import pytest
 
-from fusion_ray.implicit.generate import HFSampler, SampleSettings, prompt_seed
+from fusion_ray.engines.sampling import HFSampler, SampleSettings, prompt_seed
 
 
 @pytest.fixture(scope="module")

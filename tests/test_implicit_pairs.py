@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from fusion_ray.implicit.pairs import build_dpo, build_sft, counts, split_prompts
+from fusion_ray.pairs.rules import build_dpo, build_sft, counts, split_prompts
 
 
 def _row(pid, domain, verifiable, source, idx, reward, correct=None):

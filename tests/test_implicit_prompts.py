@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fusion_ray.config import PromptCorpus
-from fusion_ray.implicit.prompts import BadPrompts, read_prompts
+from fusion_ray.sample.prompts import BadPrompts, read_prompts
 
 
 def write(path, rows):

@@ -16,8 +16,8 @@ import pytest
 from sandbox_helpers import SMALL, SOLUTION, TESTS, check, no_leftovers  # noqa: F401 - an autouse fixture
 
 from fusion_ray.config import parse_config
-from fusion_ray.implicit import sandbox
-from fusion_ray.implicit.verify import (
+from fusion_ray.reward import sandbox
+from fusion_ray.reward.verify import (
     SandboxLimits,
     SandboxSettings,
     extract_answer,

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from fusion_ray.config import ALL_STAGES as STAGES
-from fusion_ray.pipeline import STAGE_PACKAGES, StageResult, runner
+from fusion_ray.contract import STAGE_PACKAGES, StageResult
+from fusion_ray.pipeline import runner
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("fusion_ray", "jobs", "bench", "tests")  # every Python file of the project
@@ -154,7 +155,7 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
                          "from fusion_ray.fuse import stage as own\nimport fusion_ray.evaluate.stage\n")
     assert len(layout.stage_import_violations([bad_stage])) == 3
     bad_private = tmp_path / "fusion_ray" / "fuse" / "y.py"
-    bad_private.write_text("from fusion_ray.collect.engines import _hidden\nfrom fusion_ray.collect import engines\n"
+    bad_private.write_text("from fusion_ray.engines.scoring import _hidden\nfrom fusion_ray.engines import scoring as engines\n"
                            "from fusion_ray.fuse.strategies import _own\nengines._hidden()\n")
     assert [v.split(": ", 1)[1] for v in layout.private_import_violations([bad_private])] == [
-        "imports fusion_ray.collect.engines._hidden", "uses fusion_ray.collect.engines._hidden"]
+        "imports fusion_ray.engines.scoring._hidden", "uses fusion_ray.engines.scoring._hidden"]

@@ -28,24 +28,28 @@ def test_kinds(tmp_path):
         locations.check("./missing/dir")
 
 
-def test_only_locations_imports_the_demo_package():
-    """Every stage resolves through `locations`; the demo package is its business alone (and the
-    `fusion-ray demo` command's, which runs the demo)."""
-    allowed = {REPO / "fusion_ray" / "locations.py", REPO / "fusion_ray" / "cli.py"}
-    offenders = []
+def test_the_demo_scheme_is_registered_by_the_demo_package_not_imported_by_the_library():
+    """Every stage resolves `demo:` through `locations`, which knows only what `demo/scheme.py`
+    registered; the package's `__init__` imports that module (so every process, Ray workers
+    included, has it), and `fusion-ray demo` imports the demo runner. Nothing else imports demo."""
+    allowed = {REPO / "fusion_ray" / "__init__.py": ["fusion_ray.demo"], REPO / "fusion_ray" / "cli.py":
+               ["fusion_ray.demo.run"]}
+    offenders, found = [], {}
     for path in sorted((REPO / "fusion_ray").rglob("*.py")):
-        if "demo" in path.relative_to(REPO / "fusion_ray").parts or path in allowed:
+        if "demo" in path.relative_to(REPO / "fusion_ray").parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            if any(n == "fusion_ray.demo" or n.startswith("fusion_ray.demo.") for n in names):
-                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
-    assert not offenders, f"import fusion_ray.demo outside locations: {offenders}"
-    cli = ast.parse((REPO / "fusion_ray" / "cli.py").read_text())
-    demo_imports = [n for n in ast.walk(cli) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith(
-        "fusion_ray.demo")]
-    assert [n.module for n in demo_imports] == ["fusion_ray.demo.run"]
+            for n in names:
+                if n == "fusion_ray.demo" or n.startswith("fusion_ray.demo."):
+                    (found.setdefault(path, []) if path in allowed else offenders).append(
+                        n if path in allowed else f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"import fusion_ray.demo outside the package init and the CLI: {offenders}"
+    assert found == allowed
+    assert locations.check("demo:pivot") == "demo:pivot"  # registered by importing fusion_ray
+    with pytest.raises(locations.LocationError, match="unknown demo asset 'nope'"):
+        locations.check("demo:nope")
 
 
 @pytest.mark.timeout(120)

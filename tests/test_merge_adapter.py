@@ -10,10 +10,10 @@ import torch
 from helpers import two_adapters
 from safetensors.torch import load_file, save_file
 
+from fusion_ray.checkpoint.adapter import AdapterCheckpoint
+from fusion_ray.checkpoint.streaming import Checkpoint, CheckpointError
 from fusion_ray.merge import engine
-from fusion_ray.merge.adapter import AdapterCheckpoint
 from fusion_ray.merge.spec import parse_spec
-from fusion_ray.merge.streaming import Checkpoint, CheckpointError
 
 
 @pytest.fixture(scope="module")

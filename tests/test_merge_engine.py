@@ -11,10 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from fusion_ray.checkpoint.streaming import Checkpoint, ShardWriter
 from fusion_ray.config import ConfigError
 from fusion_ray.merge import engine
 from fusion_ray.merge.spec import load_spec, parse_spec
-from fusion_ray.merge.streaming import Checkpoint, ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save, save_file
 
+from fusion_ray.checkpoint.streaming import ST_DTYPES, Checkpoint, CheckpointError, parse_header, read_header
 from fusion_ray.merge import engine
 from fusion_ray.merge.actor import merge_standalone
-from fusion_ray.merge.streaming import ST_DTYPES, Checkpoint, CheckpointError, parse_header, read_header
 from tests.test_merge_engine import finetune, spec, weights
 
 REPO = Path(__file__).resolve().parents[1]

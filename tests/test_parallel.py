@@ -76,7 +76,7 @@ def test_how_many_run_at_once_changes_no_fingerprint(tiny_models, tmp_path):
     from helpers import make_config
 
     from fusion_ray.collect.stage import model_fingerprint
-    from fusion_ray.train.fit import result_fields
+    from fusion_ray.trainer.fit import result_fields
 
     def cfg(**limits):
         return make_config(tmp_path, tiny_models(), {"s": tiny_models()}, [tmp_path],

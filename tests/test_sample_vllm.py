@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def sampler(tiny_models):
-    from fusion_ray.implicit.generate import VLLMSampler
+    from fusion_ray.engines.sampling import VLLMSampler
 
     model_dir = tiny_models("qwen2", "deepseek")
     before = set(glob.glob("/dev/shm/*"))
@@ -31,7 +31,7 @@ def sampler(tiny_models):
 def test_a_large_seeded_batch_is_sampled_and_each_prompt_draws_as_it_would_alone(sampler):
     from transformers import AutoTokenizer
 
-    from fusion_ray.implicit.generate import SampleSettings
+    from fusion_ray.engines.sampling import SampleSettings
 
     model_dir, engine = sampler
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from sandbox_helpers import SMALL, SOLUTION, TESTS, check, no_leftovers  # noqa: F401 - an autouse fixture
 
-from fusion_ray.implicit.verify import SandboxLimits, run_code
+from fusion_ray.reward.verify import SandboxLimits, run_code
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]  # ~50 s of sandboxes: not the unit tier
 WRONG = "def add(a, b):\n    return 0\n"

@@ -167,7 +167,7 @@ def test_cli_serve_refuses_a_dir_that_is_no_model(tmp_path, capsys):
 
 def test_run_ends_with_serve_when_deploy_after_merge(monkeypatch, tmp_path):
     from fusion_ray import cli, pipeline
-    from fusion_ray.pipeline import StageResult
+    from fusion_ray.contract import StageResult
 
     ran, served = [], []
     monkeypatch.setattr(pipeline, "check_run", lambda cfg, stages: None)

@@ -69,6 +69,7 @@ def test_the_target_is_trained_on_them_into_a_chat_model_dir(trained):
     assert all(r["loss"] == pytest.approx(r["clm"]) for r in log if "loss" in r), "λ = 1: the loss is the CLM"
     manifest = io.read_manifest(cfg.stage_dir("sft"))
     assert manifest["stage"] == "sft" and manifest["extra"]["lambda_clm"] == 1.0
+    assert manifest["extra"]["objective"] == "clm"
     model = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft"))
     base = AutoModelForCausalLM.from_pretrained(target)
     assert sum((a - b).abs().sum() for a, b in zip(model.parameters(), base.parameters())) > 0

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_ray.train.batches import collate
-from fusion_ray.train.losses import combined_loss
+from fusion_ray.trainer.batches import collate
+from fusion_ray.trainer.losses import combined_loss
 
 
 def _row(ids, mask, k=2, start=0):
@@ -58,7 +58,7 @@ def _shards(tmp_path, sizes):
 
 @pytest.mark.parametrize("world,micro,window", [(1, 4, 8192), (2, 3, 8192), (3, 2, 7), (2, 5, 1)])
 def test_each_rank_takes_an_equal_disjoint_share_of_every_full_global_micro_batch(tmp_path, world, micro, window):
-    from fusion_ray.train.order import RowPlan, rank_batches
+    from fusion_ray.trainer.order import RowPlan, rank_batches
 
     plan = RowPlan.of(_shards(tmp_path, [10, 10, 10, 7]), seed=3, shuffle=True, window_rows=window)
     per_rank = [[b.column("sample_id").to_pylist() for b in rank_batches(plan, 0, micro, r, world)]
@@ -77,7 +77,7 @@ def test_each_rank_takes_an_equal_disjoint_share_of_every_full_global_micro_batc
 
 
 def test_the_order_is_seeded_per_epoch_mixes_files_and_ignores_the_directory(tmp_path):
-    from fusion_ray.train.order import RowPlan, rank_batches
+    from fusion_ray.trainer.order import RowPlan, rank_batches
 
     def order(plan, epoch=0):
         return [r for b in rank_batches(plan, epoch, 1, 0, 1) for r in b.column("sample_id").to_pylist()]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import join_gloo_group, two_gloo_ranks
 
-from fusion_ray.train import losses
-from fusion_ray.train.losses import combined_loss_from_hidden
+from fusion_ray.trainer import losses
+from fusion_ray.trainer.losses import combined_loss_from_hidden
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,8 +102,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusion_ray.config import TrainConfig
-    from fusion_ray.train.losses import batch_loss
-    from fusion_ray.train.strategies import DDP, DeepSpeed
+    from fusion_ray.trainer.losses import batch_loss
+    from fusion_ray.trainer.strategies import DDP, DeepSpeed
 
     results = []
     for strategy in ("ddp", "zero2"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion_ray.train.losses import batch_loss, combined_loss, combined_loss_from_hidden, hidden_path
+from fusion_ray.trainer.losses import batch_loss, combined_loss, combined_loss_from_hidden, hidden_path
 
 
 def _inputs(seed: int, b: int = 3, length: int = 9, h: int = 6, v: int = 23, k: int = 4):

@@ -1,4 +1,4 @@
-"""Loading the model to train (`fusion_ray/train/load.py`): in the training dtype, and under
+"""Loading the model to train (`fusion_ray/trainer/load.py`): in the training dtype, and under
 DeepSpeed ZeRO-3 built partitioned on 2 gloo ranks (plain processes, no Ray), each rank holding
 about half the elements, with the weights equal to the checkpoint's once gathered."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusion_ray.config import TrainConfig
-from fusion_ray.train.load import load_model, read_flat, training_dtype
+from fusion_ray.trainer.load import load_model, read_flat, training_dtype
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -143,7 +143,8 @@ def test_loss_from_setting_is_checked_and_reaches_the_training_step(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from fusion_ray.config import ConfigError, load_config
-    from fusion_ray.train.loop import FusionObjective
+    from fusion_ray.trainer.loop import FusionObjective
+    from fusion_ray.trainer.objective import Distill
 
     tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
     assert load_config(tiny).train.loss_from == "hidden"
@@ -157,6 +158,6 @@ def test_loss_from_setting_is_checked_and_reaches_the_training_step(tmp_path):
     losses = {}
     for setting, keep in (("hidden", 1), ("logits", None)):
         cfg = load_config(tiny, [f"train.loss_from={setting}"])
-        losses[setting] = FusionObjective(cfg, "fused", 0, torch.device("cpu")).loss(model, rows)["loss"].item()
+        losses[setting] = FusionObjective(Distill(cfg.train.lambda_clm), cfg, 0, torch.device("cpu")).loss(model, rows)["loss"].item()
         assert kept[-1] == keep
     assert losses["hidden"] == pytest.approx(losses["logits"], rel=1e-5)

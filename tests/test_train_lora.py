@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fusion_ray.checkpoint.adapter import dense_start, write_dense
 from fusion_ray.config import PeftSettings, TrainConfig
-from fusion_ray.merge.adapter import write_dense
-from fusion_ray.train import lora
-from fusion_ray.train.strategies import Local, lr_lambda
+from fusion_ray.trainer import lora
+from fusion_ray.trainer.strategies import Local, lr_lambda
 
 
 def load(path):
@@ -188,9 +188,9 @@ def test_later_stages_start_from_a_lora_targets_dense_weights(tmp_path):
     plain.mkdir()
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    assert lora.dense_start(str(plain)) == str(plain)
+    assert dense_start(str(plain)) == str(plain)
     with pytest.raises(ValueError, match="LoRA adapter without dense weights.*save_merged: true"):
-        lora.dense_start(str(adapter))
+        dense_start(str(adapter))
     (adapter / "merged").mkdir()
     (adapter / "merged" / "config.json").write_text("{}")
-    assert lora.dense_start(str(adapter)) == f"{adapter}/merged"
+    assert dense_start(str(adapter)) == f"{adapter}/merged"

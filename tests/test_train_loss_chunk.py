@@ -18,7 +18,7 @@ TINY = REPO / "jobs" / "configs" / "tiny_cpu.yaml"
 
 
 def test_loss_chunk_mb_is_checked_and_out_of_the_fingerprint():
-    from fusion_ray.train.fit import result_fields
+    from fusion_ray.trainer.fit import result_fields
 
     assert load_config(TINY).train.loss_chunk_mb is None  # None: the loss's own default (128 MiB)
     assert load_config(TINY, ["train.loss_chunk_mb=32"]).train.loss_chunk_mb == 32
@@ -35,7 +35,8 @@ def test_loss_chunk_mb_is_checked_and_out_of_the_fingerprint():
 def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fusion_ray.train.loop import FusionObjective
+    from fusion_ray.trainer.loop import FusionObjective
+    from fusion_ray.trainer.objective import Distill
 
     vocab = 8192  # 1 MiB of float32 logits rows is 2^20 / (4 · 8192) = 32 positions
     torch.manual_seed(0)
@@ -63,7 +64,7 @@ def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path):
         model.zero_grad(set_to_none=True)
         cfg = load_config(TINY, [f"train.loss_chunk_mb={setting}"] if setting else [])
         with Chunks():
-            out = FusionObjective(cfg, "fused", 0, torch.device("cpu")).loss(model, rows)
+            out = FusionObjective(Distill(cfg.train.lambda_clm), cfg, 0, torch.device("cpu")).loss(model, rows)
         out["loss"].backward()
         seen[setting] = (list(sizes), out["loss"].item(), model.lm_head.weight.grad.clone(),
                          model.model.embed_tokens.weight.grad.clone())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fusion_ray.train.losses import clm_loss, combined_loss, combined_loss_reference, fusion_loss
+from fusion_ray.trainer.losses import clm_loss, combined_loss, combined_loss_reference, fusion_loss
 
 
 def _dense_ce(logits, teacher_logp, temperature=1.0):

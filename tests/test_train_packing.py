@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fusion_ray import io
-from fusion_ray.train.batches import collate, collate_packed, packed_attention_mask
-from fusion_ray.train.losses import batch_loss
-from fusion_ray.train.order import PACKED_COLUMN, RowPlan, fill_order, pack, rank_batches
+from fusion_ray.trainer.batches import collate, collate_packed, packed_attention_mask
+from fusion_ray.trainer.losses import batch_loss
+from fusion_ray.trainer.order import PACKED_COLUMN, RowPlan, fill_order, pack, rank_batches
 
 
 def _row(ids, mask, k=2, start=0):
@@ -248,7 +248,7 @@ def test_each_rank_takes_its_packed_rows_of_every_full_global_micro_batch(tmp_pa
 
 
 def test_total_steps_count_the_packed_rows_of_each_epoch(tmp_path):
-    from fusion_ray.train.loop import total_steps
+    from fusion_ray.trainer.loop import total_steps
 
     plan = RowPlan.of(_fused_shards(tmp_path, [28]), seed=0, shuffle=False, window_rows=8192, lengths=True)
     # unshuffled, one window: LENGTHS (133 tokens) regrouped best-fit decreasing at 16 tokens, then
@@ -277,7 +277,7 @@ def _cfg(train: dict):
 
 
 def test_packing_is_off_by_default_and_off_keeps_the_fingerprint_fields():
-    from fusion_ray.train.fit import result_fields
+    from fusion_ray.trainer.fit import result_fields
 
     off, on = _cfg({}), _cfg({"packing": True})
     assert off.train.packing is False

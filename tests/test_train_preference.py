@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion_ray.train.preference import preference_loss, sequence_logps
+from fusion_ray.trainer.preference import preference_loss, sequence_logps
 
 
 def _t(*xs: float) -> torch.Tensor:

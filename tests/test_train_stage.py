@@ -77,6 +77,7 @@ def test_metrics_log_and_manifest(trained):
     clm = io.read_manifest(cfg.stage_dir("train", "clm_only"))
     assert fused["extra"]["metrics"]["step"] == 4 and fused["extra"]["lambda_clm"] == 0.5
     assert clm["extra"]["lambda_clm"] == 1.0 and clm["extra"]["metrics"]["fusion"] == 0.0
+    assert (fused["extra"]["objective"], clm["extra"]["objective"]) == ("fusion", "clm")
     log = steps_logged(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["fusion"] > 0 and 0 <= r["transferred"] <= 1 and r["tokens_per_s"] > 0 for r in log)
@@ -260,7 +261,7 @@ def test_packed_rows_train_under_deepspeed_bf16_for_the_steps_their_packing_give
     import numpy as np
     import pyarrow.parquet as pq
 
-    from fusion_ray.train.order import RowPlan, fill_order, rank_batches
+    from fusion_ray.trainer.order import RowPlan, fill_order, rank_batches
 
     cfg = fused_copy(fused, tmp_path / "w", strategy="deepspeed", bf16=True, packing=True, max_steps=None, epochs=1,
                   micro_batch_size=1, global_batch_size=2, clm_only_arm=False)

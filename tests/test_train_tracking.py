@@ -11,9 +11,9 @@ import pytest
 
 from fusion_ray.config import ConfigError, TrackingConfig, TrainConfig, load_config
 from fusion_ray.pipeline import check_stages
-from fusion_ray.train.fit import result_fields
-from fusion_ray.train.loop import TrainLog
-from fusion_ray.train.tracking import Tracker, TrackingOff, flatten, mlflow_uri
+from fusion_ray.trainer.fit import result_fields
+from fusion_ray.trainer.loop import TrainLog
+from fusion_ray.trainer.tracking import Tracker, TrackingOff, flatten, mlflow_uri
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_cpu.yaml"

@@ -36,8 +36,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fusion_ray.config import TrainConfig
-    from fusion_ray.train import losses
-    from fusion_ray.train.strategies import DeepSpeed
+    from fusion_ray.trainer import losses
+    from fusion_ray.trainer.strategies import DeepSpeed
 
     results = []
     for tied in (False, True):

@@ -41,7 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fusion_ray.align.project import fill_fallback, merge_duplicates, stored_rows
+from fusion_ray.align.project import fill_fallback
+from fusion_ray.distributions import merge_duplicates, stored_rows
 
 MAX_EXPAND = 3  # source tokens chained to cover one longer pivot token
 LEAD = "\n"  # what strings follow when a tokenizer adds a prefix at a text's start (FirstPiece._lead)

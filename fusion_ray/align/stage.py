@@ -23,9 +23,9 @@ from fusion_ray.align import offsets as offsets_lib
 from fusion_ray.align import project, spans, vocab
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.fuse.strategies import score
+from fusion_ray.contract import StageResult
+from fusion_ray.distributions import score
 from fusion_ray.locations import cache_root
-from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import ShardMismatch, read_shard
 from fusion_ray.tokenizer import for_model
 

@@ -25,9 +25,9 @@ import pyarrow as pa
 from fusion_ray import io, locations, schema
 from fusion_ray import tokenizer as tokenizers
 from fusion_ray.arrays import ragged
-from fusion_ray.collect.topk import logits_row
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
+from fusion_ray.engines.topk import logits_row
 from fusion_ray.placement import collect_placement, ray_data_args
 from fusion_ray.shards import columns_key, gather
 
@@ -36,7 +36,7 @@ class ScoreUDF:
     """Ray Data callable class: one engine per actor, batches of prepared rows in, logits rows out."""
 
     def __init__(self, cfg: dict, model: str):
-        from fusion_ray.collect import engines
+        from fusion_ray.engines import scoring as engines
 
         full = FusionConfig.from_wire(cfg)
         spec = next(m for m in full.models() if m.name == model)
@@ -46,8 +46,8 @@ class ScoreUDF:
         self.tokenizer = tokenizers.for_model(spec)
         self.pivot_tokenizer = self.index = None
         if pivot is not None:  # a source, with `align.prefix: exact`: the pivot's boundaries too
-            from fusion_ray.align.vocab import surfaces
-            from fusion_ray.collect.conditioned import PrefixIndex
+            from fusion_ray.engines.conditioned import PrefixIndex
+            from fusion_ray.tokenizer import surfaces
 
             self.pivot_tokenizer = tokenizers.for_model(pivot)
             self.surfaces = surfaces(self.tokenizer)
@@ -74,7 +74,7 @@ class ScoreUDF:
         offsets = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in enc["offset_mapping"]]
         reqs = None
         if self.pivot_tokenizer is not None:
-            from fusion_ray.collect.conditioned import requests
+            from fusion_ray.engines.conditioned import requests
 
             pivot = self.pivot_tokenizer(texts, return_offsets_mapping=True)
             reqs = [requests(text, enc["input_ids"][i], offsets[i][:, 1], self.surfaces,
@@ -122,7 +122,7 @@ def preflight(cfg: FusionConfig) -> None:
 
 def conditioned_on(cfg: FusionConfig, model: ModelSpec) -> ModelSpec | None:
     """The pivot, when `model` is a source whose exact conditioned entries align needs
-    (`align.prefix: exact`, collect/conditioned.py); else None."""
+    (`align.prefix: exact`, engines/conditioned.py); else None."""
     if cfg.align.prefix != "exact" or model.name == cfg.pivot.name:
         return None
     return cfg.pivot

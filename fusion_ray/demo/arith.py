@@ -2,7 +2,7 @@
 
 Three operations (`add`, `sub`, `mul`), each a finite table of facts (`a op b = c`) asked in
 four phrasings (templates). A response states the equation and its result in the form
-`math_correct` (fusion_ray.implicit.verify) checks: "17 + 25 = 42. The answer is 42."
+`math_correct` (fusion_ray.reward.verify) checks: "17 + 25 = 42. The answer is 42."
 
 The split is by (fact, template): every fact gets one held-out template, drawn with the seed;
 its other templates are training templates. Models are trained on facts under their training

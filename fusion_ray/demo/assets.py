@@ -158,31 +158,13 @@ def assets_dir(spec: DemoSpec = DEFAULT_SPEC) -> Path:
 
 
 def asset_path(name: str, spec: DemoSpec = DEFAULT_SPEC) -> Path:
-    """Where asset `name` lives (built or not); implicit-fusion names live in their own dir."""
-    if name in IMPLICIT_NAMES:
-        from fusion_ray.demo import implicit
-
-        return implicit.asset_path(name)
+    """Where explicit-default asset `name` lives, built or not (implicit names: `demo/scheme.py`)."""
     root = assets_dir(spec)
     if name in CORPUS_FILES:
         return root / "corpus" / f"{name}.jsonl"
     if name in MODEL_NAMES:
         return root / "models" / name
     raise ValueError(f"unknown demo asset {name!r}; known: {', '.join(ASSET_NAMES)}")
-
-
-def resolve(location: str, spec: DemoSpec = DEFAULT_SPEC) -> str:
-    """Map `demo:NAME` to its local path, building the assets if needed; others unchanged."""
-    if not location.startswith("demo:"):
-        return location
-    name = location.removeprefix("demo:")
-    if name in IMPLICIT_NAMES:
-        from fusion_ray.demo import implicit
-
-        implicit.ensure_assets()
-        return str(implicit.asset_path(name))
-    ensure_assets(spec)
-    return str(asset_path(name, spec))
 
 
 def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:

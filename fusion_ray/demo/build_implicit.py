@@ -205,7 +205,7 @@ def generate(net, tokenizer, prompts: list[str], *, samples: int, temperature: f
 def arith_accuracy(net, tokenizer, spec: ImplicitSpec, rows: list[dict], seed: int) -> dict:
     """Per op: greedy accuracy and sampled accuracy (`eval_samples` draws per prompt at the spec's
     temperature / top-p) on the first `eval_per_op` held-out prompts of each op."""
-    from fusion_ray.implicit.verify import math_correct
+    from fusion_ray.reward.verify import math_correct
 
     out = {}
     for op in arith.OPS:
@@ -363,7 +363,7 @@ def train_reward(net, spec: ImplicitSpec, model: TinyModel, encoded, pad: int, l
 
 def pair_accuracy(path: Path, pairs) -> dict:
     """Share of pairs the saved reward model (through RewardScorer) scores chosen > rejected."""
-    from fusion_ray.implicit.reward_model import RewardScorer
+    from fusion_ray.engines.reward_model import RewardScorer
 
     scorer = RewardScorer(str(path), dtype="float32", max_length=256, batch_size=32, device="cpu")
     chosen = scorer.score([c for c, _, _ in pairs])

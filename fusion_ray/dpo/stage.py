@@ -4,11 +4,11 @@ against itself frozen as the reference.
 1. The reference pass: Ray Data streams the pairs through engine actors (`RefScoreUDF`, the
    `collect` stage's scoring engines: vLLM, or transformers with `implicit.engine: hf`) holding
    the SFT model. Each pair's chosen and rejected responses are encoded with the target's chat
-   template (`implicit/encode.py`) and scored; the reference log-prob of a response is the sum
+   template (`chat_template.py`) and scored; the reference log-prob of a response is the sum
    of its tokens' log-probs. Rows go to `dpo_data/part-*.parquet` (one shard per pairs shard,
    written atomically once complete, the first copy of each pair kept; a rerun redoes only
    missing shards). No reference model is held in training memory.
-2. Training: the `train` stage's trainer (`train/fit.py`: Ray Train, DeepSpeed ZeRO or DDP,
+2. Training: the `train` stage's trainer (`trainer/fit.py`: Ray Train, DeepSpeed ZeRO or DDP,
    checkpoints, restarts, deterministic row order) starts from the SFT weights and minimises
    `implicit.dpo.loss` (sigmoid DPO, length-normalised DPO, IPO or SimPO; β, label smoothing)
    with `implicit.dpo.lr` / `epochs` / `max_steps` in place of `train`'s where set → `dpo/`.
@@ -29,10 +29,10 @@ import pyarrow as pa
 
 from fusion_ray import io, locations
 from fusion_ray import tokenizer as tokenizers
+from fusion_ray.arms import FUSED_ARM, arm_dir, arm_name, run_arms
 from fusion_ray.arrays import ragged
 from fusion_ray.config import FusionConfig
-from fusion_ray.implicit.arms import FUSED_ARM, arm_dir, arm_name, run_arms
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 
 PAIR_ROWS = pa.schema([("sample_id", pa.string()), ("domain", pa.string()), ("source", pa.string()),
                        ("chosen_ids", pa.list_(pa.int32())), ("chosen_mask", pa.list_(pa.bool_())),
@@ -50,7 +50,7 @@ class RefScoreUDF:
     """Ray Data callable class: pairs in, encoded pairs with the reference's log-probs out."""
 
     def __init__(self, cfg: dict, reference: str):
-        from fusion_ray.collect import engines
+        from fusion_ray.engines import scoring as engines
 
         self.cfg = FusionConfig.from_wire(cfg)
         self.tokenizer = tokenizers.for_model(self.cfg.pivot)
@@ -63,8 +63,7 @@ class RefScoreUDF:
             self.engine = engines.HFEngine(path, dtype=dtype, trust_remote_code=self.cfg.pivot.trust_remote_code)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from fusion_ray.collect.prompts import RowRejected
-        from fusion_ray.implicit.encode import encode_response
+        from fusion_ray.chat_template import RowRejected, encode_response
 
         kept, seqs = [], []
         for r in batch.to_pylist():
@@ -178,28 +177,29 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
 
 def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> StageResult:
     """One arm: the reference pass with its SFT model, then preference training from it."""
-    from fusion_ray.train.fit import fit_target
+    from fusion_ray.trainer.fit import fit_target
+    from fusion_ray.trainer.objective import Preference
 
     sft_dir = arm_dir(cfg, "sft", arm)
     sft = io.finished(sft_dir, "sft")
-    from fusion_ray.train.lora import dense_start
+    from fusion_ray.checkpoint.adapter import dense_start
 
     sft_dir = dense_start(sft_dir)  # a LoRA SFT target: its merged/ weights are the reference and the start
     manifest = reference_pass(cfg, sft_dir, sft["fingerprint"], force, log, arm)
     d = cfg.implicit.dpo
     train = cfg.train.model_copy(update={k: v for k, v in (("lr", d.lr), ("epochs", d.epochs),
                                                            ("max_steps", d.max_steps)) if v is not None})
-    dpo_cfg = cfg.model_copy(update={"train": train})
-    return fit_target(dpo_cfg, name=arm_name("dpo", arm), arm="dpo", data_dir=data_dir(cfg, arm), manifest=manifest,
-                      out_dir=arm_dir(cfg, "dpo", arm), stage="dpo", input_name="dpo_data",
-                      extra={"loss": d.loss, "beta": d.beta},
-                      loop={"objective": "dpo", "init_path": sft_dir,
-                            "tracking_params": {"sft_fingerprint": sft["fingerprint"]}},
+    objective = Preference(loss=d.loss, beta=d.beta, label_smoothing=d.label_smoothing,
+                           gamma_beta_ratio=d.gamma_beta_ratio, nll_weight=d.nll_weight)
+    return fit_target(cfg, objective=objective, train=train, name=arm_name("dpo", arm), arm="dpo",
+                      data_dir=data_dir(cfg, arm), manifest=manifest, out_dir=arm_dir(cfg, "dpo", arm), stage="dpo",
+                      input_name="dpo_data", init_path=sft_dir,
+                      tracking_params={"sft_fingerprint": sft["fingerprint"]},
                       fingerprint_parts=(d.model_dump(mode="json"), sft["fingerprint"]), force=force, log=log)
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
-    """Every arm (`implicit/arms.py`): reference pass with its SFT model, then preference training."""
+    """Every arm (`arms.py`): reference pass with its SFT model, then preference training."""
     from fusion_ray.ray_env import init_ray
 
     if cfg.implicit is None:

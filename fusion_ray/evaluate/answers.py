@@ -44,7 +44,7 @@ from typing import Any
 import pyarrow as pa
 
 from fusion_ray import io, locations
-from fusion_ray.implicit.generate import HFSampler, SampleSettings, VLLMSampler, prompt_seed
+from fusion_ray.engines.sampling import HFSampler, SampleSettings, VLLMSampler, prompt_seed
 
 ANSWERS_DIR = "chat/answers"
 PROMPT_TOO_LONG = "prompt_too_long"

@@ -16,24 +16,15 @@ before. What a report used is copied into the report dir for audit: `chat_answer
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from fusion_ray import io
+from fusion_ray.evaluate.selection import pick
+
+if TYPE_CHECKING:
+    from fusion_ray.config import FusionConfig
 
 JUDGEMENTS_DIR = "chat/judgements"
-
-
-def pick(names: list[str] | None, arms: dict[str, str], default: list[str], where: str) -> dict[str, str]:
-    """arm → model dir of the arms `names` lists (a name ending in ':' picks every arm it prefixes);
-    `names` None: the `default` arms that exist. A name that matches no arm is an error naming it."""
-    if names is None:
-        return {a: arms[a] for a in default if a in arms}
-    out: dict[str, str] = {}
-    for name in names:
-        hits = [a for a in arms if a.startswith(name)] if name.endswith(":") else [a for a in arms if a == name]
-        if not hits:
-            raise ValueError(f"{where}: no arm {name!r} in this run (arms: {', '.join(sorted(arms))})")
-        out.update({a: arms[a] for a in hits})
-    return out
 
 
 def default_arms(arms: dict[str, str]) -> list[str]:
@@ -95,3 +86,13 @@ def run_lm_eval(cfg, arms: dict[str, str], out, log=print) -> dict:
     result = lmeval.run_lm_eval(spec, arms, log=log, trust_remote_code=flags)
     io.write_json_atomic(out.path("lm_eval_samples.json"), result.pop("samples", {}))
     return result
+
+
+def chat_sections(cfg: FusionConfig, models: dict[str, str], out, log=print) -> dict:
+    """The report's `chat` (eval.chat: answers, judge) and `lm_eval` (eval.lm_eval) parts, when set."""
+    sections = {}
+    if cfg.eval.chat is not None:
+        sections["chat"] = run_chat(cfg, models, out, log)
+    if cfg.eval.lm_eval is not None:
+        sections["lm_eval"] = run_lm_eval(cfg, models, out, log)
+    return sections

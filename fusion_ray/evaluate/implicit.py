@@ -2,12 +2,13 @@
 the reward model judge the answers → `report/report.{json,md,png}`.
 
 Arms: `pivot` (the untrained target), `sft` and `dpo` (SFT then DPO), and `only-<source>` for
-each single-source arm (SFT then DPO on that source's samples only, `implicit/arms.py`), each
-once its stage has finished. The answers are the `sample` stage run again, on a config of its own below
-`<workdir>/_eval/`: the arms as its sources, `implicit.heldout` as its prompts, one greedy answer
-per prompt (`eval.max_new_tokens`); then the `reward` stage scores them with the same verifiers,
-sandbox and reward model as the training data. Both are resumable stages with manifests, so an
-interrupted evaluation redoes only what is missing.
+each single-source arm (SFT then DPO on that source's samples only, `arms.py`), each
+once its stage has finished. The answers come from the `sample` stage run again, on a config of
+its own below `<workdir>/_eval/` (`answers_config`: the arms as its sources, `implicit.heldout` as
+its prompts, one greedy answer per prompt, `eval.max_new_tokens`); then the `reward` stage scores
+them with the same verifiers, sandbox and reward model as the training data. The pipeline runs
+both before this stage (`pipeline.run_stage`): this package imports no other stage. Both are
+resumable stages with manifests, so an interrupted evaluation redoes only what is missing.
 
 The report, per arm: accuracy on each verifiable domain (correct / held-out prompts, a prompt the
 arm could not answer counting as wrong), mean reward per domain, and the win rate against the
@@ -21,9 +22,9 @@ from __future__ import annotations
 import time
 
 from fusion_ray import io
+from fusion_ray.arms import SINGLE, arm_dir, arm_source, training_arms
 from fusion_ray.config import FusionConfig, SamplingSpec
-from fusion_ray.implicit.arms import SINGLE, arm_dir, arm_source, training_arms
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 
 ARM_STAGES = ("sft", "dpo")  # trained arms, in the order they are made
 LABELS = {"pivot": "pivot", "sft": "SFT", "dpo": "SFT+DPO"}
@@ -39,7 +40,7 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
     for arm in training_arms(cfg)[1:]:
         if io.read_manifest(arm_dir(cfg, "dpo", arm)) is not None:
             out[arm] = arm_dir(cfg, "dpo", arm)
-    from fusion_ray.train.lora import dense_start  # LoRA targets (train.peft) are scored by their dense weights
+    from fusion_ray.checkpoint.adapter import dense_start  # LoRA targets (train.peft) are scored by their dense weights
 
     return {arm: path if arm == "pivot" else dense_start(path) for arm, path in out.items()}
 
@@ -64,6 +65,23 @@ def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
     pivot = cfg.pivot.model_copy(update={"name": "eval-pivot" if "eval-pivot" not in models else "eval-pivot-"})
     return cfg.model_copy(update={"workdir": f"{cfg.workdir.rstrip('/')}/_eval", "sources": sources,
                                   "pivot": pivot, "implicit": implicit})
+
+
+def answers_config(cfg: FusionConfig) -> FusionConfig:
+    """The config the pipeline runs `sample` then `reward` on before this stage: every arm that
+    exists answers the held-out prompts, and the answers are scored.
+
+    Raises:
+        ValueError: there are no held-out prompts.
+    """
+    if not cfg.implicit.heldout:
+        raise ValueError("eval: implicit fusion is evaluated on `implicit.heldout` prompts, and there are none")
+    return eval_config(cfg, arms(cfg))
+
+
+def answer_log(log):
+    """`log` with the sub-stages' tags read as parts of eval."""
+    return lambda line: log(line.replace("[sample]", "[eval] answers:").replace("[reward]", "[eval] scores:"))
 
 
 def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_reward_model: bool) -> dict:
@@ -111,21 +129,19 @@ def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_re
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import pyarrow as pa
 
-    from fusion_ray.evaluate.report import write_report
-    from fusion_ray.evaluate.stage import chat_sections, stage_stats
-    from fusion_ray.pipeline import runner  # the sample and reward stages, run as stages on their own config
+    from fusion_ray.evaluate.chat import chat_sections
+    from fusion_ray.evaluate.report import stage_stats, write_report
     from fusion_ray.schema import PROMPTS_DIR
 
-    if not cfg.implicit.heldout:
-        raise ValueError("eval: implicit fusion is evaluated on `implicit.heldout` prompts, and there are none")
     started = time.monotonic()
     models = arms(cfg)
     sub = eval_config(cfg, models)
-    tagged = lambda line: log(line.replace("[sample]", "[eval] answers:").replace("[reward]", "[eval] scores:"))  # noqa: E731
-    runner("sample")(sub, force=force, log=tagged)
-    runner("reward")(sub, force=force, log=tagged)
     rewards_dir = sub.stage_dir("reward")
-    rewards_fp = io.read_manifest(rewards_dir)["fingerprint"]
+    scored = io.read_manifest(rewards_dir)
+    if scored is None or io.read_manifest(sub.stage_dir("sample")) is None:
+        raise ValueError(f"eval: the arms' answers are not scored yet ({rewards_dir}); the pipeline samples and "
+                         "scores them before this stage (`fusion-ray run --stages eval`, `pipeline.run_stage`)")
+    rewards_fp = scored["fingerprint"]
     out_dir = cfg.stage_dir("eval")
     out = io.begin(out_dir, io.fingerprint("eval-implicit", rewards_fp, sorted(models.items()),
                                                  {k: cfg.to_dict()["eval"][k] for k in ("chat", "lm_eval")}), force)

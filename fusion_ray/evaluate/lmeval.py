@@ -97,7 +97,7 @@ def check_tasks(spec: LmEvalConfig) -> str | None:
 
 def pick_arms(spec: LmEvalConfig, arms: Mapping[str, str]) -> dict[str, str]:
     """arm → model dir of the arms `spec.arms` names (a name ending in ':' picks every arm it prefixes)."""
-    from fusion_ray.evaluate.chat import pick
+    from fusion_ray.evaluate.selection import pick
 
     try:
         return pick(spec.arms, dict(arms), [], "eval.lm_eval.arms")

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import io as _io
 import json
+from typing import TYPE_CHECKING
+
+from fusion_ray import io as fio
+
+if TYPE_CHECKING:
+    from fusion_ray.config import FusionConfig
 
 ARM_ORDER = ("source:", "pivot", "clm_only", "fused:", "merged")
 
@@ -232,3 +238,28 @@ def load(path: str) -> dict:
     from fusion_ray import io
 
     return json.loads(io.read_text(path))
+
+
+def stage_manifests(root: str) -> list[dict]:
+    """A stage's manifest, or those of its parts (`logits/<model>`, `targets/<arm>`, …)."""
+    own = fio.read_manifest(root)
+    if own:
+        return [own]
+    return [m for sub in fio.list_dirs(root) if (m := fio.read_manifest(sub))]
+
+
+def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
+    """Wall time (summed over each stage's manifests) and peak memory (sampled while it ran)."""
+    sampled = read_stats(cfg)
+    stats: dict[str, dict] = {}
+    for stage in (s for s in cfg.stages() if s not in ("eval", "serve")):
+        manifests = stage_manifests(cfg.stage_dir(stage))
+        if manifests:
+            wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
+            stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
+    return stats
+
+
+def read_stats(cfg: FusionConfig) -> dict:
+    path = f"{cfg.workdir}/_stage_stats.json"
+    return json.loads(fio.read_text(path)) if fio.exists(path) else {}

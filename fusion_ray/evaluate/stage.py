@@ -17,13 +17,12 @@ answers' judge results and lm-eval's, see evaluate/chat.py),
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 
 
 def arms(cfg: FusionConfig) -> dict[str, str]:
@@ -37,7 +36,7 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
             out[f"fused:{pair}"] = cfg.stage_dir("train", pair)
     if io.read_manifest(cfg.stage_dir("merge")):
         out["merged"] = cfg.stage_dir("merge")
-    from fusion_ray.train.lora import dense_start  # LoRA targets (train.peft) are scored by their dense weights
+    from fusion_ray.checkpoint.adapter import dense_start  # LoRA targets (train.peft) are scored by their dense weights
 
     return {arm: path if arm == "pivot" or arm.startswith("source:") else dense_start(path)
             for arm, path in out.items()}
@@ -45,8 +44,8 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
 
 def heldout(cfg: FusionConfig) -> dict[str, list[list[dict]]]:
     """domain → conversations (message lists) of the held-out corpora."""
-    from fusion_ray.collect.prompts import to_messages
-    from fusion_ray.prepare.corpus import BadLine, iter_rows
+    from fusion_ray.chat_template import to_messages
+    from fusion_ray.corpus import BadLine, iter_rows
 
     if not cfg.data.heldout:
         raise ValueError("eval needs held-out corpora: set data.heldout (each with a domain)")
@@ -96,31 +95,6 @@ def source_domains(cfg: FusionConfig) -> dict[str, str | None]:
     return {s.name: s.domain for s in cfg.sources}
 
 
-def stage_manifests(root: str) -> list[dict]:
-    """A stage's manifest, or those of its parts (`logits/<model>`, `targets/<arm>`, …)."""
-    own = io.read_manifest(root)
-    if own:
-        return [own]
-    return [m for sub in io.list_dirs(root) if (m := io.read_manifest(sub))]
-
-
-def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
-    """Wall time (summed over each stage's manifests) and peak memory (sampled while it ran)."""
-    sampled = read_stats(cfg)
-    stats: dict[str, dict] = {}
-    for stage in (s for s in cfg.stages() if s not in ("eval", "serve")):
-        manifests = stage_manifests(cfg.stage_dir(stage))
-        if manifests:
-            wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
-            stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
-    return stats
-
-
-def read_stats(cfg: FusionConfig) -> dict:
-    path = f"{cfg.workdir}/_stage_stats.json"
-    return json.loads(io.read_text(path)) if io.exists(path) else {}
-
-
 def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
     """Eval settings, held-out data and each arm's identity (its stage fingerprint, else its files)."""
     def identity(path: str) -> str:
@@ -131,18 +105,6 @@ def fingerprint(cfg: FusionConfig, models: dict[str, str]) -> str:
                           {arm: identity(p) for arm, p in models.items()}, cfg.data.max_length)
 
 
-def chat_sections(cfg: FusionConfig, models: dict[str, str], out, log=print) -> dict:
-    """The report's `chat` (eval.chat: answers, judge) and `lm_eval` (eval.lm_eval) parts, when set."""
-    from fusion_ray.evaluate import chat
-
-    sections = {}
-    if cfg.eval.chat is not None:
-        sections["chat"] = chat.run_chat(cfg, models, out, log)
-    if cfg.eval.lm_eval is not None:
-        sections["lm_eval"] = chat.run_lm_eval(cfg, models, out, log)
-    return sections
-
-
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     if cfg.method == "implicit":  # accuracy, reward and win rate of the arms' answers (evaluate/implicit.py)
         from fusion_ray.evaluate import implicit
@@ -150,7 +112,8 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
         return implicit.run(cfg, force, log)
     import ray
 
-    from fusion_ray.evaluate.report import write_report
+    from fusion_ray.evaluate.chat import chat_sections
+    from fusion_ray.evaluate.report import stage_stats, write_report
     from fusion_ray.ray_env import init_ray
 
     models = arms(cfg)

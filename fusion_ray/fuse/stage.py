@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 
 from fusion_ray import io, schema
-from fusion_ray.align.project import stored_rows
 from fusion_ray.arrays import ragged, rows_of
 from fusion_ray.config import FusionConfig
-from fusion_ray.fuse.strategies import STRATEGIES, mix, score
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
+from fusion_ray.distributions import score, stored_rows
+from fusion_ray.fuse.strategies import STRATEGIES, mix
 from fusion_ray.schema import ShardMismatch, read_shard
 
 

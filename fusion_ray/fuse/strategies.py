@@ -16,14 +16,7 @@ import math
 
 import numpy as np
 
-from fusion_ray.align.project import merge_duplicates
-
-
-def score(nll_sum: float, n_tokens: int, n_bytes: int, metric: str) -> float:
-    """A candidate's score on one sequence (lower is better)."""
-    if metric == "bpb":
-        return nll_sum / max(n_bytes, 1) / math.log(2)
-    return nll_sum / max(n_tokens, 1)
+from fusion_ray.distributions import merge_duplicates
 
 
 def min_ce_weights(scores: np.ndarray) -> np.ndarray:

@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from fusion_ray.merge.adapter import AdapterCheckpoint, config_dir, open_model
-from fusion_ray.merge.registry import TensorInputs
-from fusion_ray.merge.spec import MergeSpec
-from fusion_ray.merge.streaming import (
+from fusion_ray.checkpoint.adapter import AdapterCheckpoint, config_dir, open_model
+from fusion_ray.checkpoint.streaming import (
     DTYPES,
     Checkpoint,
     CheckpointError,
@@ -42,6 +40,8 @@ from fusion_ray.merge.streaming import (
     read_json,
     write_at,
 )
+from fusion_ray.merge.registry import TensorInputs
+from fusion_ray.merge.spec import MergeSpec
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -87,7 +87,7 @@ def layer_t(name: str, layers: int) -> float:
 
 
 def open_inputs(spec: MergeSpec) -> list[Checkpoint | AdapterCheckpoint]:
-    """Each input's weights; a LoRA adapter dir reads as its base plus its delta (`merge/adapter.py`),
+    """Each input's weights; a LoRA adapter dir reads as its base plus its delta (`checkpoint/adapter.py`),
     and must name the merge's base_model when there is one."""
     return [open_model(path, spec.allow_pickle, expected_base=spec.base_model if path != spec.base_model else None)
             for path in spec.inputs()]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
+from fusion_ray.contract import StageResult
 from fusion_ray.merge.actor import merge_into
-from fusion_ray.pipeline import StageResult
 from fusion_ray.resources import MERGE_ACTOR_CPUS
 
 

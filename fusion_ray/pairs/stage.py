@@ -3,14 +3,14 @@ prompt) and `pairs/dpo/` (best/worst pairs of one source per DPO prompt).
 
 The rules (the seeded SFT:DPO prompt split, correctness first for verifiable prompts, the
 reward-gap range for open ones, one pair per prompt or one per source) are in
-`implicit/pairs.py`, set by `implicit.pairs`. A prompt's samples all live in one reward shard
+`pairs/rules.py`, set by `implicit.pairs`. A prompt's samples all live in one reward shard
 (shard k holds prompt shard k of every source), so each shard is paired on its own: shard k of
 `pairs/sft/` and `pairs/dpo/` comes from shard k of `rewards/`, written atomically; a rerun
 redoes only missing shards. Rows carry the prompt's chat (`messages`, JSON) for training.
 The manifest holds the counts: prompts, SFT rows, DPO pairs and drop reasons, in total, per
 source and per domain.
 
-Each single-source arm (`implicit.single_source_arms`, `implicit/arms.py`) gets the same below
+Each single-source arm (`implicit.single_source_arms`, `arms.py`) gets the same below
 `pairs/only-<source>/` from that source's samples alone (same split, same rules); its counts
 are in the manifest's `extra.arms`.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from fusion_ray import io
+from fusion_ray.arms import FUSED_ARM, arm_source, training_arms
 from fusion_ray.config import FusionConfig
-from fusion_ray.implicit.arms import FUSED_ARM, arm_source, training_arms
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 from fusion_ray.schema import PROMPTS_DIR
 
 SFT = pa.schema([("prompt_id", pa.string()), ("domain", pa.string()), ("source", pa.string()),
@@ -51,7 +51,7 @@ def pair_shard(rewards: pa.Table, prompts: pa.Table, cfg: FusionConfig,
                source: str | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """(SFT rows, DPO pairs, counts) of one reward shard and its prompt shard (of one source's
     samples only, when `source` is given)."""
-    from fusion_ray.implicit import pairs
+    from fusion_ray.pairs import rules as pairs
 
     p = cfg.implicit.pairs
     messages = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("messages").to_pylist(), strict=True))

@@ -1,7 +1,7 @@
 """The `prepare` stage: stream chat corpora, render each conversation once, shard to Parquet.
 
 Reads JSONL, Parquet (a file or a directory of files), an on-disk HF dataset
-(`save_to_disk`) or a hub dataset id (streamed), row by row (`prepare/corpus.py`): the
+(`save_to_disk`) or a hub dataset id (streamed), row by row (`corpus.py`): the
 corpus is never loaded whole. Each usable row becomes one `prepared/part-*.parquet` row (schema
 `PREPARED`); each unusable one becomes a `prepared/_rejected/part-*.parquet` row
 with its file, row (for JSONL: the 0-based line index) and reason: among them
@@ -23,10 +23,10 @@ import pyarrow as pa
 
 from fusion_ray import io, locations, schema
 from fusion_ray import tokenizer as tokenizers
-from fusion_ray.collect.prompts import Prepared, RowRejected, prepare_row
+from fusion_ray.chat_template import Prepared, RowRejected, prepare_row
 from fusion_ray.config import FusionConfig
-from fusion_ray.pipeline import StageResult
-from fusion_ray.prepare.corpus import RAW_CHARS, BadLine, iter_rows
+from fusion_ray.contract import StageResult
+from fusion_ray.corpus import RAW_CHARS, BadLine, iter_rows
 
 REJECTED_DIR = "_rejected"  # prepared/_rejected/: underscore, so readers of prepared/ skip it
 MAX_REASON_CHARS = 500

@@ -13,7 +13,7 @@ math answers (`verify.math_correct`) and judges code against its tests (`verify.
 under bubblewrap, the verdict reached outside the candidate's sandbox, within `implicit.sandbox`
 limits; hostile code fails its sample and the stage carries on; where bubblewrap cannot run, the
 stage refuses to start, in one line), and scores the chat with the reward model
-(`implicit/reward_model.py`). Without a reward model (verifiable corpora only) the reward is 1
+(`engines/reward_model.py`). Without a reward model (verifiable corpora only) the reward is 1
 for a correct response, 0 otherwise. Responses that never started (`prompt_too_long`) get no row;
 the manifest counts them. As in `collect`, a shard is written atomically once all its rows are in
 (the first copy of each kept), and a rerun scores only missing shards.
@@ -30,8 +30,8 @@ import pyarrow as pa
 
 from fusion_ray import io, locations
 from fusion_ray.config import FusionConfig
+from fusion_ray.contract import StageResult
 from fusion_ray.errors import InputError
-from fusion_ray.pipeline import StageResult
 from fusion_ray.schema import PROMPTS_DIR, REWARDS
 from fusion_ray.shards import columns_key, gather
 
@@ -39,7 +39,7 @@ UNSCORED = ("prompt_too_long",)
 
 
 def sandbox_limits(cfg: FusionConfig):
-    from fusion_ray.implicit.sandbox import SandboxLimits
+    from fusion_ray.reward.sandbox import SandboxLimits
 
     s = cfg.implicit.sandbox
     return SandboxLimits(cpu_seconds=s.cpu_seconds, wall_seconds=s.wall_seconds, memory_bytes=s.memory_mb << 20,
@@ -47,7 +47,7 @@ def sandbox_limits(cfg: FusionConfig):
 
 
 def sandbox_settings(cfg: FusionConfig):
-    from fusion_ray.implicit.sandbox import SandboxSettings
+    from fusion_ray.reward.sandbox import SandboxSettings
 
     s = cfg.implicit.sandbox
     return SandboxSettings(uid=s.uid, python=s.python, packages=tuple(s.packages))
@@ -60,7 +60,7 @@ def sandbox_problem(cfg: FusionConfig) -> str | None:
         return None
     if cfg.implicit.sandbox.isolation != "bwrap":
         return None
-    from fusion_ray.implicit.sandbox import available
+    from fusion_ray.reward.sandbox import available
 
     why = available(sandbox_settings(cfg))
     if why is None:
@@ -72,7 +72,7 @@ def sandbox_problem(cfg: FusionConfig) -> str | None:
 
 def check(prompt: dict, response: str, limits, isolation: str = "bwrap", settings=None) -> tuple[bool | None, str]:
     """(correct, verdict) of one response: None and "" for an open prompt."""
-    from fusion_ray.implicit import verify
+    from fusion_ray.reward import verify
 
     if prompt["verify"] == "math":
         if verify.extract_answer(response) is None:
@@ -101,7 +101,7 @@ class RewardUDF:
         self.scorer = None
         spec = self.cfg.implicit.reward
         if spec is not None:
-            from fusion_ray.implicit.reward_model import RewardScorer
+            from fusion_ray.engines.reward_model import RewardScorer
 
             self.scorer = RewardScorer(locations.local_dir(spec.path, revision=spec.revision), dtype=spec.dtype,
                                        trust_remote_code=spec.trust_remote_code, max_length=spec.max_length,

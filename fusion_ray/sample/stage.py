@@ -1,6 +1,6 @@
 """The `sample` stage (implicit fusion): prompts → each source → n responses per prompt.
 
-First the prompt corpora (`implicit.prompts`) are read and checked (`implicit/prompts.py`)
+First the prompt corpora (`implicit.prompts`) are read and checked (`sample/prompts.py`)
 into `samples/_prompts/part-*.parquet`, `implicit.shard_rows` prompts per shard. Then, per
 source, Ray Data streams the prompt shards not yet sampled through a pool of engine actors
 (`SampleUDF`: `implicit.concurrency` actors of `num_cpus_per_actor` / `num_gpus_per_actor`;
@@ -27,7 +27,7 @@ import pyarrow as pa
 from fusion_ray import io, locations
 from fusion_ray import tokenizer as tokenizers
 from fusion_ray.config import FusionConfig, ModelSpec
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 from fusion_ray.placement import ray_data_args
 from fusion_ray.schema import PROMPTS_DIR, SAMPLES
 from fusion_ray.shards import columns_key, gather
@@ -36,7 +36,7 @@ from fusion_ray.shards import columns_key, gather
 def settings_for(cfg: FusionConfig, spec: ModelSpec, n: int):
     """The source's `SampleSettings` for prompts that want `n` samples; its seed is the run's seed
     and the source's name, so sources draw independently and reruns draw the same."""
-    from fusion_ray.implicit.generate import SampleSettings
+    from fusion_ray.engines.sampling import SampleSettings
 
     s = spec.sampling or cfg.implicit.sampling
     seed = int(io.fingerprint("sample", cfg.implicit.seed, spec.name), 16) >> 1
@@ -48,7 +48,7 @@ class SampleUDF:
     """Ray Data callable class: one engine per actor, prompt rows in, sample rows out."""
 
     def __init__(self, cfg: dict, model: str):
-        from fusion_ray.implicit import generate
+        from fusion_ray.engines import sampling as generate
 
         self.cfg = FusionConfig.from_wire(cfg)
         self.spec = next(m for m in self.cfg.sources if m.name == model)
@@ -98,7 +98,7 @@ class SampleUDF:
 
 def write_prompts(cfg: FusionConfig, force: bool, log=print) -> tuple[str, str]:
     """Read and check the prompt corpora into shards (once); (their dir, their fingerprint)."""
-    from fusion_ray.implicit.prompts import read_prompts
+    from fusion_ray.sample.prompts import read_prompts
 
     imp = cfg.implicit
     out_dir = f"{cfg.stage_dir('sample')}/{PROMPTS_DIR}"

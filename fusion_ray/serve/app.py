@@ -83,8 +83,8 @@ def checked_adapter(path: str, model_ref: str, model_dir: str) -> str:
         ValueError: naming the adapter's config file and both bases, or the missing file.
     """
     from fusion_ray import locations
-    from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
-    from fusion_ray.merge.streaming import CheckpointError
+    from fusion_ray.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
+    from fusion_ray.checkpoint.streaming import CheckpointError
 
     try:
         local = str(Path(locations.local_dir(path)).resolve())

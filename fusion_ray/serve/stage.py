@@ -7,8 +7,8 @@ keeps it after the driver exits; `fusion-ray run` keeps a local Ray up until Ctr
 from __future__ import annotations
 
 from fusion_ray.config import FusionConfig
+from fusion_ray.contract import StageResult
 from fusion_ray.io import exists
-from fusion_ray.pipeline import StageResult
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:

@@ -2,7 +2,7 @@
 response per SFT prompt, with the loss on the response tokens only.
 
 The rows are first encoded with the target's tokenizer and chat template
-(`implicit/encode.py`) into `sft_data/part-*.parquet`, one shard per pairs shard, in the
+(`chat_template.py`) into `sft_data/part-*.parquet`, one shard per pairs shard, in the
 explicit pipeline's training-row schema (FUSED, with an empty teacher); then the `train` stage's
 trainer (`train.stage.fit_target`: Ray Train, `train.strategy` DeepSpeed ZeRO or DDP,
 checkpoints, restarts, the same deterministic row order) trains arm `sft` with λ = 1, i.e. plain
@@ -26,10 +26,10 @@ import pyarrow as pa
 
 from fusion_ray import io, locations
 from fusion_ray import tokenizer as tokenizers
+from fusion_ray.arms import FUSED_ARM, arm_dir, arm_name, run_arms
 from fusion_ray.arrays import ragged
 from fusion_ray.config import FusionConfig
-from fusion_ray.implicit.arms import FUSED_ARM, arm_dir, arm_name, run_arms
-from fusion_ray.pipeline import StageResult
+from fusion_ray.contract import StageResult
 from fusion_ray.schema import FUSED
 
 
@@ -41,8 +41,7 @@ def data_dir(cfg: FusionConfig, arm: str = FUSED_ARM) -> str:
 def training_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[pa.Table, dict[str, int]]:
     """Encoded rows of the FUSED schema (an empty teacher: one id with log-prob 0 per scored
     position, unused at λ = 1) and the count of rows dropped, by reason."""
-    from fusion_ray.collect.prompts import RowRejected
-    from fusion_ray.implicit.encode import encode_response
+    from fusion_ray.chat_template import RowRejected, encode_response
 
     out, dropped = {k: [] for k in FUSED.names}, {"refused_by_template": 0, "no_response_within_max_length": 0}
     for r in rows:
@@ -103,18 +102,20 @@ def encode(cfg: FusionConfig, force: bool, log=print, arm: str = FUSED_ARM) -> d
 
 def train_arm(cfg: FusionConfig, arm: str, force: bool = False, log=print) -> StageResult:
     """Encode one arm's SFT rows, then train the target on them (λ = 1)."""
-    from fusion_ray.train.fit import fit_target
+    from fusion_ray.trainer.fit import fit_target
+    from fusion_ray.trainer.objective import Distill  # λ = 1: CLM on the response tokens
 
     started = time.monotonic()
     manifest = encode(cfg, force, log, arm)
-    result = fit_target(cfg, name=arm_name("sft", arm), arm="sft", data_dir=data_dir(cfg, arm), manifest=manifest,
+    result = fit_target(cfg, objective=Distill(lambda_clm=1.0), name=arm_name("sft", arm), arm="sft",
+                        data_dir=data_dir(cfg, arm), manifest=manifest,
                         out_dir=arm_dir(cfg, "sft", arm), stage="sft", input_name="sft_data", force=force, log=log)
     result.figures["wall_s"] = round(time.monotonic() - started, 1)
     return result
 
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
-    """Train every arm (`implicit/arms.py`): the fused one, then each single-source arm."""
+    """Train every arm (`arms.py`): the fused one, then each single-source arm."""
     from fusion_ray.ray_env import init_ray
 
     if cfg.implicit is None:

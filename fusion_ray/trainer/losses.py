@@ -467,7 +467,7 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """
     if "segment_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    from fusion_ray.train.batches import packed_attention_mask
+    from fusion_ray.trainer.batches import packed_attention_mask
 
     core = _unwrap(model)
     if str(getattr(core.config, "_attn_implementation", "")).startswith("flash_attention"):
@@ -479,7 +479,7 @@ def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, temperature: float,
                fusion_positions: str, loss_from: str = "logits",
                chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """The training step's forward: the model on a collated batch (`fusion_ray.train.batches`),
+    """The training step's forward: the model on a collated batch (`fusion_ray.trainer.batches`),
     then the loss. `fusion_positions`: "transferred" puts the fusion term only where a source reached.
 
     `loss_from="logits"` (default): `combined_loss` on the model's [B, L, V] logits, with its

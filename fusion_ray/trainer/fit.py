@@ -2,8 +2,8 @@
 implicit fusion's `sft` stage share (`fit_target`).
 
 One `TorchTrainer` per target: every worker reads its micro-batches of one deterministic row
-order itself (`train/order.py`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
-(`train/loop.py`), checkpoints go below `<workdir>/_ray_train/`, and the final weights, config,
+order itself (`trainer/order.py`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
+(`trainer/loop.py`), checkpoints go below `<workdir>/_ray_train/`, and the final weights, config,
 log and the pivot's tokenizer files become an HF model dir, committed atomically.
 """
 
@@ -15,12 +15,14 @@ import time
 from pathlib import Path
 
 from fusion_ray import io, locations
-from fusion_ray.config import FusionConfig, local_vocab_size
+from fusion_ray.checkpoint.adapter import MERGED_DIR
+from fusion_ray.config import FusionConfig, TrainConfig, local_vocab_size
+from fusion_ray.contract import StageResult
 from fusion_ray.errors import InputError
-from fusion_ray.pipeline import StageResult
-from fusion_ray.train.lora import MERGED_DIR
-from fusion_ray.train.order import PACKING_ORDER, RowPlan
-from fusion_ray.train.strategies import META, STATE, check_meta
+from fusion_ray.trainer.objective import Objective
+from fusion_ray.trainer.objective import to_wire as objective_wire
+from fusion_ray.trainer.order import PACKING_ORDER, RowPlan
+from fusion_ray.trainer.strategies import META, STATE, check_meta
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt")
@@ -35,7 +37,7 @@ def result_fields(cfg: FusionConfig) -> dict:
     for k in ("packing", "peft"):  # off, the fingerprint is the one runs had before the setting existed
         if not fields.get(k):
             fields.pop(k, None)
-    if fields.get("packing"):  # the packing order (train/order.py): packed runs of the next-fit-only order
+    if fields.get("packing"):  # the packing order (trainer/order.py): packed runs of the next-fit-only order
         fields["packing"] = PACKING_ORDER  # do not resume into this one
     return fields
 
@@ -67,32 +69,33 @@ def check_complete(data_dir: str, plan: RowPlan, manifest: dict) -> None:
                      f"with --force")
 
 
-def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifest: dict, out_dir: str,
-               stage: str, input_name: str, extra: dict | None = None, force: bool = False,
-               loop: dict | None = None, fingerprint_parts: tuple = (), log=print) -> StageResult:
-    """Train the pivot on rows of the FUSED schema at `data_dir` (Ray Train, `cfg.train`'s strategy)
-    into the HF model dir `out_dir`; skipped when its manifest matches. λ is `train.lambda_for(arm)`:
-    the `train` stage's arms, and implicit fusion's `sft` (λ = 1: CLM on the response tokens).
-    `loop`: more settings for the training loop (`objective`: "dpo" for preference rows,
-    `init_path`: weights to start from instead of the pivot's); `fingerprint_parts`: what else
-    decides the result (they join the fingerprint)."""
+def fit_target(cfg: FusionConfig, *, objective: Objective, name: str, arm: str, data_dir: str, manifest: dict,
+               out_dir: str, stage: str, input_name: str, train: TrainConfig | None = None,
+               init_path: str | None = None, tracking_params: dict | None = None, extra: dict | None = None,
+               force: bool = False, fingerprint_parts: tuple = (), log=print) -> StageResult:
+    """Train the pivot (or the model at `init_path`) on the rows at `data_dir` with `objective`
+    (Ray Train, the strategy of `train`, default `cfg.train`) into the HF model dir `out_dir`;
+    skipped when its manifest matches. The stage that calls this decides the objective and the
+    training settings; the manifest records both as used. `fingerprint_parts`: what else decides
+    the result (they join the fingerprint)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from fusion_ray import progress
-    from fusion_ray.train.failures import Trainer
-    from fusion_ray.train.loop import train_loop_per_worker
+    from fusion_ray.trainer.failures import Trainer
+    from fusion_ray.trainer.loop import train_loop_per_worker
 
     pivot = locations.local_dir(cfg.pivot.path, revision=cfg.pivot.revision)
     check_vocab(data_dir, manifest, pivot)
     pivot_fp = locations.fingerprint(cfg.pivot.path, revision=cfg.pivot.revision)
-    fp = io.fingerprint(stage, arm, result_fields(cfg), cfg.data.max_length, manifest["fingerprint"],
+    t = train or cfg.train
+    run_cfg = cfg if train is None else cfg.model_copy(update={"train": train})  # what the workers read
+    fp = io.fingerprint(stage, arm, result_fields(run_cfg), cfg.data.max_length, manifest["fingerprint"],
                         pivot_fp, *fingerprint_parts)
     started = time.monotonic()
     out = io.begin(out_dir, fp, force)
     if out is None:
         return StageResult.skipped(out_dir)
-    t = cfg.train
     resume = None
     if t.resume_from:
         from ray.train import Checkpoint
@@ -100,7 +103,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
         local = locations.local_dir(t.resume_from)  # a checkpoint on a store is copied here once
         check_meta(local, fp, t.strategy, t.num_workers)
         resume = Checkpoint.from_directory(local)
-    packing = t.packing and (loop or {}).get("objective", "fusion") == "fusion"  # DPO pairs: never packed
+    packing = t.packing and objective.packs
     plan = RowPlan.of(data_dir, t.seed, t.shuffle, t.shuffle_window_rows, lengths=packing)
     check_complete(data_dir, plan, manifest)
     storage_fs, storage = io.resolve(f"{cfg.workdir}/_ray_train")
@@ -112,12 +115,12 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
             storage_fs.delete_dir(f"{storage}/{run_name}")
     trainer = Trainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
+        train_loop_config={"cfg": run_cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
+                           "objective": objective_wire(objective), "init_path": init_path,
                            "log_path": log_path(out), "fingerprint": fp,
-                           "tracking": tracking_run(cfg, stage, name, arm, {
+                           "tracking": tracking_run(run_cfg, stage, name, arm, {
                                "fingerprint": fp, f"data_fingerprint.{input_name}": manifest["fingerprint"],
-                               "pivot_fingerprint": pivot_fp, **(loop or {}).get("tracking_params", {})}),
-                           **(loop or {})},
+                               "pivot_fingerprint": pivot_fp, **(tracking_params or {})})},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
@@ -131,12 +134,11 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
     result = trainer.fit()
     copy_target(result.checkpoint, pivot, out)
     if t.peft is not None and t.peft.save_merged:  # LoRA: base + adapter as dense weights in merged/
-        init = (loop or {}).get("init_path")
-        write_merged(result.checkpoint, locations.local_dir(init) if init else pivot, pivot, out)
+        write_merged(result.checkpoint, locations.local_dir(init_path) if init_path else pivot, pivot, out)
     out.commit(io.Manifest(stage=stage, fingerprint=fp, config_hash=cfg.config_hash(),
                            inputs={input_name: manifest["fingerprint"]}, rows={"in": manifest["rows"]["out"]},
-                           extra={"arm": arm, **(extra or {}), "metrics": result.metrics,
-                                  "lambda_clm": t.lambda_for(arm),
+                           extra={"arm": arm, **(extra or {}), "metrics": result.metrics, **objective.record(),
+                                  "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
     from fusion_ray.progress import rate
@@ -148,7 +150,7 @@ def fit_target(cfg: FusionConfig, *, name: str, arm: str, data_dir: str, manifes
 
 
 def tracking_run(cfg: FusionConfig, stage: str, name: str, arm: str, fingerprints: dict) -> dict:
-    """What the training loop's tracker (`train/tracking.py`) names its run and logs as parameters
+    """What the training loop's tracker (`trainer/tracking.py`) names its run and logs as parameters
     besides the config: the run's fingerprint and those of its data, its pivot and what the stage adds."""
     prefix = cfg.train.tracking.run_name or cfg.name
     return {"run_name": f"{prefix}-{stage}-{name}", "stage": stage, "target": name, "arm": arm,
@@ -178,7 +180,7 @@ def write_merged(checkpoint, base: str, pivot: str, out: io.StageOutput) -> None
     (`merged/` in the output dir, with the pivot's tokenizer files)."""
     import tempfile
 
-    from fusion_ray.merge.adapter import write_dense
+    from fusion_ray.checkpoint.adapter import write_dense
 
     with checkpoint.as_directory() as ckpt, tempfile.TemporaryDirectory(prefix="fusion-ray-merged-") as tmp:
         write_dense(ckpt, tmp, base_dir=base)

@@ -93,7 +93,7 @@ def load_partitioned(path: str, t, dtype: torch.dtype, *, trust_remote_code: boo
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from fusion_ray.train.strategies import deepspeed_config, import_deepspeed
+    from fusion_ray.trainer.strategies import deepspeed_config, import_deepspeed
 
     files = checkpoint_files(path)
     if files is None:

@@ -33,13 +33,15 @@ from fusion_ray import io, locations
 from fusion_ray.arrays import rows_of
 from fusion_ray.config import FusionConfig
 from fusion_ray.schema import SchemaError
-from fusion_ray.train import lora
-from fusion_ray.train.batches import collate, collate_packed
-from fusion_ray.train.load import load_model
-from fusion_ray.train.losses import batch_loss
-from fusion_ray.train.order import RowPlan, rank_batches
-from fusion_ray.train.strategies import STRATEGIES, lr_lambda
-from fusion_ray.train.tracking import Tracker
+from fusion_ray.trainer import lora
+from fusion_ray.trainer.batches import collate, collate_packed
+from fusion_ray.trainer.load import load_model
+from fusion_ray.trainer.losses import batch_loss
+from fusion_ray.trainer.objective import Distill, Preference
+from fusion_ray.trainer.objective import from_wire as objective_from_wire
+from fusion_ray.trainer.order import RowPlan, rank_batches
+from fusion_ray.trainer.strategies import STRATEGIES, lr_lambda
+from fusion_ray.trainer.tracking import Tracker
 
 
 def total_steps(cfg: FusionConfig, n_rows: int, plan: RowPlan | None = None) -> int:
@@ -99,10 +101,10 @@ def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) ->
 
 
 class FusionObjective:
-    """λ·CLM + (1−λ)·fusion on rows of the FUSED schema (the `train` stage's arms; `sft` at λ = 1)."""
+    """`objective.Distill`: λ·CLM + (1−λ)·fusion on rows of the FUSED schema."""
 
-    def __init__(self, cfg: FusionConfig, arm: str, pad_id: int, device):
-        self.cfg, self.lam, self.pad_id, self.device = cfg, cfg.train.lambda_for(arm), pad_id, device
+    def __init__(self, spec: Distill, cfg: FusionConfig, pad_id: int, device):
+        self.cfg, self.lam, self.pad_id, self.device = cfg, spec.lambda_clm, pad_id, device
         self.reached = self.scored = 0
 
     def loss(self, model, rows: list[dict]) -> dict:
@@ -125,17 +127,17 @@ class FusionObjective:
 
 
 class PreferenceObjective:
-    """A preference loss (`implicit.dpo`) on rows of chosen/rejected tokens with the reference
-    model's log-probs precomputed (implicit fusion's `dpo`): no reference model in training memory."""
+    """`objective.Preference`: a preference loss on rows of chosen/rejected tokens with the reference
+    model's log-probs precomputed: no reference model in training memory."""
 
-    def __init__(self, cfg: FusionConfig, arm: str, pad_id: int, device):
-        self.cfg, self.pad_id, self.device = cfg, pad_id, device
+    def __init__(self, spec: Preference, cfg: FusionConfig, pad_id: int, device):
+        self.spec, self.pad_id, self.device = spec, pad_id, device
 
     def loss(self, model, rows: list[dict]) -> dict:
-        from fusion_ray.train.batches import collate_pairs
-        from fusion_ray.train.preference import preference_loss, sequence_logps
+        from fusion_ray.trainer.batches import collate_pairs
+        from fusion_ray.trainer.preference import preference_loss, sequence_logps
 
-        d = self.cfg.implicit.dpo
+        d = self.spec
         batch = {k: v.to(self.device) for k, v in collate_pairs(rows, self.pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, lengths = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
@@ -150,7 +152,7 @@ class PreferenceObjective:
         return {k: float(v.mean()) for k, v in out.items() if k not in ("loss", "tokens")}
 
 
-OBJECTIVES = {"fusion": FusionObjective, "dpo": PreferenceObjective}
+OBJECTIVES = {Distill: FusionObjective, Preference: PreferenceObjective}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -175,7 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"{path} is a LoRA adapter, not a model to start from: train it with "
                          "train.peft.save_merged: true and start from its merged/ dir")
     quantized = lora.quantized_load_kwargs(t.peft, t.use_gpu) if t.peft is not None else {}
-    # in the training dtype, and under ZeRO-3 built partitioned (train/load.py); QLoRA's 4-bit base
+    # in the training dtype, and under ZeRO-3 built partitioned (trainer/load.py); QLoRA's 4-bit base
     # is read whole by from_pretrained (it trains under DDP only)
     model = load_model(path, t, trust_remote_code=cfg.pivot.trust_remote_code, **quantized)
     if t.gradient_checkpointing:  # before the strategy wraps the model (DeepSpeed, DDP)
@@ -206,7 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
     step, micro, started, tokens = start, 0, time.monotonic(), 0
     last = started
     device = next(strategy.module.parameters()).device
-    objective = OBJECTIVES[config.get("objective", "fusion")](cfg, config["arm"], tokenizer.pad_token_id, device)
+    spec = objective_from_wire(config["objective"])
+    objective = OBJECTIVES[type(spec)](spec, cfg, tokenizer.pad_token_id, device)
     strategy.model.train()
     while step < steps:
         batches = 0

@@ -9,10 +9,10 @@ symbolic answers that are not numbers are compared as normalised strings.
 Code: `verify_code` pulls the code out of a chat response and `run_code` judges it against its
 tests. By default (`isolation="bwrap"`) the candidate runs under bubblewrap in a sandbox of its
 own and the tests in another, joined by a pipe that carries only plain data; the verdict is
-reached from the tests' report, outside both (`implicit/sandbox.py` says what the sandbox
-isolates, `implicit/judge.py` how the verdict is reached). Where bubblewrap cannot run,
+reached from the tests' report, outside both (`reward/sandbox.py` says what the sandbox
+isolates, `reward/judge.py` how the verdict is reached). Where bubblewrap cannot run,
 `run_code` raises `SandboxUnavailable` with the reason in one line; the in-process guard it
-replaced stays as `isolation="unsafe-in-process"` (`implicit/guard.py`), for tests only.
+replaced stays as `isolation="unsafe-in-process"` (`reward/guard.py`), for tests only.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from fusion_ray.implicit.judge import Verdict, judge
-from fusion_ray.implicit.sandbox import SandboxLimits, SandboxSettings, SandboxUnavailable
+from fusion_ray.reward.judge import Verdict, judge
+from fusion_ray.reward.sandbox import SandboxLimits, SandboxSettings, SandboxUnavailable
 
 __all__ = [
     "ISOLATIONS",
@@ -151,12 +151,12 @@ ISOLATIONS = ("bwrap", "unsafe-in-process")
 def run_code(code: str, tests: str, *, limits: SandboxLimits = SandboxLimits(), isolation: str = "bwrap",
              settings: SandboxSettings = SandboxSettings()) -> Verdict:
     """Judge `code` against `tests`: under bubblewrap, the verdict reached outside the candidate's
-    sandbox (`implicit/judge.py`); `isolation="unsafe-in-process"` runs the old in-process guard
-    (`implicit/guard.py`, tests only). Raises SandboxUnavailable when bubblewrap cannot run here."""
+    sandbox (`reward/judge.py`); `isolation="unsafe-in-process"` runs the old in-process guard
+    (`reward/guard.py`, tests only). Raises SandboxUnavailable when bubblewrap cannot run here."""
     if isolation == "bwrap":
         return judge(code, tests, limits, settings)
     if isolation == "unsafe-in-process":
-        from fusion_ray.implicit.guard import run_guarded
+        from fusion_ray.reward.guard import run_guarded
 
         return run_guarded(code, tests, limits=limits)
     raise ValueError(f"isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")

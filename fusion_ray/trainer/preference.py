@@ -5,7 +5,7 @@ FuseChat-3.0 fine-tunes the target on the best responses of several source model
 the two pure pieces of that second step:
 
 - `sequence_logps`: the summed log-probability of a response under a causal LM, from
-  its logits. It follows this project's convention (`fusion_ray/train/losses.py`):
+  its logits. It follows this project's convention (`fusion_ray/trainer/losses.py`):
   `input_ids` [B, L] and `loss_mask` [B, L-1], True where token t+1 is scored, so the
   logits at position t predict token t+1 (Hugging Face's shift). Only one logsumexp
   and one gather per position are kept: no [B, L, V] log-softmax is ever stored, in the
@@ -89,7 +89,7 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
         logits: [B, L, V] causal-LM logits (position t predicts token t+1).
         input_ids: [B, L] tokens (prompt + response, padded).
         loss_mask: [B, L-1] bool, True where token t+1 is a response token (prompt and
-            padding False), the convention of `fusion_ray/train/losses.py`.
+            padding False), the convention of `fusion_ray/trainer/losses.py`.
         chunk: positions per chunk (default: CHUNK_BYTES worth of float32 [V] rows).
 
     Returns:

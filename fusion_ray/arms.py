@@ -45,8 +45,8 @@ def run_arms(cfg: FusionConfig, stage: str, train_arm, force: bool, log):
     arm's result as is, several as the parts of one result."""
     import functools
 
+    from fusion_ray.contract import StageResult
     from fusion_ray.parallel import run_parts
-    from fusion_ray.pipeline import StageResult
 
     arms = training_arms(cfg)
     if len(arms) == 1:

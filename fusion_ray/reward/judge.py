@@ -1,6 +1,6 @@
 """The verdict on a code response, reached where the candidate cannot reach it.
 
-Two sandboxes (`implicit/sandbox.py`) per response, joined by two pipes:
+Two sandboxes (`reward/sandbox.py`) per response, joined by two pipes:
 
 - the **candidate's** runs the response's code and then only serves calls: the tests' side names
   a top-level function, class or instance method and sends plain-data arguments; it answers
@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fusion_ray.implicit.sandbox import Sandbox, SandboxLimits, SandboxSettings, interpreter
+from fusion_ray.reward.sandbox import Sandbox, SandboxLimits, SandboxSettings, interpreter
 
 MAX_MESSAGE = 8 << 20  # bytes of one message on the call pipes
 MAX_REPORT = 1 << 20  # bytes of the tests' report the verifier reads

@@ -54,7 +54,7 @@ class RewardScorer:
 
     def score(self, chats: Sequence[Sequence[dict]]) -> list[float]:
         """One score per chat (a list of {role, content}, the response last, as the assistant)."""
-        from fusion_ray.collect.engines import length_batches
+        from fusion_ray.engines.scoring import length_batches
 
         torch = self.torch
         seqs = [self.encode(c) for c in chats]

@@ -65,7 +65,7 @@ def collate_packed(rows: Sequence[dict], pad_id: int, max_length: int) -> dict[s
     positions, in row-major order, are those of `collate` on the same rows: the teacher entries are
     concatenated in that order, and stay aligned with them.
     """
-    from fusion_ray.train.order import PACKED_COLUMN, pack
+    from fusion_ray.trainer.order import PACKED_COLUMN, pack
 
     lengths = [min(len(r["input_ids"]), max_length) for r in rows]
     groups = ([int(r[PACKED_COLUMN]) for r in rows] if rows and PACKED_COLUMN in rows[0]

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from fusion_ray.train import lora
+from fusion_ray.trainer import lora
 
 STATE = "train_state.pt"
 META = "fusion_ray.json"

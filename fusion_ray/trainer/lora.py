@@ -19,9 +19,7 @@ from pathlib import Path
 import torch
 
 from fusion_ray import locations
-from fusion_ray.merge.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401 (is_adapter_dir: for the loop)
-
-MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`), below the adapter
+from fusion_ray.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir  # noqa: F401 (is_adapter_dir: for the loop)
 
 
 def is_peft(module) -> bool:
@@ -138,20 +136,3 @@ def load_adapter_weights(module, path: str) -> None:
     if result.unexpected_keys or missing:
         raise ValueError(f"{file} does not fit the model's adapters: missing {missing[:5]}, "
                          f"unexpected {list(result.unexpected_keys)[:5]}")
-
-
-def dense_start(model_dir: str) -> str:
-    """The dense model a later stage starts from: `model_dir`, or a LoRA target's `merged/` weights.
-
-    Raises:
-        ValueError: a LoRA target trained without `save_merged`.
-    """
-    from fusion_ray import io
-
-    if not io.exists(f"{model_dir.rstrip('/')}/{ADAPTER_CONFIG}"):
-        return model_dir
-    merged = f"{model_dir.rstrip('/')}/{MERGED_DIR}"
-    if not io.exists(f"{merged}/config.json"):
-        raise ValueError(f"{model_dir} is a LoRA adapter without dense weights; a stage that starts from it needs "
-                         "them: set train.peft.save_merged: true")
-    return merged

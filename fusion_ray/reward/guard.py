@@ -23,8 +23,8 @@ import tempfile
 import threading
 import time
 
-from fusion_ray.implicit.judge import Verdict
-from fusion_ray.implicit.sandbox import Capture, SandboxLimits, set_limit, users_processes
+from fusion_ray.reward.judge import Verdict
+from fusion_ray.reward.sandbox import Capture, SandboxLimits, set_limit, users_processes
 
 TAIL = 2048
 # Exit statuses the guard uses (a candidate can exit with them too; only 0 plus the nonce passes).

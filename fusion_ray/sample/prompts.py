@@ -50,7 +50,7 @@ def _messages(row: dict) -> list[dict] | str:
 
 def read_corpus(corpus: PromptCorpus, n_default: int) -> tuple[list[dict], list[str]]:
     """(rows of the PROMPTS schema, problems) of one corpus."""
-    from fusion_ray.prepare.corpus import BadLine, iter_rows
+    from fusion_ray.corpus import BadLine, iter_rows
 
     rows, problems = [], []
     spec = CorpusSpec(path=corpus.path, domain=corpus.domain, max_rows=corpus.max_rows)

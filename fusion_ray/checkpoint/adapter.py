@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_ray.merge.streaming import (
+from fusion_ray.checkpoint.streaming import (
     Checkpoint,
     CheckpointError,
     ShardWriter,
@@ -40,6 +40,7 @@ from fusion_ray.merge.streaming import (
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_DIR = "merged"  # a LoRA target's dense weights (`train.peft.save_merged`), below the adapter
 KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # adapter_config.json keys whose non-default value changes the update in ways this reader does not apply
 UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
@@ -215,3 +216,20 @@ def write_dense(adapter_dir: str, out_dir: str, base_dir: str | None = None,
         if src.is_file():
             shutil.copy2(src, Path(out_dir) / side)
     return {"tensors": len(names), "adapted": len(ck.adapter.factors), "bytes": writer.total_bytes}
+
+
+def dense_start(model_dir: str) -> str:
+    """The dense model a later stage starts from: `model_dir`, or a LoRA target's `merged/` weights.
+
+    Raises:
+        ValueError: a LoRA target trained without `save_merged`.
+    """
+    from fusion_ray import io
+
+    if not io.exists(f"{model_dir.rstrip('/')}/{ADAPTER_CONFIG}"):
+        return model_dir
+    merged = f"{model_dir.rstrip('/')}/{MERGED_DIR}"
+    if not io.exists(f"{merged}/config.json"):
+        raise ValueError(f"{model_dir} is a LoRA adapter without dense weights; a stage that starts from it needs "
+                         "them: set train.peft.save_merged: true")
+    return merged

@@ -6,6 +6,12 @@ with the pivot's chat template, so every model scores the same characters; the
 spans of assistant turns (the scored part) are found by rendering growing prefixes.
 Rows that cannot be used raise `RowRejected` with the reason; texts longer than
 `max_length` pivot tokens are cut at a token boundary and flagged.
+
+`encode_response` is the same rendering for a chat plus one response (what SFT and DPO train
+on and the DPO reference pass scores): the response's tokens are the scored ones, by the same
+rule as `loss_mask` (entry t says whether token t+1 is scored); earlier assistant turns are
+context. A row longer than `max_length` tokens is cut there, and one whose response starts past
+the cut has nothing to train on (None).
 """
 
 from __future__ import annotations
@@ -143,3 +149,23 @@ def prepare_row(row: dict[str, Any], tokenizer, *, max_length: int, fmt: str = "
     limit = offsets[max_length - 1][1] if len(offsets) > max_length else None
     text, starts, ends, cut = truncate(text, starts, ends, limit)
     return Prepared(sample_id_of(row), text, starts, ends, cut)
+
+
+def encode_response(tokenizer, messages: list[dict], response: str, max_length: int):
+    """(input_ids [T] int32, loss_mask [T-1] bool), or None when no response token fits.
+
+    Raises:
+        RowRejected: the chat template refuses the chat.
+    """
+    import numpy as np
+
+    from fusion_ray.engines.topk import loss_mask
+
+    text, starts, ends = render(tokenizer, [*messages, {"role": "assistant", "content": response}])
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = np.asarray(enc["input_ids"][:max_length], dtype=np.int32)
+    offsets = np.asarray(enc["offset_mapping"][:max_length], dtype=np.int64).reshape(-1, 2)
+    if len(ids) < 2:
+        return None
+    mask = loss_mask(offsets, starts[-1:], ends[-1:])
+    return (ids, mask) if mask.any() else None

@@ -143,7 +143,7 @@ class VLLMSampler:
     def __init__(self, path: str | None = None, *, dtype: str = "auto", trust_remote_code: bool = False,
                  max_model_len: int | None = None, options: dict | None = None, llm=None, tokenizer=None):
         if llm is None:
-            from fusion_ray.collect.engines import start_llm
+            from fusion_ray.engines.scoring import start_llm
 
             llm = start_llm(path, dtype=dtype, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
                             **{**seeded_sampling_options(), **(options or {})})

@@ -36,7 +36,7 @@ import numpy as np
 
 from fusion_ray import io
 
-PACKING_ORDER = "fill-order"  # names the packing below in a packed run's fingerprint (train/fit.py)
+PACKING_ORDER = "fill-order"  # names the packing below in a packed run's fingerprint (trainer/fit.py)
 PACKED_COLUMN = "_packed_row"  # rank_batches with packing: the packed row of the micro-batch a row belongs to
 
 
