@@ -159,7 +159,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
 
     from fusion_ray.config import RayConfig, load_config
-    from fusion_ray.demo.assets import ensure_assets
+    from fusion_ray.demo.builds import ensure_assets
     from fusion_ray.ray_env import init_ray
 
     ensure_assets()

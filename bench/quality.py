@@ -416,8 +416,9 @@ def build_bundles(out: str, variants: tuple[str, ...] = ("renormalize",), contro
     import dataclasses
 
     from fusion_ray.config import load_config
-    from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, default_demo_config, ensure_assets
+    from fusion_ray.demo.assets import CORPUS_FILES, DEFAULT_SPEC, default_demo_config
     from fusion_ray.demo.build import build_model_once, read_jsonl
+    from fusion_ray.demo.builds import ensure_assets
     from fusion_ray.pipeline import run_stages
 
     root = ensure_assets(log=log)

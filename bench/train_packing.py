@@ -54,7 +54,7 @@ def corpus_rows(n: int, max_length: int, seed: int = 0) -> list[dict]:
     """n conversations of the demo chat corpus as fused-like rows (pivot tokens, reply mask, a teacher)."""
     from fusion_ray import tokenizer as tokenizers
     from fusion_ray.chat_template import RowRejected, prepare_row
-    from fusion_ray.demo.assets import ensure_assets
+    from fusion_ray.demo.builds import ensure_assets
     from fusion_ray.engines.topk import loss_mask
 
     root = ensure_assets(log=lambda *_: None)
@@ -112,7 +112,7 @@ def packing_case(*, rows: int = 512, model: str = "pivot", micro: int = 8, max_l
 
     from transformers import AutoConfig
 
-    from fusion_ray.demo.assets import ensure_assets
+    from fusion_ray.demo.builds import ensure_assets
     from fusion_ray.trainer.batches import collate, collate_packed
     from fusion_ray.trainer.losses import batch_loss
     from fusion_ray.trainer.order import fill_order, pack

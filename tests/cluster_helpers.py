@@ -84,7 +84,8 @@ def lay_out_hf_cache(hf_home: Path, models: dict[str, Path]) -> dict[str, Path]:
 
 def demo_hf_cache(hf_home: Path) -> dict[str, str]:
     """The three demo models in an offline HF cache; returns demo model name → hub id."""
-    from fusion_ray.demo.assets import MODEL_NAMES, asset_path, ensure_assets
+    from fusion_ray.demo.assets import MODEL_NAMES, asset_path
+    from fusion_ray.demo.builds import ensure_assets
 
     ensure_assets()
     lay_out_hf_cache(hf_home, {DEMO_HUB_IDS[name]: asset_path(name) for name in MODEL_NAMES})

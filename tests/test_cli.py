@@ -64,3 +64,24 @@ def test_stages_that_disagree_fail_at_validation_before_any_work(tmp_path):
                   f"workdir={tmp_path}/w")
     assert run_out.returncode == 2 and "merge.method" in run_out.stderr
     assert not (tmp_path / "w").exists(), "nothing ran"
+
+
+def test_the_one_stage_job_entry_runs_any_stage_of_either_method(tmp_path):
+    """`python -m jobs.stage STAGE --config …` is `fusion-ray run … --stages STAGE`: it takes an
+    implicit stage as well as an explicit one, passes overrides and --force on, and a stage the
+    config's method does not have fails before any work, naming it."""
+    from jobs.stage import stage_argv
+
+    assert stage_argv(["dpo", "--config", "c.yaml", "implicit.dpo.beta=0.1", "--force"]) == [
+        "run", "c.yaml", "--stages", "dpo", "implicit.dpo.beta=0.1", "--force"]
+    assert stage_argv(["train", "--config", "c.yaml"]) == ["run", "c.yaml", "--stages", "train"]
+
+    def job(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.stage", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+
+    wrong = job("dpo", "--config", "jobs/configs/tiny_cpu.yaml", f"workdir={tmp_path}/w")
+    assert wrong.returncode != 0 and "dpo" in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+    unknown = job("colect", "--config", "jobs/configs/tiny_cpu.yaml")
+    assert unknown.returncode == 2 and "colect" in unknown.stderr
+    assert not (tmp_path / "w").exists(), "nothing ran"

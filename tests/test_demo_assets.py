@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fusion_ray.demo import assets, scheme
+from fusion_ray.demo import assets, builds, scheme
 
 SMALL = assets.DEFAULT_SPEC.scaled(steps=4, max_per_domain=150)
 SHARED_CACHE = str(assets.cache_root())  # the cache `fusion-ray demo` uses
@@ -24,7 +24,7 @@ def small_build(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FUSION_RAY_CACHE", str(cache))
     started = time.monotonic()
-    root = assets.ensure_assets(SMALL, log=lambda *_: None)
+    root = builds.ensure_assets(SMALL, log=lambda *_: None)
     yield root, time.monotonic() - started, mp
     mp.undo()
 
@@ -37,7 +37,7 @@ def test_small_build_is_complete_and_cached(small_build):
     assert set(summary["corpus"]) == set(assets.CORPUS_FILES)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
     started = time.monotonic()
-    assert assets.ensure_assets(SMALL) == root
+    assert builds.ensure_assets(SMALL) == root
     assert time.monotonic() - started < 1.0 < first_seconds
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")} == before
 
@@ -92,7 +92,7 @@ def test_build_is_deterministic_and_resumes_a_missing_part(small_build, tmp_path
     (again / "build.json").unlink()
     shutil.rmtree(again / "models" / "source_english")
     kept = (again / "models" / "pivot" / "model.safetensors").stat().st_mtime_ns
-    assets.ensure_assets(SMALL, log=lambda *_: None)
+    builds.ensure_assets(SMALL, log=lambda *_: None)
     assert (again / "models" / "pivot" / "model.safetensors").stat().st_mtime_ns == kept
     assert _digest(again) == _digest(root), "same spec and seed → byte-identical assets"
 
@@ -163,7 +163,7 @@ def test_precision_override_names_the_variable_and_keys_fp32_apart(monkeypatch):
 def test_default_sources_are_specialists_and_pivot_is_a_weaker_generalist(monkeypatch):
     """The full default build (shared with `fusion-ray demo`; built once, then cached)."""
     monkeypatch.setenv("FUSION_RAY_CACHE", SHARED_CACHE)
-    assets.ensure_assets()
+    builds.ensure_assets()
     cards = json.loads((assets.assets_dir() / "build.json").read_text())["models"]
     bpb = {name: card["heldout_bpb"] for name, card in cards.items()}
     comp, eng, pivot = bpb["source_computing"], bpb["source_english"], bpb["pivot"]

@@ -13,7 +13,7 @@ import re
 import pytest
 
 from fusion_ray import locations
-from fusion_ray.demo import arith, assets, implicit, scheme
+from fusion_ray.demo import arith, assets, builds, implicit, scheme
 from fusion_ray.reward.verify import math_correct
 
 SMALL = implicit.DEFAULT_SPEC.scaled(steps=3)
@@ -95,7 +95,7 @@ def test_spec_hash_changes_with_any_setting():
 def small_build(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FUSION_RAY_CACHE", str(tmp_path_factory.mktemp("cache")))
-    root = implicit.ensure_assets(SMALL, log=lambda *_: None)
+    root = builds.ensure_implicit(SMALL, log=lambda *_: None)
     yield root
     mp.undo()
 
@@ -117,7 +117,7 @@ def test_small_build_is_complete_cached_and_loadable(small_build):
     summary = json.loads((root / "build.json").read_text())
     assert set(summary["models"]) == set(assets.IMPLICIT_MODEL_NAMES)
     started = time.monotonic()
-    assert implicit.ensure_assets(SMALL) == root and time.monotonic() - started < 1.0
+    assert builds.ensure_implicit(SMALL) == root and time.monotonic() - started < 1.0
     for name, verify in (("arith_train", "math"), ("arith_heldout", "math"), ("open_train", "none"),
                          ("open_heldout", "none")):
         rows, problems = read_corpus(PromptCorpus(path=str(implicit.asset_path(name, SMALL)), verify=verify), 5)
@@ -160,7 +160,7 @@ def test_build_is_deterministic_and_resumes_a_missing_part(small_build, tmp_path
     shutil.rmtree(again / "models" / "implicit_source_sub")
     shutil.rmtree(again / "models" / "reward_tiny")
     kept = (again / "models" / "implicit_pivot" / "model.safetensors").stat().st_mtime_ns
-    implicit.ensure_assets(SMALL, log=lambda *_: None)
+    builds.ensure_implicit(SMALL, log=lambda *_: None)
     assert (again / "models" / "implicit_pivot" / "model.safetensors").stat().st_mtime_ns == kept
     assert digest(again) == digest(small_build), "same spec and seed → byte-identical assets"
 
@@ -175,7 +175,7 @@ SAMPLES = 4
 def default_build():
     mp = pytest.MonkeyPatch()
     mp.setenv("FUSION_RAY_CACHE", SHARED_CACHE)
-    root = implicit.ensure_assets()
+    root = builds.ensure_implicit()
     yield root
     mp.undo()
 

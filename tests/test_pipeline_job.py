@@ -169,7 +169,8 @@ def test_implicit_rerun_with_fusion_ray_run_skips_every_stage(implicit_job):
 
 
 def test_implicit_eval_with_a_chat_judge(implicit_job, tmp_path, monkeypatch):
-    """The chat judge works on the implicit method too: `fusion-ray eval` on the finished run with
+    """The chat judge works on the implicit method too: the eval stage alone, as a cluster job runs it
+    (`python -m jobs.stage eval`), on the finished run with
     eval.chat answers two two-turn questions with the pivot and SFT+DPO arms (hf engine) and a
     loopback judge grades them; held-out accuracy stays in the report beside the judge's scores."""
     from judge_server import JudgeServer, rating_for
@@ -182,7 +183,8 @@ def test_implicit_eval_with_a_chat_judge(implicit_job, tmp_path, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "k")
     with JudgeServer() as judge:
         out = subprocess.run(
-            [sys.executable, "-m", "fusion_ray.cli", "eval", "jobs/configs/fusechat3_tiny.yaml", f"workdir={workdir}",
+            [sys.executable, "-m", "jobs.stage", "eval", "--config", "jobs/configs/fusechat3_tiny.yaml",
+             f"workdir={workdir}",
              f"eval.chat.questions={questions}", "eval.chat.arms=[pivot,dpo]", "eval.chat.engine=hf",
              "eval.chat.num_cpus=0.5", "eval.chat.sampling.max_tokens=16", f"eval.chat.judge.url={judge.url}",
              "eval.chat.judge.model=j", "eval.chat.judge.api_key_env=JUDGE_KEY", "eval.chat.judge.bootstrap=100"],

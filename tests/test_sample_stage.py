@@ -115,13 +115,13 @@ def test_the_implicit_eval_asks_for_implicit_heldout_prompts_not_data_heldout(sa
 
 @pytest.mark.timeout(600)  # run alone, it also builds the module's samples
 def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_and_win_rate(sampled, tmp_path):
-    """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config),
-    the verifiers and the reward model score the answers. Arm `sft` here is a copy of the pivot,
-    so greedy answers, accuracy and rewards are the pivot's and the win rate is exactly one half (the
-    single-source arm `only-qwen` too)."""
+    """Implicit fusion's eval stage: the arms answer greedily (the sample stage on their own config,
+    run by the pipeline before eval), the verifiers and the reward model score the answers. Arm
+    `sft` here is a copy of the pivot, so greedy answers, accuracy and rewards are the pivot's and
+    the win rate is exactly one half (the single-source arm `only-qwen` too)."""
     import shutil
 
-    from fusion_ray.evaluate import stage as evaluate
+    from fusion_ray.pipeline import run_stage
 
     cfg, _ = sampled
     from fusion_ray.config import PromptCorpus
@@ -138,7 +138,7 @@ def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_an
     for arm_dir in (sft, alone):
         shutil.copytree(cfg.pivot.path, arm_dir)
         io.write_json_atomic(f"{arm_dir}/_manifest.json", {"stage": "x", "fingerprint": "x"})
-    result = evaluate.run(cfg, log=QUIET)
+    result = run_stage("eval", cfg, log=QUIET)
     assert result.status == "done"
     report = json.loads(open(f"{cfg.stage_dir('eval')}/report.json").read())
     assert sorted(report["models"]) == ["only-qwen", "pivot", "sft"] and report["labels"]["sft"] == "SFT"
@@ -156,4 +156,8 @@ def test_eval_answers_the_heldout_prompts_with_every_arm_and_reports_accuracy_an
     assert report["win_rate_vs_pivot"] == {"sft": 0.5} and report["by"] == "reward_model"
     assert report["mean_reward"]["pivot"] == report["mean_reward"]["sft"]
     assert "| SFT |" in open(f"{cfg.stage_dir('eval')}/report.md").read()
-    assert evaluate.run(cfg, log=QUIET).status == "skipped"
+    assert run_stage("eval", cfg, log=QUIET).status == "skipped"
+    from fusion_ray.evaluate import stage as evaluate  # the stage alone reads answers; it never makes them
+
+    with pytest.raises(ValueError, match="answers are not scored yet"):
+        evaluate.run(cfg.model_copy(update={"workdir": str(tmp_path / "fresh")}), log=QUIET)

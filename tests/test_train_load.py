@@ -158,6 +158,7 @@ def test_loss_from_setting_is_checked_and_reaches_the_training_step(tmp_path):
     losses = {}
     for setting, keep in (("hidden", 1), ("logits", None)):
         cfg = load_config(tiny, [f"train.loss_from={setting}"])
-        losses[setting] = FusionObjective(Distill(cfg.train.lambda_clm), cfg, 0, torch.device("cpu")).loss(model, rows)["loss"].item()
+        objective = FusionObjective(Distill(cfg.train.lambda_clm), cfg, 0, torch.device("cpu"))
+        losses[setting] = objective.loss(model, rows)["loss"].item()
         assert kept[-1] == keep
     assert losses["hidden"] == pytest.approx(losses["logits"], rel=1e-5)

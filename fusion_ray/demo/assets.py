@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import platform
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusion_ray.io import fingerprint
-from fusion_ray.locations import cache_root, file_lock
+from fusion_ray.locations import cache_root
 
 CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")
 MODEL_NAMES = ("pivot", "source_computing", "source_english")
@@ -165,30 +163,3 @@ def asset_path(name: str, spec: DemoSpec = DEFAULT_SPEC) -> Path:
     if name in MODEL_NAMES:
         return root / "models" / name
     raise ValueError(f"unknown demo asset {name!r}; known: {', '.join(ASSET_NAMES)}")
-
-
-def ensure_assets(spec: DemoSpec = DEFAULT_SPEC, log=print) -> Path:
-    """Build whatever assets are missing (under a file lock) and return their root.
-
-    Each part (corpus, each model) is published atomically, so an interrupted build
-    resumes with the parts it finished. `build.json` records sizes and timings.
-    """
-    return build_once(assets_dir(spec), "fusion_ray.demo.build", spec, log)
-
-
-def build_once(root: Path, builder: str, spec, log=print) -> Path:
-    """`<builder>.build_all(spec, root)` unless `root/build.json` exists, under a file lock; its
-    summary, with the build's wall time, becomes `build.json` (written last: the build is done)."""
-    if (root / "build.json").exists():
-        return root
-    import importlib
-
-    build_all = importlib.import_module(builder).build_all  # heavy: torch, transformers
-    with file_lock(root):
-        if not (root / "build.json").exists():
-            started = time.monotonic()
-            summary = build_all(spec, root, log=log)
-            summary["build_seconds"] = round(time.monotonic() - started, 1)
-            (root / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return root
-

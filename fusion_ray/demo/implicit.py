@@ -101,10 +101,3 @@ def asset_path(name: str, spec: ImplicitSpec = DEFAULT_SPEC) -> Path:
     if name in IMPLICIT_MODEL_NAMES:
         return root / "models" / name
     raise ValueError(f"unknown implicit demo asset {name!r}; known: {', '.join(IMPLICIT_NAMES)}")
-
-
-def ensure_assets(spec: ImplicitSpec = DEFAULT_SPEC, log=print) -> Path:
-    """Build whatever implicit assets are missing (under a file lock) and return their root."""
-    from fusion_ray.demo.assets import build_once
-
-    return build_once(assets_dir(spec), "fusion_ray.demo.build_implicit", spec, log)

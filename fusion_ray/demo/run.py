@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from fusion_ray.demo.assets import ensure_assets
+from fusion_ray.demo.builds import ensure_assets
 from fusion_ray.pipeline import PIPELINE_STAGES, run_stages
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusion_ray import locations
-from fusion_ray.demo import assets, implicit
+from fusion_ray.demo import assets, builds, implicit
 
 ASSET_NAMES = assets.ASSET_NAMES
 
@@ -27,9 +27,9 @@ def resolve(location: str) -> str:
         return location
     name = location.removeprefix(locations.DEMO_SCHEME)
     if name in assets.IMPLICIT_NAMES:
-        implicit.ensure_assets()
+        builds.ensure_implicit()
     else:
-        assets.ensure_assets()
+        builds.ensure_assets()
     return str(asset_path(name))
 
 
