@@ -29,7 +29,7 @@ from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.contract import StageResult
 from fusion_ray.engines.topk import logits_row
 from fusion_ray.placement import collect_placement, ray_data_args
-from fusion_ray.shards import columns_key, gather
+from fusion_ray.shards import columns_key, map_shards
 
 
 class ScoreUDF:
@@ -141,7 +141,6 @@ def model_fingerprint(cfg: FusionConfig, model: ModelSpec, prepared_fp: str) -> 
 def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepared_fp: str,
                   force: bool = False, log=print) -> StageResult:
     """Collect one model's top-k over every prepared shard; resumes from finished shards."""
-    import ray
 
     out_dir = cfg.stage_dir("collect", model.name)
     fp = model_fingerprint(cfg, model, prepared_fp)
@@ -152,26 +151,11 @@ def collect_model(cfg: FusionConfig, model: ModelSpec, shards: list[str], prepar
     todo = [s for s in shards if not out.has(Path(s).name)]
     expected = {Path(s).name: io.read_table(s, columns=["sample_id"])
                 .column("sample_id").to_pylist() for s in todo}
-    pending: dict[str, dict[str, dict]] = {name: {} for name in expected}
-    if todo:
-        c = cfg.collect
-        ds = ray.data.read_parquet(todo, include_paths=True).select_columns(
-            [*schema.PREPARED.names, "path"])
-        resources = ray_data_args(collect_placement(model, c))  # TP × PP GPUs per engine actor
-        ds = ds.map_batches(
-            ScoreUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "model": model.name},
-            batch_size=c.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=c.concurrency), **resources)
-        ds.set_name(f"collect_{model.name}")  # Ray Data's log lines name the model (pipelines run side by side)
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                gather(batch, pending, expected, out, columns_key("sample_id"))
-        finally:
-            if "ray_remote_args_fn" in resources:  # the engines' placement groups outlive their actors
-                resources["ray_remote_args_fn"].remove()
-    missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
-    if missing:
-        raise RuntimeError(f"collect {model.name}: shards incomplete after the run: {missing}")
+    c = cfg.collect
+    map_shards(todo, expected, out, ScoreUDF, udf_kwargs={"cfg": cfg.to_wire(), "model": model.name},
+               keys=columns_key("sample_id"), batch_size=c.batch_size, concurrency=c.concurrency,
+               resources=ray_data_args(collect_placement(model, c)),  # TP × PP GPUs per engine actor
+               name=f"collect_{model.name}", what=f"collect {model.name}", columns=list(schema.PREPARED.names))
     return _commit(cfg, model, out, shards, fp, prepared_fp, started, log)
 
 

@@ -33,6 +33,7 @@ from fusion_ray.arms import FUSED_ARM, arm_dir, arm_name, run_arms
 from fusion_ray.arrays import ragged
 from fusion_ray.config import FusionConfig
 from fusion_ray.contract import StageResult
+from fusion_ray.shards import columns_key, map_shards
 
 PAIR_ROWS = pa.schema([("sample_id", pa.string()), ("domain", pa.string()), ("source", pa.string()),
                        ("chosen_ids", pa.list_(pa.int32())), ("chosen_mask", pa.list_(pa.bool_())),
@@ -104,8 +105,6 @@ class RefScoreUDF:
 def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: bool, log=print,
                    arm: str = FUSED_ARM) -> dict:
     """Encode and reference-score an arm's `pairs/…/dpo/` into its `dpo…_data/`; its manifest (as a dict)."""
-    import ray
-
     from fusion_ray.placement import engine_placement, ray_data_args
 
     pairs_dir = cfg.stage_dir("pairs")
@@ -124,44 +123,12 @@ def reference_pass(cfg: FusionConfig, reference: str, reference_fp: str, force: 
     expected = {Path(s).name: [f"{p}/{s_}" for p, s_ in zip(*(io.read_table(s, columns=["prompt_id", "source"])
                                                                .column(c).to_pylist() for c in ("prompt_id", "source")),
                                                              strict=True)] for s in todo}
-    pending: dict[str, dict | None] = {}
-    for name, keys in expected.items():
-        if keys:
-            pending[name] = {}
-        else:
-            out.write_table(name, PAIR_ROWS.empty_table())
-    dropped = 0
-    if pending:
-        resources = ray_data_args(engine_placement(tensor_parallel=1, pipeline_parallel=1,
-                                                   gpus=imp.num_gpus_per_actor, cpus=imp.num_cpus_per_actor,
-                                                   accelerator_type=None))
-        ds = ray.data.read_parquet([s for s in todo if Path(s).name in pending], include_paths=True)
-        ds = ds.map_batches(RefScoreUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "reference": reference},
-                            batch_size=imp.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=imp.concurrency), **resources)
-        ds.set_name(f"{arm_name('dpo', arm)}_reference")
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                names = [Path(p).name for p in batch.column("path").to_pylist()]
-                ids, gone = batch.column("sample_id").to_pylist(), batch.column("dropped").to_pylist()
-                table = batch.drop_columns(["path", "dropped"])
-                for i, name in enumerate(names):
-                    rows = pending[name]
-                    if rows is None or ids[i] in rows:
-                        continue
-                    rows[ids[i]] = None if gone[i] else table.slice(i, 1)
-                    if len(rows) == len(expected[name]):
-                        kept = [rows[k] for k in expected[name] if rows[k] is not None]
-                        out.write_table(name, pa.concat_tables(kept).combine_chunks() if kept
-                                        else PAIR_ROWS.empty_table())
-                        dropped += len(expected[name]) - len(kept)
-                        pending[name] = None
-        finally:
-            if "ray_remote_args_fn" in resources:
-                resources["ray_remote_args_fn"].remove()
-    missing = [n for n, rows in pending.items() if rows is not None]
-    if missing:
-        raise RuntimeError(f"dpo: reference pass incomplete for shard(s) {missing}")
+    scorer = engine_placement(tensor_parallel=1, pipeline_parallel=1, gpus=imp.num_gpus_per_actor,
+                              cpus=imp.num_cpus_per_actor, accelerator_type=None)
+    dropped = map_shards(todo, expected, out, RefScoreUDF, udf_kwargs={"cfg": cfg.to_wire(), "reference": reference},
+                         keys=columns_key("sample_id"), batch_size=imp.batch_size, concurrency=imp.concurrency,
+                         resources=ray_data_args(scorer), name=f"{arm_name('dpo', arm)}_reference",
+                         what=f"dpo {arm_name('dpo', arm)} reference pass", dropped="dropped", empty=PAIR_ROWS)
     n_out = sum(io.parquet_metadata(out.path(Path(s).name)).num_rows for s in shards)
     if n_out == 0:
         raise ValueError(f"dpo: no preference pair to train on in {rows_dir}/dpo")

@@ -138,7 +138,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     sub = eval_config(cfg, models)
     rewards_dir = sub.stage_dir("reward")
     scored = io.read_manifest(rewards_dir)
-    if scored is None or io.read_manifest(sub.stage_dir("sample")) is None:
+    if scored is None:
         raise ValueError(f"eval: the arms' answers are not scored yet ({rewards_dir}); the pipeline samples and "
                          "scores them before this stage (`fusion-ray run --stages eval`, `pipeline.run_stage`)")
     rewards_fp = scored["fingerprint"]

@@ -33,7 +33,7 @@ from fusion_ray.config import FusionConfig
 from fusion_ray.contract import StageResult
 from fusion_ray.errors import InputError
 from fusion_ray.schema import PROMPTS_DIR, REWARDS
-from fusion_ray.shards import columns_key, gather
+from fusion_ray.shards import columns_key, map_shards
 
 UNSCORED = ("prompt_too_long",)
 
@@ -129,7 +129,6 @@ class RewardUDF:
 
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     """Score every source's samples (verifiers, then the reward model), one output shard per prompt shard."""
-    import ray
 
     from fusion_ray.placement import engine_placement, ray_data_args
     from fusion_ray.ray_env import init_ray
@@ -170,32 +169,15 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                 else:
                     keys.append((src, pid, idx))
         expected[n] = keys
-    pending: dict[str, dict | None] = {n: {} for n in todo}
-    for n in todo:
-        if not expected[n]:  # every response of the shard unscored: an empty shard, written at once
-            out.write_table(n, REWARDS.empty_table())
-            pending[n] = None
-    files = [f for n in todo if pending[n] is not None for f in sample_files[n]]
+    files = [f for n in todo if expected[n] for f in sample_files[n]]
     if files:
         init_ray(cfg.ray)
-        scorer = engine_placement(tensor_parallel=1, pipeline_parallel=1,
-                                  gpus=spec.num_gpus_per_actor if spec else 0,
-                                  cpus=spec.num_cpus_per_actor if spec else 1, accelerator_type=None)
-        resources = ray_data_args(scorer)
-        ds = ray.data.read_parquet(files, include_paths=True)
-        ds = ds.map_batches(RewardUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "prompt_files": prompt_files},
-                            batch_size=spec.batch_size if spec else 16, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=spec.concurrency if spec else 1), **resources)
-        ds.set_name("reward")
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                gather(batch, pending, expected, out, columns_key("source", "prompt_id", "sample_index"))
-        finally:
-            if "ray_remote_args_fn" in resources:
-                resources["ray_remote_args_fn"].remove()
-    missing = {n: len(expected[n]) - len(rows) for n, rows in pending.items() if rows is not None}
-    if missing:
-        raise RuntimeError(f"reward: shards incomplete after the run: {missing}")
+    scorer = engine_placement(tensor_parallel=1, pipeline_parallel=1, gpus=spec.num_gpus_per_actor if spec else 0,
+                              cpus=spec.num_cpus_per_actor if spec else 1, accelerator_type=None)
+    map_shards(files, expected, out, RewardUDF, udf_kwargs={"cfg": cfg.to_wire(), "prompt_files": prompt_files},
+               keys=columns_key("source", "prompt_id", "sample_index"), batch_size=spec.batch_size if spec else 16,
+               concurrency=spec.concurrency if spec else 1, resources=ray_data_args(scorer),
+               name="reward", what="reward", empty=REWARDS)
     table = pa.concat_tables([io.read_table(out.path(n), columns=["source", "domain", "reward", "verifiable",
                                                                   "correct", "verdict"]) for n in names])
     summary = summarize(table)

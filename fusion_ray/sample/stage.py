@@ -30,7 +30,7 @@ from fusion_ray.config import FusionConfig, ModelSpec
 from fusion_ray.contract import StageResult
 from fusion_ray.placement import ray_data_args
 from fusion_ray.schema import PROMPTS_DIR, SAMPLES
-from fusion_ray.shards import columns_key, gather
+from fusion_ray.shards import columns_key, map_shards
 
 
 def settings_for(cfg: FusionConfig, spec: ModelSpec, n: int):
@@ -133,7 +133,6 @@ def source_fingerprint(cfg: FusionConfig, spec: ModelSpec, prompts_fp: str) -> s
 def sample_source(cfg: FusionConfig, spec: ModelSpec, shards: list[str], prompts_fp: str, force: bool = False,
                   log=print) -> StageResult:
     """One source's samples over every prompt shard; resumes from finished shards."""
-    import ray
 
     out_dir = cfg.stage_dir("sample", spec.name)
     fp = source_fingerprint(cfg, spec, prompts_fp)
@@ -148,24 +147,11 @@ def sample_source(cfg: FusionConfig, spec: ModelSpec, shards: list[str], prompts
         expected[Path(s).name] = [(p, i) for p, n in zip(t.column("prompt_id").to_pylist(),
                                                          t.column("samples").to_pylist(), strict=True)
                                   for i in range(n)]
-    pending: dict[str, dict | None] = {name: {} for name in expected}
-    if todo:
-        imp = cfg.implicit
-        ds = ray.data.read_parquet(todo, include_paths=True)
-        resources = ray_data_args(_placement(spec, imp))
-        ds = ds.map_batches(SampleUDF, fn_constructor_kwargs={"cfg": cfg.to_wire(), "model": spec.name},
-                            batch_size=imp.batch_size, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=imp.concurrency), **resources)
-        ds.set_name(f"sample_{spec.name}")
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                gather(batch, pending, expected, out, columns_key("prompt_id", "sample_index"))
-        finally:
-            if "ray_remote_args_fn" in resources:
-                resources["ray_remote_args_fn"].remove()
-    missing = {name: len(expected[name]) - len(rows) for name, rows in pending.items() if rows is not None}
-    if missing:
-        raise RuntimeError(f"sample {spec.name}: shards incomplete after the run: {missing}")
+    imp = cfg.implicit
+    map_shards(todo, expected, out, SampleUDF, udf_kwargs={"cfg": cfg.to_wire(), "model": spec.name},
+               keys=columns_key("prompt_id", "sample_index"), batch_size=imp.batch_size,
+               concurrency=imp.concurrency, resources=ray_data_args(_placement(spec, imp)),
+               name=f"sample_{spec.name}", what=f"sample {spec.name}")
     files = [out.path(Path(s).name) for s in shards]
     table = pa.concat_tables([io.read_table(f, columns=["tokens", "finish_reason"]) for f in files])
     reasons = _counts(table, "finish_reason")
