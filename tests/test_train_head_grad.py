@@ -1,7 +1,8 @@
 """The hidden-state loss adds the head's gradient into its existing float32 `.grad` in place
 (`losses._grad_in_place`): equal to autograd's own accumulation, taken only when it is, and
 correct under DDP and DeepSpeed ZeRO-2 on 2 gloo ranks (plain processes, no Ray), whose
-gradient reduction runs in hooks on the weight's accumulation."""
+gradient reduction runs in hooks on the weight's accumulation. Whether the path was taken is
+observed from outside the loss (`HeadGradWatch`), not counted by it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,30 @@ def _inputs(seed: int = 0, b: int = 2, length: int = 7, h: int = 5, v: int = 31,
     return hidden, weight, ids, mask, top, lp, torch.randn(v, h, generator=g)
 
 
+class HeadGradWatch:
+    """Counts the backward passes in which the loss added the head's gradient into `weight.grad`
+    itself: a pre-hook on the weight's AccumulateGrad node finds `.grad` already changed from what
+    it held at `arm()` (on the plain path `.grad` changes only inside that node, after its
+    pre-hooks). `plain=True` makes the loss take the plain path: an identity tensor hook on the
+    weight, a case the in-place path declines (the hook would see its zero)."""
+
+    def __init__(self, weight: torch.Tensor, plain: bool = False):
+        self.weight, self.before, self.taken = weight, None, 0
+        if plain:
+            weight.register_hook(lambda g: g)
+        self.node = torch.autograd.graph.get_gradient_edge(weight).node  # held: the graph reuses this node
+        self.node.register_prehook(self._seen)
+
+    def arm(self) -> None:
+        """Call before each backward."""
+        self.before = None if self.weight.grad is None else self.weight.grad.clone()
+
+    def _seen(self, _grads) -> None:
+        grad = self.weight.grad
+        if self.before is not None and grad is not None and not torch.equal(grad, self.before):
+            self.taken += 1
+
+
 def _step(in_place: bool, grad: torch.Tensor | None, how: str = "backward"):
     """(hidden's grad, weight's grad afterwards, in-place count) for one loss × 1.3."""
     hidden, weight, ids, mask, top, lp, _ = _inputs()
@@ -35,17 +60,14 @@ def _step(in_place: bool, grad: torch.Tensor | None, how: str = "backward"):
     w.grad = None if grad is None else grad.clone()
     if how == "hook":
         w.register_hook(lambda g: g * 2)
-    before, losses.HEAD_GRAD_IN_PLACE = losses.HEAD_GRAD_IN_PLACE, in_place
-    count = losses.head_grad_in_place_count
-    try:
-        out = combined_loss_from_hidden(h, w, ids, mask, top, lp, lambda_clm=0.3, chunk=3)
-        if how == "grad_of_hidden":
-            (gh,) = torch.autograd.grad(out["loss"] * 1.3, [h])
-            return gh, w.grad, losses.head_grad_in_place_count - count
-        (out["loss"] * 1.3).backward(create_graph=how == "create_graph")
-    finally:
-        losses.HEAD_GRAD_IN_PLACE = before
-    return h.grad, w.grad, losses.head_grad_in_place_count - count
+    watch = HeadGradWatch(w, plain=not in_place)
+    watch.arm()
+    out = combined_loss_from_hidden(h, w, ids, mask, top, lp, lambda_clm=0.3, chunk=3)
+    if how == "grad_of_hidden":
+        (gh,) = torch.autograd.grad(out["loss"] * 1.3, [h])
+        return gh, w.grad, watch.taken
+    (out["loss"] * 1.3).backward(create_graph=how == "create_graph")
+    return h.grad, w.grad, watch.taken
 
 
 def test_in_place_head_gradient_equals_autogrades_accumulation():
@@ -110,7 +132,6 @@ def _rank(rank: int, port: int, out: str) -> None:
         for tied in (False, True):
             row = {"strategy": strategy, "tied": tied}
             for in_place in (True, False):
-                losses.HEAD_GRAD_IN_PLACE = in_place
                 torch.manual_seed(5)
                 model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=24,
                                                      num_hidden_layers=1, num_attention_heads=2,
@@ -124,12 +145,13 @@ def _rank(rank: int, port: int, out: str) -> None:
                     s._setup(torch.nn.parallel.DistributedDataParallel(model), t, lambda _: 1.0, 2, "", rank, 2)
                 else:
                     s = DeepSpeed(model, t, lambda _: 1.0, "", rank, 2)
-                count, grads = losses.head_grad_in_place_count, []
+                watch, grads = HeadGradWatch(s.module.get_output_embeddings().weight, plain=not in_place), []
                 for step in range(2):
                     for micro in range(2):
                         step_out = batch_loss(s.model, _batch(rank, 2 * step + micro, 97), lam=0.5, tail="bucket",
                                          temperature=1.0, fusion_positions="all", loss_from="hidden")
                         head = s.module.get_output_embeddings().weight
+                        watch.arm()
                         if strategy == "ddp":
                             s.backward(step_out["loss"])
                             if micro == 1:
@@ -142,7 +164,7 @@ def _rank(rank: int, port: int, out: str) -> None:
                             s.model.step()
                 weights = s.full_state_dict() if strategy != "ddp" else s.module.state_dict()
                 key = "in_place" if in_place else "plain"
-                row[key] = {"taken": losses.head_grad_in_place_count - count,
+                row[key] = {"taken": watch.taken,
                             "grads": [g.tolist() for g in grads],
                             "weights": {n: w.float().tolist() for n, w in weights.items()}}
             results.append(row)

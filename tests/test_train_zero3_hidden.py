@@ -56,7 +56,7 @@ def _rank(rank: int, port: int, out: str) -> None:
             assert hasattr(head.weight, "ds_id") and head.weight.numel() == 0  # partitioned outside its calls
             widths = []
             hook = head.register_forward_hook(lambda _m, _i, o, seen=widths: seen.append(o.shape[-1] if o.dim() else 0))
-            count, values, grads = losses.hidden_loss_as_head_forward_count, [], []
+            values, grads = [], []
             s.module.train()
             for step in range(2):
                 for micro in range(2):
@@ -68,7 +68,9 @@ def _rank(rank: int, port: int, out: str) -> None:
                         grads.append(safe_get_full_grad(head.weight).clone())
                     s.model.step()
             hook.remove()
-            row[loss_from] = {"taken": losses.hidden_loss_as_head_forward_count - count, "values": values,
+            # the loss run as the head module's forward (`losses._as_forward_of`): a head call whose output
+            # is the scalar loss
+            row[loss_from] = {"taken": widths.count(0), "values": values,
                               "grads": [g.tolist() for g in grads], "head_outputs": widths,
                               "weights": {n: w.float().tolist() for n, w in s.full_state_dict().items()}}
         results.append(row)

@@ -17,7 +17,7 @@ then determines the pivot's next token, by marginalising over tokenizations:
 - with u non-empty this is conditioned on u: p(s | u) = p(s) / p(u), where p(u) is at
   least the kept candidates' mass and at most that plus the row's tail mass (`prefix:
   renormalize`, the default, divides by the lower bound; `tail` by the upper one, leaving
-  the rest in the tail, which measured worse: it dilutes confident word endings; `skip`
+  the rest in the tail, which dilutes confident word endings: docs/findings.md#the-teacher-inside-a-source-token; `skip`
   transfers nothing there);
 - where the gold source token ends before the pivot token does (the pivot token is
   longer), the gold candidate is expanded through the next source position:

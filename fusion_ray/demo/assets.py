@@ -38,9 +38,9 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags of a native bf16 dot p
 
 def build_precision() -> str:
     """The demo models' training precision on this machine: "bf16" (autocast) where the CPU computes
-    bf16 natively, "fp32" elsewhere, where torch emulates bf16 matmuls about 10x slower than fp32
-    (bench/demo_precision.py); `FUSION_RAY_DEMO_PRECISION` overrides. An fp32 build is its own
-    asset set (`precision_key`)."""
+    bf16 natively, "fp32" elsewhere, where torch emulates bf16 matmuls at many times fp32's cost
+    (bench/demo_precision.py; measured: docs/findings.md#precision); `FUSION_RAY_DEMO_PRECISION`
+    overrides. An fp32 build is its own asset set (`precision_key`)."""
     chosen = os.environ.get(PRECISION_ENV, "").strip().lower()
     if chosen:
         if chosen not in ("bf16", "fp32"):

@@ -76,8 +76,8 @@ IMPLICIT_MODELS = (
     TinyModel("implicit_source_add", "gpt2", "gpt2", 2048,
               (("add", 0.8), ("sub", 0.05), ("mul", 0.05), ("chat", 0.1)),
               steps=360, lr=6e-3),
-    # 500 steps, not 300: at 300 the sub source covered 0.57-0.82 of held-out prompts with a correct
-    # draw over 4 seeds (0.525 on another CPU), at 500 0.92-1.00 (bench/implicit_specialists.py)
+    # 500 steps, not 300: at 300 the sub source's coverage of held-out prompts depended on the seed and
+    # the CPU and could miss test_demo_implicit's bar (docs/findings.md#the-sub-sources-training-length)
     TinyModel("implicit_source_sub", "qwen2", "deepseek", 2048,
               (("sub", 0.8), ("add", 0.05), ("mul", 0.05), ("chat", 0.1)),
               steps=500, lr=6e-3),

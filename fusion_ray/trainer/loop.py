@@ -6,7 +6,8 @@ optimises λ·CLM + (1−λ)·fusion (or CLM alone for the `clm_only` arm; the c
 writes its gradient over the logits) with AdamW, cosine schedule with warmup, gradient
 accumulation derived from the config and clipping. Every step's metrics go to
 `train_log.jsonl` (rank 0); every `report_every` steps they go to Ray too (a report
-synchronises the workers, ≈2 s on this 2-core machine); every `checkpoint_every`
+synchronises the workers, which takes seconds on a small CPU machine:
+docs/findings.md#the-training-loop-and-deepspeed-on-cpu); every `checkpoint_every`
 optimizer steps (and at the end) the workers write a checkpoint (HF weights, optimizer,
 schedule, step, and rank 0's log so far) through `ray.train.report`. A restarted run
 resumes from it: same step, same schedule, the micro-batches consumed before it skipped,

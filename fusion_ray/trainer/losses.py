@@ -263,10 +263,6 @@ def _head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return torch.nn.functional.linear(h, weight, bias).float()
 
 
-HEAD_GRAD_IN_PLACE = True  # see _grad_in_place; a switch for tests and for comparing against the plain path
-head_grad_in_place_count = 0  # backward passes that took it (for tests)
-
-
 def _grad_in_place(weight: torch.Tensor) -> torch.Tensor | None:
     """The head weight's existing float32 `.grad`, when backward may add its gradient into it directly
     instead of building a [V, H] float32 gradient for autograd to add (one [V, H] temporary less:
@@ -287,7 +283,7 @@ def _grad_in_place(weight: torch.Tensor) -> torch.Tensor | None:
     - the engine will run the weight's AccumulateGrad in this pass (not `torch.autograd.grad`
       asked for other inputs, which must leave `.grad` alone).
     """
-    if not HEAD_GRAD_IN_PLACE or not weight.is_leaf or not weight.requires_grad or torch.is_grad_enabled():
+    if not weight.is_leaf or not weight.requires_grad or torch.is_grad_enabled():
         return None
     grad = weight.grad
     if (grad is None or weight.dtype != torch.float32 or grad.dtype != torch.float32
@@ -342,9 +338,6 @@ class _HiddenChunkedLoss(torch.autograd.Function):
         n = rows.numel()
         grad_h = torch.zeros_like(flat) if want_h else None
         into = _grad_in_place(weight) if want_w else None  # the head's .grad itself: no [V, H] temporary
-        if into is not None:
-            global head_grad_in_place_count
-            head_grad_in_place_count += 1
         grad_w = into if into is not None else (
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
@@ -525,9 +518,6 @@ def batch_loss(model, batch: dict[str, torch.Tensor], *, lam: float, tail: str, 
     return loss(seen[-1])
 
 
-hidden_loss_as_head_forward_count = 0  # losses taken through `_as_forward_of` (for tests)
-
-
 def _as_forward_of(module: torch.nn.Module, loss, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     """`loss(hidden)` run as `module`'s forward, so that the hooks on the module run around it.
 
@@ -540,7 +530,6 @@ def _as_forward_of(module: torch.nn.Module, loss, hidden: torch.Tensor) -> dict[
     hidden states, the only tensor handed to the module) and one output (the loss); its CLM and
     fusion parts, which carry no gradient, come back beside the module call.
     """
-    global hidden_loss_as_head_forward_count
     parts: dict[str, torch.Tensor] = {}
 
     def forward(h: torch.Tensor) -> torch.Tensor:
@@ -557,5 +546,4 @@ def _as_forward_of(module: torch.nn.Module, loss, hidden: torch.Tensor) -> dict[
             del module.forward
         else:
             module.forward = had
-    hidden_loss_as_head_forward_count += 1
     return {"loss": value, "clm": parts["clm"], "fusion": parts["fusion"]}

@@ -11,10 +11,11 @@ gathers the files of all ranks into one checkpoint dir) for ZeRO. `fusion_ray.js
 names the run's fingerprint, strategy, world size and step, so a checkpoint of
 another config is refused with both hashes named.
 
-DeepSpeed on CPU (gloo): DeepSpeed's fused Adam is a JIT build (≈200 s) — we hand it a
+DeepSpeed on CPU (gloo): DeepSpeed's fused Adam is a JIT build (minutes) — we hand it a
 `torch.optim.AdamW` instead (`zero_allow_untested_optimizer`, and
 `zero_force_ds_cpu_optimizer: false` for CPU offload); its shared-memory comm op is
-another JIT build (≈100 s, 3.4 GB) that gloo does not need, so it is switched off on CPU.
+another JIT build (minutes, gigabytes) that gloo does not need, so it is switched off on CPU
+(measured: docs/findings.md#the-training-loop-and-deepspeed-on-cpu).
 """
 
 from __future__ import annotations
