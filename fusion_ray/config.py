@@ -597,6 +597,21 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(512, ge=1, le=1 << 17)
 
 
+def parallel_sizes(engine_options: dict[str, Any]) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes from `serve.engine_options`, both 1 when absent.
+
+    Raises:
+        ValueError: a size that is not a whole number ≥ 1, naming the key.
+    """
+    sizes = []
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        value = engine_options.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"engine_options.{key} must be a whole number ≥ 1, got {value!r}")
+        sizes.append(value)
+    return sizes[0], sizes[1]
+
+
 class ServeConfig(Strict):
     """The OpenAI-compatible chat endpoint; `fusion_ray.serve.app.build_app` takes these keys."""
 
@@ -637,8 +652,6 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _parallel_sizes(self) -> ServeConfig:
-        from fusion_ray.placement import parallel_sizes  # pure Python, no ray
-
         parallel_sizes(self.engine_options)  # a replica's GPUs follow them: whole numbers ≥ 1
         return self
 
