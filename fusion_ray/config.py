@@ -226,9 +226,9 @@ class AlignConfig(Strict):
     # `exact`: collect stores the source's exact mass of the tokens extending the prefix and
     # their top-k (engines/conditioned.py), and align divides by that mass
     # (`label`: an ablation for the quality bench, one-hot on the written token's pivot piece).
-    # bench/quality.py, 3 seeds: `renormalize` (with `gold`) gains exactly what `label` does;
-    # `exact` carries the source's information and gains less (efficiency 0.76 vs 0.81), so
-    # it is opt-in (bench/RESULTS.md)
+    # `renormalize` (with `gold`) is the default; `exact` carries the source's information but
+    # gains less, so it is opt-in (measured: bench/RESULTS.md, "Inside a source token: the gold
+    # teacher, the label-only ablation and the exact teacher")
     prefix: Literal["renormalize", "tail", "skip", "exact", "label"] = "renormalize"
     # `spans`, conditioned or expanded positions: add the source's gold token with its exact
     # log-prob (collected as `gold_logprob`) where the top-k lacks it
@@ -414,10 +414,11 @@ class TrainConfig(Strict):
     # last hidden state and the LM head and computes the logits chunk by chunk inside the loss
     # (forward and backward), so the [micro_batch, seq, vocab] logits never exist; `logits` takes
     # the model's logits. Equal in value and gradient. `hidden` is the default because training at
-    # scale runs on GPUs, where it is the faster path (1.10-1.62x the tokens/s of `logits` on an
-    # H200, V 32k-128k, same peak within 0.96-1.01x: bench/RESULTS.md); on CPU it is as fast at a
-    # small vocabulary and 0.88x at V 32k, and its fixed chunk buffers make it smaller only when
+    # scale runs on GPUs, where it is the faster path at about the same peak memory; on CPU it is no
+    # faster, slower at a large vocabulary, and its fixed chunk buffers make it smaller only when
     # micro_batch x seq is large (docs/design.md, "Training memory"; `fusion-ray plan` shows both).
+    # Measured: bench/RESULTS.md, "bench/gpu_train_check.py — the fusion loss from hidden states, on
+    # one H200" (GPU) and "bench/train.py (b) — the loss from hidden states on CPU".
     # Models the hidden path cannot serve (soft-capped logits as Gemma-2's, a LoRA-wrapped head) use
     # the logits; under ZeRO-3 the loss runs as the head module's forward, which gathers its weight.
     loss_from: Literal["hidden", "logits"] = "hidden"
@@ -433,7 +434,9 @@ class TrainConfig(Strict):
     packing: bool = False
     seed: int = 42
     checkpoint_every: int = Field(100, ge=1)
-    report_every: int = Field(10, ge=1)  # metrics to Ray (each report syncs workers: ~2 s on 2 cores)
+    # steps between metric reports to Ray: each report synchronises the workers, so report sparingly
+    # (measured: bench/RESULTS.md, "Findings moved from code comments")
+    report_every: int = Field(10, ge=1)
     max_failures: int = Field(1, ge=0)
     clm_only_arm: bool = False
     resume_from: str | None = None  # a checkpoint dir of an earlier run of this config
