@@ -30,7 +30,7 @@ import sys
 import threading
 from typing import Any
 
-from fusion_ray.config import CollectConfig, ModelSpec, ServeConfig
+from fusion_ray.config import CollectConfig, ModelSpec, ServeConfig, parallel_sizes
 
 ACCELERATOR_RESOURCE = "accelerator_type:{}"  # Ray's per-node resource for an accelerator type
 ACCELERATOR_SHARE = 0.001  # what a bundle asks of it: a constraint, not a quantity
@@ -112,21 +112,6 @@ def collect_placement(model: ModelSpec, collect: CollectConfig) -> EnginePlaceme
                             pipeline_parallel=model.pipeline_parallel_size if vllm else 1,
                             gpus=collect.num_gpus_per_actor, cpus=collect.num_cpus_per_actor,
                             accelerator_type=collect.accelerator_type)
-
-
-def parallel_sizes(engine_options: dict[str, Any]) -> tuple[int, int]:
-    """(tensor, pipeline) parallel sizes from `serve.engine_options`, both 1 when absent.
-
-    Raises:
-        ValueError: a size that is not a whole number ≥ 1, naming the key.
-    """
-    sizes = []
-    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
-        value = engine_options.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"engine_options.{key} must be a whole number ≥ 1, got {value!r}")
-        sizes.append(value)
-    return sizes[0], sizes[1]
 
 
 def serve_placement(serve: ServeConfig) -> EnginePlacement:

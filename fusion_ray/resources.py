@@ -20,7 +20,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_ray.config import FusionConfig, read_yaml_file
+from fusion_ray.config import FusionConfig
+from fusion_ray.yamlfile import read_yaml_file
 
 GB = 10**9
 MERGE_ACTOR_CPUS = 0.5  # the pipeline's merge stage: logical CPUs per MergeActor (streaming I/O, numpy)

@@ -21,15 +21,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from fusion_ray.config import (
-    MAX_YAML_BYTES,
     ConfigError,
     ServeConfig,
     bounded_repr,
     format_errors,
     load_config,
-    load_yaml,
     parse_config,
 )
+from fusion_ray.yamlfile import MAX_YAML_BYTES, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "jobs" / "configs" / "tiny_cpu.yaml"

@@ -38,8 +38,9 @@ TOP = {"fusion_ray", "fusion_ray.pipeline", "fusion_ray.cli", "fusion_ray.demo"}
 # shared module → the stage module it may import, and why
 SHARED_EXCEPTIONS = {
     # the merge method registry is merge's declaration of its methods (pure Python, no torch);
-    # config validates `merge.method` and its parameters against it, so a method is declared once
-    ("fusion_ray.config", "fusion_ray.merge.registry"),
+    # config validates `merge.method` and its parameters against it (MergeConfig, in the config's
+    # explicit-method sections), so a method is declared once
+    ("fusion_ray.config.explicit", "fusion_ray.merge.registry"),
 }
 
 

@@ -31,8 +31,8 @@ def run_demo(workdir: str | None = None, force: bool = False, log=print) -> int:
 def demo_workdir(workdir: str | None = None) -> str:
     """The workdir a demo run writes to: `workdir`, else the embedded default config's, absolute."""
     from fusion_ray import locations
-    from fusion_ray.config import read_yaml_file
     from fusion_ray.demo.assets import default_demo_config
+    from fusion_ray.yamlfile import read_yaml_file
 
     return locations.absolute(workdir or read_yaml_file(default_demo_config())["workdir"], path_only=True)
 

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from fusion_ray.config import read_yaml_file
 from fusion_ray.errors import ConfigError, format_errors
 from fusion_ray.merge.registry import METHODS, REQUIRED, MergeMethod, unknown_method
+from fusion_ray.yamlfile import read_yaml_file
 
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 
