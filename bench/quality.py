@@ -61,7 +61,7 @@ def export_bundle(cfg, out: str, heldout_rows: int | None = None) -> None:
 
     os.makedirs(out, exist_ok=True)
     arrays = {}
-    for _, pair in cfg.pairs():
+    for _, pair in cfg.source_pairs():
         cols: dict[str, list] = {c: [] for c in COLUMNS}
         for path in io.list_files(cfg.stage_dir("fuse", pair)):
             table = pq.read_table(path, columns=list(COLUMNS))
@@ -83,7 +83,7 @@ def export_bundle(cfg, out: str, heldout_rows: int | None = None) -> None:
         conv = {d: c[:heldout_rows] for d, c in conv.items()}
     Path(f"{out}/heldout.json").write_text(json.dumps(conv))
     Path(f"{out}/meta.json").write_text(json.dumps({
-        "pairs": {pair: s.domain for s, pair in zip(cfg.sources, [p for _, p in cfg.pairs()], strict=True)},
+        "pairs": {pair: s.domain for s, pair in zip(cfg.sources, [p for _, p in cfg.source_pairs()], strict=True)},
         "train": {k: getattr(cfg.train, k) for k in ("lr", "warmup_ratio", "weight_decay", "global_batch_size",
                                                      "micro_batch_size", "grad_clip", "epochs", "max_steps")},
         "max_length": cfg.data.max_length}))

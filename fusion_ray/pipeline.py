@@ -157,12 +157,12 @@ def check_stages(cfg: FusionConfig, stages: Sequence[str]) -> None:
         from fusion_ray.merge.spec import METHODS
 
         spec = METHODS[cfg.merge.method]
-        n = len(cfg.pairs()) + 1  # the trained targets and the pivot as base
+        n = len(cfg.source_pairs()) + 1  # the trained targets and the pivot as base
         if n < spec.min_inputs or (spec.max_inputs and n > spec.max_inputs):
             want = spec.min_inputs if spec.max_inputs == spec.min_inputs else f"at least {spec.min_inputs}"
             problems.append(f"merge.method: {cfg.merge.method} takes {want} models (pivot included), but "
                             f"fuse.mode={cfg.fuse.mode} with {len(cfg.sources)} source(s) trains "
-                            f"{len(cfg.pairs())} target(s)")
+                            f"{len(cfg.source_pairs())} target(s)")
     if {"train", "sft", "dpo"} & set(stages):
         from fusion_ray.trainer.tracking import missing_package
 

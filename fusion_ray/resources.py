@@ -135,7 +135,7 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
     tp = int(s.engine_options.get("tensor_parallel_size", 1) or 1)
     pp = int(s.engine_options.get("pipeline_parallel_size", 1) or 1)
     serve_gpus = engine_gpus(s.num_gpus, tp, pp) if s.engine == "vllm" else s.num_gpus
-    arms = len(cfg.sources) + 1 + len(cfg.pairs()) + int(t.clm_only_arm) + 1  # sources, pivot, targets, merged
+    arms = len(cfg.sources) + 1 + len(cfg.source_pairs()) + int(t.clm_only_arm) + 1  # sources, pivot, targets, merged
     asks = {
         "prepare": [],
         "collect": collect,

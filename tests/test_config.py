@@ -82,9 +82,9 @@ def test_derived_values():
     cfg = load_config(REPO / "jobs/configs/fusechat_7b.yaml")
     assert cfg.world_size() == 8
     assert cfg.train.grad_accum_steps() == 128 // (2 * 8)
-    assert cfg.pairs() == [("openchat", "mixtral"), ("openchat", "solar"), ("openchat", "internlm")]
+    assert cfg.source_pairs() == [("openchat", "mixtral"), ("openchat", "solar"), ("openchat", "internlm")]
     multi = load_config(REPO / "jobs/configs/fusechat_7b.yaml", ["fuse.mode=multi"])
-    assert multi.pairs() == [("openchat", "mixtral+solar+internlm")]
+    assert multi.source_pairs() == [("openchat", "mixtral+solar+internlm")]
 
 
 def test_batch_sizes_must_divide():

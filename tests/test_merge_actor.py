@@ -57,7 +57,7 @@ def test_merge_stage_merges_pivot_and_trained_targets(ray_local, tiny_models, tm
                              "num_actors": 2})
     with pytest.raises(FileNotFoundError, match="run `train` first"):
         merge_stage.run(cfg)
-    for i, (_, pair) in enumerate(cfg.pairs()):  # what `train` leaves: HF dirs with a manifest
+    for i, (_, pair) in enumerate(cfg.source_pairs()):  # what `train` leaves: HF dirs with a manifest
         out = io.StageOutput(cfg.stage_dir("train", pair), f"fp{i}")
         perturbed(pivot, Path(out.dir), i)
         out.commit(io.Manifest(stage="train", fingerprint=f"fp{i}", config_hash="x"))

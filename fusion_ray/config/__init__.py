@@ -53,9 +53,9 @@ from fusion_ray.config.fusion import (
     parse_config,
 )
 from fusion_ray.config.implicit import (
+    DPOConfig,
     ImplicitConfig,
     PairsConfig,
-    PreferenceConfig,
     PromptCorpus,
     RewardModelConfig,
     SandboxConfig,
@@ -100,7 +100,7 @@ __all__ = [
     # serving
     "RayConfig", "ServeConfig", "parallel_sizes",
     # implicit
-    "ImplicitConfig", "PairsConfig", "PreferenceConfig", "PromptCorpus", "RewardModelConfig", "SandboxConfig",
+    "ImplicitConfig", "PairsConfig", "DPOConfig", "PromptCorpus", "RewardModelConfig", "SandboxConfig",
     # fusion
     "MAX_CONFIG_JSON_BYTES", "MOVED_KEYS", "FusionConfig", "apply_override", "load_config", "parse_config",
     # fusion_ray.errors

@@ -324,9 +324,8 @@ class TrainConfig(Strict):
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
     def lambda_for(self, arm: str) -> float:
-        """λ of the arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm and for
-        implicit fusion's `sft` (CLM on the chosen responses)."""
-        return 1.0 if arm in ("clm_only", "sft") else self.lambda_clm
+        """λ of a `train` arm's loss λ·CLM + (1−λ)·fusion: 1 (CLM alone) for the `clm_only` arm."""
+        return 1.0 if arm == "clm_only" else self.lambda_clm
 
 
 MergeMethodName = Literal[tuple(MERGE_METHODS)]  # every method of fusion_ray.merge.registry

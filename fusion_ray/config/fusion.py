@@ -107,8 +107,9 @@ class FusionConfig(Strict):
     def world_size(self) -> int:
         return self.train.num_workers
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """(pivot, source) per fused dataset: one per source in pairwise mode, one in total otherwise."""
+    def source_pairs(self) -> list[tuple[str, str]]:
+        """(pivot, source) per fused dataset: one per source in pairwise mode, one in total otherwise
+        (the explicit method's; the implicit `pairs` stage makes preference pairs)."""
         if self.fuse.mode == "pairwise":
             return [(self.pivot.name, s.name) for s in self.sources]
         return [(self.pivot.name, "+".join(s.name for s in self.sources))]

@@ -83,8 +83,9 @@ class PairsConfig(Strict):
         return self
 
 
-class PreferenceConfig(Strict):
-    """The `dpo` stage's loss (`trainer/preference.py`) and the training settings it changes.
+class DPOConfig(Strict):
+    """`implicit.dpo`: the `dpo` stage's preference loss (the trainer's `objective.Preference`,
+    computed by `trainer/preference.py`) and the training settings it changes.
 
     FuseChat-3.0: length-normalised DPO with β = 10 for Llama-3.1-8B targets; plain (sigmoid)
     DPO with β = 0.01 for Qwen-2.5 and Gemma-2 targets. Everything else comes from `train`.
@@ -121,7 +122,7 @@ class ImplicitConfig(Strict):
     reward: RewardModelConfig | None = None
     sandbox: SandboxConfig = SandboxConfig()
     pairs: PairsConfig = PairsConfig()
-    dpo: PreferenceConfig = PreferenceConfig()
+    dpo: DPOConfig = DPOConfig()
     # sources that also get an arm of their own: SFT then DPO on that source's samples only (the
     # baseline the fused arm is compared against in `eval`); each costs one more SFT and DPO run
     single_source_arms: list[Name] = []

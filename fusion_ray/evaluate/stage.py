@@ -31,7 +31,7 @@ def arms(cfg: FusionConfig) -> dict[str, str]:
     out["pivot"] = cfg.pivot.path
     if cfg.train.clm_only_arm and io.read_manifest(cfg.stage_dir("train", "clm_only")):
         out["clm_only"] = cfg.stage_dir("train", "clm_only")
-    for _, pair in cfg.pairs():
+    for _, pair in cfg.source_pairs():
         if io.read_manifest(cfg.stage_dir("train", pair)):
             out[f"fused:{pair}"] = cfg.stage_dir("train", pair)
     if io.read_manifest(cfg.stage_dir("merge")):
@@ -133,7 +133,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     for arm, values in bpb.items():
         log(f"[eval] {arm:<24} " + "  ".join(f"{d} {v:.4f}" for d, v in values.items()))
     routing = {pair: (io.read_manifest(cfg.stage_dir("fuse", pair)) or {}).get("extra", {}).get("routing")
-               for _, pair in cfg.pairs()}
+               for _, pair in cfg.source_pairs()}
     report = {"bpb": bpb, "source_domain": source_domains(cfg), "models": models, "routing": routing,
               "stages": stage_stats(cfg), "config": cfg.name}
     report.update(chat_sections(cfg, models, out, log))

@@ -137,4 +137,4 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     from fusion_ray.ray_env import init_ray
 
     init_ray(cfg.ray)
-    return StageResult.of_parts({pair: fuse_pair(cfg, pair, force, log) for _, pair in cfg.pairs()})
+    return StageResult.of_parts({pair: fuse_pair(cfg, pair, force, log) for _, pair in cfg.source_pairs()})

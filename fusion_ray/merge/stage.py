@@ -24,7 +24,7 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     from fusion_ray.ray_env import init_ray
 
     targets, fingerprints = [], {}
-    for _, pair in cfg.pairs():
+    for _, pair in cfg.source_pairs():
         path = cfg.stage_dir("train", pair)
         manifest = io.finished(path, "train")
         targets.append(path)

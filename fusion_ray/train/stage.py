@@ -31,7 +31,7 @@ from fusion_ray.trainer.objective import Distill
 
 def arms(cfg: FusionConfig) -> list[tuple[str, str, str]]:
     """(target name, arm, fused dataset it reads): one per pair, plus the CLM-only arm."""
-    out = [(pair, "fused", pair) for _, pair in cfg.pairs()]
+    out = [(pair, "fused", pair) for _, pair in cfg.source_pairs()]
     if cfg.train.clm_only_arm:
         out.append(("clm_only", "clm_only", out[0][2]))
     return out
