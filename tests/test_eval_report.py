@@ -34,3 +34,32 @@ def test_without_a_clm_only_arm_the_chart_shows_absolute_bpb():
     heights = bars(report_lib.figure({"config": "t", "bpb": bpb}))
     assert heights == {"source:computing": [2.10, 2.40], "pivot": [2.56, 2.23]}
     assert report_lib.chart({"config": "t", "bpb": BPB})[:4] == b"\x89PNG"
+
+
+def test_a_stage_of_parts_reports_its_own_wall_time_not_the_sum_of_its_parts(tmp_path):
+    """Collect's models and train's arms run side by side: the report's wall time is the stage's
+    own (the pipeline's record of its last run), never the sum of its parts' times; a stage of
+    parts without that record shows none rather than a sum."""
+    import json
+    from types import SimpleNamespace
+
+    from fusion_ray import io
+
+    workdir = tmp_path / "w"
+    for part, wall in (("pivot", 300.0), ("english", 320.0)):
+        io.write_json_atomic(str(workdir / "logits" / part / "_manifest.json"), {"stage": "collect",
+                                                                                 "wall_time_s": wall})
+    io.write_json_atomic(str(workdir / "prepared" / "_manifest.json"), {"stage": "prepare", "wall_time_s": 4.0})
+    for arm in ("english", "clm_only"):
+        io.write_json_atomic(str(workdir / "targets" / arm / "_manifest.json"), {"stage": "train", "wall_time_s": 70})
+    (workdir / "_stage_stats.json").write_text(json.dumps({"collect": {"last_run_wall_s": 323.6, "peak_rss_mb": 900}}))
+    dirs = {"prepare": "prepared", "collect": "logits", "train": "targets"}
+    cfg = SimpleNamespace(workdir=str(workdir), stages=lambda: ["prepare", "collect", "train", "eval"],
+                          stage_dir=lambda stage: str(workdir / dirs[stage]))
+    stats = report_lib.stage_stats(cfg)
+    assert stats == {"prepare": {"wall_time_s": 4.0}, "collect": {"wall_time_s": 323.6, "peak_rss_mb": 900},
+                     "train": {"wall_time_s": None}}
+    md = report_lib.markdown({"bpb": BPB, "models": {}, "stages": stats, "source_domain": {"computing": "computing",
+                                                                             "helper": None}})
+    assert "| collect | 323.6 | 900 |" in md and "| train |  |  |" in md
+    assert "computing → computing, helper (no domain given)" in md and "None" not in md

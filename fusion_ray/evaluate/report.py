@@ -36,7 +36,8 @@ def markdown(report: dict) -> str:
             if arm.startswith("fused:") or arm == "merged":
                 lines.append(f"| {arm} | " + " | ".join(f"{bpb[arm][d] - clm[d]:+.4f}" for d in domains) + " |")
     if report.get("source_domain"):
-        lines += ["", "Source specialisations: " + ", ".join(f"{s} → {d}" for s, d in report["source_domain"].items())]
+        lines += ["", "Source specialisations: " + ", ".join(
+            f"{s} → {d}" if d else f"{s} (no domain given)" for s, d in report["source_domain"].items())]
     for pair, stats in (report.get("routing") or {}).items():
         if not stats:
             continue
@@ -51,7 +52,9 @@ def markdown(report: dict) -> str:
         lines += ["", "| stage | wall time (s) | peak memory (MiB) |", "|---|---:|---:|"]
         for stage, s in report["stages"].items():
             mem = s.get("peak_rss_mb")
-            lines.append(f"| {stage} | {s.get('wall_time_s', 0):.1f} | {'' if mem is None else f'{mem:.0f}'} |")
+            wall = s.get("wall_time_s")
+            lines.append(f"| {stage} | {'' if wall is None else f'{wall:.1f}'} | "
+                         f"{'' if mem is None else f'{mem:.0f}'} |")
     mean_bpb = {arm: sum(v.values()) / len(v) for arm, v in bpb.items() if v}
     lines += chat_lines(report, "held-out bpb (mean over domains)", {a: f"{v:.4f}" for a, v in mean_bpb.items()})
     return "\n".join(lines) + "\n"
@@ -249,14 +252,21 @@ def stage_manifests(root: str) -> list[dict]:
 
 
 def stage_stats(cfg: FusionConfig) -> dict[str, dict]:
-    """Wall time (summed over each stage's manifests) and peak memory (sampled while it ran)."""
+    """Each finished stage's own wall time and peak memory, as the pipeline measured its last run
+    (`_stage_stats.json`: from the stage's start to its end, its parts side by side inside it).
+
+    A stage run outside the pipeline has no such record: its wall time is then its manifest's,
+    and None for a stage of parts (their times overlap; a sum would overstate the stage).
+    """
     sampled = read_stats(cfg)
     stats: dict[str, dict] = {}
     for stage in (s for s in cfg.stages() if s not in ("eval", "serve")):
         manifests = stage_manifests(cfg.stage_dir(stage))
-        if manifests:
-            wall = sum(m.get("wall_time_s", 0.0) for m in manifests)
-            stats[stage] = {"wall_time_s": round(wall, 1), **sampled.get(stage, {})}
+        if not manifests:
+            continue
+        own = sampled.get(stage, {})
+        wall = own.get("last_run_wall_s", manifests[0].get("wall_time_s") if len(manifests) == 1 else None)
+        stats[stage] = {"wall_time_s": wall, **({"peak_rss_mb": own["peak_rss_mb"]} if "peak_rss_mb" in own else {})}
     return stats
 
 
