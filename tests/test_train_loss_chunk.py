@@ -73,3 +73,29 @@ def test_loss_chunk_mb_reaches_the_loss_of_the_training_step(tmp_path):
     assert seen[1][1] == pytest.approx(seen[None][1], rel=1e-6)
     for a, b in zip(seen[1][2:], seen[None][2:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_each_step_reports_its_own_transfer_and_clm_alone_reports_none():
+    """The training line's figures are one window each: `transferred` is the step's share of scored
+    positions a source reached (not a running mean over the run), and the CLM-only arm (λ = 1) has
+    no fusion term or transfer to report."""
+    from fusion_ray.trainer.fit import summary
+    from fusion_ray.trainer.loop import FusionObjective
+    from fusion_ray.trainer.objective import Distill
+
+    cfg = load_config(TINY)
+    out = {"clm": torch.tensor(2.0), "fusion": torch.tensor(3.0)}
+    fused = FusionObjective(Distill(0.5), cfg, 0, torch.device("cpu"))
+    fused.observe(torch.ones(10, dtype=torch.bool))  # step 1: every position reached
+    assert fused.metrics(out)["transferred"] == 1.0
+    fused.observe(torch.zeros(6, dtype=torch.bool))  # step 2, two micro-batches: 1 of 8 reached
+    fused.observe(torch.tensor([True, False]))
+    assert fused.metrics(out) == {"clm": 2.0, "fusion": 3.0, "transferred": 1 / 8}
+    clm = FusionObjective(Distill(1.0), cfg, 0, torch.device("cpu"))
+    clm.observe(torch.ones(4, dtype=torch.bool))
+    assert clm.metrics(out) == {"clm": 2.0}
+
+    line = summary({"step": 40, "loss": 2.5, "clm": 2.0, "fusion": 3.0, "transferred": 0.125, "lr": 1e-4,
+                    "tokens_per_s": 812.0, "step_s": 3.4}, 139.2)
+    assert line == ("40 steps in 139.2s (0.3 steps/s); last step: loss 2.5, clm 2, fusion 3, transferred 0.125, "
+                    "lr 0.0001, step_s 3.4; mean over the run: tokens_per_s 812")

@@ -76,7 +76,8 @@ def test_metrics_log_and_manifest(trained):
     fused = io.read_manifest(cfg.stage_dir("train", "gpt"))
     clm = io.read_manifest(cfg.stage_dir("train", "clm_only"))
     assert fused["extra"]["metrics"]["step"] == 4 and fused["extra"]["lambda_clm"] == 0.5
-    assert clm["extra"]["lambda_clm"] == 1.0 and clm["extra"]["metrics"]["fusion"] == 0.0
+    assert clm["extra"]["lambda_clm"] == 1.0 and clm["extra"]["metrics"]["clm"] > 0
+    assert not {"fusion", "transferred"} & set(clm["extra"]["metrics"]), "CLM alone: no fusion term, no transfer"
     assert (fused["extra"]["objective"], clm["extra"]["objective"]) == ("fusion", "clm")
     log = steps_logged(f"{cfg.stage_dir('train', 'gpt')}/train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3, 4]

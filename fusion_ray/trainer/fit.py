@@ -141,12 +141,27 @@ def fit_target(cfg: FusionConfig, *, objective: Objective, name: str, arm: str, 
                                   "lr": t.lr, "epochs": t.epochs, "max_steps": t.max_steps,
                                   "strategy": t.strategy, "checkpoint": checkpoint_uri(result.checkpoint)},
                            wall_time_s=time.monotonic() - started), config=cfg.to_dict())
+    log(f"[{stage}] {name}: {summary(result.metrics or {}, time.monotonic() - started)}")
+    return StageResult("done", [out_dir], {"metrics": result.metrics})
+
+
+RUN_MEANS = ("tokens_per_s",)  # the loop averages these over the run; its other figures are one step's
+
+
+def summary(metrics: dict, seconds: float) -> str:
+    """A trained target's line: steps and time, then the last step's figures and the run's means,
+    each group named by its window."""
     from fusion_ray.progress import rate
 
-    metrics = dict(result.metrics or {})
-    log(f"[{stage}] {name}: {rate(int(metrics.pop('step', 0)), time.monotonic() - started, 'steps')}; "
-        + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-    return StageResult("done", [out_dir], {"metrics": result.metrics})
+    def fmt(figures: dict) -> str:
+        return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+
+    last = {k: v for k, v in metrics.items() if k != "step" and k not in RUN_MEANS}
+    means = {k: metrics[k] for k in RUN_MEANS if k in metrics}
+    parts = [rate(int(metrics.get("step", 0)), seconds, "steps")]
+    parts += [f"last step: {fmt(last)}"] if last else []
+    parts += [f"mean over the run: {fmt(means)}"] if means else []
+    return "; ".join(parts)
 
 
 def tracking_run(cfg: FusionConfig, stage: str, name: str, arm: str, fingerprints: dict) -> dict:

@@ -102,7 +102,12 @@ def save_checkpoint(strategy, step: int, metrics: dict, log: TrainLog | None) ->
 
 
 class FusionObjective:
-    """`objective.Distill`: λ·CLM + (1−λ)·fusion on rows of the FUSED schema."""
+    """`objective.Distill`: λ·CLM + (1−λ)·fusion on rows of the FUSED schema.
+
+    Its metrics are the optimizer step's (the micro-batches since the last `metrics` call): the
+    CLM and fusion terms of the step's last micro-batch, and the share of the step's scored
+    positions a source's distribution reached (`transferred`). CLM alone (λ = 1) has neither a
+    fusion term nor a transfer to report."""
 
     def __init__(self, spec: Distill, cfg: FusionConfig, pad_id: int, device):
         self.cfg, self.lam, self.pad_id, self.device = cfg, spec.lambda_clm, pad_id, device
@@ -118,13 +123,23 @@ class FusionObjective:
         out = batch_loss(model, batch, lam=self.lam, tail=t.tail, temperature=t.temperature,
                          fusion_positions=t.fusion_positions, loss_from=t.loss_from,
                          chunk_bytes=t.loss_chunk_mb << 20 if t.loss_chunk_mb else None)
-        self.reached += int(batch["transferred"].sum())
-        self.scored += len(batch["transferred"])
+        self.observe(batch["transferred"])
         return {**out, "tokens": int(batch["attention_mask"].sum())}
 
+    def observe(self, transferred) -> None:
+        """Count a micro-batch's scored positions and those a source reached."""
+        self.reached += int(transferred.sum())
+        self.scored += len(transferred)
+
     def metrics(self, out: dict) -> dict:
-        return {"clm": out["clm"].item(), "fusion": out["fusion"].item(),
-                "transferred": self.reached / max(self.scored, 1)}
+        """The step's figures; starts the next step's count."""
+        if self.lam == 1.0:
+            figures = {"clm": out["clm"].item()}
+        else:
+            figures = {"clm": out["clm"].item(), "fusion": out["fusion"].item(),
+                       "transferred": self.reached / max(self.scored, 1)}
+        self.reached = self.scored = 0
+        return figures
 
 
 class PreferenceObjective:
