@@ -72,6 +72,10 @@ def test_relative_paths_from_the_projects_own_directory(trained, project):
     logs = sorted((workdir / "logs").glob("run-*.log"))
     assert logs and "[train] done" in logs[-1].read_text()
     assert f"[run] log: {logs[-1]}" in trained.stdout
+    # a successful run shows no line a user would take for an error: Ray's E-level lines, warnings
+    shown = (trained.stdout + trained.stderr).splitlines()
+    alarming = [line for line in shown if re.search(r"\bE \d+ \d+\]|\bWARNING\b|\bERROR\b|Traceback", line)]
+    assert not alarming, alarming[:5]
 
 
 def test_a_missing_fused_shard_ends_in_one_line_before_training(trained, project):

@@ -114,6 +114,54 @@ def test_the_terminal_keeps_our_lines_and_the_log_keeps_everything(tmp_path):
     assert log.getvalue().splitlines() == plain, "the log file: every line, no colour codes"
 
 
+def test_known_harmless_lines_go_to_the_log_only():
+    """What a successful run printed that a user takes for an error (Ray's E-level core line, the GCS
+    at a pool's end, DeepSpeed's CPU notice, Ray Data's bars notice, a worker's progress bar) is
+    kept in the log and off the terminal; an unknown warning of the driver still shows."""
+    terminal, log = io.StringIO(), io.StringIO()
+    router = console.Router(terminal, log)
+    harmless = [
+        "[2026-12-06 07:27:04,929 E 8418 8896] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches("
+        "ScoreUDF))' and ID: 'd7' has constructor arguments in the object store and max_restarts > 0. If the "
+        "arguments in the object store go out of scope or are lost, the actor restart will fail.",
+        "(pid=gcs_server) [2026-12-06 07:29:15,558 E 8459 8459] (gcs_server) gcs_actor_scheduler.cc:538: Failed to "
+        "kill actor 16df7795, return status: Invalid: KillActor RPC failed for actor 16df7795: RpcError",
+        "[2026-12-06 07:23:37,041] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. "
+        "If you have GPU or other accelerator, we were unable to detect it.",
+        "2026-12-06 07:27:04,948\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set "
+        "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
+        "[transformers] `loss_type=None` was set in the config but it is unrecognized. Using the default loss."]
+    for line in harmless:
+        router.write(line + "\n")
+    router.write("\x1b[36m(MapWorker(MapBatches(ScoreUDF)) pid=8953)\x1b[0m Loading safetensors checkpoint shards:"
+                 "   0% Completed | 0/1 [00:00<?, ?it/s]\r")
+    router.write("[collect] pivot: 10 rows\nWARNING something new\n")
+    assert terminal.getvalue().splitlines() == ["[collect] pivot: 10 rows", "WARNING something new"]
+    assert log.getvalue().splitlines()[:len(harmless)] == harmless
+
+
+def test_what_c_code_writes_to_descriptor_2_is_routed_too(tmp_path):
+    """Ray's driver core writes its ERROR lines to descriptor 2 itself, past `sys.stderr`: `route`
+    reads that descriptor through a pipe, so a known-harmless one stays in the log file and any
+    other reaches the terminal, at exit too."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "run.log"
+    code = ("import os\nfrom pathlib import Path\nfrom fusion_ray import console\n"
+            f"console.route(Path({str(log)!r}))\n"
+            "os.write(2, b'[2026 E 1 2] core_worker.cc:2465: Actor X has constructor arguments in the object store "
+            "and max_restarts > 0.\\n')\n"
+            "os.write(2, b'[2026 E 1 2] raylet_client.cc:9: something else went wrong\\n')\n"
+            "print('[run] done', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "[run] done\n"
+    assert "something else went wrong" in out.stderr and "constructor arguments" not in out.stderr
+    kept = log.read_text()
+    assert "constructor arguments in the object store" in kept and "something else went wrong" in kept
+
+
 def test_colour_codes_reach_a_real_terminal_only():
     class Tty(io.StringIO):
         def isatty(self):
