@@ -77,14 +77,61 @@ def server(request, tiny_models, tmp_path_factory, ray_local):
     cfg = make_config(tmp / "work", model, {"src": model}, [corpus], serve=serve_cfg)
     before = leftovers()
     os.environ[KEY_ENV] = KEY
+    watch = HealthWatch(f"http://127.0.0.1:{serve_cfg['port']}/health")
     try:
-        result = stage.run(cfg, log=lambda *_: None)
-        yield result.figures["url"], result.figures["model"], request.param, dense
+        with watch:  # what /health answered while the deployment started
+            result = stage.run(cfg, log=lambda *_: None)
+        yield result.figures["url"], result.figures["model"], request.param, dense, watch.answers
     finally:
         os.environ.pop(KEY_ENV, None)
         serve.shutdown()
         for leftover in leftovers() - before:
             Path(leftover).unlink(missing_ok=True)
+
+
+class HealthWatch:
+    """Polls `/health` from another thread until it answers 200: each answer's status, body and
+    seconds (connection refused before the proxy listens is not an answer)."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.answers, self.stop = url, [], threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            try:
+                out = httpx.get(self.url, timeout=30)
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            self.answers.append((out.status_code, out.text, time.monotonic() - t0))
+            if out.status_code == 200:
+                return
+            time.sleep(0.2)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join(timeout=35)  # the deployment is up: the next poll gets its 200
+        self.stop.set()
+
+
+def test_health_answers_at_once_while_the_replica_starts(server):
+    """Before the replica is ready, /health is 503 `starting` within about a second (the proxy
+    answers it: fusion_ray.serve.proxy.HealthWhileStarting), never held until the engine loads;
+    then the replica's 200."""
+    answers = server[4]
+    assert answers and answers[-1][0] == 200, answers[-3:]
+    early = answers[:-1]
+    assert early, "the replica took no time to start: nothing to check"
+    for status, body, seconds in early:
+        assert status == 503 and json.loads(body)["status"] == "starting", (status, body)
+        assert seconds < 2.0, seconds
 
 
 @pytest.fixture

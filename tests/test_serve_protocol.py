@@ -296,3 +296,51 @@ def test_proxy_body_limit_refuses_unread_and_replays_what_it_buffered():
     assert chunked_big.status_code == 413
     assert bad_length.status_code == 400
     assert seen == [10_000, 10_000]  # the refused bodies never reached the app
+
+
+def test_proxy_answers_health_at_once_while_no_replica_can():
+    """While a replica starts, Serve's proxy holds a request until one is ready (minutes for a vLLM
+    engine) or answers 404 before the application's route exists: `/health` is then 503
+    `starting` within the wait, with Retry-After. A ready replica's answer passes through, as does
+    every other route, however slow."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from fusion_ray.serve.proxy import HealthWhileStarting, middlewares
+
+    state = {"phase": "no route"}
+
+    async def serve_app(scope, receive, send):  # what Serve's proxy does behind the middleware
+        if state["phase"] == "no route":
+            status, body = 404, b"Path '/health' not found."
+        elif state["phase"] == "starting":
+            await asyncio.sleep(30)  # held until a replica is ready
+            status, body = 200, b"{}"
+        else:
+            await asyncio.sleep(0.05 if scope["path"] == "/health" else 1.5)
+            status, body = 200, b'{"status": "ok"}'
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    async def main():
+        transport = httpx.ASGITransport(app=HealthWhileStarting(serve_app, wait_s=0.3))
+        out = {}
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            for phase in ("no route", "starting", "ready"):
+                state["phase"] = phase
+                t0 = time.perf_counter()
+                out[phase] = (await http.get("/health"), time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            out["slow route"] = (await http.get("/v1/models"), time.perf_counter() - t0)
+        return out
+
+    out = asyncio.run(main())
+    for phase in ("no route", "starting"):
+        reply, seconds = out[phase]
+        assert reply.status_code == 503 and reply.json()["status"] == "starting", phase
+        assert reply.headers["retry-after"] and seconds < 1.0, (phase, seconds)
+    assert out["ready"][0].status_code == 200 and out["ready"][0].json() == {"status": "ok"}
+    assert out["slow route"][0].status_code == 200 and out["slow route"][1] >= 1.5, "other routes are not cut short"
+    assert [m.cls for m in middlewares()][0] is HealthWhileStarting

@@ -1,4 +1,4 @@
-"""A body-size bound in Ray Serve's HTTP proxy, in front of every replica.
+"""A body-size bound and an at-once `/health` in Ray Serve's HTTP proxy, in front of every replica.
 
 Serve's proxy reads each request's whole body into memory as it arrives and forwards it to a
 replica, whether or not the replica reads it: a replica alone cannot keep a 90 MB request out
@@ -8,6 +8,12 @@ of the proxy's memory. `BodyLimit` is a pure ASGI middleware that runs in each p
     to Serve;
   - a `Content-Length` that is not a byte count is answered 400.
 Errors are OpenAI-style JSON bodies, as the replica's own.
+
+`HealthWhileStarting` answers `GET /health` itself when no replica can: while a replica starts
+(loading a vLLM engine takes minutes) the proxy would hold the request until one is ready, or
+answer 404 before the application's route exists. Past `HEALTH_WAIT_S` without a replica's
+answer, or on that 404, it answers 503 `{"status": "starting"}` with `Retry-After`; once a
+replica is up, its own 200 passes through unchanged.
 
 Serve loads proxy middlewares from `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` in the proxies'
 environment; `controller_env(limit)` is that environment (the proxies inherit the controller's),
@@ -19,6 +25,7 @@ Pure: starlette only (no ray, torch or vllm).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
@@ -29,6 +36,8 @@ CALLBACK = "fusion_ray.serve.proxy:middlewares"
 LIMIT_ENV = "FUSION_RAY_SERVE_MAX_REQUEST_BYTES"
 DEFAULT_LIMIT = 4 * 2**20  # as `serve.max_request_bytes`
 DRAIN_BYTES = 256 * 2**20  # the most of a refused body read (and dropped) so that its client sees the 413
+HEALTH_PATH = "/health"
+HEALTH_WAIT_S = 1.0  # a ready replica answers /health in milliseconds (its event loop is never blocked)
 
 
 def controller_env(limit: int) -> dict[str, str]:
@@ -40,7 +49,41 @@ def middlewares() -> list:
     from starlette.middleware import Middleware
 
     raw = os.environ.get(LIMIT_ENV, "")
-    return [Middleware(BodyLimit, limit=int(raw) if raw.isdigit() else DEFAULT_LIMIT)]
+    return [Middleware(HealthWhileStarting), Middleware(BodyLimit, limit=int(raw) if raw.isdigit() else DEFAULT_LIMIT)]
+
+
+class HealthWhileStarting:
+    """ASGI middleware: `GET /health` answered 503 `starting` at once while no replica answers it."""
+
+    def __init__(self, app, wait_s: float = HEALTH_WAIT_S):
+        self.app, self.wait_s = app, wait_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") != HEALTH_PATH or scope.get("method") != "GET":
+            return await self.app(scope, receive, send)
+        state = {"started": False, "no_route": False}
+
+        async def forward(message):
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                state["no_route"] = True  # the application's route is not there yet
+            if state["no_route"]:
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, forward))
+        await asyncio.wait({task}, timeout=self.wait_s)
+        if state["started"]:
+            return await task
+        if not task.done():
+            task.cancel()  # no await since the check: nothing of the replica's answer can have gone out
+        elif not task.cancelled():
+            task.exception()  # retrieved: a failure before any answer reads as no replica ready
+        body = json.dumps({"status": "starting", "message": "no replica is ready yet; retry shortly"}).encode()
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", b"5")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
