@@ -67,15 +67,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     args.adapter = [(name, locations.absolute(d)) for name, d in args.adapter or []]
     import torch
 
-    from fusion_ray.serve.app import API_KEY_ENV, deploy
+    from fusion_ray.serve.app import API_KEY_ENV, ServeArgs, deploy
 
     engine = args.engine or ("vllm" if importlib.util.find_spec("vllm") else "hf")
-    url = deploy({"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
+    serve_args = {"model_dir": args.model_dir, "engine": engine, "host": args.host, "port": args.port,
                   "api_key": args.api_key or os.environ.get(API_KEY_ENV),
                   "num_gpus": 1 if torch.cuda.is_available() else 0,  # one replica, one GPU if any
                   "access_log": not args.no_access_log, "max_request_bytes": args.max_request_bytes,
-                  "adapters": dict(args.adapter or [])})
-    serve_until_interrupted(url)
+                  "adapters": dict(args.adapter or [])}
+    ServeArgs.model_validate(serve_args).resolved()  # a dir that is no model fails here, before the log opens
+    # the engine's and Serve's own lines (and the access log) go to this node's log file
+    with run_log(args, str(locations.cache_root())):
+        serve_until_interrupted(deploy(serve_args))
     return 0
 
 
