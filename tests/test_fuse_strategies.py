@@ -40,3 +40,24 @@ def test_mix_is_the_weighted_union():
     assert got == pytest.approx({2: 0.4, 1: 0.3, 3: 0.2})
     only, _ = strategies.mix(ids, lp, np.array([0.0, 1.0]), k=2)
     assert only.tolist() == [[2, 3]]
+
+
+def test_per_token_scores_favour_the_finer_tokenizer_and_per_byte_the_better_model():
+    """The case a real chat model showed (SmolLM2-135M-Instruct as pivot, 4.2 bytes a token and
+    1.250 bits per byte on English, against a source with a finer tokenizer, 2.9 bytes a token,
+    that is worse on the same text, 1.706 bits per byte): per token the source looks better and
+    MinCE routes to it; per byte, the unit every tokenizer shares, the pivot wins."""
+    from fusion_ray.fuse.stage import candidate_scores
+
+    n_bytes = 4200
+    pivot_tokens, source_tokens = round(n_bytes / 4.2), round(n_bytes / 2.9)
+    pivot_nll, source_nll = 1.250 * math.log(2) * n_bytes, 1.706 * math.log(2) * n_bytes
+    pivot = {"nll_sum": pivot_nll, "loss_mask": [True] * pivot_tokens, "n_bytes": n_bytes}
+    source = {"source_ce": distributions.score(source_nll, source_tokens, n_bytes, "ce"),
+              "source_bpb": distributions.score(source_nll, source_tokens, n_bytes, "bpb")}
+    per_token = candidate_scores(pivot, [source], "ce")
+    per_byte = candidate_scores(pivot, [source], "bpb")
+    assert per_token[1] < per_token[0], "per token, the worse model looks better"
+    assert per_byte == pytest.approx([1.250, 1.706])
+    assert strategies.STRATEGIES["min_ce"](per_token).tolist() == [0.0, 1.0]
+    assert strategies.STRATEGIES["min_ce"](per_byte).tolist() == [1.0, 0.0]

@@ -51,9 +51,7 @@ def fuse_shard(cfg: FusionConfig, pair: str, name: str, out_dir: str) -> dict:
         ids = [np.asarray(p["topk_ids"])[scored]] + [np.asarray(c["topk_ids"]) for c in cands]
         lps = [np.asarray(p["topk_logprobs"], np.float32)[scored]] + \
               [np.asarray(c["topk_logprobs"], np.float32) for c in cands]
-        scores = [score(p["nll_sum"], int(mask.sum()), p["n_bytes"], metric)] + \
-                 [c["source_ce"] if metric == "ce" else c["source_bpb"] for c in cands]
-        weights = strategy(np.array(scores, dtype=np.float64))
+        weights = strategy(candidate_scores(p, cands, metric))
         top_ids, top_lp = mix(ids, lps, weights, k)
         reached = np.zeros(int(mask.sum()), dtype=bool)
         for w, c in zip(weights[1:], cands, strict=True):
@@ -63,6 +61,20 @@ def fuse_shard(cfg: FusionConfig, pair: str, name: str, out_dir: str) -> dict:
                      "transferred": reached, "weights": weights.astype(np.float32)})
     io.write_parquet_atomic(f"{out_dir}/{name}", fused_table(rows))
     return {"shard": name, "rows": len(rows)}
+
+
+def candidate_scores(pivot: dict, sources: list[dict], metric: str) -> np.ndarray:
+    """Each candidate's score on one sample, the pivot first (lower is better): `bpb`, bits per
+    UTF-8 byte of the scored text, one unit for every tokenizer; `ce`, mean NLL per token of each
+    model's own tokenization (FuseLLM's), which favours the finer tokenizer on the same text.
+
+    Args:
+        pivot: the pivot's `logits/` row (`nll_sum`, `loss_mask`, `n_bytes`).
+        sources: each source's `aligned/` row (`source_ce`, `source_bpb`).
+    """
+    mask = np.asarray(pivot["loss_mask"], dtype=bool)
+    own = score(pivot["nll_sum"], int(mask.sum()), pivot["n_bytes"], metric)
+    return np.array([own] + [c["source_ce"] if metric == "ce" else c["source_bpb"] for c in sources], dtype=np.float64)
 
 
 def fuse_row(row: dict, cfg: dict, pair: str, out_dir: str) -> dict:
