@@ -63,6 +63,7 @@ class Router(io.TextIOBase):
     def __init__(self, terminal, log):
         self.terminal, self.log, self._pending = terminal, log, ""
         self._lock = threading.Lock()  # Python's writes and the descriptor reader's (`route`)
+        self._hid_bar = False  # a bar not shown was cut at its `\r`: the newline that ends it is its own
         try:
             self._colour = bool(terminal.isatty())
         except (AttributeError, ValueError):
@@ -85,15 +86,21 @@ class Router(io.TextIOBase):
         with self._lock:
             self._pending += text
             *lines, self._pending = self._pending.split("\n")
-            if "\r" in self._pending:  # a progress bar redrawn in place: the terminal's, when it is ours
-                if shown(self._pending.lstrip("\r")):
-                    self.terminal.write(self._pending)
-                self._pending = ""
             for line in lines:
+                if self._hid_bar and not line.strip("\r"):
+                    self._hid_bar = False  # the end of a bar that was not shown
+                    continue
+                self._hid_bar = False
                 plain = _COLOUR.sub("", line)
                 self.log.write(plain + "\n")
                 if shown(line.lstrip("\r")):
                     self.terminal.write((line if self._colour else plain) + "\n")
+            if "\r" in self._pending:  # a progress bar redrawn in place: the terminal's, when it is ours
+                if shown(self._pending.lstrip("\r")):
+                    self.terminal.write(self._pending)
+                else:
+                    self._hid_bar = True
+                self._pending = ""
         return len(text)
 
     def flush(self) -> None:

@@ -135,6 +135,7 @@ def test_known_harmless_lines_go_to_the_log_only():
         router.write(line + "\n")
     router.write("\x1b[36m(MapWorker(MapBatches(ScoreUDF)) pid=8953)\x1b[0m Loading safetensors checkpoint shards:"
                  "   0% Completed | 0/1 [00:00<?, ?it/s]\r")
+    router.write("\n")  # the newline that ends the bar, in a write of its own: no blank line for it
     router.write("[collect] pivot: 10 rows\nWARNING something new\n")
     assert terminal.getvalue().splitlines() == ["[collect] pivot: 10 rows", "WARNING something new"]
     assert log.getvalue().splitlines()[:len(harmless)] == harmless
