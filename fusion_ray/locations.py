@@ -34,9 +34,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pyarrow.fs as pafs
+if TYPE_CHECKING:  # pyarrow.fs is imported where an object store is touched: a local or demo path needs none
+    import pyarrow.fs as pafs
 
 DEMO_SCHEME = "demo:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -115,6 +116,8 @@ def filesystem(ref: str) -> tuple[pafs.FileSystem, str]:
     `s3://` URIs honour the endpoint override (an S3-compatible store such as MinIO or moto);
     `file://` and plain paths are local.
     """
+    import pyarrow.fs as pafs
+
     if URI.match(ref) and not ref.startswith("file://"):
         scheme, _, rest = ref.partition("://")
         if scheme == "s3" and endpoint():
@@ -135,6 +138,8 @@ def join(base: str, *parts: str) -> str:
 
 def listing(ref: str) -> list[tuple[str, int, int]]:
     """(relative name, size, mtime ns) of every file below a URI or local dir (or of one file)."""
+    import pyarrow.fs as pafs
+
     fs, path = filesystem(ref)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -173,6 +178,8 @@ def upload(local: str | Path, dest: str, *, skip: tuple[str, ...] = ()) -> int:
 
 def download(ref: str, dest: Path, *, only: tuple[str, ...] | None = None) -> None:
     """Copy the object(s) below `ref` into the local dir `dest` (or only the named files)."""
+    import pyarrow.fs as pafs
+
     fs, root = filesystem(ref)
     info = fs.get_file_info(root)
     names = [(info.base_name, root)] if info.type == pafs.FileType.File else [
@@ -200,6 +207,8 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def _materialize_uri(ref: str) -> str:
     """The node-local copy of an object-store file or prefix (made once, atomically)."""
+    import pyarrow.fs as pafs
+
     from fusion_ray.hashing import fingerprint
 
     files = listing(ref)
@@ -350,6 +359,8 @@ def check(ref: str, *, what: str = "model") -> str:
 
 def reachable(ref: str, *, revision: str | None = None, what: str = "model") -> str | None:
     """None when `ref` can be read from here, else one line saying why not (no weights fetched)."""
+    import pyarrow.fs as pafs
+
     k = kind(ref)
     try:
         if k in ("demo", "local"):
@@ -388,6 +399,8 @@ def writable(ref: str) -> str | None:
     dir; on an object store the bucket must exist (it is never created here) and a small probe
     object is written and deleted.
     """
+    import pyarrow.fs as pafs
+
     if kind(ref) != "uri":
         path = Path(ref.removeprefix("file://")).expanduser().absolute()
         parent = next(p for p in (path, *path.parents) if p.exists())

@@ -20,7 +20,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion_ray.io import fingerprint
+from fusion_ray.hashing import fingerprint
 from fusion_ray.locations import cache_root
 
 CORPUS_FILES = ("computing_train", "computing_heldout", "english_train", "english_heldout")

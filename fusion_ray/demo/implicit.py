@@ -31,7 +31,7 @@ from fusion_ray.demo.assets import (
     TinyModel,
     precision_key,
 )
-from fusion_ray.io import fingerprint
+from fusion_ray.hashing import fingerprint
 from fusion_ray.locations import cache_root
 
 BUILD_VERSION = 2  # bump when the implicit build code changes what it produces (2: every training phrasing)

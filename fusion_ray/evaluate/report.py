@@ -178,12 +178,10 @@ def chart(report: dict) -> bytes:
 
 def write_report(report: dict, out) -> None:
     """Write the three files into a `StageOutput` (atomically, each)."""
-    from fusion_ray import io
-
     text = implicit_markdown(report) if report.get("method") == "implicit" else markdown(report)
-    io.write_json_atomic(out.path("report.json"), report)
-    io.write_bytes_atomic(out.path("report.md"), text.encode())
-    io.write_bytes_atomic(out.path("report.png"), chart(report))
+    fio.write_json_atomic(out.path("report.json"), report)
+    fio.write_bytes_atomic(out.path("report.md"), text.encode())
+    fio.write_bytes_atomic(out.path("report.png"), chart(report))
 
 
 def implicit_markdown(report: dict) -> str:
@@ -238,9 +236,7 @@ def implicit_figure(report: dict):
 
 def load(path: str) -> dict:
     """A report.json, local or on an object store."""
-    from fusion_ray import io
-
-    return json.loads(io.read_text(path))
+    return json.loads(fio.read_text(path))
 
 
 def stage_manifests(root: str) -> list[dict]:

@@ -1,10 +1,11 @@
-"""Training a target on rows of the FUSED schema with Ray Train: what the `train` stage's arms and
-implicit fusion's `sft` stage share (`fit_target`).
+"""Training a target with Ray Train: what the `train` stage's arms and implicit fusion's `sft` and
+`dpo` stages share (`fit_target`).
 
 One `TorchTrainer` per target: every worker reads its micro-batches of one deterministic row
-order itself (`trainer/order.py`), the strategy (DeepSpeed ZeRO or DDP) trains with λ·CLM + (1−λ)·fusion
-(`trainer/loop.py`), checkpoints go below `<workdir>/_ray_train/`, and the final weights, config,
-log and the pivot's tokenizer files become an HF model dir, committed atomically.
+order itself (`trainer/order.py`), the strategy (DeepSpeed ZeRO or DDP) trains with the objective
+the stage handed in (`trainer/objective.py`, `trainer/loop.py`), checkpoints go below
+`<workdir>/_ray_train/`, and the final weights, config, log and the pivot's tokenizer files become
+an HF model dir, committed atomically.
 """
 
 from __future__ import annotations
