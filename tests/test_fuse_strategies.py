@@ -42,11 +42,12 @@ def test_mix_is_the_weighted_union():
     assert only.tolist() == [[2, 3]]
 
 
-def test_per_token_scores_favour_the_finer_tokenizer_and_per_byte_the_better_model():
+def test_per_token_scores_favour_the_finer_tokenizer_and_the_default_the_better_model():
     """The case a real chat model showed (SmolLM2-135M-Instruct as pivot, 4.2 bytes a token and
     1.250 bits per byte on English, against a source with a finer tokenizer, 2.9 bytes a token,
     that is worse on the same text, 1.706 bits per byte): per token the source looks better and
-    MinCE routes to it; per byte, the unit every tokenizer shares, the pivot wins."""
+    MinCE routes to it; per byte, the unit every tokenizer shares and the default, the pivot wins."""
+    from fusion_ray.config import FuseConfig
     from fusion_ray.fuse.stage import candidate_scores
 
     n_bytes = 4200
@@ -61,3 +62,6 @@ def test_per_token_scores_favour_the_finer_tokenizer_and_per_byte_the_better_mod
     assert per_byte == pytest.approx([1.250, 1.706])
     assert strategies.STRATEGIES["min_ce"](per_token).tolist() == [0.0, 1.0]
     assert strategies.STRATEGIES["min_ce"](per_byte).tolist() == [1.0, 0.0]
+    default = FuseConfig()
+    chosen = strategies.STRATEGIES[default.strategy](candidate_scores(pivot, [source], default.metric))
+    assert chosen.tolist() == [1.0, 0.0], "the default routes to the model that predicts the text better"

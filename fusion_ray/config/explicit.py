@@ -114,7 +114,9 @@ class AlignConfig(Strict):
 
 class FuseConfig(Strict):
     strategy: Literal["min_ce", "avg_ce"] = "min_ce"
-    metric: Literal["ce", "bpb"] = "ce"
+    # bpb: candidates compared per byte of the same text, a unit no tokenizer changes; ce (per token of
+    # each model's own tokenization, FuseLLM's) favours the finer tokenizer (docs/design.md#fusion-mince-and-avgce)
+    metric: Literal["ce", "bpb"] = "bpb"
     mode: Literal["pairwise", "multi"] = "pairwise"
     num_cpus: float = Field(1, gt=0)  # per fuse task (one shard each; Ray Data runs as many as fit)
 
