@@ -9,7 +9,10 @@ concurrent workers, non-streaming greedy chat completions of `--max-tokens`):
   raw_vllm  vLLM's own server, `python -m vllm.entrypoints.openai.api_server`
   baseline  a plain single-process transformers `generate` server written here (FastAPI)
   ray_llm   (only when named in --engines) `ray.serve.llm`'s own OpenAI app on the same engine
-Ratios: vllm / raw_vllm (goal ≥ 0.8), vllm / baseline, hf / baseline.
+  vllm_before (only when named) `vllm` run from the checkout given by --before: a change side by side
+Ratios: vllm / raw_vllm (`ours_vs_raw_vllm_rps`, goal ≥ 0.95 on a real model), vllm / baseline,
+hf / baseline. Per server, the CPU seconds each of its processes used per request (`cpu_ms_per_request`):
+where a difference goes.
 
 Usage: python bench/serve.py [--requests 192] [--clients 16] [--max-tokens 32] [--rounds 6]
 The last line is one JSON object with the figures.
@@ -49,8 +52,9 @@ def engine_leftovers() -> set[str]:
 
 def server_command(kind: str, model: str, port: int) -> list[str]:
     exe = [sys.executable]
-    if kind in ("vllm", "hf"):
-        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", kind, "--port", str(port),
+    if kind in ("vllm", "hf", "vllm_before"):
+        engine = kind.removesuffix("_before")
+        return [*exe, "-m", "fusion_ray.cli", "serve", model, "--engine", engine, "--port", str(port),
                 "--no-access-log"]  # as raw_vllm's --disable-uvicorn-access-log
     if kind == "raw_vllm":
         return [*exe, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
@@ -62,8 +66,8 @@ def server_command(kind: str, model: str, port: int) -> list[str]:
 
 
 def start(kind: str, model: str, port: int, log_dir: Path, extra: tuple[str, ...] = (),
-          cwd: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+          cwd: str | None = None, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", **(env_extra or {})}
     log = open(log_dir / f"{kind}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen([*server_command(kind, model, port), *extra], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
@@ -137,6 +141,50 @@ def summarise(runs: list[dict]) -> dict:
             "round_rps": (min(per_round), max(per_round))}
 
 
+# process title or command line → a readable name (first match wins; vLLM retitles its processes)
+PROCESS_KINDS = (("EngineCore", "engine core"), ("VLLM::Worker", "engine worker"), ("ServeReplica", "replica"),
+                 ("ProxyActor", "proxy"), ("ServeController", "controller"), ("raylet", "raylet"),
+                 ("gcs_server", "gcs"), ("DashboardAgent", "dashboard"), ("dashboard", "dashboard"),
+                 ("ray::IDLE", "idle workers"), ("log_monitor", "log monitor"), ("RuntimeEnvAgent", "runtime env"),
+                 ("autoscaler", "autoscaler"), ("fusion_ray.cli", "driver"), ("vllm.entrypoints", "api server"),
+                 ("APIServer", "api server"))
+
+
+def process_kind(proc) -> str:
+    """A readable name for one process of a server's tree (by its title or command line)."""
+    try:
+        text = " ".join(proc.cmdline()) or proc.name()
+    except Exception:  # noqa: BLE001  (gone, or not ours to read)
+        return "other"
+    return next((kind for key, kind in PROCESS_KINDS if key in text), "other")
+
+
+def cpu_seconds(root: subprocess.Popen) -> dict[int, tuple[str, float]]:
+    """pid → (kind, user + system CPU seconds so far) over the server's whole process tree."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(root.pid), *psutil.Process(root.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out = {}
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = (process_kind(proc), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_used(before: dict, after: dict) -> dict[str, float]:
+    """kind → CPU seconds used between two snapshots (processes present in the second)."""
+    used: dict[str, float] = {}
+    for pid, (kind, t) in after.items():
+        used[kind] = used.get(kind, 0.0) + t - before.get(pid, (kind, 0.0))[1]
+    return used
+
+
 def bench_all(kinds: list[str], model: str, args, log_dir: Path) -> dict:
     """Start every server, then measure them in interleaved rounds (rotating order), so that
     load from elsewhere on the machine falls on all of them alike; stop them all."""
@@ -145,15 +193,21 @@ def bench_all(kinds: list[str], model: str, args, log_dir: Path) -> dict:
         for kind in kinds:
             port = free_port()
             bases[kind] = f"http://127.0.0.1:{port}"
-            procs[kind] = start(kind, model, port, log_dir)
+            before = kind == "vllm_before"
+            procs[kind] = start(kind, model, port, log_dir, env_extra=args.env if kind in ("vllm", "hf") else None,
+                                cwd=args.before if before else None)
             print(f"{kind:9s} ready in {wait_ready(bases[kind], procs[kind]):.0f}s", flush=True)
         name, per_round = Path(model).name, args.requests // args.rounds
         for kind in kinds:  # warm-up: one request per client
             asyncio.run(drive(bases[kind], name, args.clients, args.clients, args.max_tokens))
         runs: dict[str, list] = {kind: [] for kind in kinds}
+        cpu: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
         for r in range(args.rounds):
             for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+                before = cpu_seconds(procs[kind])
                 runs[kind].append(asyncio.run(drive(bases[kind], name, per_round, args.clients, args.max_tokens)))
+                for part, s in cpu_used(before, cpu_seconds(procs[kind])).items():
+                    cpu[kind][part] = cpu[kind].get(part, 0.0) + s
     finally:
         for proc in procs.values():
             stop(proc)
@@ -162,6 +216,12 @@ def bench_all(kinds: list[str], model: str, args, log_dir: Path) -> dict:
         lo, hi = res["round_rps"]
         print(f"{kind:9s} {res['rps']:7.1f} req/s (rounds {lo:.1f}-{hi:.1f})  p50 {res['p50_ms']:7.1f} ms  "
               f"p95 {res['p95_ms']:7.1f} ms  {res['tokens_per_s']:7.0f} tok/s  failures {res['failures']}", flush=True)
+    for kind in kinds:  # where the CPU went: seconds per request, by process, over the measured rounds
+        n = sum(r["requests"] for r in runs[kind])
+        per = {part: round(s / n * 1000, 1) for part, s in sorted(cpu[kind].items(), key=lambda x: -x[1]) if s > 0}
+        results[kind]["cpu_ms_per_request"] = per
+        print(f"{kind:9s} CPU ms per request: {sum(per.values()):.0f} = "
+              + ", ".join(f"{part} {ms:g}" for part, ms in per.items()), flush=True)
     return results
 
 
@@ -233,10 +293,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="interleaved measurement rounds per server")
     parser.add_argument("--engines", default="vllm,raw_vllm,hf,baseline")
     parser.add_argument("--model", default="demo:pivot")
+    parser.add_argument("--before", metavar="CHECKOUT",
+                        help="the `vllm_before` server: our vllm engine run from another checkout (a worktree "
+                             "of an earlier commit), side by side with this one")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="more environment for our servers (vllm, hf; not vllm_before): to try a setting")
     parser.add_argument("--baseline-server", metavar="MODEL_DIR")
     parser.add_argument("--ray-llm-server", metavar="MODEL_DIR")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
+    args.env = dict(item.split("=", 1) for item in args.env)
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.port)
     if args.ray_llm_server:
@@ -257,14 +323,16 @@ def main() -> None:
     def ratio(a: str, b: str) -> float | None:
         return round(results[a]["rps"] / results[b]["rps"], 3) if a in results and b in results else None
 
-    summary = {"vllm_vs_raw_vllm_rps": ratio("vllm", "raw_vllm"), "vllm_vs_baseline_rps": ratio("vllm", "baseline"),
+    summary = {"ours_vs_raw_vllm_rps": ratio("vllm", "raw_vllm"), "vllm_vs_baseline_rps": ratio("vllm", "baseline"),
                "hf_vs_baseline_rps": ratio("hf", "baseline"), "vllm_vs_ray_llm_rps": ratio("vllm", "ray_llm"),
                "p50_ms": {k: round(r["p50_ms"], 1) for k, r in results.items()},
                "p95_ms": {k: round(r["p95_ms"], 1) for k, r in results.items()},
                "rps": {k: round(r["rps"], 2) for k, r in results.items()},
-               "clients": args.clients, "max_tokens": args.max_tokens, "requests": args.requests,
+               "cpu_ms_per_request": {k: r["cpu_ms_per_request"] for k, r in results.items()},
+               "clients": args.clients, "max_tokens": args.max_tokens, "requests": args.requests, "env": args.env,
+               "before": args.before, "before_vs_raw_vllm_rps": ratio("vllm_before", "raw_vllm"),
                "rounds": args.rounds}
-    print(f"ratios: vllm/raw_vllm {summary['vllm_vs_raw_vllm_rps']} (goal >= 0.8), "
+    print(f"ratios: vllm/raw_vllm {summary['ours_vs_raw_vllm_rps']} (goal >= 0.95), "
           f"vllm/baseline {summary['vllm_vs_baseline_rps']}, hf/baseline {summary['hf_vs_baseline_rps']}")
     print(json.dumps(summary))
 

@@ -106,6 +106,18 @@ def test_greedy_and_nucleus_sampling():
     assert {1, 2} <= draws
 
 
+def test_vllm_returns_a_reply_not_streamed_once_and_a_stream_per_step():
+    pytest.importorskip("vllm")
+    from vllm.sampling_params import RequestOutputKind
+
+    from fusion_ray.serve.engines import Sampling, VLLMChatEngine
+
+    whole = VLLMChatEngine.params(Sampling(max_tokens=8, temperature=0, stop=("\n",), seed=3, stream=False))
+    assert whole.output_kind == RequestOutputKind.FINAL_ONLY
+    assert (whole.max_tokens, whole.temperature, whole.stop, whole.seed) == (8, 0, ["\n"], 3)
+    assert VLLMChatEngine.params(Sampling(max_tokens=8)).output_kind == RequestOutputKind.DELTA
+
+
 def test_replica_bounds_are_checked():
     with pytest.raises(ValueError, match="min_replicas <= num_replicas <= max_replicas"):
         ServeConfig(min_replicas=2, num_replicas=1, max_replicas=4)

@@ -304,7 +304,7 @@ class ChatServer:
         return Sampling(max_tokens=wanted or min(cap, room),
                         temperature=1.0 if req.temperature is None else req.temperature,
                         top_p=1.0 if req.top_p is None else max(req.top_p, TOP_P_FLOOR),
-                        stop=req.stops(), seed=req.seed)
+                        stop=req.stops(), seed=req.seed, stream=bool(req.stream))
 
     async def _complete(self, prompt_ids: list[int], sampling: Sampling, rid: str,
                         adapter: str | None = None) -> tuple[str, str, int]:

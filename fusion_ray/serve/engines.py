@@ -35,13 +35,15 @@ GREEDY_BELOW = 1e-5  # temperatures this small decode greedily (vLLM's rule too)
 
 @dataclass(frozen=True)
 class Sampling:
-    """OpenAI sampling fields, resolved (temperature 0 means greedy)."""
+    """OpenAI sampling fields, resolved (temperature 0 means greedy). With `stream` False the
+    caller wants only the whole reply: an engine may deliver it as one final delta."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,23 @@ class VLLMChatEngine(ChatEngine):
             self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.llm.model_config.max_model_len
 
-    async def _generate(self, prompt_ids, sampling, request_id, adapter):
+    @staticmethod
+    def params(sampling: Sampling):
+        """vLLM's `SamplingParams` of a request. A reply not streamed comes back once, finished
+        (`FINAL_ONLY`, as vLLM's own server asks for it): not one wake-up of this replica's event
+        loop per token per request (bench/RESULTS.md, serve on a real model)."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                top_p=sampling.top_p, stop=list(sampling.stop), seed=sampling.seed,
-                                output_kind=RequestOutputKind.DELTA)
+        kind = RequestOutputKind.DELTA if sampling.stream else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, stop=list(sampling.stop), seed=sampling.seed,
+                              output_kind=kind)
+
+    async def _generate(self, prompt_ids, sampling, request_id, adapter):
+        from vllm.inputs import TokensPrompt
+
+        params = self.params(sampling)
         tokens, lora = 0, None
         if adapter is not None:
             from vllm.lora.request import LoRARequest
