@@ -1,5 +1,6 @@
 """Align and fuse stages on a real local Ray: contracts, exactness, routing, bad input."""
 
+import math
 import shutil
 
 import numpy as np
@@ -65,13 +66,18 @@ def test_fused_pairwise_with_min_ce_and_routing(run):
         routing = io.read_manifest(out)["extra"]["routing"]
         assert set(routing) == {"computing", "english"}
         assert sum(sum(d["wins"].values()) for d in routing.values()) == 24
-    # the winner is the candidate with the lower CE, row by row
+    # the winner is the candidate with the lower score in the configured unit, row by row: per byte of
+    # the same text (bpb, the default) or per token of each model's own tokenization (ce)
     pivot = pq.read_table(cfg.stage_dir("collect", "pivot")).to_pylist()
     aligned = pq.read_table(cfg.stage_dir("align", "gpt")).to_pylist()
     fused = pq.read_table(cfg.stage_dir("fuse", "gpt")).to_pylist()
+    per_byte = cfg.fuse.metric == "bpb"
     for p, a, f in zip(pivot, aligned, fused):
-        pivot_ce = p["nll_sum"] / sum(p["loss_mask"])
-        assert f["weights"] == ([1.0, 0.0] if pivot_ce <= a["source_ce"] else [0.0, 1.0])
+        if per_byte:
+            pivot_score, source_score = p["nll_sum"] / (p["n_bytes"] * math.log(2)), a["source_bpb"]
+        else:
+            pivot_score, source_score = p["nll_sum"] / sum(p["loss_mask"]), a["source_ce"]
+        assert f["weights"] == ([1.0, 0.0] if pivot_score <= source_score else [0.0, 1.0])
         chosen = p if f["weights"][0] else None
         if chosen is None:
             assert f["topk_ids"] == a["topk_ids"]
