@@ -116,7 +116,7 @@ def fit_target(cfg: FusionConfig, *, objective: Objective, name: str, arm: str, 
             storage_fs.delete_dir(f"{storage}/{run_name}")
     trainer = Trainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": run_cfg.to_wire(), "arm": arm, "plan": plan.to_wire(),
+        train_loop_config={"cfg": run_cfg.to_wire(), "arm": arm, "name": name, "plan": plan.to_wire(),
                            "objective": objective_wire(objective), "init_path": init_path,
                            "log_path": log_path(out), "fingerprint": fp,
                            "tracking": tracking_run(run_cfg, stage, name, arm, {

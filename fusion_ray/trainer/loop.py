@@ -265,7 +265,9 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics)
                 if log is not None:
                     log.publish()
-                    print(f"[train] {config['arm']} step {step}/{steps} loss {metrics['loss']:.4f} "
+                    # the target's name (computing, clm_only, sft, …): several arms of one kind train at once
+                    target = config.get("name") or config["arm"]
+                    print(f"[train] {target} step {step}/{steps} loss {metrics['loss']:.4f} "
                           f"{metrics['tokens_per_s']:.0f} tokens/s", flush=True)
         if not batches:
             raise ValueError(f"{plan.rows} training rows cannot fill one micro-batch of {t.micro_batch_size} "
