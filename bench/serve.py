@@ -193,9 +193,8 @@ def bench_all(kinds: list[str], model: str, args, log_dir: Path) -> dict:
         for kind in kinds:
             port = free_port()
             bases[kind] = f"http://127.0.0.1:{port}"
-            before = kind == "vllm_before"
             procs[kind] = start(kind, model, port, log_dir, env_extra=args.env if kind in ("vllm", "hf") else None,
-                                cwd=args.before if before else None)
+                                cwd=args.before if kind == "vllm_before" else None)
             print(f"{kind:9s} ready in {wait_ready(bases[kind], procs[kind]):.0f}s", flush=True)
         name, per_round = Path(model).name, args.requests // args.rounds
         for kind in kinds:  # warm-up: one request per client
