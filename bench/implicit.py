@@ -1,12 +1,13 @@
 """Implicit fusion (FuseChat-3.0) on the embedded default, over seeds: what each arm learns, what
-DPO adds over SFT, what fusing the sources adds over the best of them alone, and the throughput
-of the sampling engines and the reward stage.
+DPO adds over SFT (on verified accuracy and by the independent judge), what fusing the sources
+adds over the best of them alone, and the throughput of the sampling engines and the reward stage.
 
 Steps:
   1. per seed: the whole method (sample → reward → pairs → sft → dpo → eval) through
      `pipeline.run_stages` on the config (default `jobs/configs/fusechat3_tiny.yaml`), with
      `implicit.seed`, `implicit.pairs.seed` and `train.seed` set to the seed, in its own workdir;
-     the report's accuracy over every verifiable held-out prompt, per arm;
+     the report's accuracy over every verifiable held-out prompt, per arm, and the chat judge's
+     pairwise win rates (`eval.chat.judge`: each arm against the pivot and against SFT);
   2. sampling throughput: the `sample` stage's own engine actor class (`SampleUDF`) for the first
      source, once with `implicit.engine: vllm`, once with `hf`, on the same prompt rows, timed
      after a warm-up batch; generated tokens per second;
@@ -14,10 +15,12 @@ Steps:
      wall time: the verifiers, the sandbox and the reward model together).
 
 Usage: python bench/implicit.py [--config jobs/configs/fusechat3_tiny.yaml] [--seeds 3]
-       [--out runs/bench_implicit] [--throughput-prompts 64]
-The last line is one JSON object: `accuracy` per arm (mean, std), `dpo_vs_sft_gain`,
-`fused_vs_best_single_gain` (each mean, std over seeds), `vllm_vs_hf_sample_throughput`,
-`reward_rows_per_s`.
+       [--out runs/bench_implicit] [--throughput-prompts 64] [--no-throughput] [--set KEY=VALUE ...]
+The last line is one JSON object: `accuracy` per arm (mean, std), `dpo_vs_sft_accuracy_gain`,
+`fused_vs_best_single_gain` (each mean, std over seeds), `dpo_vs_sft_win_rate` (the judge's, pooled
+over seeds: each held-out question's preference averaged over the seeds, then bootstrapped over
+questions for its 95 % interval), `win_rate` per arm and baseline (the same pooling, with the
+length-controlled rate's mean over seeds), `vllm_vs_hf_sample_throughput`, `reward_rows_per_s`.
 """
 
 from __future__ import annotations
@@ -42,19 +45,22 @@ def mean_std(xs: list[float]) -> dict:
             "n": len(xs)}
 
 
-def run_seed(config: str, seed: int, out: Path, log=print) -> dict:
+def run_seed(config: str, seed: int, out: Path, log=print, overrides: list[str] = ()) -> dict:
     """The method end to end for one seed; the report and the reward stage's rate."""
     from fusion_ray.pipeline import run_stages
 
     cfg = load_config(config, [f"workdir={out / f'seed{seed}'}", f"implicit.seed={seed}",
-                               f"implicit.pairs.seed={seed}", f"train.seed={seed}"])
+                               f"implicit.pairs.seed={seed}", f"train.seed={seed}", *overrides])
     started = time.monotonic()
     run_stages(cfg, [s for s in cfg.stages() if s != "serve"], log=log)
     report = json.loads(io.read_text(f"{cfg.stage_dir('eval')}/report.json"))
     reward = io.read_manifest(cfg.stage_dir("reward"))
+    judge = ((report.get("chat") or {}).get("judge") or {}).get("arms", {})
+    pairwise = {arm: {b: {k: p[k] for k in ("win_rate", "ci", "lc_win_rate", "lc_ci", "per_question")}
+                      for b, p in (res.get("pairwise") or {}).items()} for arm, res in judge.items()}
     return {"seed": seed, "wall_s": round(time.monotonic() - started, 1), "accuracy": report["accuracy_all"],
             "accuracy_per_domain": report["accuracy"], "best_single": report["best_single"],
-            "reward_rows": reward["rows"]["out"], "reward_wall_s": reward["wall_time_s"]}
+            "pairwise": pairwise, "reward_rows": reward["rows"]["out"], "reward_wall_s": reward["wall_time_s"]}
 
 
 def sample_throughput(config: str, n_prompts: int, log=print) -> dict:
@@ -88,14 +94,36 @@ def sample_throughput(config: str, n_prompts: int, log=print) -> dict:
     return out
 
 
+def pooled_win_rate(results: list[dict], resamples: int = 2000) -> dict:
+    """One arm's win rate against one baseline over runs: each question's preference averaged over
+    the runs that judged it, the mean over questions, and a 95 % interval from resampling questions
+    (a question's runs move together: they share the prompt)."""
+    from fusion_ray.evaluate.chatstats import bootstrap_ci
+
+    per_q: dict[str, list[float]] = {}
+    for res in results:
+        for q, v in res["per_question"].items():
+            per_q.setdefault(q, []).append(v)
+    boot = bootstrap_ci([statistics.fmean(v) for v in per_q.values()], resamples, 0)
+    return {"win_rate": round(boot["mean"], 4), "ci": [round(x, 4) for x in boot["ci"]] if boot["ci"] else None,
+            "lc_win_rate": mean_std([r["lc_win_rate"] for r in results]), "questions": len(per_q),
+            "runs": len(results)}
+
+
 def summarize(runs: list[dict]) -> dict:
     arms = sorted({a for r in runs for a in r["accuracy"]})
     accuracy = {a: mean_std([r["accuracy"][a] for r in runs if a in r["accuracy"]]) for a in arms}
-    gains = {"dpo_vs_sft_gain": [r["accuracy"]["dpo"] - r["accuracy"]["sft"] for r in runs
-                                 if {"dpo", "sft"} <= set(r["accuracy"])],
+    gains = {"dpo_vs_sft_accuracy_gain": [r["accuracy"]["dpo"] - r["accuracy"]["sft"] for r in runs
+                                          if {"dpo", "sft"} <= set(r["accuracy"])],
              "fused_vs_best_single_gain": [r["accuracy"]["dpo"] - r["accuracy"][r["best_single"]] for r in runs
                                            if r["best_single"] and "dpo" in r["accuracy"]]}
-    return {"accuracy": accuracy, **{k: mean_std(v) if v else None for k, v in gains.items()}}
+    pairs = sorted({(a, b) for r in runs for a, by in r.get("pairwise", {}).items() for b in by})
+    win_rate: dict[str, dict] = {}
+    for a, b in pairs:
+        win_rate.setdefault(a, {})[b] = pooled_win_rate([r["pairwise"][a][b] for r in runs
+                                                         if b in r.get("pairwise", {}).get(a, {})])
+    return {"accuracy": accuracy, **{k: mean_std(v) if v else None for k, v in gains.items()},
+            "dpo_vs_sft_win_rate": win_rate.get("dpo", {}).get("sft"), "win_rate": win_rate}
 
 
 def main() -> None:
@@ -104,12 +132,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/bench_implicit")
     p.add_argument("--throughput-prompts", type=int, default=64)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every seed (e.g. a setting bench/implicit_levers.py chose)")
+    p.add_argument("--no-throughput", action="store_true", help="skip step 2 (the engines' sampling rate)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in range(args.seeds):
-        run = run_seed(args.config, seed, out)
+        run = run_seed(args.config, seed, out, overrides=args.set)
         runs.append(run)
         with open(out / "runs.jsonl", "a") as f:
             f.write(json.dumps(run) + "\n")
@@ -117,12 +148,18 @@ def main() -> None:
     summary = summarize(runs)
     for arm, s in summary["accuracy"].items():
         print(f"accuracy {arm:<16} {s['mean']:.1%} ± {s['std']:.1%}")
-    throughput = sample_throughput(args.config, args.throughput_prompts)
+    for arm, by in summary["win_rate"].items():
+        for base, w in by.items():
+            lo, hi = w["ci"] or (float("nan"), float("nan"))
+            print(f"judge    {arm:<16} vs {base:<6} win rate {w['win_rate']:.1%} [{lo:.1%}, {hi:.1%}] over "
+                  f"{w['questions']} questions × {w['runs']} seeds, LC {w['lc_win_rate']['mean']:.1%}")
+    throughput = None if args.no_throughput else sample_throughput(args.config, args.throughput_prompts)
     rates = [r["reward_rows"] / r["reward_wall_s"] for r in runs if r["reward_wall_s"]]
     result = {**summary,
               "vllm_vs_hf_sample_throughput": round(throughput["vllm"]["tokens_per_s"]
-                                                    / throughput["hf"]["tokens_per_s"], 2),
-              "sample_tokens_per_s": {k: v["tokens_per_s"] for k, v in throughput.items()},
+                                                    / throughput["hf"]["tokens_per_s"], 2) if throughput else None,
+              "sample_tokens_per_s": {k: v["tokens_per_s"] for k, v in throughput.items()} if throughput else None,
+              "overrides": args.set,
               "reward_rows_per_s": round(statistics.fmean(rates), 2) if rates else None,
               "seeds": args.seeds, "wall_s": [r["wall_s"] for r in runs]}
     print(json.dumps(result))

@@ -156,11 +156,15 @@ def resource_asks(cfg: FusionConfig) -> dict[str, list[Ask]]:
 
 
 def chat_asks(cfg: FusionConfig) -> list[Ask]:
-    """eval.chat's answering engine actors (per arm, the arms side by side; sized as the pivot) and
-    eval.lm_eval's tasks (one per model-dir arm)."""
+    """eval.chat's answering engine actors (per arm, the arms side by side; sized as the pivot; none
+    without a question file: the implicit eval's own answers are judged), a reward-model judge's
+    scoring task, and eval.lm_eval's tasks (one per model-dir arm)."""
     out = []
     chat, lm, p = cfg.eval.chat, cfg.eval.lm_eval, cfg.pivot
-    if chat is not None:
+    if chat is not None and chat.judge is not None and chat.judge.reward_model is not None:
+        rm = chat.judge.reward_model
+        out.append(Ask("eval", "reward-model judge task", 1, rm.num_cpus_per_actor, rm.num_gpus_per_actor))
+    if chat is not None and chat.questions is not None:
         vllm = chat.engine == "vllm"
         out.append(Ask("eval", "chat answer engine actor (per arm)", chat.concurrency, chat.num_cpus,
                        engine_gpus(chat.num_gpus, p.tensor_parallel_size, p.pipeline_parallel_size)

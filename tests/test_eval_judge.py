@@ -100,7 +100,7 @@ def test_single_and_pairwise_numbers_follow_the_judge(tmp_path):
         prefs = [outcome[verdict_for(m, p)] for m, p in zip(ANSWERS["merged"][qid], ANSWERS["pivot"][qid])]
         wins, ties, losses = wins + prefs.count(1.0), ties + prefs.count(0.5), losses + prefs.count(0.0)
         per_q.append(sum(prefs) / len(prefs))
-    p = res["arms"]["merged"]["pairwise"]
+    p = res["arms"]["merged"]["pairwise"]["pivot"]
     assert "pairwise" not in res["arms"]["pivot"]
     assert (p["wins"], p["ties"], p["losses"], p["inconsistent"]) == (wins, ties, losses, 0)
     assert p["win_rate"] == pytest.approx(sum(per_q) / len(per_q))
@@ -121,7 +121,7 @@ def test_a_position_biased_judge_gives_ties(tmp_path):
     with JudgeServer(position_bias="A") as server:
         cfg = judge(server, modes=["pairwise"], baseline="pivot")
         res = judge_answers(cfg, QUESTIONS, answers(), str(tmp_path / "j"), log=lambda *_: None)
-    p = res["arms"]["merged"]["pairwise"]
+    p = res["arms"]["merged"]["pairwise"]["pivot"]
     assert (p["wins"], p["losses"], p["ties"], p["inconsistent"]) == (0, 0, n_turns(), n_turns())
     assert p["win_rate"] == 0.5 and p["ci"] == [0.5, 0.5]
 
@@ -277,3 +277,18 @@ def test_judgements_made_before_a_fatal_error_are_saved(tmp_path):
     with JudgeServer() as server:
         res = judge_answers(judge(server), QUESTIONS, answers(["pivot"]), store, log=lambda *_: None)
     assert res["reused"] == made and res["calls"] == n_turns() - made
+
+
+def test_two_baselines_judge_each_arm_against_both_and_their_pair_once(tmp_path):
+    arms = answers()
+    arms["sft"] = [{**a, "arm": "sft", "answers": [x + " indeed" for x in a["answers"]]} for a in arms["pivot"]]
+    with JudgeServer() as server:
+        res = judge_answers(judge(server, modes=["pairwise"], baseline=["pivot", "sft"]), QUESTIONS, arms,
+                            str(tmp_path / "j"), log=lambda *_: None)
+    got = {arm: sorted(r["pairwise"]) for arm, r in res["arms"].items()}
+    assert got == {"merged": ["pivot", "sft"], "sft": ["pivot"]}  # sft vs pivot once, not pivot vs sft too
+    # the stand-in prefers the longer answer: sft's answers are the pivot's plus a word
+    assert res["arms"]["sft"]["pairwise"]["pivot"]["win_rate"] == 1.0
+    assert res["calls"] == 3 * 2 * n_turns()  # 3 pairs × 2 orders × turns
+    p = res["arms"]["merged"]["pairwise"]["sft"]
+    assert p["baseline"] == "sft" and set(p["per_question"]) == {str(q["question_id"]) for q in QUESTIONS}

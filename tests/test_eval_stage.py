@@ -83,7 +83,7 @@ def test_eval_chat_answers_judges_and_lm_eval_in_the_report(tiny_models, tmp_pat
         pref = {"A": 1.0, "C": 0.5, "B": 0.0}
         want = sum(sum(pref[verdict_for(x, y)] for x, y in zip(by["source:gpt", q], by["pivot", q], strict=True)) / 2
                    for q in ("1", "2")) / 2
-        pair = report["chat"]["judge"]["arms"]["source:gpt"]["pairwise"]
+        pair = report["chat"]["judge"]["arms"]["source:gpt"]["pairwise"]["pivot"]
         assert pair["win_rate"] == pytest.approx(want) and pair["baseline"] == "pivot"
         assert calls == 2 * 2 * 2 + 2 * 2 * 2, "single: 2 arms × 2 questions × 2 turns; pairwise: both orders"
         assert all(c["auth"] == "Bearer sekret" for c in judge.calls)

@@ -152,6 +152,15 @@ def test_implicit_job_ran_every_stage_and_every_arm_answered_every_heldout_promp
     assert set(report["accuracy"]["pivot"]) == {"arith"} and set(report["mean_reward"]["pivot"]) == {"arith", "open"}
     assert (workdir / "report" / "report.png").read_bytes().startswith(b"\x89PNG")
     assert "| SFT+DPO |" in (workdir / "report" / "report.md").read_text()
+    # the independent judge compared every arm with the pivot and with SFT on the open held-out prompts
+    judge = report["chat"]["judge"]
+    assert judge["kind"] == "reward model" and "judge_tiny" in judge["model"]
+    assert report["chat"]["questions"] == report["counts"]["pivot"]["open"]["prompts"] > 0
+    assert set(judge["arms"]["dpo"]["pairwise"]) == {"pivot", "sft"} and set(judge["arms"]["sft"]["pairwise"]) == {"pivot"}
+    for arm, res in judge["arms"].items():
+        for base, p in res["pairwise"].items():
+            assert p["n"] == report["chat"]["questions"] and p["ci"][0] <= p["win_rate"] <= p["ci"][1], (arm, base)
+    assert "win rate vs sft" in (workdir / "report" / "report.md").read_text()
 
 
 @pytest.mark.regression
@@ -188,7 +197,8 @@ def test_implicit_eval_with_a_chat_judge(implicit_job, tmp_path, monkeypatch):
              f"workdir={workdir}",
              f"eval.chat.questions={questions}", "eval.chat.arms=[pivot,dpo]", "eval.chat.engine=hf",
              "eval.chat.num_cpus=0.5", "eval.chat.sampling.max_tokens=16", f"eval.chat.judge.url={judge.url}",
-             "eval.chat.judge.model=j", "eval.chat.judge.api_key_env=JUDGE_KEY", "eval.chat.judge.bootstrap=100"],
+             "eval.chat.judge.model=j", "eval.chat.judge.api_key_env=JUDGE_KEY", "eval.chat.judge.bootstrap=100",
+             "eval.chat.judge.reward_model=null", "eval.chat.judge.modes=[single]", "eval.chat.judge.baseline=pivot"],
             capture_output=True, text=True, timeout=600, cwd=REPO)
         assert out.returncode == 0, out.stderr[-3000:]
         assert len(judge.calls) == 2 * 2 * 2, "2 arms × 2 questions × 2 turns, single grading"

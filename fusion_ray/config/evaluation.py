@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from fusion_ray.config.implicit import RewardModelConfig
 from fusion_ray.config.models import Name, SamplingSpec, Strict, check_location, checks_files
 
 
@@ -19,16 +20,24 @@ class Endpoint(Strict):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class JudgeConfig(Endpoint):
-    """The LLM judge of chat evaluation (`eval.chat.judge`).
+class JudgeConfig(Strict):
+    """The judge of chat evaluation (`eval.chat.judge`): an LLM behind an OpenAI-compatible endpoint
+    (`url`, `model`, `api_key_env`), or a local reward model (`reward_model`: a sequence-classification
+    model dir, hub id, store URI or demo asset) that prefers the answer it scores higher.
 
     `single`: MT-Bench-style grading 1–10 of each answer turn (against the question's reference
-    answer in `reference_categories`); `pairwise`: each arm against `baseline`, both orders
-    (inconsistent verdicts count as ties), with a length-controlled win rate. Every call's prompt
-    and output is saved under the eval dir, so a rerun re-scores from them with no calls."""
+    answer in `reference_categories`; an LLM judge only); `pairwise`: each arm against each
+    `baseline` arm, both orders (inconsistent verdicts count as ties), with a length-controlled win
+    rate. Every call's prompt and output is saved under the eval dir, so a rerun re-scores from them
+    with no calls (docs/chat_eval.md)."""
 
+    url: str | None = Field(None, pattern=r"^https?://", max_length=2048)
+    model: str | None = Field(None, min_length=1, max_length=256)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    reward_model: RewardModelConfig | None = None
     modes: list[Literal["single", "pairwise"]] = Field(["single"], min_length=1)
-    baseline: str = "pivot"  # pairwise: the arm every other arm is compared with
+    # pairwise: the arm(s) every other arm is compared with (a pair of two baselines is judged once)
+    baseline: str | list[str] = "pivot"
     samples: int = Field(1, ge=1, le=16)  # judge samples per item (use temperature > 0 for > 1)
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(512, ge=1, le=8192)  # of each judge reply
@@ -41,6 +50,31 @@ class JudgeConfig(Endpoint):
     bootstrap: int = Field(1000, ge=0, le=100_000)  # resamples of the questions for 95 % intervals
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgeConfig:
+        if (self.url is None) == (self.reward_model is None):
+            raise ValueError("eval.chat.judge: give either `url` and `model` (an LLM judge endpoint) or "
+                             "`reward_model` (a local sequence-classification model), not both or neither")
+        if self.url is not None and self.model is None:
+            raise ValueError("eval.chat.judge.model: an LLM judge endpoint needs the model name it serves")
+        if self.reward_model is not None and "single" in self.modes:
+            raise ValueError("eval.chat.judge.modes: a reward-model judge compares answers (pairwise); "
+                             "grading 1-10 (single) needs an LLM judge")
+        if not self.baselines:
+            raise ValueError("eval.chat.judge.baseline: name at least one arm")
+        if len(set(self.baselines)) < len(self.baselines):
+            raise ValueError("eval.chat.judge.baseline: an arm is named twice")
+        return self
+
+    @property
+    def baselines(self) -> list[str]:
+        return [self.baseline] if isinstance(self.baseline, str) else list(self.baseline)
+
+    @property
+    def name(self) -> str:
+        """What the judge is called in records and reports: the endpoint's model, or the reward model."""
+        return self.model if self.reward_model is None else f"reward-model:{self.reward_model.path}"
+
 
 class ChatEvalConfig(Strict):
     """Chat evaluation (`eval.chat`): every chosen arm answers a question file (MT-Bench's
@@ -48,7 +82,9 @@ class ChatEvalConfig(Strict):
     turn (a later turn sees the arm's own earlier answers), as a Ray Data pass per arm; then the
     optional judge grades the answers."""
 
-    questions: str  # JSONL; a local path, store URI or demo asset
+    # JSONL; a local path, store URI or demo asset. Implicit method: None judges the answers the eval
+    # stage already has to the held-out prompts without a verifier (`implicit.heldout`, verify: none)
+    questions: str | None = None
     # arm names (a name ending in ":" picks every arm it prefixes); None: the pivot and every trained arm
     arms: list[str] | None = None
     endpoints: dict[Name, Endpoint] = {}  # more arms, each answered by an OpenAI-compatible endpoint
@@ -65,8 +101,8 @@ class ChatEvalConfig(Strict):
 
     @field_validator("questions")
     @classmethod
-    def _exists(cls, v: str, info: ValidationInfo) -> str:
-        return check_location(v, kind="corpus") if checks_files(info) else v
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_location(v, kind="corpus") if v is not None and checks_files(info) else v
 
 
 class LmEvalConfig(Strict):

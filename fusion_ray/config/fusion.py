@@ -59,6 +59,14 @@ class FusionConfig(Strict):
             raise ValueError("data.train: the explicit method needs at least one training corpus")
         if self.method == "implicit" and self.implicit is None:
             raise ValueError("implicit: the implicit method needs this section (at least implicit.prompts)")
+        chat = self.eval.chat
+        if chat is not None and chat.questions is None:
+            if self.method == "explicit":
+                raise ValueError("eval.chat.questions: the explicit method's chat evaluation needs a question file")
+            if not any(c.verify == "none" for c in self.implicit.heldout):
+                raise ValueError("eval.chat.questions: without a question file, chat evaluation judges the "
+                                 "answers to held-out prompts without a verifier, and implicit.heldout has none "
+                                 "(verify: none)")
         return self
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ MODEL_NAMES = ("pivot", "source_computing", "source_english")
 # The implicit-fusion default (fusion_ray.demo.implicit): its own spec, build and cache dir.
 IMPLICIT_CORPUS_FILES = ("arith_train", "arith_heldout", "open_train", "open_heldout")
 IMPLICIT_MODEL_NAMES = ("implicit_pivot", "implicit_source_add", "implicit_source_sub",
-                        "implicit_source_mul", "reward_tiny")
+                        "implicit_source_mul", "reward_tiny", "judge_tiny")
 IMPLICIT_NAMES = IMPLICIT_CORPUS_FILES + IMPLICIT_MODEL_NAMES
 ASSET_NAMES = CORPUS_FILES + MODEL_NAMES + IMPLICIT_NAMES
 BUILD_VERSION = 1  # bump when the build code changes what it produces (the explicit assets)

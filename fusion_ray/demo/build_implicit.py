@@ -8,6 +8,7 @@ stage's default temperature, measured with `math_correct` on `arith_heldout` pro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 from fusion_ray.demo import arith
 from fusion_ray.demo.assets import TinyModel, build_precision, training_autocast
 from fusion_ray.demo.build import make_model, read_jsonl
-from fusion_ray.demo.corpus import DOMAINS, _write_jsonl, build_corpus
+from fusion_ray.demo.corpus import DOMAINS, _write_jsonl, build_corpus, rows_past
 from fusion_ray.demo.implicit import ImplicitSpec
 from fusion_ray.demo.tokenizers import build_tokenizer
 
@@ -30,7 +31,7 @@ def build_all(spec: ImplicitSpec, root: Path, log=print) -> dict:
     """Build every missing part below `root`; return the summary written to build.json."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     corpus = build_corpus_once(spec, root / "corpus", log)
-    chat = {name: read_jsonl(corpus / "chat" / f"{name}.jsonl") for name in ("train", "heldout")}
+    chat = {name: read_jsonl(corpus / "chat" / f"{name}.jsonl") for name in ("train", "heldout", "judge")}
     heldout = read_jsonl(corpus / "arith_heldout.jsonl")
     summary: dict = {"spec_key": spec.key(), "precision": build_precision(), "corpus": {}, "models": {}}
     log(f"[demo-implicit] training precision: {summary['precision']} (FUSION_RAY_DEMO_PRECISION overrides)")
@@ -39,6 +40,7 @@ def build_all(spec: ImplicitSpec, root: Path, log=print) -> dict:
     for model in spec.models:
         summary["models"][model.name] = build_model_once(spec, model, chat["train"], heldout, root / "models", log)
     summary["models"][spec.reward.name] = build_reward_once(spec, spec.reward, chat, root / "models", log)
+    summary["models"][spec.judge.name] = build_judge_once(spec, spec.judge, chat, root / "models", log)
     return summary
 
 
@@ -46,7 +48,8 @@ def build_all(spec: ImplicitSpec, root: Path, log=print) -> dict:
 
 
 def build_corpus_once(spec: ImplicitSpec, out: Path, log=print) -> Path:
-    """arith_train/heldout, open_train/heldout, and the chat rows below chat/ (train, heldout)."""
+    """arith_train/heldout, open_train/heldout, and the chat rows below chat/ (train, heldout, and
+    the judge's own rows, `judge`: past both in the dictionaries' seeded stream)."""
     if out.exists():
         return out
     started = time.monotonic()
@@ -71,9 +74,12 @@ def build_corpus_once(spec: ImplicitSpec, out: Path, log=print) -> Path:
                                          "domain": domain})
             splits[split] += rows[wanted[split]:] if split == "train" else rows
     shutil.rmtree(dicts)
-    for split in ("train", "heldout"):
+    splits["judge"] = [r for domain in DOMAINS for r in rows_past(
+        domain, seed=spec.seed, skip=spec.chat_heldout + spec.chat_rows, count=spec.judge_rows, max_words=spec.chat_words)]
+    for split in ("train", "heldout", "judge"):
         random.Random(f"{spec.seed}:chat:{split}").shuffle(splits[split])
         _write_jsonl(tmp / "chat" / f"{split}.jsonl", splits[split])
+    for split in ("train", "heldout"):
         _write_jsonl(tmp / f"open_{split}.jsonl", open_rows[split])
     os.replace(tmp, out)
     log(f"[demo-implicit] prompts built in {time.monotonic() - started:.1f}s: {len(train)} arith train, "
@@ -267,17 +273,23 @@ def build_model_once(spec: ImplicitSpec, model: TinyModel, chat_train: list[dict
 
 # --- the reward model ----------------------------------------------------------------------------
 
-CORRUPTIONS = ("mismatched", "shuffled", "repeated")
+CORRUPTIONS = ("mismatched", "shuffled", "repeated")  # the reward model's kinds of bad answer
+# the judge's: the reward model's and two it never saw
+JUDGE_CORRUPTIONS = CORRUPTIONS + ("same_domain", "truncated")
 
 
-def corrupt(answer: str, others: list[dict], rng: random.Random, kind: str) -> str:
-    """A wrong answer: another row's answer, the answer's words shuffled, or its start repeated."""
+def corrupt(answer: str, others: list[dict], rng: random.Random, kind: str, domain: str | None = None) -> str:
+    """A wrong answer: another row's answer (`same_domain`: of a row of `domain`), the answer's words
+    shuffled, its start repeated, or its first third alone (`truncated`)."""
     words = answer.split()
-    if kind == "mismatched":
+    if kind in ("mismatched", "same_domain"):
+        pool = others if kind == "mismatched" else [r for r in others if r["domain"] == domain]
         while True:
-            other = rng.choice(others)["messages"][1]["content"]
+            other = rng.choice(pool)["messages"][1]["content"]
             if other != answer:
                 return other
+    if kind == "truncated":
+        return " ".join(words[: max(1, len(words) // 3)])
     if kind == "shuffled" and len(words) > 2:
         shuffled = words[:]
         while shuffled == words:
@@ -287,14 +299,15 @@ def corrupt(answer: str, others: list[dict], rng: random.Random, kind: str) -> s
     return " ".join([head] * 4)
 
 
-def preference_pairs(rows: list[dict], seed: str) -> list[tuple[list[dict], list[dict], str]]:
-    """(chosen chat, rejected chat, corruption kind): one pair per row, kinds in turn."""
+def preference_pairs(rows: list[dict], seed: str, kinds: tuple[str, ...] = CORRUPTIONS
+                     ) -> list[tuple[list[dict], list[dict], str]]:
+    """(chosen chat, rejected chat, corruption kind): one pair per row, `kinds` in turn."""
     rng = random.Random(seed)
     pairs = []
     for i, r in enumerate(rows):
-        kind = CORRUPTIONS[i % len(CORRUPTIONS)]
+        kind = kinds[i % len(kinds)]
         user, answer = r["messages"][0], r["messages"][1]["content"]
-        wrong = corrupt(answer, rows, rng, kind)
+        wrong = corrupt(answer, rows, rng, kind, r["domain"])
         pairs.append(([user, {"role": "assistant", "content": answer}],
                       [user, {"role": "assistant", "content": wrong}], kind))
     return pairs
@@ -361,7 +374,7 @@ def train_reward(net, spec: ImplicitSpec, model: TinyModel, encoded, pad: int, l
     return losses
 
 
-def pair_accuracy(path: Path, pairs) -> dict:
+def pair_accuracy(path: Path, pairs, kinds: tuple[str, ...] = CORRUPTIONS) -> dict:
     """Share of pairs the saved reward model (through RewardScorer) scores chosen > rejected."""
     from fusion_ray.engines.reward_model import RewardScorer
 
@@ -370,7 +383,7 @@ def pair_accuracy(path: Path, pairs) -> dict:
     rejected = scorer.score([r for _, r, _ in pairs])
     wins = [c > r for c, r in zip(chosen, rejected, strict=True)]
     out = {"pairs": len(pairs), "accuracy": round(sum(wins) / len(wins), 4)}
-    for kind in CORRUPTIONS:
+    for kind in kinds:
         ks = [w for w, (_, _, k) in zip(wins, pairs, strict=True) if k == kind]
         out[kind] = round(sum(ks) / max(1, len(ks)), 4)
     return out
@@ -398,4 +411,38 @@ def build_reward_once(spec: ImplicitSpec, model: TinyModel, chat: dict, out_root
     _publish(tmp, out, card)
     log(f"[demo-implicit] {model.name}: {card['parameters']:,} params, held-out pair accuracy "
         f"{heldout['accuracy']:.3f} {heldout}, {card['build_seconds']}s")
+    return card
+
+
+def build_judge_once(spec: ImplicitSpec, model: TinyModel, chat: dict, out_root: Path, log=print) -> dict:
+    """The independent judge: a reward model of its own tokenizer, seed (`judge_seed`) and rows
+    (`chat["judge"]`), trained on every kind of `JUDGE_CORRUPTIONS`. Its card holds its held-out
+    pair accuracy per kind and the pair-choosing reward model's on the same pairs (the kinds that
+    model never saw show what the judge adds)."""
+    out = out_root / model.name
+    if (out / "demo_card.json").exists():
+        return json.loads((out / "demo_card.json").read_text())
+    started = time.monotonic()
+    tmp = out_root / f"{model.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = build_tokenizer(model.tokenizer, model.vocab_size, tmp)
+    torch.manual_seed(spec.judge_seed)
+    net = make_reward_model(model, tokenizer)
+    train_pairs = preference_pairs(chat["judge"], f"{spec.judge_seed}:judge-train", JUDGE_CORRUPTIONS)
+    judge_spec = dataclasses.replace(spec, seed=spec.judge_seed)
+    losses = train_reward(net, judge_spec, model, _encode_pairs(tokenizer, train_pairs, spec.max_len * 2),
+                          tokenizer.pad_token_id, log)
+    net.save_pretrained(tmp, safe_serialization=True)
+    heldout_pairs = preference_pairs(chat["heldout"], f"{spec.judge_seed}:judge-heldout", JUDGE_CORRUPTIONS)
+    heldout = pair_accuracy(tmp, heldout_pairs, JUDGE_CORRUPTIONS)
+    reward = pair_accuracy(out_root / spec.reward.name, heldout_pairs, JUDGE_CORRUPTIONS)
+    card = {"name": model.name, "architecture": model.architecture, "tokenizer": model.tokenizer,
+            "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in net.parameters()),
+            "steps": model.steps, "seed": spec.judge_seed, "rows": len(chat["judge"]),
+            "final_loss": round(losses[-1], 4), "heldout_pairs": heldout,
+            "reward_model_on_these_pairs": reward, "build_seconds": round(time.monotonic() - started, 1)}
+    _publish(tmp, out, card)
+    log(f"[demo-implicit] {model.name}: {card['parameters']:,} params, held-out pair accuracy "
+        f"{heldout['accuracy']:.3f} {heldout} (the reward model: {reward['accuracy']:.3f} {reward}), "
+        f"{card['build_seconds']}s")
     return card

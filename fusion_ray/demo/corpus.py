@@ -168,6 +168,12 @@ def _domain_rows(domain: str, seed: int, limit: int | None, max_words: int) -> I
             return
 
 
+def rows_past(domain: str, *, seed: int, skip: int, count: int, max_words: int) -> list[dict]:
+    """`count` chat rows of `domain` past the first `skip` of its seeded stream: with `skip` =
+    held-out + train rows of `build_corpus` (same seed and `max_words`), disjoint from both."""
+    return list(_domain_rows(domain, seed, skip + count, max_words))[skip:]
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Write rows as JSON lines to a temp file beside ``path``, then rename it over."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

@@ -10,7 +10,13 @@ pivot and a tiny reward model, built offline and deterministically from an `Impl
   (Qwen2, DeepSeek-V3 tokenizer) sees every operation, briefly. Every model also learns to
   answer a share of chat rows, so that it says something for open prompts.
 - `reward_tiny`: a one-output sequence classifier (Qwen2, chat template, safetensors) trained
-  Bradley–Terry on (real answer, corrupted answer) pairs of the chat corpus.
+  Bradley–Terry on (real answer, corrupted answer) pairs of the chat corpus: what chooses the
+  DPO pairs of open prompts.
+- `judge_tiny`: the independent judge of the eval stage (`eval.chat.judge.reward_model`), never
+  used to sample, score or pair anything: another seed, another tokenizer family (GPT-2), chat
+  rows disjoint from every other model's (the dictionary stream past the rows they use), and two
+  kinds of bad answer the reward model never saw (an answer to another question of the same
+  domain, a truncated answer) besides its three.
 
 Built under `$FUSION_RAY_CACHE/demo-implicit-<spec hash>` (separate from the explicit demo's
 dir), each part published atomically, the whole under a file lock; `build.json` holds each
@@ -34,7 +40,7 @@ from fusion_ray.demo.assets import (
 from fusion_ray.hashing import fingerprint
 from fusion_ray.locations import cache_root
 
-BUILD_VERSION = 2  # bump when the implicit build code changes what it produces (2: every training phrasing)
+BUILD_VERSION = 3  # bump when the implicit build code changes what it produces (3: the judge)
 PARTS = ("add", "sub", "mul", "chat")  # what a model's training mix draws from
 
 
@@ -46,10 +52,12 @@ class ImplicitSpec:
     train_per_op: int = 100  # arith_train facts per operation (each under its 3 training phrasings)
     heldout_per_op: int = 80  # arith_heldout prompts per operation (facts of arith_train, other wording)
     open_train: int = 100  # open prompts (half per chat domain)
-    open_heldout: int = 50
+    open_heldout: int = 100  # judged pairwise per arm: 100 keeps a win rate's 95 % interval near ±10 points
     chat_rows: int = 1500  # chat corpus rows per domain (models' chat share, reward-model pairs)
     chat_heldout: int = 150  # held-out chat rows per domain (reward-model held-out pairs, open_heldout)
     chat_words: int = 20  # cap on a chat answer's words
+    judge_rows: int = 1500  # chat rows per domain of the judge's own (past the others' rows)
+    judge_seed: int = 1  # the judge's initialisation and corruptions (the others use `seed`)
     batch_size: int = 64  # examples per training step
     max_len: int = 96  # tokens per training example
     eval_per_op: int = 60  # held-out prompts per operation the build card measures
@@ -58,6 +66,7 @@ class ImplicitSpec:
     top_p: float = 0.95
     models: tuple[TinyModel, ...] = field(default_factory=lambda: IMPLICIT_MODELS)
     reward: TinyModel = field(default_factory=lambda: REWARD_MODEL)
+    judge: TinyModel = field(default_factory=lambda: JUDGE_MODEL)
 
     def key(self) -> str:
         return fingerprint(dataclasses.asdict(self), BUILD_VERSION, "implicit", *precision_key())
@@ -66,6 +75,7 @@ class ImplicitSpec:
         """A smaller build with the same structure (for fast tests)."""
         models = tuple(dataclasses.replace(m, steps=steps) for m in self.models)
         return dataclasses.replace(self, models=models, reward=dataclasses.replace(self.reward, steps=steps),
+                                   judge=dataclasses.replace(self.judge, steps=steps), judge_rows=200,
                                    chat_rows=200, chat_heldout=40, eval_per_op=8, eval_samples=2,
                                    open_train=20, open_heldout=10)
 
@@ -86,6 +96,9 @@ IMPLICIT_MODELS = (
               steps=300, lr=6e-3),
 )
 REWARD_MODEL = TinyModel("reward_tiny", "qwen2", "deepseek", 2048, (("chat", 1.0),), steps=200)
+# the independent judge: four layers and 600 steps, since telling an answer to this question from
+# one to another question of its domain is harder than spotting shuffled or repeated words
+JUDGE_MODEL = TinyModel("judge_tiny", "qwen2", "gpt2", 2048, (("chat", 1.0),), steps=600, layers=4)
 DEFAULT_SPEC = ImplicitSpec()
 
 

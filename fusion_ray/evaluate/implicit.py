@@ -126,6 +126,29 @@ def tally(rows: list[dict], prompts: dict[str, str], arm_names: list[str], by_re
             "fused_vs_best_single": overall["dpo"] - overall[best] if best and "dpo" in overall else None}
 
 
+def open_answers(prompt_rows: list[dict], rows: list[dict], arm_names: list[str]
+                 ) -> tuple[list[dict], dict[str, list[dict]]]:
+    """The held-out prompts without a verifier as chat questions (`question_id`, `category`: the
+    domain, `turns`: one, a multi-turn prompt's earlier messages written into it), and each arm's
+    greedy answer to them, for the chat judge (`eval.chat` with no question file). A prompt an arm
+    did not answer is left out of that arm's pairs."""
+    import json
+
+    questions = []
+    for r in prompt_rows:
+        if r["verify"] != "none":
+            continue
+        msgs = json.loads(r["messages"])
+        turn = msgs[-1]["content"] if len(msgs) == 1 else "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs)
+        questions.append({"question_id": r["prompt_id"], "category": r["domain"], "turns": [turn]})
+    wanted = {q["question_id"] for q in questions}
+    answers: dict[str, list[dict]] = {arm: [] for arm in arm_names}
+    for r in sorted(rows, key=lambda r: (r["source"], r["prompt_id"])):
+        if r["prompt_id"] in wanted and r["source"] in answers:
+            answers[r["source"]].append({"question_id": r["prompt_id"], "answers": [r["response"]]})
+    return questions, answers
+
+
 def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
     import pyarrow as pa
 
@@ -147,15 +170,17 @@ def run(cfg: FusionConfig, force: bool = False, log=print) -> StageResult:
                                                  {k: cfg.to_dict()["eval"][k] for k in ("chat", "lm_eval")}), force)
     if out is None:
         return StageResult.skipped(out_dir, report=f"{out_dir}/report.md")
-    prompt_table = pa.concat_tables([io.read_table(f, columns=["prompt_id", "domain"])
+    prompt_table = pa.concat_tables([io.read_table(f, columns=["prompt_id", "domain", "verify", "messages"])
                                      for f in io.list_files(f"{sub.stage_dir('sample')}/{PROMPTS_DIR}")])
-    prompts = dict(zip(prompt_table.column("prompt_id").to_pylist(), prompt_table.column("domain").to_pylist(),
-                       strict=True))
+    prompt_rows = prompt_table.to_pylist()
+    prompts = {r["prompt_id"]: r["domain"] for r in prompt_rows}
     rows = pa.concat_tables([io.read_table(f) for f in io.list_files(rewards_dir)]).to_pylist()
     report = {"method": "implicit", **tally(rows, prompts, list(models), cfg.implicit.reward is not None),
               "labels": {arm: label(arm) for arm in models}, "models": models,
               "stages": stage_stats(cfg), "config": cfg.name}
-    report.update(chat_sections(cfg, models, out, log))
+    chat = cfg.eval.chat
+    given = open_answers(prompt_rows, rows, list(models)) if chat is not None and chat.questions is None else None
+    report.update(chat_sections(cfg, models, out, log, given))
     for arm in models:
         log(f"[eval] {label(arm):<8} " + "  ".join(
             [f"{d} {v:.1%}" for d, v in report["accuracy"][arm].items()]

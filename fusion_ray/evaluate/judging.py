@@ -1,4 +1,6 @@
-"""The LLM judge of chat evaluation (`eval.chat.judge`): single-answer grading and pairwise comparison.
+"""The judge of chat evaluation (`eval.chat.judge`): single-answer grading and pairwise comparison,
+by an LLM behind an OpenAI-compatible endpoint or by a local reward model (pairwise only: the
+conversation it scores higher wins, equal scores tie; its output is saved as the LLM judge's is).
 
 Modes (docs/chat_eval.md says more):
 - `single`: each answer turn graded 1–10, MT-Bench style. Turn t is shown with the whole
@@ -6,7 +8,7 @@ Modes (docs/chat_eval.md says more):
   answer; for questions whose category is in `reference_categories` the question's reference
   answers (up to turn t) are in the prompt. The rating is read from `[[r]]`; an output without one
   (or with two different ones, or out of 1..10) is counted as unrated, never guessed.
-- `pairwise`: each arm against the `baseline` arm, turn by turn, in both orders (the arm as
+- `pairwise`: each arm against each `baseline` arm, turn by turn, in both orders (the arm as
   Assistant A, then as B). Verdicts `[[A]]`, `[[B]]`, `[[C]]` (tie). The two orders are read back
   into the arm's frame; when they disagree (the verdict followed the position, not the answer) the
   pair counts as a tie and as `inconsistent`.
@@ -154,6 +156,17 @@ class Request:
     key: str
     messages: list[dict]
     meta: dict  # mode, arm, baseline, question_id, turn, order, sample
+    # pairwise: the two conversations up to the judged turn as chats ({role, content}), A then B;
+    # what a reward-model judge scores
+    chats: tuple[list[dict], list[dict]] | None = None
+
+
+def as_chat(turns: list[str], answers: list[str], upto: int) -> list[dict]:
+    """A conversation's first `upto` turns as chat messages (the answer to turn `upto` last)."""
+    out: list[dict] = []
+    for t in range(upto):
+        out += [{"role": "user", "content": turns[t]}, {"role": "assistant", "content": answers[t]}]
+    return out
 
 
 # ---------------------------------------------------------------- the store
@@ -300,16 +313,24 @@ def _answers_by_id(answers: dict[str, list[dict]]) -> dict[str, dict[str, dict]]
     return {arm: {str(a["question_id"]): a for a in rows} for arm, rows in answers.items()}
 
 
+def pairings(judge, arms) -> list[tuple[str, str]]:
+    """(arm, baseline) pairs judged pairwise: every arm against each baseline, a pair of two
+    baselines once (against the one named first)."""
+    baselines = judge.baselines
+    return [(arm, b) for i, b in enumerate(baselines) for arm in sorted(arms)
+            if arm != b and arm not in baselines[:i]]
+
+
 def build_requests(judge, questions: list[dict], answers: dict[str, list[dict]]) -> list[Request]:
     qs = _questions_by_id(questions)
     by_arm = _answers_by_id(answers)
     refcats = set(judge.reference_categories)
     reqs: list[Request] = []
 
-    def add(messages, **meta):
+    def add(messages, chats=None, **meta):
         for s in range(judge.samples):
-            key = call_key(judge.model, messages, s, judge.temperature, judge.max_tokens)
-            reqs.append(Request(key, messages, {**meta, "sample": s}))
+            key = call_key(judge.name, messages, s, judge.temperature, judge.max_tokens)
+            reqs.append(Request(key, messages, {**meta, "sample": s}, chats))
 
     def reference(q):
         return q.get("reference") if q.get("category") in refcats and q.get("reference") else None
@@ -324,8 +345,8 @@ def build_requests(judge, questions: list[dict], answers: dict[str, list[dict]])
                     add(single_messages(q["turns"], a["answers"], t, reference(q)), mode="single", arm=arm,
                         baseline=None, question_id=qid, turn=t, order=None)
     if "pairwise" in judge.modes:
-        base = by_arm[judge.baseline]
-        for arm in sorted(a for a in by_arm if a != judge.baseline):
+        for arm, baseline in pairings(judge, by_arm):
+            base = by_arm[baseline]
             for qid, q in qs.items():
                 a, b = by_arm[arm].get(qid), base.get(qid)
                 if a is None or b is None:
@@ -333,9 +354,54 @@ def build_requests(judge, questions: list[dict], answers: dict[str, list[dict]])
                 for t in range(1, min(len(q["turns"]), len(a["answers"]), len(b["answers"])) + 1):
                     for order, (x, y) in (("AB", (a, b)), ("BA", (b, a))):
                         add(pairwise_messages(q["turns"], x["answers"], y["answers"], t, reference(q)),
-                            mode="pairwise", arm=arm, baseline=judge.baseline, question_id=qid, turn=t,
-                            order=order)
+                            (as_chat(q["turns"], x["answers"], t), as_chat(q["turns"], y["answers"], t)),
+                            mode="pairwise", arm=arm, baseline=baseline, question_id=qid, turn=t, order=order)
     return reqs
+
+
+# ---------------------------------------------------------------- a reward model as the judge
+
+
+def reward_verdict(score_a: float, score_b: float) -> str:
+    """A reward-model judge's output: both scores and the verdict in the LLM judge's form (equal
+    scores, as for the same answer twice, are a tie)."""
+    verdict = "A" if score_a > score_b else "B" if score_b > score_a else "C"
+    return f"reward A {score_a:.6g}, reward B {score_b:.6g}: [[{verdict}]]"
+
+
+def score_chats(spec, chats: list[list[dict]]) -> list[float]:
+    """The reward model's score of each chat, in this process."""
+    from fusion_ray import locations
+    from fusion_ray.engines.reward_model import RewardScorer
+
+    scorer = RewardScorer(locations.local_dir(spec.path, revision=spec.revision), dtype=spec.dtype,
+                          trust_remote_code=spec.trust_remote_code, max_length=spec.max_length,
+                          batch_size=spec.batch_size)
+    return scorer.score(chats)
+
+
+def reward_judgements(judge, todo: list[Request], log=print) -> dict[str, str]:
+    """Outputs of a reward-model judge for `todo` (key → output): every distinct chat scored once,
+    in a Ray task with the reward model's resources when Ray is up (a GPU node for a large one),
+    else in this process."""
+    import ray
+
+    distinct: dict[str, list[dict]] = {}
+    for r in todo:
+        for chat in r.chats:
+            distinct.setdefault(json.dumps(chat, sort_keys=True, ensure_ascii=False), chat)
+    chats = list(distinct.values())
+    started = time.monotonic()
+    spec = judge.reward_model
+    if ray.is_initialized():
+        task = ray.remote(score_chats).options(num_cpus=spec.num_cpus_per_actor, num_gpus=spec.num_gpus_per_actor)
+        scores = ray.get(task.remote(spec, chats))
+    else:
+        scores = score_chats(spec, chats)
+    by_text = dict(zip(distinct, scores, strict=True))
+    log(f"[judge] reward model {spec.path}: {len(chats)} conversations scored in {time.monotonic() - started:.1f}s")
+    return {r.key: reward_verdict(*(by_text[json.dumps(c, sort_keys=True, ensure_ascii=False)] for c in r.chats))
+            for r in todo}
 
 
 # ---------------------------------------------------------------- aggregation
@@ -379,7 +445,7 @@ def _single_results(judge, qs: dict[str, dict], reqs: list[Request], parsed: dic
             "by_category": {c: _mean(v) for c, v in sorted(by_cat.items())}}
 
 
-def _pairwise_results(judge, qs: dict[str, dict], reqs: list[Request], parsed: dict[str, object],
+def _pairwise_results(judge, baseline: str, qs: dict[str, dict], reqs: list[Request], parsed: dict[str, object],
                       status: dict[str, str], lengths: dict[tuple, tuple[int, int]]) -> dict:
     verdicts: dict[tuple, dict] = defaultdict(dict)  # (qid, turn, sample) -> order -> outcome | None
     missing = set()
@@ -417,10 +483,13 @@ def _pairwise_results(judge, qs: dict[str, dict], reqs: list[Request], parsed: d
     lb = [lengths[it][1] for it in items]
     lc = chatstats.lc_win_rate(y, la, lb)
     lc_ci = chatstats.lc_win_rate_ci(y, la, lb, [it[0] for it in items], judge.bootstrap, judge.seed)
-    return {"baseline": judge.baseline, "win_rate": boot["mean"], "ci": boot["ci"],
+    return {"baseline": baseline, "win_rate": boot["mean"], "ci": boot["ci"],
             "lc_win_rate": lc["lc_win_rate"], "lc_ci": lc_ci, "length_slope": lc["length_slope"],
             **counts, "n": len(items), "questions": len(qids), "unrated": unrated,
-            "missing": len(missing)}
+            "missing": len(missing),
+            # each question's preference for the arm (1 win, ½ tie, 0 loss; its turns averaged): what
+            # pools over runs (bench/implicit.py)
+            "per_question": {q: sum(per_q[q]) / len(per_q[q]) for q in qids}}
 
 
 # ---------------------------------------------------------------- the public API
@@ -433,8 +502,9 @@ def judge_answers(judge, questions: list[dict], answers: dict[str, list[dict]], 
     Returns {"arms": {arm: {"single": {...}, "pairwise": {...}}}, "calls", "retries", "reused",
     "failed", "over_budget", "budget_hit", "judgements": [record used, ...]}."""
     if "pairwise" in judge.modes:
-        if judge.baseline not in answers:
-            raise ValueError(f"eval.chat.judge.baseline: arm {judge.baseline!r} has no answers "
+        missing = [b for b in judge.baselines if b not in answers]
+        if missing:
+            raise ValueError(f"eval.chat.judge.baseline: arm(s) {', '.join(map(repr, missing))} have no answers "
                              f"(arms with answers: {sorted(answers)})")
         if len(answers) < 2:
             raise ValueError("eval.chat.judge.modes: pairwise needs an arm besides the baseline")
@@ -456,7 +526,17 @@ def judge_answers(judge, questions: list[dict], answers: dict[str, list[dict]], 
         f"{len(todo)} to call at concurrency {judge.concurrency}")
     caller = None
     errors: dict[str, int] = defaultdict(int)
-    if todo:
+    if todo and judge.reward_model is not None:
+        for key, out in reward_judgements(judge, todo, log).items():
+            r = unique[key]
+            outputs[key], status[key] = out, "ok"
+            records[key] = {"key": key, "messages": r.messages, "chats": r.chats, "output": out,
+                            "judge_model": judge.name, "judge_url": None, "temperature": judge.temperature,
+                            "max_tokens": judge.max_tokens, "sample": r.meta["sample"], "meta": r.meta,
+                            "created": time.time()}
+            store.add(records[key])
+        store.flush()
+    elif todo:
         caller = Caller(judge, make_client(judge))  # the key is read here: before any call
         started = time.monotonic()
         pool = ThreadPoolExecutor(max_workers=judge.concurrency, thread_name_prefix="judge")
@@ -469,7 +549,7 @@ def judge_answers(judge, questions: list[dict], answers: dict[str, list[dict]], 
                 status[r.key] = st
                 if st == "ok":
                     outputs[r.key] = out
-                    rec = {"key": r.key, "messages": r.messages, "output": out, "judge_model": judge.model,
+                    rec = {"key": r.key, "messages": r.messages, "output": out, "judge_model": judge.name,
                            "judge_url": judge.url, "temperature": judge.temperature,
                            "max_tokens": judge.max_tokens, "sample": r.meta["sample"], "meta": r.meta,
                            "created": time.time()}
@@ -500,15 +580,17 @@ def judge_answers(judge, questions: list[dict], answers: dict[str, list[dict]], 
             mine = [r for r in reqs if r.meta["mode"] == "single" and r.meta["arm"] == arm]
             arms.setdefault(arm, {})["single"] = _single_results(judge, qs, mine, parsed, status)
     if "pairwise" in judge.modes:
-        base = by_arm[judge.baseline]
-        for arm in sorted(a for a in by_arm if a != judge.baseline):
-            mine = [r for r in reqs if r.meta["mode"] == "pairwise" and r.meta["arm"] == arm]
+        for arm, baseline in pairings(judge, by_arm):
+            base = by_arm[baseline]
+            mine = [r for r in reqs if r.meta["mode"] == "pairwise" and r.meta["arm"] == arm
+                    and r.meta["baseline"] == baseline]
             lengths = {(r.meta["question_id"], r.meta["turn"]):
                        (len(by_arm[arm][r.meta["question_id"]]["answers"][r.meta["turn"] - 1]),
                         len(base[r.meta["question_id"]]["answers"][r.meta["turn"] - 1])) for r in mine}
-            arms.setdefault(arm, {})["pairwise"] = _pairwise_results(judge, qs, mine, parsed, status, lengths)
+            arms.setdefault(arm, {}).setdefault("pairwise", {})[baseline] = _pairwise_results(
+                judge, baseline, qs, mine, parsed, status, lengths)
     used = [{**r.meta, "key": r.key, "messages": r.messages, "output": outputs[r.key], "parsed": parsed[r.key],
-             "judge_model": judge.model, "reused": status[r.key] == "reused"}
+             "judge_model": judge.name, "reused": status[r.key] == "reused"}
             for r in reqs if r.key in outputs]
     failed = sum(st == "failed" for st in status.values())
     over = sum(st == "over_budget" for st in status.values())
@@ -523,7 +605,7 @@ def judge_answers(judge, questions: list[dict], answers: dict[str, list[dict]], 
         if s:
             log(f"[judge] {arm} single: {_fmt(s['mean'])} {_fmt_ci(s['ci'])} over {s['n']} turns "
                 f"({s['unrated']} unrated, {s['missing']} not judged)")
-        if p:
+        for p in (p or {}).values():
             log(f"[judge] {arm} vs {p['baseline']}: win rate {_fmt(p['win_rate'])} {_fmt_ci(p['ci'])}, "
                 f"LC {_fmt(p['lc_win_rate'])} {_fmt_ci(p['lc_ci'])} (W/T/L {p['wins']}/{p['ties']}/"
                 f"{p['losses']}, {p['inconsistent']} inconsistent)")

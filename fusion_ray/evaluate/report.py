@@ -76,10 +76,12 @@ def chat_lines(report: dict, first: str, firsts: dict[str, str]) -> list[str]:
     if judge:
         arms = judge["arms"]
         single = any(r.get("single") for r in arms.values())
-        pair = any(r.get("pairwise") for r in arms.values())
+        baselines = [b for b in (judge["baseline"] if isinstance(judge["baseline"], list) else [judge["baseline"]])
+                     if any(b in (r.get("pairwise") or {}) for r in arms.values())]
         head = ["arm", first] + (["judge score (1–10)"] if single else []) \
-            + ([f"win rate vs {judge['baseline']}", "LC win rate"] if pair else [])
-        lines += ["", f"Chat evaluation: {chat['questions']} questions, judge `{judge['model']}` "
+            + [h for b in baselines for h in (f"win rate vs {b}", f"LC vs {b}")]
+        lines += ["", f"Chat evaluation: {chat['questions']} questions, {judge.get('kind', 'LLM')} judge "
+                  f"`{judge['model']}` "
                   f"({judge['samples']} sample(s) per item), 95 % bootstrap intervals over questions. "
                   "Pairwise: both orders, a verdict that flips with the order is a tie; "
                   "LC: the win rate with the answers' length difference regressed out.", "",
@@ -89,8 +91,8 @@ def chat_lines(report: dict, first: str, firsts: dict[str, str]) -> list[str]:
             if single:
                 s = r.get("single")
                 row.append(f"{s['mean']:.2f}{ci_text(s.get('ci'), False)}" if s and s.get("n") else "—")
-            if pair:
-                p = r.get("pairwise")
+            for b in baselines:
+                p = (r.get("pairwise") or {}).get(b)
                 row += ([f"{p['win_rate']:.1%}{ci_text(p.get('ci'), True)}",
                          f"{p['lc_win_rate']:.1%}{ci_text(p.get('lc_ci'), True)}"] if p and p.get("n") else ["—", "—"])
             lines.append("| " + " | ".join(row) + " |")
