@@ -86,14 +86,20 @@ def test_the_answering_config_makes_the_arms_its_greedy_sources_on_the_heldout_p
         "pivot": {"name": "pivot", "path": str(model), "tokenizer": str(model)},  # the arm's name too
         "sources": [{"name": "s", "path": str(model)}],
         "implicit": {"prompts": [{"path": str(prompts), "verify": "math"}], "single_source_arms": ["s"],
-                     "heldout": [{"path": str(held), "verify": "math", "domain": "arith"}], "samples": 4},
-        "eval": {"max_new_tokens": 33}}, source="test")
+                     "heldout": [{"path": str(held), "verify": "math", "domain": "arith"},
+                                 {"path": str(held), "verify": "none", "domain": "open"}], "samples": 4,
+                     "reward": {"path": str(model)}},
+        # a judge of the open held-out answers: the answering sub-config has no held-out prompts of its own
+        "eval": {"max_new_tokens": 33, "chat": {"judge": {"reward_model": {"path": str(model)},
+                                                          "modes": ["pairwise"], "baseline": ["pivot", "sft"]}}}},
+        source="test")
     sub = eval_config(cfg, {"pivot": str(model), "sft": "/w/sft", "dpo": "/w/dpo", "only-s": "/w/dpo-only-s"})
     assert [s.name for s in sub.sources] == ["pivot", "sft", "dpo", "only-s"]
     assert [s.path for s in sub.sources] == [str(model), "/w/sft", "/w/dpo", "/w/dpo-only-s"]
     assert [s.tokenizer for s in sub.sources] == [str(model), None, None, None]  # trained arms carry their tokenizer
     assert sub.implicit.single_source_arms == [] and FusionConfig.from_wire(sub.to_wire()) == sub  # valid on a worker
     assert all(s.sampling.temperature == 0 and s.sampling.max_tokens == 33 for s in sub.sources)
-    assert sub.implicit.samples == 1 and [c.path for c in sub.implicit.prompts] == [str(held)]
+    assert sub.implicit.samples == 1 and [c.path for c in sub.implicit.prompts] == [str(held)] * 2
+    assert sub.eval.chat is None and cfg.eval.chat.judge.baselines == ["pivot", "sft"]
     assert sub.workdir == f"{tmp_path}/w/_eval" and cfg.workdir == f"{tmp_path}/w"  # the run's own config unchanged
     assert cfg.stages()[-1] == "eval"

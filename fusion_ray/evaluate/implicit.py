@@ -63,8 +63,10 @@ def eval_config(cfg: FusionConfig, models: dict[str, str]) -> FusionConfig:
                                                "sampling": greedy, "single_source_arms": []})
     # the sub-config's own pivot is never run; renamed so that an arm (`pivot`) cannot clash with it
     pivot = cfg.pivot.model_copy(update={"name": "eval-pivot" if "eval-pivot" not in models else "eval-pivot-"})
+    # it only samples and scores: the chat judge and lm-eval belong to this stage, not to it
     return cfg.model_copy(update={"workdir": f"{cfg.workdir.rstrip('/')}/_eval", "sources": sources,
-                                  "pivot": pivot, "implicit": implicit})
+                                  "pivot": pivot, "implicit": implicit,
+                                  "eval": cfg.eval.model_copy(update={"chat": None, "lm_eval": None})})
 
 
 def answers_config(cfg: FusionConfig) -> FusionConfig:
