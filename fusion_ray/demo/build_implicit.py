@@ -239,17 +239,29 @@ def _publish(tmp: Path, out: Path, card: dict) -> dict:
     return card
 
 
-def build_model_once(spec: ImplicitSpec, model: TinyModel, chat_train: list[dict], heldout: list[dict],
-                     out_root: Path, log=print) -> dict:
-    """Train and save one tiny chat model unless its directory exists; return its card."""
-    out = out_root / model.name
-    if (out / "demo_card.json").exists():
-        return json.loads((out / "demo_card.json").read_text())
-    started = time.monotonic()
+def _card(out_root: Path, model: TinyModel) -> dict | None:
+    """A built model's card, or None when it is still to build."""
+    path = out_root / model.name / "demo_card.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _partial(out_root: Path, model: TinyModel, seed: int):
+    """(its `.partial` dir, holding the model's tokenizer, and the tokenizer), torch seeded: where a
+    build writes before `_publish`."""
     tmp = out_root / f"{model.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = build_tokenizer(model.tokenizer, model.vocab_size, tmp)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
+    return tmp, tokenizer
+
+
+def build_model_once(spec: ImplicitSpec, model: TinyModel, chat_train: list[dict], heldout: list[dict],
+                     out_root: Path, log=print) -> dict:
+    """Train and save one tiny chat model unless its directory exists; return its card."""
+    if (card := _card(out_root, model)) is not None:
+        return card
+    out, started = out_root / model.name, time.monotonic()
+    tmp, tokenizer = _partial(out_root, model, spec.seed)
     net = make_model(model, tokenizer)
     pools = example_pools(spec, tokenizer, chat_train)
     losses = train_lm(net, spec, model, pools, tokenizer.pad_token_id, log)
@@ -389,60 +401,50 @@ def pair_accuracy(path: Path, pairs, kinds: tuple[str, ...] = CORRUPTIONS) -> di
     return out
 
 
-def build_reward_once(spec: ImplicitSpec, model: TinyModel, chat: dict, out_root: Path, log=print) -> dict:
-    out = out_root / model.name
-    if (out / "demo_card.json").exists():
-        return json.loads((out / "demo_card.json").read_text())
-    started = time.monotonic()
-    tmp = out_root / f"{model.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = build_tokenizer(model.tokenizer, model.vocab_size, tmp)
-    torch.manual_seed(spec.seed)
+def build_pair_model_once(spec: ImplicitSpec, model: TinyModel, rows: list[dict], heldout: list[dict],
+                          out_root: Path, *, seed: int, tag: str, kinds: tuple[str, ...],
+                          compare_with: Path | None = None, log=print) -> dict:
+    """Train and save one Bradley–Terry pair model (the reward model, the judge) unless its
+    directory exists: pairs of `kinds` from `rows`, initialised and drawn with `seed`. Its card
+    holds its pair accuracy per kind on pairs of `heldout` rows, and `compare_with`'s (another
+    pair model's dir) on the same pairs."""
+    if (card := _card(out_root, model)) is not None:
+        return card
+    out, started = out_root / model.name, time.monotonic()
+    tmp, tokenizer = _partial(out_root, model, seed)
     net = make_reward_model(model, tokenizer)
-    train_pairs = preference_pairs(chat["train"], f"{spec.seed}:rm-train")
-    losses = train_reward(net, spec, model, _encode_pairs(tokenizer, train_pairs, spec.max_len * 2),
-                          tokenizer.pad_token_id, log)
+    train_pairs = preference_pairs(rows, f"{seed}:{tag}-train", kinds)
+    losses = train_reward(net, dataclasses.replace(spec, seed=seed), model,
+                          _encode_pairs(tokenizer, train_pairs, spec.max_len * 2), tokenizer.pad_token_id, log)
     net.save_pretrained(tmp, safe_serialization=True)
-    heldout = pair_accuracy(tmp, preference_pairs(chat["heldout"], f"{spec.seed}:rm-heldout"))
+    heldout_pairs = preference_pairs(heldout, f"{seed}:{tag}-heldout", kinds)
+    accuracy = pair_accuracy(tmp, heldout_pairs, kinds)
     card = {"name": model.name, "architecture": model.architecture, "tokenizer": model.tokenizer,
             "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in net.parameters()),
-            "steps": model.steps, "final_loss": round(losses[-1], 4), "heldout_pairs": heldout,
-            "build_seconds": round(time.monotonic() - started, 1)}
+            "steps": model.steps, "seed": seed, "rows": len(rows), "final_loss": round(losses[-1], 4),
+            "heldout_pairs": accuracy}
+    if compare_with is not None:
+        card[f"{compare_with.name}_on_these_pairs"] = pair_accuracy(compare_with, heldout_pairs, kinds)
+    card["build_seconds"] = round(time.monotonic() - started, 1)
     _publish(tmp, out, card)
     log(f"[demo-implicit] {model.name}: {card['parameters']:,} params, held-out pair accuracy "
-        f"{heldout['accuracy']:.3f} {heldout}, {card['build_seconds']}s")
+        f"{accuracy['accuracy']:.3f} {accuracy}"
+        + (f" ({compare_with.name}: {card[f'{compare_with.name}_on_these_pairs']})" if compare_with else "")
+        + f", {card['build_seconds']}s")
     return card
+
+
+def build_reward_once(spec: ImplicitSpec, model: TinyModel, chat: dict, out_root: Path, log=print) -> dict:
+    """The reward model that chooses the DPO pairs of open prompts: the chat training rows, the
+    build's seed, the three kinds of `CORRUPTIONS`."""
+    return build_pair_model_once(spec, model, chat["train"], chat["heldout"], out_root, seed=spec.seed, tag="rm",
+                                 kinds=CORRUPTIONS, log=log)
 
 
 def build_judge_once(spec: ImplicitSpec, model: TinyModel, chat: dict, out_root: Path, log=print) -> dict:
-    """The independent judge: a reward model of its own tokenizer, seed (`judge_seed`) and rows
-    (`chat["judge"]`), trained on every kind of `JUDGE_CORRUPTIONS`. Its card holds its held-out
-    pair accuracy per kind and the pair-choosing reward model's on the same pairs (the kinds that
-    model never saw show what the judge adds)."""
-    out = out_root / model.name
-    if (out / "demo_card.json").exists():
-        return json.loads((out / "demo_card.json").read_text())
-    started = time.monotonic()
-    tmp = out_root / f"{model.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = build_tokenizer(model.tokenizer, model.vocab_size, tmp)
-    torch.manual_seed(spec.judge_seed)
-    net = make_reward_model(model, tokenizer)
-    train_pairs = preference_pairs(chat["judge"], f"{spec.judge_seed}:judge-train", JUDGE_CORRUPTIONS)
-    judge_spec = dataclasses.replace(spec, seed=spec.judge_seed)
-    losses = train_reward(net, judge_spec, model, _encode_pairs(tokenizer, train_pairs, spec.max_len * 2),
-                          tokenizer.pad_token_id, log)
-    net.save_pretrained(tmp, safe_serialization=True)
-    heldout_pairs = preference_pairs(chat["heldout"], f"{spec.judge_seed}:judge-heldout", JUDGE_CORRUPTIONS)
-    heldout = pair_accuracy(tmp, heldout_pairs, JUDGE_CORRUPTIONS)
-    reward = pair_accuracy(out_root / spec.reward.name, heldout_pairs, JUDGE_CORRUPTIONS)
-    card = {"name": model.name, "architecture": model.architecture, "tokenizer": model.tokenizer,
-            "vocab_size": len(tokenizer), "parameters": sum(p.numel() for p in net.parameters()),
-            "steps": model.steps, "seed": spec.judge_seed, "rows": len(chat["judge"]),
-            "final_loss": round(losses[-1], 4), "heldout_pairs": heldout,
-            "reward_model_on_these_pairs": reward, "build_seconds": round(time.monotonic() - started, 1)}
-    _publish(tmp, out, card)
-    log(f"[demo-implicit] {model.name}: {card['parameters']:,} params, held-out pair accuracy "
-        f"{heldout['accuracy']:.3f} {heldout} (the reward model: {reward['accuracy']:.3f} {reward}), "
-        f"{card['build_seconds']}s")
-    return card
+    """The independent judge: its own rows (`chat["judge"]`), seed (`judge_seed`) and tokenizer, and
+    every kind of `JUDGE_CORRUPTIONS`; its card sets the reward model's accuracy on the same
+    held-out pairs beside its own (the kinds that model never saw show what the judge adds)."""
+    return build_pair_model_once(spec, model, chat["judge"], chat["heldout"], out_root, seed=spec.judge_seed,
+                                 tag="judge", kinds=JUDGE_CORRUPTIONS, compare_with=out_root / spec.reward.name,
+                                 log=log)
