@@ -46,11 +46,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fus
 # (they reuse a seed's sample, reward, pairs and sft stages).
 SETTINGS: dict[str, list[str]] = {
     "shipped": [],
+    "beta_0.01": ["implicit.dpo.beta=0.01"],  # FuseChat-3.0's β for its Qwen-2.5 and Gemma-2 targets
     "beta_0.5": ["implicit.dpo.beta=0.5"],
     "no_nll": ["implicit.dpo.nll_weight=0.0"],
     "length_normalized": ["implicit.dpo.loss=length_normalized", "implicit.dpo.beta=1.0"],
     "simpo": ["implicit.dpo.loss=simpo", "implicit.dpo.beta=2.0"],
     "gap_0.5": ["implicit.pairs.min_gap=0.5"],
+    "per_prompt_all": ["implicit.pairs.per_prompt=all"],  # a pair per source: up to 3 times the pairs
     "dpo_fraction_0.3": ["implicit.pairs.dpo_fraction=0.3"],
 }
 
