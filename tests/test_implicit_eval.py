@@ -103,3 +103,21 @@ def test_the_answering_config_makes_the_arms_its_greedy_sources_on_the_heldout_p
     assert sub.eval.chat is None and cfg.eval.chat.judge.baselines == ["pivot", "sft"]
     assert sub.workdir == f"{tmp_path}/w/_eval" and cfg.workdir == f"{tmp_path}/w"  # the run's own config unchanged
     assert cfg.stages()[-1] == "eval"
+
+
+def test_open_answers_are_the_unverified_prompts_answered_by_each_arm():
+    from fusion_ray.evaluate.implicit import open_answers
+
+    prompts = [{"prompt_id": "m1", "domain": "arith", "verify": "math", "messages": '[{"role": "user", "content": "1+1?"}]'},
+               {"prompt_id": "o1", "domain": "open", "verify": "none", "messages": '[{"role": "user", "content": "Define X."}]'},
+               {"prompt_id": "o2", "domain": "open", "verify": "none",
+                "messages": '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, '
+                            '{"role": "user", "content": "Define Y."}]'}]
+    rows = [{"source": arm, "prompt_id": pid, "response": f"{arm}:{pid}"}
+            for arm in ("pivot", "sft") for pid in ("m1", "o1", "o2") if (arm, pid) != ("sft", "o2")]
+    questions, answers = open_answers(prompts, rows, ["pivot", "sft"])
+    assert [q["question_id"] for q in questions] == ["o1", "o2"] and questions[0]["turns"] == ["Define X."]
+    assert questions[1]["turns"] == ["user: Hi\n\nassistant: Hello\n\nuser: Define Y."]  # earlier turns kept as context
+    assert answers["pivot"] == [{"arm": "pivot", "question_id": "o1", "answers": ["pivot:o1"]},
+                                {"arm": "pivot", "question_id": "o2", "answers": ["pivot:o2"]}]
+    assert [a["question_id"] for a in answers["sft"]] == ["o1"]  # an unanswered prompt is left out

@@ -147,7 +147,8 @@ def open_answers(prompt_rows: list[dict], rows: list[dict], arm_names: list[str]
     answers: dict[str, list[dict]] = {arm: [] for arm in arm_names}
     for r in sorted(rows, key=lambda r: (r["source"], r["prompt_id"])):
         if r["prompt_id"] in wanted and r["source"] in answers:
-            answers[r["source"]].append({"question_id": r["prompt_id"], "answers": [r["response"]]})
+            answers[r["source"]].append({"arm": r["source"], "question_id": r["prompt_id"],
+                                         "answers": [r["response"]]})
     return questions, answers
 
 
