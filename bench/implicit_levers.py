@@ -126,10 +126,9 @@ def choose(summary: dict) -> str:
     """The rule of step 4 (fixed before any run)."""
     sft = summary["shipped"]["sft_val_accuracy"]
     floor = -sft["std"] / sft["n"] ** 0.5
-    ok = {s: v for s, v in summary.items() if v["val_accuracy_gain"]["mean"] >= floor}
-    best = max(ok, key=lambda s: (ok[s]["val_rm_win_rate"]["mean"], s == "shipped"), default="shipped")
-    return best if ok.get(best, {}).get("val_rm_win_rate", {}).get("mean", 0) > \
-        summary["shipped"]["val_rm_win_rate"]["mean"] else "shipped"
+    win = {s: v["val_rm_win_rate"]["mean"] for s, v in summary.items() if v["val_accuracy_gain"]["mean"] >= floor}
+    best = max(win, key=win.get, default="shipped")
+    return best if win.get(best, 0) > summary["shipped"]["val_rm_win_rate"]["mean"] else "shipped"
 
 
 def main() -> None:

@@ -353,8 +353,9 @@ def build_requests(judge, questions: list[dict], answers: dict[str, list[dict]])
                     continue
                 for t in range(1, min(len(q["turns"]), len(a["answers"]), len(b["answers"])) + 1):
                     for order, (x, y) in (("AB", (a, b)), ("BA", (b, a))):
-                        add(pairwise_messages(q["turns"], x["answers"], y["answers"], t, reference(q)),
-                            (as_chat(q["turns"], x["answers"], t), as_chat(q["turns"], y["answers"], t)),
+                        chats = ((as_chat(q["turns"], x["answers"], t), as_chat(q["turns"], y["answers"], t))
+                                 if judge.reward_model is not None else None)  # what only a reward model scores
+                        add(pairwise_messages(q["turns"], x["answers"], y["answers"], t, reference(q)), chats,
                             mode="pairwise", arm=arm, baseline=baseline, question_id=qid, turn=t, order=order)
     return reqs
 
@@ -386,10 +387,13 @@ def reward_judgements(judge, todo: list[Request], log=print) -> dict[str, str]:
     else in this process."""
     import ray
 
+    def text(chat: list[dict]) -> str:
+        return json.dumps(chat, sort_keys=True, ensure_ascii=False)
+
     distinct: dict[str, list[dict]] = {}
     for r in todo:
         for chat in r.chats:
-            distinct.setdefault(json.dumps(chat, sort_keys=True, ensure_ascii=False), chat)
+            distinct.setdefault(text(chat), chat)
     chats = list(distinct.values())
     started = time.monotonic()
     spec = judge.reward_model
@@ -400,8 +404,7 @@ def reward_judgements(judge, todo: list[Request], log=print) -> dict[str, str]:
         scores = score_chats(spec, chats)
     by_text = dict(zip(distinct, scores, strict=True))
     log(f"[judge] reward model {spec.path}: {len(chats)} conversations scored in {time.monotonic() - started:.1f}s")
-    return {r.key: reward_verdict(*(by_text[json.dumps(c, sort_keys=True, ensure_ascii=False)] for c in r.chats))
-            for r in todo}
+    return {r.key: reward_verdict(*(by_text[text(c)] for c in r.chats)) for r in todo}
 
 
 # ---------------------------------------------------------------- aggregation
